@@ -1,0 +1,144 @@
+"""Argument checks shared by every op, run once at the functional boundary.
+
+Errors name the argument and say what was expected and what came. Checks that must
+read tensor *values* (length ranges, id ranges) copy a scalar to the host; they are
+skipped while a CUDA graph is being captured or torch.compile is tracing, and can be
+turned off with ``value_checks(False)`` or ``INTEREST_KERNELS_VALUE_CHECKS=0`` for a
+step without host synchronisation. Kernels clamp such values anyway, so a skipped
+check can give a wrong answer for bad input but never an out-of-bounds write.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+from typing import Iterable, Iterator, Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+
+_value_checks: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar(
+    "interest_kernels_value_checks", default=None
+)
+
+
+@contextlib.contextmanager
+def value_checks(enabled: bool) -> Iterator[None]:
+    """Turn the checks that read tensor values (and so synchronise) on or off."""
+    token = _value_checks.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _value_checks.reset(token)
+
+
+def value_checks_enabled(*tensors: Optional[torch.Tensor]) -> bool:
+    """Whether value checks run now for these tensors."""
+    flag = _value_checks.get()
+    if flag is None:
+        flag = os.environ.get("INTEREST_KERNELS_VALUE_CHECKS", "1") != "0"
+    if not flag:
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if any(t is not None and t.is_cuda for t in tensors):
+        if torch.cuda.is_current_stream_capturing():
+            return False
+    return True
+
+
+def _fmt_dtypes(dtypes: Iterable[torch.dtype]) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    *,
+    ndim: Optional[int | Sequence[int]] = None,
+    dtypes: Optional[Sequence[torch.dtype]] = FLOAT_DTYPES,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Check that ``t`` is a tensor of the given rank(s), dtype(s) and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            want = " or ".join(str(n) for n in allowed)
+            raise ValueError(
+                f"{name} must have {want} dimensions, got shape {tuple(t.shape)}"
+            )
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(
+            f"{name} must have dtype in ({_fmt_dtypes(dtypes)}), got {t.dtype}"
+        )
+    if device is not None and t.device != device:
+        raise ValueError(
+            f"{name} is on {t.device} but the other inputs are on {device}; "
+            "move every input to one device"
+        )
+    return t
+
+
+def check_shape(name: str, t: torch.Tensor, shape: Sequence[Optional[int]], what: str = "") -> None:
+    """Check ``t.shape`` against ``shape`` (None matches any size)."""
+    ok = t.dim() == len(shape) and all(s is None or s == d for s, d in zip(shape, t.shape))
+    if not ok:
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        extra = f" ({what})" if what else ""
+        raise ValueError(f"{name} must have shape {want}{extra}, got {tuple(t.shape)}")
+
+
+def check_same_dtype(names_tensors: Sequence[tuple[str, Optional[torch.Tensor]]]) -> torch.dtype:
+    """All given tensors share one dtype; returns it."""
+    present = [(n, t) for n, t in names_tensors if t is not None]
+    first_name, first = present[0]
+    for n, t in present[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(
+                f"{n} has dtype {t.dtype} but {first_name} has {first.dtype}; "
+                "pass one floating dtype for all inputs"
+            )
+    return first.dtype
+
+
+def check_valid_positions(
+    lengths: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor],
+    batch: int,
+    seq_len: int,
+    device: torch.device,
+) -> tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """Validate ``lengths`` (B,) or ``mask`` (B, T) as SPEC's conventions say.
+
+    Returns ``(lengths, mask)`` with ``mask`` converted to bool. Both given is an error.
+    """
+    if lengths is not None and mask is not None:
+        raise ValueError("pass lengths or mask, not both")
+    if lengths is not None:
+        check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES, device=device)
+        check_shape("lengths", lengths, (batch,), "one length per row of the batch")
+        if value_checks_enabled(lengths) and lengths.numel() > 0:
+            lo, hi = int(lengths.min()), int(lengths.max())
+            if lo < 0 or hi > seq_len:
+                bad = lo if lo < 0 else hi
+                raise ValueError(
+                    f"lengths must lie in [0, {seq_len}] (T = {seq_len}), found {bad}"
+                )
+    if mask is not None:
+        check_tensor(
+            "mask", mask, ndim=2, dtypes=(torch.bool,) + INDEX_DTYPES + FLOAT_DTYPES, device=device
+        )
+        check_shape("mask", mask, (batch, seq_len), "(B, T) like the sequence")
+        if mask.dtype != torch.bool:
+            mask = mask != 0
+    return lengths, mask
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value

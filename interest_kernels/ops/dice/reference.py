@@ -1,0 +1,54 @@
+"""Eager reference for Dice (SPEC section 4), channels last.
+
+    p = sigmoid(gamma * (x - mu) / sqrt(var + eps) + beta),   dice(x) = p*x + (1-p)*alpha*x
+
+``gamma``/``beta`` are optional (DeepCTR-Torch uses an affine BatchNorm, FuxiCTR does
+not). In training, ``mu`` and ``var`` are the batch mean and biased variance over every
+leading position of ``x``, and the running statistics are updated in place exactly as
+``torch.nn.BatchNorm1d`` does (momentum blend, unbiased variance for ``running_var``).
+In eval, the running statistics are used.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def dice_reference(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Dice over the last dimension of ``x`` (N, C) or (N, T, C); parameters are (C,)."""
+    channels = x.shape[-1]
+    flat = x.reshape(-1, channels)
+    if training:
+        stats = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+        mean = stats.mean(dim=0)
+        var = stats.var(dim=0, unbiased=False)
+        if running_mean is not None and running_var is not None:
+            n = flat.shape[0]
+            with torch.no_grad():
+                unbiased = var * (n / (n - 1)) if n > 1 else var
+                running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
+                running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
+    else:
+        if running_mean is None or running_var is None:
+            raise ValueError("Dice in eval mode needs running_mean and running_var")
+        mean, var = running_mean, running_var
+    xhat = (flat - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        xhat = xhat * weight
+    if bias is not None:
+        xhat = xhat + bias
+    p = torch.sigmoid(xhat)
+    out = p * flat + (1 - p) * alpha * flat
+    return out.to(x.dtype).reshape(x.shape)
