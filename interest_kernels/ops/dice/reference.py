@@ -10,9 +10,22 @@ In eval, the running statistics are used.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
+
+
+class DiceParams(NamedTuple):
+    """Parameters and statistics of one Dice activation over H channels (all (H,))."""
+
+    alpha: torch.Tensor
+    running_mean: Optional[torch.Tensor]
+    running_var: Optional[torch.Tensor]
+    weight: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    training: bool = True
+    momentum: float = 0.1
+    eps: float = 1e-8
 
 
 def dice_reference(

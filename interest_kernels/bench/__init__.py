@@ -1,0 +1,1 @@
+"""Benchmark harness: ``python -m interest_kernels.bench`` (see ``__main__``)."""

@@ -1,0 +1,223 @@
+"""Benchmark cases: each op at named shape sets, with its floor.
+
+Shape sets:
+  ``smoke``      tiny, for the pytest-benchmark smoke run and CI;
+  ``cpu``        sizes a 2-core CPU runs in seconds;
+  ``realistic``  the issues' GPU shapes (B 1k-8k, T 50-1000, D 32-128; T=10,000).
+
+Floors (what no implementation can avoid):
+  target attention, forward: read the keys once and the query, write the output;
+    FLOPs of the MLP with the first layer split by SPEC's identity (the keys' part,
+    2*H1*2D per position, the query's part once per row), the hidden layers, the score
+    and the weighted sum. Forward+backward: keys read three times (forward, backward
+    recompute, backward gradient) and their gradient written; FLOPs four times the
+    forward MLP (forward, recompute, two gradient products).
+  GRU scan, forward: read x, write the states; FLOPs 2*B*T*3H*(I+H) for the two
+    projections. Forward+backward: x and the states read again, dx written; three times
+    the FLOPs.
+  Dice: read x once and write y once (forward); backward reads x and dy, writes dx.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import torch
+
+from .harness import Case, Floor
+
+SHAPE_SETS = ("smoke", "cpu", "realistic")
+
+
+def _size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# --- target attention --------------------------------------------------------------
+
+
+def _ta_make(B: int, T: int, D: int, units: tuple[int, ...]) -> Callable[[torch.device, torch.dtype], dict[str, Any]]:
+    def make(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(0)
+        dims = (4 * D,) + units
+        weights = [torch.randn(o, i, generator=g) / i**0.5 for i, o in zip(dims[:-1], dims[1:])]
+        biases = [torch.randn(o, generator=g) * 0.1 for o in units]
+        return {
+            "query": torch.randn(B, D, generator=g).to(device, dtype),
+            "keys": torch.randn(B, T, D, generator=g).to(device, dtype),
+            "weights": [w.to(device, dtype) for w in weights],
+            "biases": [b.to(device, dtype) for b in biases],
+            "out_weight": (torch.randn(1, units[-1], generator=g) / units[-1] ** 0.5).to(device, dtype),
+            "out_bias": torch.zeros(1).to(device, dtype),
+            "lengths": torch.randint(1, T + 1, (B,), generator=g).to(device),
+        }
+
+    return make
+
+
+def _ta_call(inp: dict[str, Any]) -> Any:
+    from interest_kernels.ops.target_attention.op import target_attention
+
+    return target_attention(**inp, activation="sigmoid", normalization="softmax")
+
+
+def _ta_reference_call(inp: dict[str, Any]) -> Any:
+    from interest_kernels import use_backend
+    from interest_kernels.ops.target_attention.op import target_attention
+
+    with use_backend("reference"):
+        return target_attention(**inp, activation="sigmoid", normalization="softmax")
+
+
+def _ta_floor(B: int, T: int, D: int, units: tuple[int, ...], dtype: torch.dtype) -> Callable[[str], Floor]:
+    s = _size(dtype)
+    per_pos = 2 * units[0] * 2 * D + sum(2 * a * b for a, b in zip(units[:-1], units[1:])) + 2 * units[-1] + 2 * D
+    per_row = 2 * units[0] * D
+
+    def floor(mode: str) -> Floor:
+        flops = B * T * per_pos + B * per_row
+        keys = B * T * D * s
+        if mode == "fwd":
+            return Floor(bytes=keys + 2 * B * D * s, flops=flops)
+        return Floor(bytes=4 * keys + 4 * B * D * s, flops=4 * flops)
+
+    return floor
+
+
+def target_attention_cases(shape_set: str) -> Iterator[Case]:
+    shapes = {
+        "smoke": [(8, 5, 8, (8, 4))],
+        "cpu": [(256, 50, 32, (80, 40)), (1024, 100, 64, (80, 40))],
+        "realistic": [(4096, 200, 64, (80, 40)), (1024, 50, 32, (80, 40)), (8192, 100, 128, (80, 40)),
+                      (256, 10_000, 64, (80, 40))],
+    }[shape_set]
+    dtypes = (torch.float32, torch.bfloat16) if shape_set == "realistic" else (torch.float32,)
+    for B, T, D, units in shapes:
+        for dtype in dtypes:
+            yield Case(
+                op="target_attention", label=f"B{B}_T{T}_D{D}", dtype=dtype,
+                shape={"B": B, "T": T, "D": D, "units": "x".join(map(str, units))},
+                make=_ta_make(B, T, D, units), call=_ta_call, reference=_ta_reference_call,
+                floor=_ta_floor(B, T, D, units, dtype),
+                grad_inputs=("query", "keys", "weights", "biases", "out_weight", "out_bias"),
+            )
+
+
+# --- GRU scan ------------------------------------------------------------------------
+
+
+def _gru_make(B: int, T: int, H: int, mode: str) -> Callable[[torch.device, torch.dtype], dict[str, Any]]:
+    def make(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(0)
+        k = H**-0.5
+        inp: dict[str, Any] = {
+            "x": torch.randn(B, T, H, generator=g).to(device, dtype),
+            "weight_ih": ((torch.rand(3 * H, H, generator=g) * 2 - 1) * k).to(device, dtype),
+            "weight_hh": ((torch.rand(3 * H, H, generator=g) * 2 - 1) * k).to(device, dtype),
+            "bias_ih": ((torch.rand(3 * H, generator=g) * 2 - 1) * k).to(device, dtype),
+            "bias_hh": ((torch.rand(3 * H, generator=g) * 2 - 1) * k).to(device, dtype),
+            "lengths": torch.randint(1, T + 1, (B,), generator=g).to(device),
+            "mode": mode,
+        }
+        if mode != "gru":
+            inp["att"] = torch.rand(B, T, generator=g).to(device, dtype)
+        return inp
+
+    return make
+
+
+def _gru_call(inp: dict[str, Any]) -> Any:
+    from interest_kernels.ops.gru_scan.op import gru_scan
+
+    return gru_scan(**inp)
+
+
+def _gru_reference_call(inp: dict[str, Any]) -> Any:
+    from interest_kernels import use_backend
+
+    with use_backend("reference"):
+        return _gru_call(inp)
+
+
+def _gru_floor(B: int, T: int, H: int, dtype: torch.dtype) -> Callable[[str], Floor]:
+    s = _size(dtype)
+
+    def floor(mode: str) -> Floor:
+        flops = 2 * B * T * 3 * H * (H + H)
+        io = B * T * H * s
+        if mode == "fwd":
+            return Floor(bytes=2 * io + B * T * s, flops=flops)
+        return Floor(bytes=5 * io + 2 * B * T * s, flops=3 * flops)
+
+    return floor
+
+
+def gru_scan_cases(shape_set: str) -> Iterator[Case]:
+    shapes = {
+        "smoke": [(4, 5, 8)],
+        "cpu": [(512, 50, 36), (256, 100, 128)],
+        "realistic": [(2048, 100, 36), (2048, 100, 128)],
+    }[shape_set]
+    dtypes = (torch.float32, torch.bfloat16) if shape_set == "realistic" else (torch.float32,)
+    for B, T, H in shapes:
+        for mode in ("augru", "gru"):
+            for dtype in dtypes:
+                yield Case(
+                    op="gru_scan", label=f"{mode}_B{B}_T{T}_H{H}", dtype=dtype,
+                    shape={"mode": mode, "B": B, "T": T, "H": H},
+                    make=_gru_make(B, T, H, mode), call=_gru_call, reference=_gru_reference_call,
+                    floor=_gru_floor(B, T, H, dtype),
+                    grad_inputs=("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "att"),
+                )
+
+
+# --- Dice ----------------------------------------------------------------------------
+
+
+def _dice_make(N: int, C: int) -> Callable[[torch.device, torch.dtype], dict[str, Any]]:
+    def make(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(0)
+        return {
+            "x": torch.randn(N, C, generator=g).to(device, dtype),
+            "alpha": (torch.rand(C, generator=g) * 0.5).to(device),
+            "running_mean": torch.zeros(C, device=device),
+            "running_var": torch.ones(C, device=device),
+        }
+
+    return make
+
+
+def _dice_call(inp: dict[str, Any]) -> Any:
+    from interest_kernels.ops.dice.op import dice
+
+    return dice(**inp, training=True)
+
+
+def _dice_reference_call(inp: dict[str, Any]) -> Any:
+    from interest_kernels import use_backend
+
+    with use_backend("reference"):
+        return _dice_call(inp)
+
+
+def dice_cases(shape_set: str) -> Iterator[Case]:
+    shapes = {"smoke": [(64, 8)], "cpu": [(100_000, 80)], "realistic": [(4096 * 200, 80), (4096 * 200, 40)]}[shape_set]
+    dtypes = (torch.float32, torch.bfloat16) if shape_set == "realistic" else (torch.float32,)
+    for N, C in shapes:
+        for dtype in dtypes:
+            s = _size(dtype)
+
+            def floor(mode: str, N: int = N, C: int = C, s: int = s) -> Floor:
+                return Floor(bytes=(2 if mode == "fwd" else 5) * N * C * s, flops=0.0)
+
+            yield Case(
+                op="dice", label=f"N{N}_C{C}", dtype=dtype, shape={"N": N, "C": C},
+                make=_dice_make(N, C), call=_dice_call, reference=_dice_reference_call,
+                floor=floor, grad_inputs=("x", "alpha"), stateful=True,
+            )
+
+
+ALL_CASES: dict[str, Callable[[str], Iterator[Case]]] = {
+    "target_attention": target_attention_cases,
+    "gru_scan": gru_scan_cases,
+    "dice": dice_cases,
+}
