@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-}"
 if [ -z "$PY" ]; then
-  for cand in python3.11 python3 python; do
+  for cand in python3 python3.11 python; do
     if command -v "$cand" >/dev/null 2>&1; then PY="$cand"; break; fi
   done
 fi
@@ -30,8 +30,7 @@ fi
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install --disable-pip-version-check -q)
 
-stamp_input="$(cat requirements-test.txt setup.py; find csrc -type f 2>/dev/null | sort | xargs cat 2>/dev/null)"
-stamp="$(printf '%s' "$stamp_input" | sha256sum | cut -d' ' -f1)"
+stamp="$( { cat requirements-test.txt setup.py; if [ -d csrc ]; then find csrc -type f | sort | xargs -r cat; fi; } | sha256sum | cut -d' ' -f1 )"
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp" ] \
    && "$VPY" -c "import interest_kernels, torch" >/dev/null 2>&1; then
   exit 0
