@@ -118,6 +118,9 @@ class Op:
     preference: dict[str, tuple[str, ...]]
     implementations: dict[str, Implementation] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        _EVERY_OP[id(self)] = self
+
     def register(self, backend: str, why_not: Optional[WhyNot] = None):
         _check_name(backend)
 
@@ -142,7 +145,16 @@ class Op:
         return out
 
     def select(self, device: torch.device, **facts: Any) -> Implementation:
-        """The implementation that runs a call on ``device`` with these facts."""
+        """The implementation that runs a call on ``device`` with these facts.
+
+        Under ``torch.compile`` the choice is made once, while tracing, and becomes a
+        constant of the graph (the forced backend lives in a context variable that
+        Dynamo cannot trace).
+        """
+        name = _select_name(id(self), device, tuple(facts.items()))
+        return self.implementations[name]
+
+    def _select_name(self, device: torch.device, facts: dict[str, Any]) -> str:
         facts = dict(facts, device=device)
         forced = forced_backend()
         if forced is not None:
@@ -153,7 +165,7 @@ class Op:
                 else impl.why_not(**facts)
             )
             if reason is None:
-                return impl
+                return forced
             raise BackendUnavailableError(
                 f"{self.name}: backend {forced!r} was forced "
                 f"(use_backend / {ENV_VAR}) but cannot run this call: {reason}"
@@ -167,7 +179,7 @@ class Op:
                 continue
             reason = impl.why_not(**facts)
             if reason is None:
-                return impl
+                return name
             tried.append(f"{name}: {reason}")
         raise BackendUnavailableError(
             f"{self.name}: no backend can run this call on {device}:\n  "
@@ -175,6 +187,14 @@ class Op:
         )
 
 
+@torch.compiler.assume_constant_result
+def _select_name(op_id: int, device: torch.device, facts: tuple[tuple[str, Any], ...]) -> str:
+    return _EVERY_OP[op_id]._select_name(device, dict(facts))
+
+
+# Every Op made (test-local ones too) by id, so the traced selection receives only
+# constants; _REGISTRY holds the package's op families, made with define_op.
+_EVERY_OP: dict[int, Op] = {}
 _REGISTRY: dict[str, Op] = {}
 
 

@@ -71,3 +71,16 @@ def test_triton_reason_on_cpu(monkeypatch):
     assert "TRITON_INTERPRET=1" in triton_unavailable_reason(torch.device("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert triton_unavailable_reason(torch.device("cpu")) is None
+
+
+def test_selection_traces_under_torch_compile():
+    op = _op()
+
+    def f(x):
+        return x * 2 if op.select(x.device).name == "reference" else x * 3
+
+    compiled = torch.compile(f, fullgraph=True, backend="eager")
+    with use_backend("reference"):
+        assert torch.equal(compiled(torch.ones(2)), torch.full((2,), 2.0))
+    torch._dynamo.reset()
+    assert torch.equal(torch.compile(f, fullgraph=True, backend="eager")(torch.ones(2)), torch.full((2,), 3.0))
