@@ -36,12 +36,12 @@ def value_checks(enabled: bool) -> Iterator[None]:
 
 def value_checks_enabled(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether value checks run now for these tensors."""
+    if torch.compiler.is_compiling():  # first: Dynamo cannot trace the ContextVar read
+        return False
     flag = _value_checks.get()
     if flag is None:
         flag = os.environ.get("INTEREST_KERNELS_VALUE_CHECKS", "1") != "0"
     if not flag:
-        return False
-    if torch.compiler.is_compiling():
         return False
     if any(t is not None and t.is_cuda for t in tensors):
         if torch.cuda.is_current_stream_capturing():
