@@ -2,11 +2,34 @@
 
 Functional ops dispatch to the best available backend for the tensors' device
 ("triton" on CUDA, "cpu"/"cuda" compiled or optimised paths, "reference" eager
-PyTorch everywhere); ``use_backend(name)`` forces one.
+PyTorch everywhere); ``use_backend(name)`` forces one. Modules live in
+``interest_kernels.nn``, optimizers in ``interest_kernels.optim``.
 """
+from . import nn
 from ._backend import BackendUnavailableError, use_backend
 from ._validation import value_checks
+from .ops.aux_loss.op import dien_aux_loss
+from .ops.dice.op import dice
+from .ops.dice.reference import DiceParams, dice_reference
+from .ops.gru_scan.op import gru_scan
+from .ops.gru_scan.reference import gru_scan_reference
+from .ops.target_attention.op import target_attention
+from .ops.target_attention.reference import target_attention_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["BackendUnavailableError", "use_backend", "value_checks", "__version__"]
+__all__ = [
+    "BackendUnavailableError",
+    "DiceParams",
+    "dice",
+    "dice_reference",
+    "dien_aux_loss",
+    "gru_scan",
+    "gru_scan_reference",
+    "nn",
+    "target_attention",
+    "target_attention_reference",
+    "use_backend",
+    "value_checks",
+    "__version__",
+]

@@ -50,15 +50,15 @@ def report() -> str:
 
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     lines.append("")
-    lines.append("op / device: backend a call takes; why the others would not")
+    lines.append("op / device: backend a float32 call takes; why the others would not")
     for name, op in sorted(registered_ops().items()):
         for device in devices:
             try:
-                chosen = op.select(device).name
+                chosen = op.select(device, dtype=torch.float32).name
             except interest_kernels.BackendUnavailableError as exc:
                 chosen = f"NONE ({exc})"
             lines.append(f"  {name} on {device.type}: {chosen}")
-            for backend, reason in op.reasons(device=device).items():
+            for backend, reason in op.reasons(device=device, dtype=torch.float32).items():
                 if backend in op.implementations and backend != chosen:
                     lines.append(f"      {backend}: {reason or 'available (not preferred here)'}")
     lines.append("")
