@@ -1,0 +1,332 @@
+"""Target attention (SPEC 1): the fused Triton kernels against the eager reference.
+
+On CPU the kernels run in the Triton interpreter (conftest sets TRITON_INTERPRET=1), so
+the shapes are small; every case compares the forward (output and scores) and every
+gradient with ``check_against_reference``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import pytest
+import torch
+import torch._dynamo.testing
+
+from interest_kernels import use_backend
+from interest_kernels.ops.dice.reference import DiceParams
+from interest_kernels.ops.target_attention.op import target_attention
+from interest_kernels.ops.target_attention.reference import target_attention_reference
+from interest_kernels.testing import check_against_reference
+
+triton = pytest.importorskip("triton")
+
+
+def make_case(
+    *,
+    batch: int = 3,
+    seq_len: int = 21,
+    dim: int = 18,
+    units: tuple[int, ...] = (20, 12),
+    activation: str = "sigmoid",
+    normalization: str = "softmax",
+    valid: str = "lengths",
+    heads: Optional[int] = None,
+    per_head: bool = False,
+    query_per_head: bool = False,
+    rows: Optional[int] = None,
+    dice_training: bool = False,
+    device: torch.device = torch.device("cpu"),
+) -> dict:
+    """Keyword inputs for :func:`call`, float32 leaves.
+
+    ``valid``: "lengths" (one row of length 0 and one of T), "mask" (random, one row
+    all masked), "none". ``rows``: shared-history form with that many history rows.
+    T = 21 spans two tiles of the interpreter's BLOCK_T = 16, the last one partial.
+    """
+    n_rows = rows or batch
+    lead = (heads,) if per_head else ()
+    kshape = (n_rows,) + ((heads,) if heads else ()) + (seq_len, dim)
+    qshape = (batch, heads, dim) if query_per_head else (batch, dim)
+    widths = (4 * dim,) + units
+    inp: dict = {
+        "query": torch.randn(qshape),
+        "keys": torch.randn(kshape),
+        "weights": [torch.randn(lead + (widths[i + 1], widths[i])) * widths[i] ** -0.5
+                    for i in range(len(units))],
+        "biases": [0.1 * torch.randn(lead + (h,)) for h in units],
+        "out_weight": torch.randn(lead + (1, units[-1])),
+        "out_bias": torch.randn(lead + (1,)),
+        "activation": activation,
+        "normalization": normalization,
+    }
+    if valid == "lengths":
+        lengths = torch.randint(0, seq_len + 1, (n_rows,))
+        lengths[0] = 0
+        lengths[-1] = seq_len
+        inp["lengths"] = lengths
+    elif valid == "mask":
+        mask = torch.rand(n_rows, seq_len) > 0.4
+        mask[0] = False
+        mask[-1, 0] = True
+        inp["mask"] = mask
+    if rows:
+        inp["key_index"] = torch.randint(0, rows, (batch,))
+        inp["key_index"][:2] = torch.tensor([0, rows - 1])
+    if activation == "prelu":
+        inp["prelu_weights"] = [0.1 + 0.3 * torch.rand(lead + (h,)) for h in units]
+    if activation == "dice":
+        for i, h in enumerate(units):
+            inp[f"dice_alpha{i}"] = torch.rand(lead + (h,))
+            inp[f"dice_weight{i}"] = 1 + 0.2 * torch.randn(lead + (h,))
+            inp[f"dice_bias{i}"] = 0.2 * torch.randn(lead + (h,))
+        inp["dice_training"] = dice_training
+        inp["dice_stats"] = [(0.1 * torch.randn(lead + (h,)), 1 + torch.rand(lead + (h,)))
+                             for h in units]
+    return {k: _to(v, device) for k, v in inp.items()}
+
+
+def _to(v, device: torch.device):
+    if isinstance(v, torch.Tensor):
+        return v.to(device)
+    if isinstance(v, list):
+        return [_to(x, device) for x in v]
+    if isinstance(v, tuple):
+        return tuple(_to(x, device) for x in v)
+    return v
+
+
+def call(fn, backend: Optional[str] = None):
+    """``fn`` taking :func:`make_case` inputs; Dice tensors are separate inputs so their
+    gradients are checked, and each call gets fresh copies of the running statistics."""
+
+    def run(**kw):
+        alphas = sorted(k for k in kw if k.startswith("dice_alpha"))
+        if alphas:
+            training = kw.pop("dice_training")
+            stats = kw.pop("dice_stats")
+            kw["dice_params"] = [
+                DiceParams(kw.pop(f"dice_alpha{i}"), stats[i][0].clone(), stats[i][1].clone(),
+                           kw.pop(f"dice_weight{i}"), kw.pop(f"dice_bias{i}"),
+                           training=training, momentum=0.1, eps=1e-8)
+                for i in range(len(alphas))
+            ]
+        kw.setdefault("return_scores", True)
+        if backend is None:
+            return fn(**kw)
+        with use_backend(backend):
+            return fn(**kw)
+
+    return run
+
+
+def grad_names(inp: dict) -> list[str]:
+    return [k for k, v in inp.items()
+            if (isinstance(v, torch.Tensor) and v.is_floating_point())
+            or k in ("weights", "biases", "prelu_weights")]
+
+
+CASES = {
+    "sigmoid-softmax-lengths": dict(),
+    "sigmoid-none-mask": dict(normalization="none", valid="mask"),
+    "relu-softmax-mask-3-layers": dict(activation="relu", valid="mask", units=(20, 10, 6)),
+    "prelu-none-3-layers": dict(activation="prelu", normalization="none", units=(24, 12, 5)),
+    "identity-1-layer-no-mask": dict(activation="identity", units=(17,), valid="none"),
+    "dice-eval": dict(activation="dice"),
+    "dice-train": dict(activation="dice", dice_training=True, valid="mask"),
+    "dice-train-3-layers-none": dict(activation="dice", dice_training=True, units=(20, 12, 6),
+                                     normalization="none"),
+    "T1": dict(seq_len=1, batch=4),
+    "T16-D36": dict(seq_len=16, dim=36, units=(40, 20)),
+    "T40-mask": dict(seq_len=40, dim=8, units=(16,), valid="mask", batch=2),
+    "shared-history-mask": dict(rows=3, batch=6, valid="mask", activation="relu"),
+    "shared-history-lengths-none": dict(rows=2, batch=5, normalization="none"),
+    "multi-head": dict(heads=2, dim=8),
+    "multi-head-query-per-head-mask": dict(heads=3, query_per_head=True, valid="mask", dim=8),
+    "multi-head-per-head-prelu": dict(heads=2, per_head=True, query_per_head=True,
+                                      activation="prelu", dim=8),
+    "multi-head-per-head-dice-train": dict(heads=2, per_head=True, activation="dice",
+                                           dice_training=True, dim=8, units=(16, 6)),
+    "multi-head-shared-history": dict(heads=2, rows=2, batch=4, dim=8, valid="mask"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_triton_matches_reference(case, device):
+    inp = make_case(**CASES[case], device=device)
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp))
+
+
+@pytest.mark.parametrize("case", ["sigmoid-softmax-lengths", "dice-train", "multi-head-per-head-prelu"])
+def test_triton_float16(case, device):
+    inp = make_case(**CASES[case], device=device)
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp), dtype=torch.float16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="bfloat16 tl.dot needs a GPU")
+@pytest.mark.parametrize("case", ["sigmoid-softmax-lengths", "shared-history-mask"])
+def test_triton_bfloat16(case):
+    inp = make_case(**CASES[case], device=torch.device("cuda"))
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp), dtype=torch.bfloat16)
+
+
+def test_long_sequence(device):
+    """Many tiles per row: T = 300 with a mask (the loop over T, not a specialisation)."""
+    inp = make_case(seq_len=300, dim=8, units=(16,), batch=2, valid="mask", device=device)
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp))
+
+
+def test_float32_parameters_with_half_inputs(device):
+    inp = make_case(valid="mask", device=device)
+    q, k = inp["query"].half(), inp["keys"].half()
+    params = [inp["weights"][0].requires_grad_(True)]
+    with use_backend("triton"):
+        out, a = call(target_attention)(**dict(inp, query=q, keys=k))
+    ref, ref_a = call(target_attention_reference)(**dict(inp, query=q.float(), keys=k.float()))
+    assert out.dtype == torch.float16 and a.dtype == torch.float16
+    torch.testing.assert_close(out.float(), ref, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(a.float(), ref_a, atol=2e-3, rtol=2e-3)
+    (g,) = torch.autograd.grad(out.float().sum(), params)
+    (want,) = torch.autograd.grad(ref.sum(), params)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, want, atol=2e-3, rtol=2e-3)
+
+
+def test_scores_gradient_alone(device):
+    """A loss on the scores only (no gradient reaches ``out``)."""
+    inp = make_case(valid="mask", device=device)
+    kw = {k: v for k, v in inp.items()}
+    leaves = [kw["query"], kw["keys"], *kw["weights"]]
+    for t in leaves:
+        t.requires_grad_(True)
+    with use_backend("triton"):
+        _, a = target_attention(**kw, return_scores=True)
+    got = torch.autograd.grad((a * a).sum(), leaves)
+    _, ref_a = target_attention_reference(**kw, return_scores=True)
+    want = torch.autograd.grad((ref_a * ref_a).sum(), leaves)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def test_all_masked_rows_give_zeros(device):
+    inp = make_case(valid="none", device=device)
+    mask = torch.zeros(3, 21, dtype=torch.bool, device=device)
+    with use_backend("triton"):
+        out, a = target_attention(**inp, mask=mask, return_scores=True)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(a, torch.zeros_like(a))
+
+
+def test_dice_training_updates_running_stats_like_reference(device):
+    inp = make_case(activation="dice", dice_training=True, valid="mask", device=device)
+    runs = {}
+    for name, fn, backend in (("triton", target_attention, "triton"),
+                              ("reference", target_attention_reference, None)):
+        kw = dict(inp)
+        training, stats = kw.pop("dice_training"), kw.pop("dice_stats")
+        params = [DiceParams(kw.pop(f"dice_alpha{i}"), m.clone(), v.clone(),
+                             kw.pop(f"dice_weight{i}"), kw.pop(f"dice_bias{i}"), training=training)
+                  for i, (m, v) in enumerate(stats)]
+        with use_backend(backend):
+            fn(**kw, dice_params=params)
+        runs[name] = params
+    for got, want in zip(runs["triton"], runs["reference"]):
+        torch.testing.assert_close(got.running_mean, want.running_mean)
+        torch.testing.assert_close(got.running_var, want.running_var)
+        assert not torch.equal(got.running_mean, inp["dice_stats"][0][0])
+
+
+def test_no_grad_call_saves_nothing(device):
+    inp = make_case(device=device)
+    packed = []
+
+    def pack(t):
+        packed.append(t)
+        return t
+
+    for grad_mode in (False, True):
+        with torch.set_grad_enabled(grad_mode), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), use_backend("triton"):
+            out, a = target_attention(**inp, return_scores=True)
+        # Leaves do not require grad: nothing to save even with grad mode on.
+        assert out.grad_fn is None and a.grad_fn is None
+    assert packed == []
+    inp["keys"].requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), use_backend("triton"):
+        out = target_attention(**inp)
+    assert out.grad_fn is not None and packed  # the check above can fail
+
+
+def test_torch_compile_fullgraph(device):
+    inp = make_case(activation="prelu", valid="mask", device=device)
+    kw = {k: v for k, v in inp.items()}
+    kw["query"].requires_grad_(True)
+    kw["weights"][0].requires_grad_(True)
+
+    def f(query, keys, weights, biases, out_weight, out_bias, mask, prelu_weights):
+        out, a = target_attention(query, keys, weights, biases, out_weight, out_bias,
+                                  activation="prelu", mask=mask, prelu_weights=prelu_weights,
+                                  return_scores=True)
+        return out.sum() + (a * a).sum()
+
+    args = (kw["query"], kw["keys"], kw["weights"], kw["biases"], kw["out_weight"],
+            kw["out_bias"], kw["mask"], kw["prelu_weights"])
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(f, fullgraph=True, backend=counter)
+    with use_backend("triton"):
+        loss = compiled(*args)
+        gq, gw = torch.autograd.grad(loss, [kw["query"], kw["weights"][0]])
+        want = f(*args)
+    wq, ww = torch.autograd.grad(want, [kw["query"], kw["weights"][0]])
+    assert counter.frame_count == 1
+    assert "interest_kernels.target_attention_fwd" in counter.graphs[0].code
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(gq, wq)
+    torch.testing.assert_close(gw, ww)
+
+
+@pytest.mark.parametrize("op", ["fwd", "stats", "bwd"])
+def test_custom_ops_opcheck(op, device):
+    """torch.library.opcheck: schema, fake tensors and the autograd registration."""
+    from interest_kernels.ops.target_attention import triton as ta_triton
+
+    rows, seq_len, dim, hidden = 2, 5, 4, 16
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, device=device, requires_grad=grad)
+
+    qterm, query, keys = t(rows, hidden), t(rows, dim), t(rows, seq_len, dim)
+    w_k, w_p, w2, b2 = t(1, hidden, dim), t(1, hidden, dim), t(1, 6, hidden), t(1, 6)
+    act1 = torch.stack([torch.rand(1, hidden), torch.rand(1, hidden), torch.randn(1, hidden)],
+                       dim=1).to(device).requires_grad_(True)
+    lengths = torch.tensor([5, 2], device=device)
+    if op == "fwd":
+        fn = ta_triton._fwd_op
+        args = (qterm, query, keys, None, lengths, None, w_k, w_p, w2, b2, None, None,
+                t(1, 6), t(1), act1, None, None, 1, "dice", True, True)
+    elif op == "stats":
+        fn = ta_triton._stats_op
+        args = (qterm, query, keys, None, w_k, w_p, w2, b2, None, None, act1, None, 1, "dice")
+    else:
+        fn = ta_triton._bwd_op
+        args = (t(rows, dim, grad=False), None, t(rows, grad=False), t(rows, grad=False),
+                qterm.detach(), query.detach(), keys.detach(), None, lengths, None,
+                w_k.detach(), w_p.detach(), None, None, None, None, t(1, hidden, grad=False),
+                t(1, grad=False), None, None, None, 1, "sigmoid", True)
+    torch.library.opcheck(fn, args,
+                          test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+
+
+def test_unsupported_calls_are_declined_with_a_reason():
+    from interest_kernels.ops.target_attention.triton import unsupported_reason
+
+    cuda = torch.device("cuda")
+    assert unsupported_reason(dtype=torch.float32, num_layers=2, hidden_units=(80, 40), dim=64,
+                              device=cuda) is None
+    assert "float64" in unsupported_reason(dtype=torch.float64, num_layers=1)
+    assert "hidden layers" in unsupported_reason(dtype=torch.float32, num_layers=4)
+    assert "units" in unsupported_reason(dtype=torch.float16, num_layers=2,
+                                         hidden_units=(200, 80), dim=64, device=cuda)
