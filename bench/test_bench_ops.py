@@ -31,7 +31,7 @@ def _params():
                 and not (b == "triton" and DEVICE.type == "cpu")
             ]
             for backend in backends:
-                for mode in ("fwd", "full"):
+                for mode in case.modes:
                     yield pytest.param(case, backend, mode,
                                        id=f"{case.op}-{case.label}-{str(case.dtype)[6:]}-{backend}-{mode}")
 

@@ -5,7 +5,7 @@ Functional ops dispatch to the best available backend for the tensors' device
 PyTorch everywhere); ``use_backend(name)`` forces one. Modules live in
 ``interest_kernels.nn``, optimizers in ``interest_kernels.optim``.
 """
-from . import nn
+from . import nn, optim
 from ._backend import BackendUnavailableError, use_backend
 from ._validation import value_checks
 from .ops.aux_loss.op import dien_aux_loss
@@ -13,6 +13,7 @@ from .ops.dice.op import dice
 from .ops.dice.reference import DiceParams, dice_reference
 from .ops.gru_scan.op import gru_scan
 from .ops.gru_scan.reference import gru_scan_reference
+from .ops.mba.op import count_ids, dedup_rows, mba_adagrad_update, mba_adam_update, mba_sgd_update
 from .ops.target_attention.op import target_attention
 from .ops.target_attention.reference import target_attention_reference
 
@@ -21,12 +22,18 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailableError",
     "DiceParams",
+    "count_ids",
+    "dedup_rows",
     "dice",
     "dice_reference",
     "dien_aux_loss",
     "gru_scan",
     "gru_scan_reference",
+    "mba_adagrad_update",
+    "mba_adam_update",
+    "mba_sgd_update",
     "nn",
+    "optim",
     "target_attention",
     "target_attention_reference",
     "use_backend",

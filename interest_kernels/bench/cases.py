@@ -16,6 +16,8 @@ Floors (what no implementation can avoid):
     projections. Forward+backward: x and the states read again, dx written; three times
     the FLOPs.
   Dice: read x once and write y once (forward); backward reads x and dy, writes dx.
+  MBA SGD step: read and write each touched row, read every gradient row and id
+    (bounded by the batch's ids, never by the table's rows).
 """
 from __future__ import annotations
 
@@ -216,8 +218,57 @@ def dice_cases(shape_set: str) -> Iterator[Case]:
             )
 
 
+# --- MBA sparse update ---------------------------------------------------------------
+
+
+def _mba_make(N: int, D: int, n_ids: int) -> Callable[[torch.device, torch.dtype], dict[str, Any]]:
+    def make(device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, N, (n_ids,), generator=g)
+        return {
+            "weight": (torch.randn(N, D, generator=g) * 0.01).to(device, dtype),
+            "ids": ids.to(device),
+            "grad_rows": torch.randn(n_ids, D, generator=g).to(device, dtype),
+            "counts": torch.randint(1, 100, (N,), generator=g).to(device),
+        }
+
+    return make
+
+
+def _mba_call(inp: dict[str, Any]) -> Any:
+    from interest_kernels.ops.mba.op import mba_sgd_update
+
+    mba_sgd_update(inp["weight"], inp["ids"], inp["grad_rows"], inp["counts"], lr=0.01, weight_decay=1e-4)
+    return inp["weight"]
+
+
+def _mba_reference_call(inp: dict[str, Any]) -> Any:
+    from interest_kernels import use_backend
+
+    with use_backend("reference"):
+        return _mba_call(inp)
+
+
+def mba_cases(shape_set: str) -> Iterator[Case]:
+    shapes = {"smoke": [(1000, 8, 64)], "cpu": [(1_000_000, 64, 4096), (1_000_000, 64, 65536)],
+              "realistic": [(10_000_000, 64, 65536), (10_000_000, 128, 262144)]}[shape_set]
+    for N, D, n_ids in shapes:
+        s = _size(torch.float32)
+
+        def floor(mode: str, D: int = D, n_ids: int = n_ids, s: int = s) -> Floor:
+            # at most n_ids distinct rows: read and write each, read every gradient row and id
+            return Floor(bytes=2 * n_ids * D * s + n_ids * D * s + 2 * n_ids * 8, flops=0.0)
+
+        yield Case(
+            op="mba_update", label=f"N{N}_D{D}_ids{n_ids}", dtype=torch.float32,
+            shape={"rows": N, "D": D, "ids": n_ids}, make=_mba_make(N, D, n_ids), call=_mba_call,
+            reference=_mba_reference_call, floor=floor, stateful=True, modes=("step",),
+        )
+
+
 ALL_CASES: dict[str, Callable[[str], Iterator[Case]]] = {
     "target_attention": target_attention_cases,
     "gru_scan": gru_scan_cases,
     "dice": dice_cases,
+    "mba_update": mba_cases,
 }

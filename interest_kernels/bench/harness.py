@@ -47,9 +47,10 @@ class Case:
     make: Callable[[torch.device, torch.dtype], Inputs]
     call: Callable[[Inputs], Any]
     reference: Callable[[Inputs], Any]
-    floor: Callable[[str], Floor]  # mode "fwd" or "full"
+    floor: Callable[[str], Floor]  # by mode
     grad_inputs: tuple[str, ...] = ()
     stateful: bool = False  # the call mutates buffers (running statistics): no torch.compile baseline
+    modes: tuple[str, ...] = ("fwd", "full")  # "full" forward+backward; others run without grad
 
 
 @dataclass
@@ -174,7 +175,7 @@ def _fresh(case: Case, inputs: Inputs, grad: bool) -> Inputs:
 
 
 def _runner(case: Case, fn: Callable[[Inputs], Any], inputs: Inputs, mode: str) -> Callable[[], Any]:
-    if mode == "fwd":
+    if mode != "full":
         def run() -> Any:
             with torch.no_grad():
                 return fn(inputs)
@@ -245,7 +246,7 @@ def run_case(
 
     with torch.no_grad():
         expected = case.reference(_fresh(case, inputs, False))
-    for mode in ("fwd", "full"):
+    for mode in case.modes:
         fl = case.floor(mode)
         fms = floor_ms(fl, machine, case.dtype)
         for name, fn, note in contenders:
@@ -253,7 +254,7 @@ def run_case(
             run = _runner(case, fn, inp, mode)
             err = None
             try:
-                if mode == "fwd":
+                if mode != "full":
                     with torch.no_grad():
                         err = _max_err(fn(_fresh(case, inputs, False)), expected)
                 p20, p50, p80 = time_fn(run, device, budget_s)

@@ -1,0 +1,382 @@
+"""The public MBA sparse-update ops (SPEC section 5): argument checks and dispatch.
+
+Each function validates its arguments once, here, then runs the first backend that
+accepts the call: the compiled kernels of ``interest_kernels._C`` ("cpu" for CPU
+tensors, "cuda" for CUDA tensors, registered as ``torch.ops.interest_kernels.*``), else
+the eager reference. The package works without the extension; these ops then use the
+reference and ``use_backend("cpu")`` says why the compiled one cannot run.
+
+Conventions shared by the update functions:
+
+* ``weight`` (N, D) float32/float16/bfloat16/float64, contiguous; updated in place on
+  the touched rows only.
+* ``ids`` integer, any shape (K ids); ``grad_rows`` (K, D) or ``ids.shape + (D,)`` in the
+  weight's dtype: the gradient of the mean batch loss for each lookup, duplicates unsummed.
+* ``counts`` (N,) int64/int32/float32/float64: n_j, positive for every touched id.
+* optimiser state (N, D) float32 (float64 for a float64 table), updated on touched rows.
+
+An id outside [0, N) or a touched id with a count that is not positive raises a
+``ValueError`` naming the id, and nothing is written.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+import torch
+
+from ... import _extension
+from ..._backend import define_op, extension_unavailable_reason
+from ..._validation import INDEX_DTYPES, check_tensor, value_checks_enabled
+from .reference import (
+    accumulation_dtype,
+    dedup_rows_reference,
+    mba_adagrad_reference,
+    mba_adam_reference,
+    mba_sgd_reference,
+)
+
+__all__ = [
+    "OP",
+    "count_ids",
+    "dedup_rows",
+    "mba_adagrad_update",
+    "mba_adam_update",
+    "mba_sgd_update",
+]
+
+TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+COUNT_DTYPES = (torch.int64, torch.int32, torch.float32, torch.float64)
+
+OP = define_op("mba_update", preference={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")})
+
+_fakes_registered = False
+
+
+def _compiled_ops() -> Any:
+    """``torch.ops.interest_kernels`` with the fake implementations registered (once)."""
+    global _fakes_registered
+    if not _extension.load():
+        raise RuntimeError(_extension.unavailable_reason())
+    if not _fakes_registered:
+        _register_fakes()
+        _fakes_registered = True
+    return torch.ops.interest_kernels
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("interest_kernels::dedup_rows")
+    def _dedup_rows_fake(ids: torch.Tensor, grad_rows: torch.Tensor, num_rows: int):
+        num_unique = torch.library.get_ctx().new_dynamic_size()
+        acc = accumulation_dtype(grad_rows.dtype)
+        return (
+            ids.new_empty((num_unique,), dtype=torch.int64),
+            grad_rows.new_empty((num_unique, grad_rows.shape[-1]), dtype=acc),
+        )
+
+    for name in ("mba_sgd_update", "mba_adagrad_update", "mba_adam_update"):
+        torch.library.register_fake(f"interest_kernels::{name}")(lambda *args, **kwargs: None)
+
+
+def _compiled_why_not(device_type: str):
+    def why_not(device: torch.device, **_: Any) -> Optional[str]:
+        reason = extension_unavailable_reason()
+        if reason is not None:
+            return reason
+        if device.type != device_type:
+            return f"the {device_type} backend takes {device_type.upper()} tensors only, got {device.type}"
+        if device_type == "cuda" and not torch._C._dispatch_has_kernel_for_dispatch_key(
+            "interest_kernels::mba_sgd_update", "CUDA"
+        ):
+            return "interest_kernels._C was built without its CUDA kernels (no nvcc or a CPU torch at build time)"
+        return None
+
+    return why_not
+
+
+@OP.register("reference")
+def _reference(kind: str, **kw: Any) -> None:
+    {"sgd": mba_sgd_reference, "adagrad": mba_adagrad_reference, "adam": mba_adam_reference}[
+        kind
+    ](**kw)
+
+
+def _compiled(kind: str, **kw: Any) -> None:
+    ops = _compiled_ops()
+    if kind == "sgd":
+        ops.mba_sgd_update(
+            kw["weight"], kw["ids"], kw["grad_rows"], kw["counts"], kw["lr"], kw["weight_decay"]
+        )
+    elif kind == "adagrad":
+        ops.mba_adagrad_update(
+            kw["weight"], kw["state_sum"], kw["ids"], kw["grad_rows"], kw["counts"],
+            kw["lr"], kw["weight_decay"], kw["eps"], kw["lr_decay"], kw["step"],
+        )
+    else:
+        ops.mba_adam_update(
+            kw["weight"], kw["exp_avg"], kw["exp_avg_sq"], kw["ids"], kw["grad_rows"],
+            kw["counts"], kw["lr"], kw["beta1"], kw["beta2"], kw["eps"], kw["weight_decay"],
+            kw["step"],
+        )
+    # The kernels write through raw pointers; bump the version counters as in-place torch
+    # ops do, so autograd notices a table that some graph saved and this step changed.
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(
+            [kw[name] for name in ("weight", "state_sum", "exp_avg", "exp_avg_sq") if name in kw]
+        )
+
+
+OP.register("cpu", why_not=_compiled_why_not("cpu"))(_compiled)
+OP.register("cuda", why_not=_compiled_why_not("cuda"))(_compiled)
+
+
+# --- argument checks -------------------------------------------------------------------
+
+
+def _check_float(name: str, value: object, *, low: float = 0.0, high: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not (low <= value <= high) or math.isnan(value):
+        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
+    return value
+
+
+def _check_step(step: object) -> int:
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (this update's 1-based count), got {step!r}")
+    return step
+
+
+def _check_ids(ids: object, device: torch.device) -> torch.Tensor:
+    check_tensor("ids", ids, dtypes=INDEX_DTYPES, device=device)
+    assert isinstance(ids, torch.Tensor)
+    return ids if ids.dtype in (torch.int64, torch.int32) else ids.long()
+
+
+def _check_ids_in_range(ids: torch.Tensor, num_rows: int) -> None:
+    if ids.numel() == 0 or not value_checks_enabled(ids):
+        return
+    flat = ids.reshape(-1)
+    bad = (flat < 0) | (flat >= num_rows)
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"ids: id {int(flat[position])} (at position {position}) is outside the table's "
+            f"rows [0, {num_rows}); nothing was written"
+        )
+
+
+def _check_update_args(
+    weight: object,
+    ids: object,
+    grad_rows: object,
+    counts: object,
+    states: Sequence[tuple[str, object]] = (),
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Validate and return (weight, ids as int64/int32, grad_rows as (K, D))."""
+    check_tensor("weight", weight, ndim=2, dtypes=TABLE_DTYPES)
+    assert isinstance(weight, torch.Tensor)
+    if not weight.is_contiguous():
+        raise ValueError("weight must be contiguous (an embedding table (N, D))")
+    num_rows, dim = weight.shape
+    device = weight.device
+    ids = _check_ids(ids, device)
+    check_tensor("grad_rows", grad_rows, device=device)
+    assert isinstance(grad_rows, torch.Tensor)
+    if grad_rows.dtype != weight.dtype:
+        raise TypeError(
+            f"grad_rows has dtype {grad_rows.dtype} but weight has {weight.dtype}; "
+            "pass the gradient rows in the table's dtype"
+        )
+    k = ids.numel()
+    if tuple(grad_rows.shape) not in ((k, dim), tuple(ids.shape) + (dim,)):
+        raise ValueError(
+            f"grad_rows must have shape ({k}, {dim}) or ids.shape + (D,) = "
+            f"{tuple(ids.shape) + (dim,)}, got {tuple(grad_rows.shape)}"
+        )
+    check_tensor("counts", counts, ndim=1, dtypes=COUNT_DTYPES, device=device)
+    assert isinstance(counts, torch.Tensor)
+    if counts.shape[0] != num_rows:
+        raise ValueError(f"counts must have shape ({num_rows},) (one per table row), got {tuple(counts.shape)}")
+    acc = accumulation_dtype(weight.dtype)
+    for name, state in states:
+        check_tensor(name, state, ndim=2, dtypes=(acc,), device=device)
+        assert isinstance(state, torch.Tensor)
+        if tuple(state.shape) != (num_rows, dim) or not state.is_contiguous():
+            raise ValueError(
+                f"{name} must be a contiguous ({num_rows}, {dim}) tensor like weight, "
+                f"got shape {tuple(state.shape)}"
+            )
+    return weight, ids, grad_rows.reshape(k, dim)
+
+
+def _select(weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, kind: str) -> Any:
+    """The backend for this call. The compiled kernels check ids and counts themselves,
+    always and before writing (one pass on the CPU, one small host copy on CUDA), so the
+    same checks run here only in front of the reference."""
+    impl = OP.select(weight.device, kind=kind)
+    if impl.name == "reference":
+        _check_ids_in_range(ids, weight.shape[0])
+        if ids.numel() and value_checks_enabled(counts):
+            n = counts[ids.reshape(-1).long()]
+            bad = ~(n > 0)
+            if bool(bad.any()):
+                position = int(bad.nonzero()[0, 0])
+                raise ValueError(
+                    f"counts: id {int(ids.reshape(-1)[position])} is in the batch but its count is "
+                    f"{n[position].item()}; MBA needs n_j >= 1 for every touched id (count them "
+                    "with count_ids first); nothing was written"
+                )
+    return impl
+
+
+# --- public ops --------------------------------------------------------------------------
+
+
+def dedup_rows(
+    ids: torch.Tensor, grad_rows: torch.Tensor, num_rows: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sorted distinct ids (U,) int64 and their summed gradient rows (U, D).
+
+    ``ids`` any shape (K ids) in [0, num_rows); ``grad_rows`` (K, D) or ``ids.shape + (D,)``.
+    Sums are float32 (float64 for float64 rows), duplicates added in order of position,
+    so the result is the same on every run.
+    """
+    if isinstance(num_rows, bool) or not isinstance(num_rows, int) or num_rows < 0:
+        raise ValueError(f"num_rows must be an int >= 0, got {num_rows!r}")
+    check_tensor("grad_rows", grad_rows)
+    ids = _check_ids(ids, grad_rows.device)
+    if grad_rows.dim() < 1 or grad_rows.numel() != ids.numel() * grad_rows.shape[-1]:
+        raise ValueError(
+            f"grad_rows must hold one row per id ({ids.numel()} ids), got shape {tuple(grad_rows.shape)}"
+        )
+    impl = OP.select(grad_rows.device)
+    if impl.name == "reference":
+        _check_ids_in_range(ids, num_rows)
+        return dedup_rows_reference(ids, grad_rows)
+    return _compiled_ops().dedup_rows(ids, grad_rows, num_rows)
+
+
+def count_ids(
+    ids: torch.Tensor, counts: torch.Tensor, *, padding_idx: Optional[int] = None
+) -> torch.Tensor:
+    """Add to ``counts`` (N,) the number of samples in which each id occurs; in place.
+
+    ``ids`` (B,): one id per sample (each element is its own sample). ``ids`` (B, ...):
+    sample b is ``ids[b]``; an id repeated inside one sample counts once.
+    ``padding_idx`` (in [-N, N)): that id is never counted. Returns ``counts``.
+    Cost O(K log K) in the batch's K ids, never O(N).
+    """
+    check_tensor("counts", counts, ndim=1, dtypes=COUNT_DTYPES)
+    ids = _check_ids(ids, counts.device)
+    num_rows = counts.shape[0]
+    if padding_idx is not None:
+        if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not -num_rows <= padding_idx < num_rows:
+            raise ValueError(f"padding_idx must be an int in [-{num_rows}, {num_rows}), got {padding_idx!r}")
+        padding_idx %= num_rows
+    _check_ids_in_range(ids, num_rows)
+    if ids.dim() <= 1:
+        flat = ids.reshape(-1).long()
+    else:
+        per_sample = ids.reshape(ids.shape[0], -1).long().sort(dim=1).values
+        first = torch.ones_like(per_sample, dtype=torch.bool)
+        first[:, 1:] = per_sample[:, 1:] != per_sample[:, :-1]
+        flat = per_sample[first]
+    if padding_idx is not None:
+        flat = flat[flat != padding_idx]
+    counts.index_add_(0, flat, torch.ones(flat.shape, dtype=counts.dtype, device=counts.device))
+    return counts
+
+
+def mba_sgd_update(
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    grad_rows: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> None:
+    """MBA SGD (DIN eq. 7) in place: ``w_j <- w_j - lr (g_j + lambda w_j / n_j)`` for j in S.
+
+    ``weight_decay`` is lambda (>= 0). Shapes and dtypes: see the module docstring.
+    """
+    lr = _check_float("lr", lr)
+    weight_decay = _check_float("weight_decay", weight_decay)
+    weight, ids, grad_rows = _check_update_args(weight, ids, grad_rows, counts)
+    impl = _select(weight, ids, counts, "sgd")
+    impl.fn("sgd", weight=weight, ids=ids, grad_rows=grad_rows, counts=counts, lr=lr, weight_decay=weight_decay)
+
+
+def mba_adagrad_update(
+    weight: torch.Tensor,
+    state_sum: torch.Tensor,
+    ids: torch.Tensor,
+    grad_rows: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    lr: float,
+    step: int,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    lr_decay: float = 0.0,
+) -> None:
+    """MBA Adagrad in place (``torch.optim.Adagrad``'s sparse step on ``g + lambda w / n``).
+
+    ``state_sum`` (N, D) float32: the running sum of squared gradients. ``step`` (>= 1):
+    the table's step count, this step included (it scales ``lr`` through ``lr_decay``).
+    """
+    lr = _check_float("lr", lr)
+    weight_decay = _check_float("weight_decay", weight_decay)
+    eps = _check_float("eps", eps)
+    lr_decay = _check_float("lr_decay", lr_decay)
+    step = _check_step(step)
+    weight, ids, grad_rows = _check_update_args(
+        weight, ids, grad_rows, counts, [("state_sum", state_sum)]
+    )
+    impl = _select(weight, ids, counts, "adagrad")
+    impl.fn(
+        "adagrad", weight=weight, state_sum=state_sum, ids=ids, grad_rows=grad_rows,
+        counts=counts, lr=lr, weight_decay=weight_decay, eps=eps, lr_decay=lr_decay, step=step,
+    )
+
+
+def mba_adam_update(
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    ids: torch.Tensor,
+    grad_rows: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    lr: float,
+    step: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """MBA Adam in place (``torch.optim.SparseAdam``'s step on ``g + lambda w / n``).
+
+    ``exp_avg``/``exp_avg_sq`` (N, D) float32: moments, updated on touched rows only.
+    ``step`` (>= 1): the table's global step count, this step included (bias correction).
+    """
+    lr = _check_float("lr", lr)
+    weight_decay = _check_float("weight_decay", weight_decay)
+    eps = _check_float("eps", eps)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1 = _check_float("betas[0]", betas[0], high=1.0)
+    beta2 = _check_float("betas[1]", betas[1], high=1.0)
+    if beta1 >= 1.0 or beta2 >= 1.0:
+        raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+    step = _check_step(step)
+    weight, ids, grad_rows = _check_update_args(
+        weight, ids, grad_rows, counts, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
+    )
+    impl = _select(weight, ids, counts, "adam")
+    impl.fn(
+        "adam", weight=weight, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ids=ids,
+        grad_rows=grad_rows, counts=counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, step=step,
+    )
