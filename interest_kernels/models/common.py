@@ -1,0 +1,231 @@
+"""What DIN, DIEN and DMIN share: feature embeddings, the final MLP, the backend switch,
+negative sampling, and the split into sparse (MBA) and dense (Adam) parameters.
+
+Feature groups (see :class:`interest_kernels.data.Batch`): the user profile (user id),
+the target item (item id + category id, concatenated: width ``item_dim + cat_dim``),
+the behaviour sequence (the same two tables, so a behaviour and a target live in one
+space) with its lengths, and K categorical context fields. Index 0 of every table is
+padding / unknown (``padding_idx=0``: never trained).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, ContextManager, Iterator, NamedTuple, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .._backend import use_backend
+from ..data.common import Batch, FeatureSpec
+from ..nn.dice import Dice
+from ..nn.mba_embedding import MBAEmbedding
+from ..optim import MBAAdagrad, MBAAdam, MBASGD
+
+__all__ = [
+    "BACKENDS",
+    "EMBEDDINGS",
+    "ModelOutput",
+    "CTRModel",
+    "MLP",
+    "NegativeSampler",
+    "make_optimizers",
+]
+
+BACKENDS = ("fused", "reference")
+EMBEDDINGS = ("mba", "torch")
+MLP_ACTIVATIONS = ("dice", "prelu", "relu", "sigmoid")
+SPARSE_OPTIMIZERS = {"sgd": MBASGD, "adagrad": MBAAdagrad, "adam": MBAAdam}
+
+
+class ModelOutput(NamedTuple):
+    """logits (B,) float32 and the auxiliary loss (0-d) of models that have one, else None."""
+
+    logits: torch.Tensor
+    aux_loss: Optional[torch.Tensor]
+
+
+def _table(num: int, dim: int, kind: str) -> nn.Module:
+    # Both start N(0, 1) with a zero padding row.
+    if kind == "mba":
+        return MBAEmbedding(num, dim, padding_idx=0)
+    return nn.Embedding(num, dim, padding_idx=0, sparse=True)
+
+
+class MLP(nn.Module):
+    """Fully connected tower ending in one logit: Linear -> activation (-> dropout) per
+    hidden width, then Linear(hidden[-1], 1). ``forward(x (B, in)) -> (B,)``."""
+
+    def __init__(self, in_features: int, hidden_units: Sequence[int], activation: str, dropout: float = 0.0) -> None:
+        super().__init__()
+        if activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {MLP_ACTIVATIONS}, got {activation!r}")
+        layers: list[nn.Module] = []
+        width = in_features
+        for units in hidden_units:
+            layers.append(nn.Linear(width, units))
+            if activation == "dice":
+                layers.append(Dice(units))
+            elif activation == "prelu":
+                layers.append(nn.PReLU(units))
+            elif activation == "relu":
+                layers.append(nn.ReLU())
+            else:
+                layers.append(nn.Sigmoid())
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            width = units
+        layers.append(nn.Linear(width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x).squeeze(-1)
+
+
+class NegativeSampler(nn.Module):
+    """Negative behaviours for the auxiliary loss: item indices drawn uniformly from
+    [1, num_items) with this module's own seeded generator (on the CPU, so CPU and GPU
+    runs draw the same ids), each with its category from ``item_category``.
+
+    The generator state is part of ``state_dict()`` (extra state), so a restored
+    checkpoint draws the same next negatives.
+    """
+
+    def __init__(self, item_category: torch.Tensor, seed: int) -> None:
+        super().__init__()
+        if item_category.dim() != 1 or item_category.shape[0] < 2:
+            raise ValueError(
+                f"item_category must be (num_items,) with num_items >= 2, got {tuple(item_category.shape)}"
+            )
+        self.register_buffer("item_category", item_category.clone())
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """(items, categories), both int64 of ``shape`` on the buffer's device."""
+        num_items = self.item_category.shape[0]
+        items = torch.randint(1, num_items, tuple(shape), generator=self.generator)
+        items = items.to(self.item_category.device)
+        return items, self.item_category[items]
+
+    def get_extra_state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+class CTRModel(nn.Module):
+    """Base of the interest models: embeddings, backend switch, loss, parameter groups.
+
+    Args:
+        spec: vocabulary sizes (:class:`interest_kernels.data.FeatureSpec`).
+        item_dim, cat_dim, user_dim, context_dim: embedding widths per field.
+        backend: ``"fused"`` (dispatch chooses: Triton on CUDA, the optimised CPU paths
+            on CPU; ``INTEREST_KERNELS_BACKEND`` still applies) or ``"reference"``
+            (every op of the forward, and of the MBA updates in :func:`train_step`-style
+            loops that use :meth:`backend_context`, runs the eager reference).
+        embedding: ``"mba"`` (:class:`MBAEmbedding`) or ``"torch"``
+            (``nn.Embedding(sparse=True)``); both are trained by the MBA optimisers.
+        aux_weight: alpha in ``L = L_target + alpha * L_aux`` (models with an auxiliary loss).
+    """
+
+    def __init__(
+        self,
+        spec: FeatureSpec,
+        *,
+        item_dim: int,
+        cat_dim: int,
+        user_dim: int,
+        context_dim: int,
+        backend: str = "fused",
+        embedding: str = "mba",
+        aux_weight: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        self.backend = backend
+        self.aux_weight = float(aux_weight)
+        self.user_embedding = _table(spec.num_users, user_dim, embedding)
+        self.item_embedding = _table(spec.num_items, item_dim, embedding)
+        self.cat_embedding = _table(spec.num_cats, cat_dim, embedding)
+        self.context_embeddings = nn.ModuleList(_table(n, context_dim, embedding) for n in spec.context_sizes)
+        self.behaviour_dim = item_dim + cat_dim
+        self.profile_dim = user_dim + context_dim * len(spec.context_sizes)
+
+    # --- features -------------------------------------------------------------------
+
+    def behaviours(self, items: torch.Tensor, cats: torch.Tensor) -> torch.Tensor:
+        """[item embedding, category embedding]: ids of any shape S -> S + (behaviour_dim,)."""
+        return torch.cat([self.item_embedding(items), self.cat_embedding(cats)], dim=-1)
+
+    def profile(self, batch: Batch) -> torch.Tensor:
+        """User embedding and context embeddings, concatenated: (B, profile_dim)."""
+        parts = [self.user_embedding(batch.user)]
+        parts += [table(batch.context[:, k]) for k, table in enumerate(self.context_embeddings)]
+        return torch.cat(parts, dim=-1)
+
+    @staticmethod
+    def valid_mask(lengths: torch.Tensor, steps: int) -> torch.Tensor:
+        """(B, T) bool, True at t < lengths[b]."""
+        return torch.arange(steps, device=lengths.device) < lengths[:, None]
+
+    # --- running ----------------------------------------------------------------------
+
+    def backend_context(self) -> ContextManager[None]:
+        """The op dispatch this model's ``backend`` asks for, as a context manager."""
+        return use_backend("reference") if self.backend == "reference" else contextlib.nullcontext()
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        with self.backend_context():
+            return self.compute(batch)
+
+    def compute(self, batch: Batch) -> ModelOutput:
+        """The model proper (under the backend chosen by :meth:`forward`)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        """Total training loss (0-d) and its parts as floats (``target``, ``aux``)."""
+        out = self(batch)
+        target = F.binary_cross_entropy_with_logits(out.logits.float(), batch.label)
+        parts = {"target": float(target.detach())}
+        if out.aux_loss is None:
+            return target, parts
+        parts["aux"] = float(out.aux_loss.detach())
+        return target + self.aux_weight * out.aux_loss, parts
+
+    # --- parameter groups ---------------------------------------------------------------
+
+    def sparse_parameters(self) -> Iterator[nn.Parameter]:
+        """The embedding tables (trained by an MBA optimiser)."""
+        yield self.user_embedding.weight
+        yield self.item_embedding.weight
+        yield self.cat_embedding.weight
+        for table in self.context_embeddings:
+            yield table.weight
+
+    def dense_parameters(self) -> Iterator[nn.Parameter]:
+        sparse = {id(p) for p in self.sparse_parameters()}
+        return (p for p in self.parameters() if id(p) not in sparse)
+
+
+def make_optimizers(
+    model: CTRModel,
+    *,
+    sparse: str = "adam",
+    sparse_lr: float = 3e-3,
+    dense_lr: float = 1e-3,
+    mba_lambda: float = 1e-4,
+) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """(MBA optimiser over the embedding tables, Adam over everything else).
+
+    ``mba_lambda`` is SPEC section 5's lambda, with frequencies counted online.
+    """
+    if sparse not in SPARSE_OPTIMIZERS:
+        raise ValueError(f"sparse must be one of {tuple(SPARSE_OPTIMIZERS)}, got {sparse!r}")
+    kwargs: dict[str, Any] = {"lr": sparse_lr, "weight_decay": mba_lambda}
+    sparse_opt = SPARSE_OPTIMIZERS[sparse](list(model.sparse_parameters()), **kwargs)
+    dense_opt = torch.optim.Adam(list(model.dense_parameters()), lr=dense_lr)
+    return sparse_opt, dense_opt
