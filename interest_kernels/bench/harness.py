@@ -216,9 +216,10 @@ def _peak_mb(device: torch.device, run: Callable[[], Any]) -> Optional[float]:
 
 def run_case(
     case: Case, device: torch.device, machine: Machine, *, compile_baseline: bool = True,
-    budget_s: float = 1.0, log: Callable[[str], None] = print,
+    budget_s: float = 1.0, log: Optional[Callable[[str], None]] = None,
 ) -> list[Row]:
     """Time every available backend of ``case`` plus the eager and compiled reference."""
+    log = log or (lambda line: print(line, flush=True))
     rows: list[Row] = []
     inputs = case.make(device, case.dtype)
     op = registered_ops()[case.op]
