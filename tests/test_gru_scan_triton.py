@@ -95,8 +95,31 @@ def test_hidden_sizes(hidden, device):
 
 @pytest.mark.parametrize("variant", ["paper", "tensorflow"])
 def test_wide_hidden_weights_reloaded_each_step(variant, device):
-    """H = 130 pads to 256: W_hh no longer stays on chip but is reloaded before each use."""
+    """H = 130 pads to 256: W_hh no longer stays on chip but is read in slabs at each use."""
     check(make_case(mode="augru", variant=variant, hidden=130, batch=2, seq_len=3, device=device))
+
+
+@pytest.mark.parametrize(
+    "mode, variant, dtype",
+    [(m, v, None) for m in ("gru", "agru", "augru") for v in ("paper", "tensorflow")]
+    + [("augru", "paper", torch.float16), ("augru", "tensorflow", torch.bfloat16)],
+)
+def test_weights_read_in_chunks(mode, variant, dtype, device, monkeypatch):
+    """W_hh read per use in slabs of 16 rows (the wide-H path on a GPU), forced at
+    H = 40 (HP = 64, four slabs, a partial last one): every dot of both kernels."""
+    from interest_kernels.ops.gru_scan import triton as gru_triton
+
+    launch_config = gru_triton._launch_config
+    configs = []
+
+    def chunked(*args, **kw):
+        configs.append(dict(launch_config(*args, **kw), W_RESIDENT=False, CHUNK=16))
+        return configs[-1]
+
+    monkeypatch.setattr(gru_triton, "_launch_config", chunked)
+    check(make_case(mode=mode, variant=variant, hidden=40, batch=3, seq_len=3, device=device),
+          dtype=dtype)
+    assert [c["HP"] for c in configs] == [64, 64]  # forward and backward both chunked
 
 
 @pytest.mark.parametrize("variant", ["paper", "tensorflow"])
@@ -244,9 +267,8 @@ def test_custom_ops_opcheck(device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize(
     "hidden, dtype",
-    # float32 only up to H = 64: the backward's float32 W_hh tiles at HP = 128 exceed
-    # shared memory (sm_90 compile: 240 KB).
-    [(36, torch.float32), (36, torch.float16), (128, torch.float16), (128, torch.bfloat16)],
+    [(36, torch.float32), (36, torch.float16), (128, torch.float32), (128, torch.float16),
+     (128, torch.bfloat16), (256, torch.float32), (256, torch.bfloat16)],
 )
 def test_cuda_realistic_shapes(hidden, dtype):
     kw = make_case(batch=300, seq_len=20, input_size=hidden, hidden=hidden, mode="augru",
@@ -256,7 +278,7 @@ def test_cuda_realistic_shapes(hidden, dtype):
 
 
 def test_launch_falls_back_when_resident_weights_do_not_fit(monkeypatch):
-    """A GPU without room for the resident W_hh tiles gets the per-use-load kernel."""
+    """A GPU without room for the resident W_hh tiles gets the kernel reading them in slabs."""
     from triton.runtime.errors import OutOfResources
 
     from interest_kernels.ops.gru_scan import triton as gru_triton
@@ -267,30 +289,33 @@ def test_launch_falls_back_when_resident_weights_do_not_fit(monkeypatch):
         fn = test_launch_falls_back_when_resident_weights_do_not_fit
 
         def __getitem__(self, grid):
-            def run(*args, W_RESIDENT, HP, **kw):
-                calls.append(W_RESIDENT)
+            def run(*args, W_RESIDENT, HP, CHUNK, **kw):
+                calls.append((W_RESIDENT, CHUNK, args[-1].numel()))
                 if W_RESIDENT or HP > 128:
                     raise OutOfResources(300_000, 232_448, "shared memory")
             return run
 
     monkeypatch.setattr(gru_triton, "_TOO_BIG", set())
-    cfg = dict(W_RESIDENT=True, HP=128)
+    cfg = dict(W_RESIDENT=True, HP=128, CHUNK=128, BLOCK_B=16, F64=False, num_stages=3)
     for _ in range(2):
-        gru_triton._launch(FakeKernel(), (1,), (), dict(MODE=0), cfg, torch.device("cpu"))
-    assert calls == [True, False, False]  # the second call remembers
+        gru_triton._launch(FakeKernel(), (3,), (), dict(MODE=0), cfg, torch.device("cpu"))
+    # The second call remembers; the slab kernel gets its (3 programs, 16, 128) scratch.
+    assert calls == [(True, 128, 1), (False, 16, 3 * 16 * 128), (False, 16, 3 * 16 * 128)]
     with pytest.raises(RuntimeError, match="on-chip memory"):
-        gru_triton._launch(FakeKernel(), (1,), (), dict(MODE=0), dict(W_RESIDENT=False, HP=256),
-                           torch.device("cpu"))
+        wide = dict(cfg, W_RESIDENT=False, HP=256, CHUNK=16)
+        gru_triton._launch(FakeKernel(), (1,), (), dict(MODE=0), wide, torch.device("cpu"))
 
 
 def test_triton_declines_what_it_cannot_run_on_cuda():
-    """float64, and the float32 backward past H=64, go to the reference on CUDA."""
+    """Only float64 goes to the reference on CUDA; every other dtype trains up to H = 256."""
     from interest_kernels.ops.gru_scan.op import OP
 
     cuda = torch.device("cuda")
-    facts = dict(hidden=128, needs_grad=True)
-    if OP.reasons(device=cuda, dtype=torch.bfloat16, **facts)["triton"] is not None:
+    if OP.reasons(device=cuda, dtype=torch.bfloat16, hidden=128)["triton"] is not None:
         pytest.skip("triton is not installed")
-    assert "shared memory" in OP.reasons(device=cuda, dtype=torch.float32, **facts)["triton"]
-    assert OP.reasons(device=cuda, dtype=torch.float32, hidden=128, needs_grad=False)["triton"] is None
-    assert "float64" in OP.reasons(device=cuda, dtype=torch.float64, **facts)["triton"]
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for hidden in (8, 64, 128, 256):
+            reasons = OP.reasons(device=cuda, dtype=dtype, hidden=hidden, needs_grad=True)
+            assert reasons["triton"] is None
+    assert "float64" in OP.reasons(device=cuda, dtype=torch.float64, hidden=128,
+                                   needs_grad=True)["triton"]

@@ -39,17 +39,13 @@ def _cpu(**kw):
     return gru_scan_cpu(**kw)
 
 
-def _triton_why_not(device: torch.device, dtype: Optional[torch.dtype] = None, hidden: int = 0,
-                    needs_grad: bool = False, **_: object) -> Optional[str]:
+def _triton_why_not(device: torch.device, dtype: Optional[torch.dtype] = None,
+                    **_: object) -> Optional[str]:
     reason = triton_unavailable_reason(device)
     if reason is not None or device.type != "cuda":
         return reason
     if dtype == torch.float64:
         return "float64 scans run on the reference backend on CUDA"
-    if dtype == torch.float32 and hidden > 64 and needs_grad:
-        # The float32 backward keeps three (H, H) weight tiles of a padded H=128 on chip:
-        # about 240 KB, more than an sm_90 block's shared memory.
-        return "the float32 backward for hidden sizes above 64 does not fit in shared memory; use bf16/fp16"
     return None
 
 
@@ -145,11 +141,8 @@ def gru_scan(
     if lengths is not None:
         lengths = lengths.to(torch.int64)
 
-    needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0)
-    )
     impl = OP.select(device, dtype=x.dtype, mode=mode, variant=variant, hidden=hidden,
-                     input_size=input_size, return_states=return_states, needs_grad=needs_grad)
+                     input_size=input_size, return_states=return_states)
     return impl.fn(
         x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, att=att,
         mode=mode, variant=variant, lengths=lengths, mask=mask, h0=h0, return_states=return_states,

@@ -24,9 +24,12 @@ inside registers only, 2-byte dtype: the forward reads gi (6·BTH bytes), writes
 states (2·BTH) and runs 3 dots of (BLOCK_B, HP) x (HP, HP) per step, 6·B·T·HP² FLOPs;
 the backward reads gi, the states and d(states) (10·BTH), writes d(gi), h_{t-1} and
 the n-block operand (10·BTH) and runs 6 dots per step (recompute and dh), 12·B·T·HP²
-FLOPs. W_hh stays in shared memory for the whole scan up to HP = 128 (16-bit inputs;
-float32 backward only up to HP = 64 on a 227 KB sm_90); at HP = 256 each tile is
-reloaded from L2 right before its use.
+FLOPs. W_hh stays in shared memory for the whole scan up to HP = 32 for float32,
+64 for 16-bit inputs (128 in their forward); wider kernels read it at each use in
+(16, HP) slabs from L1/L2 (a float32 HP = 128 backward would need 240 KB of an sm_90
+block's 227 KB, and resident float32 tiles at HP = 64 spill), and their dots re-read
+the left operand from a (BLOCK_B, HP) float32 scratch row block per program:
+2·4·BLOCK_B·HP bytes more traffic per dot, cached.
 Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU), backward the scan
 plus about 8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
 """
@@ -85,33 +88,48 @@ def _dot_operand(x, like_ptr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr):
 
 
 @triton.jit
-def _load_w(w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constexpr,
+def _load_w(w_ptr, GATE: tl.constexpr, H, ks, cols, TRANSPOSED: tl.constexpr,
             DOT_IN_ACC: tl.constexpr, F64: tl.constexpr):
-    """Gate block GATE of W_hh (3H, H) as an (HP, HP) dot operand, zero-padded:
-    tile[j, k] = W[GATE*H + j, k], or its transpose tile[k, j] when TRANSPOSED."""
-    ok = (cols[:, None] < H) & (cols[None, :] < H)
+    """Rows ``ks`` of gate block GATE of W_hh (3H, H) as a (len(ks), HP) dot operand,
+    zero-padded: tile[i, j] = W[GATE*H + j, ks[i]] when TRANSPOSED (for x @ W^T),
+    else W[GATE*H + ks[i], j] (for x @ W)."""
+    ok = (ks[:, None] < H) & (cols[None, :] < H)
     if TRANSPOSED:
-        ptrs = w_ptr + (GATE * H + cols[None, :]) * H + cols[:, None]
+        ptrs = w_ptr + (GATE * H + cols[None, :]) * H + ks[:, None]
     else:
-        ptrs = w_ptr + (GATE * H + cols[:, None]) * H + cols[None, :]
+        ptrs = w_ptr + (GATE * H + ks[:, None]) * H + cols[None, :]
     return _dot_operand(tl.load(ptrs, mask=ok, other=0.0), w_ptr, DOT_IN_ACC, F64)
 
 
 @triton.jit
 def _matmul_w(x, w_t, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constexpr,
-              W_RESIDENT: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr,
-              PREC: tl.constexpr):
+              W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr, scr_ptr,
+              DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr):
     """x (BLOCK_B, HP) @ W_gate^T (TRANSPOSED) or @ W_gate, in the accumulation dtype.
 
-    ``w_t`` is the resident transposed tile when W_RESIDENT; otherwise the tile is
-    loaded here, right before its one use, so that only one tile at a time occupies
-    shared memory.
+    ``w_t`` is the resident transposed tile when W_RESIDENT. Otherwise W is read from
+    global memory (L1/L2) at each use in slabs of CHUNK rows of the reduction dim, so
+    that only a (CHUNK, HP) tile occupies shared memory and registers. Register
+    tensors cannot be sliced, so x then goes through this program's (BLOCK_B, HP)
+    scratch rows at ``scr_ptr`` and comes back CHUNK columns at a time.
     """
     if W_RESIDENT:
         w = w_t if TRANSPOSED else tl.trans(w_t)
+        return tl.dot(_dot_operand(x, w_ptr, DOT_IN_ACC, F64), w, input_precision=PREC)
     else:
-        w = _load_w(w_ptr, GATE, H, cols, TRANSPOSED, DOT_IN_ACC, F64)
-    return tl.dot(_dot_operand(x, w_ptr, DOT_IN_ACC, F64), w, input_precision=PREC)
+        HP: tl.constexpr = cols.shape[0]
+        lr = tl.arange(0, x.shape[0])
+        tl.store(scr_ptr + lr[:, None] * HP + cols[None, :], x)
+        tl.debug_barrier()
+        ks = tl.arange(0, CHUNK)
+        acc = tl.zeros(x.shape, dtype=x.dtype)
+        for k0 in range(0, HP, CHUNK):
+            a = tl.load(scr_ptr + lr[:, None] * HP + (k0 + ks)[None, :])
+            w = _load_w(w_ptr, GATE, H, k0 + ks, cols, TRANSPOSED, DOT_IN_ACC, F64)
+            acc = tl.dot(_dot_operand(a, w_ptr, DOT_IN_ACC, F64), w, acc, input_precision=PREC)
+        # Every thread has read x before the next call overwrites the scratch rows.
+        tl.debug_barrier()
+        return acc
 
 
 @triton.jit
@@ -136,10 +154,10 @@ def _valid_rows(len_ptr, mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr
 @triton.jit(do_not_specialize=["T"])
 def _gru_scan_fwd_kernel(
     gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, h0_ptr, states_ptr, hlast_ptr,
-    B, T, H,
+    B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr,
-    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr,
+    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -149,6 +167,7 @@ def _gru_scan_fwd_kernel(
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
+    scr = scr_ptr + pid.to(tl.int64) * (BLOCK_B * HP)
 
     if HAS_H0:
         h = _acc(tl.load(h0_ptr + h_offs, mask=ok2, other=0.0), F64)
@@ -159,9 +178,9 @@ def _gru_scan_fwd_kernel(
     b_n = _load_bias(b_ptr, 2, H, cols, HAS_B, HP, F64)[None, :]
     seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID == 1 else 0
     if W_RESIDENT:
-        w_r = _load_w(w_ptr, 0, H, cols, True, DOT_IN_ACC, F64)
-        w_z = _load_w(w_ptr, 1, H, cols, True, DOT_IN_ACC, F64)
-        w_n = _load_w(w_ptr, 2, H, cols, True, DOT_IN_ACC, F64)
+        w_r = _load_w(w_ptr, 0, H, cols, cols, True, DOT_IN_ACC, F64)
+        w_z = _load_w(w_ptr, 1, H, cols, cols, True, DOT_IN_ACC, F64)
+        w_n = _load_w(w_ptr, 2, H, cols, cols, True, DOT_IN_ACC, F64)
     else:
         w_r = None
         w_z = None
@@ -173,14 +192,16 @@ def _gru_scan_fwd_kernel(
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
 
-        gh_r = _matmul_w(h, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, DOT_IN_ACC, F64, PREC)
+        gh_r = _matmul_w(h, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, scr,
+                         DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
-            gh_n = _matmul_w(r * h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, DOT_IN_ACC, F64,
-                             PREC)
+            gh_n = _matmul_w(r * h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
+                             DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + gh_n + b_n)
         else:
-            gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, DOT_IN_ACC, F64, PREC)
+            gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
+                             DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + r * (gh_n + b_n))
 
         if MODE == _AGRU:
@@ -188,7 +209,8 @@ def _gru_scan_fwd_kernel(
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, DOT_IN_ACC, F64, PREC)
+            gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, scr,
+                             DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -214,11 +236,11 @@ def _gru_scan_bwd_kernel(
     gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, prev_ptr, h0_ptr, states_ptr,
     dstates_ptr, dhlast_ptr,
     dgi_ptr, aux_ptr, hprev_ptr, datt_ptr, dh0_ptr,
-    B, T, H,
+    B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, HAS_DSTATES: tl.constexpr,
     HAS_DHLAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr,
+    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -228,6 +250,7 @@ def _gru_scan_bwd_kernel(
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
+    scr = scr_ptr + pid.to(tl.int64) * (BLOCK_B * HP)
 
     if HAS_H0:
         h_init = _acc(tl.load(h0_ptr + h_offs, mask=ok2, other=0.0), F64)
@@ -242,9 +265,9 @@ def _gru_scan_bwd_kernel(
     b_n = _load_bias(b_ptr, 2, H, cols, HAS_B, HP, F64)[None, :]
     seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID == 1 else 0
     if W_RESIDENT:
-        w_r = _load_w(w_ptr, 0, H, cols, True, DOT_IN_ACC, F64)
-        w_z = _load_w(w_ptr, 1, H, cols, True, DOT_IN_ACC, F64)
-        w_n = _load_w(w_ptr, 2, H, cols, True, DOT_IN_ACC, F64)
+        w_r = _load_w(w_ptr, 0, H, cols, cols, True, DOT_IN_ACC, F64)
+        w_z = _load_w(w_ptr, 1, H, cols, cols, True, DOT_IN_ACC, F64)
+        w_n = _load_w(w_ptr, 2, H, cols, cols, True, DOT_IN_ACC, F64)
     else:
         w_r = None
         w_z = None
@@ -272,24 +295,25 @@ def _gru_scan_bwd_kernel(
         g_offs = step[:, None] * (3 * H) + cols[None, :]
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
-        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, DOT_IN_ACC, F64, PREC)
+        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, scr,
+                         DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
             rh = r * h_prev
-            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, DOT_IN_ACC, F64,
-                             PREC) + b_n
+            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
+                             DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + gh_n)
         else:
-            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, DOT_IN_ACC, F64,
-                             PREC) + b_n
+            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
+                             DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + r * gh_n)
         if MODE == _AGRU:
             a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, DOT_IN_ACC, F64,
-                             PREC)
+            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, scr,
+                             DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -303,52 +327,50 @@ def _gru_scan_bwd_kernel(
                 keep = z
                 dkeep_dz = 1.0
 
-        # h_t = n + keep * (h_{t-1} - n), differentiated.
+        # h_t = n + keep * (h_{t-1} - n), differentiated. Each output is stored as soon
+        # as it is known and each dot runs right after its operand: fewer (BLOCK_B, HP)
+        # tensors live across the dots (the wide-H kernels are register bound).
+        out_ty = dgi_ptr.dtype.element_ty
+        s_offs = step[:, None] * H + cols[None, :]
+        tl.store(hprev_ptr + s_offs, tl.where(valid, h_prev, 0.0).to(out_ty), mask=ok2)
         dh_t = dh
         if HAS_DSTATES:
-            s_offs = step[:, None] * H + cols[None, :]
             dh_t += _acc(tl.load(dstates_ptr + s_offs, mask=ok2, other=0.0), F64)
         dkeep = dh_t * (h_prev - n)
         dpre_n = dh_t * (1.0 - keep) * (1.0 - n * n)
-        if TF:
-            dgh_n = dpre_n
-            drh = _matmul_w(dpre_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, DOT_IN_ACC, F64,
-                            PREC)
-            dr = drh * h_prev
-        else:
-            dgh_n = dpre_n * r
-            dr = dpre_n * gh_n
-        dpre_r = dr * r * (1.0 - r)
-        dh_prev = dh_t * keep + _matmul_w(dpre_r, w_r, w_ptr, 0, H, cols, False, W_RESIDENT,
-                                          DOT_IN_ACC, F64, PREC)
-        if TF:
-            dh_prev += drh * r
-        else:
-            dh_prev += _matmul_w(dgh_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, DOT_IN_ACC,
-                                 F64, PREC)
+        dh_prev = dh_t * keep
+        tl.store(dgi_ptr + g_offs + 2 * H, tl.where(valid, dpre_n, 0.0).to(out_ty), mask=ok2)
         if MODE == _AGRU:
-            dpre_z = _acc(tl.zeros([BLOCK_B, HP], dtype=tl.float32), F64)
+            tl.store(dgi_ptr + g_offs + H, tl.zeros([BLOCK_B, HP], dtype=out_ty), mask=ok2)
             da = -tl.sum(dkeep, axis=1)
         else:
             dpre_z = dkeep * dkeep_dz * z * (1.0 - z)
-            dh_prev += _matmul_w(dpre_z, w_z, w_ptr, 1, H, cols, False, W_RESIDENT, DOT_IN_ACC,
-                                 F64, PREC)
             if MODE == _AUGRU:
                 da = -tl.sum(dkeep * z, axis=1)
+            tl.store(dgi_ptr + g_offs + H, tl.where(valid, dpre_z, 0.0).to(out_ty), mask=ok2)
+            dh_prev += _matmul_w(dpre_z, w_z, w_ptr, 1, H, cols, False, W_RESIDENT, CHUNK, scr,
+                                 DOT_IN_ACC, F64, PREC)
         if MODE != _GRU:
             tl.store(datt_ptr + step, tl.where(valid_row, da, 0.0).to(datt_ptr.dtype.element_ty),
                      mask=row_ok)
-
-        out_ty = dgi_ptr.dtype.element_ty
-        tl.store(dgi_ptr + g_offs, tl.where(valid, dpre_r, 0.0).to(out_ty), mask=ok2)
-        tl.store(dgi_ptr + g_offs + H, tl.where(valid, dpre_z, 0.0).to(out_ty), mask=ok2)
-        tl.store(dgi_ptr + g_offs + 2 * H, tl.where(valid, dpre_n, 0.0).to(out_ty), mask=ok2)
         # The n block of dW_hh pairs d(gh_n) with h_{t-1} ("paper") or d(gi_n) with
         # r*h_{t-1} ("tensorflow"); aux holds the factor that is not already stored.
-        aux = rh if TF else dgh_n
-        s_offs = step[:, None] * H + cols[None, :]
-        tl.store(aux_ptr + s_offs, tl.where(valid, aux, 0.0).to(out_ty), mask=ok2)
-        tl.store(hprev_ptr + s_offs, tl.where(valid, h_prev, 0.0).to(out_ty), mask=ok2)
+        if TF:
+            tl.store(aux_ptr + s_offs, tl.where(valid, rh, 0.0).to(out_ty), mask=ok2)
+            drh = _matmul_w(dpre_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, scr,
+                            DOT_IN_ACC, F64, PREC)
+            dr = drh * h_prev
+            dh_prev += drh * r
+        else:
+            dgh_n = dpre_n * r
+            tl.store(aux_ptr + s_offs, tl.where(valid, dgh_n, 0.0).to(out_ty), mask=ok2)
+            dr = dpre_n * gh_n
+            dh_prev += _matmul_w(dgh_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, scr,
+                                 DOT_IN_ACC, F64, PREC)
+        dpre_r = dr * r * (1.0 - r)
+        tl.store(dgi_ptr + g_offs, tl.where(valid, dpre_r, 0.0).to(out_ty), mask=ok2)
+        dh_prev += _matmul_w(dpre_r, w_r, w_ptr, 0, H, cols, False, W_RESIDENT, CHUNK, scr,
+                             DOT_IN_ACC, F64, PREC)
         dh = tl.where(valid, dh_prev, dh)
 
     tl.store(dh0_ptr + h_offs, dh.to(dh0_ptr.dtype.element_ty), mask=ok2)
@@ -362,38 +384,55 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+# Rows of W_hh per slab when the weights are read per use (see ``_matmul_w``).
+_CHUNK = 16
+
+
 def _launch_config(
     kind: str, batch: int, hidden: int, dtype: torch.dtype, device: torch.device
 ) -> dict:
-    """Block sizes, warps and dot types of the ``kind`` ("fwd"/"bwd") scan kernel.
+    """Block sizes, warps, weight placement and dot types of the ``kind`` ("fwd"/"bwd")
+    scan kernel.
 
     tl.dot needs every dim >= 16, so rows come in blocks of at least 16 and the hidden
-    width is padded to a power of two >= 16. On a GPU the row block grows (to 32) only
-    while there are still about as many programs as SMs: the scan is latency bound, so
-    programs in flight beat bigger tiles. Warps and the resident-weights choice follow
-    sm_90 compiles (ptxas register and shared-memory reports, no spills for 16-bit
-    inputs up to HP = 128): W_hh stays on chip, 3 (forward) or 6 (backward, both
-    layouts) (HP, HP) tiles, except at HP = 256, where each tile is loaded right
-    before its one use. ``_launch`` falls back to that if the resident tiles do not fit.
+    width is padded to a power of two >= 16. On a GPU the row block grows (to 32, for
+    HP <= 32 only: wider 32-row kernels spill 0.5-4 KB) only while there are still
+    about as many programs as SMs: the scan is latency bound, so programs in flight
+    beat bigger tiles. The rest follows sm_90 compiles (ptxas shared-memory, register
+    and spill reports): W_hh stays in shared memory, 3 (forward) or 6 (backward, both
+    layouts) (HP, HP) tiles, up to HP = 32 for float32, 64 for 16-bit inputs and for
+    the 16-bit forward at HP = 128. Wider kernels read W_hh per use in (16, HP) slabs
+    (from L1/L2; W_hh is at most 768 KB) with one pipeline stage: shared memory stays
+    under 20 KB, and the resident or whole-tile alternatives either do not fit
+    (float32: 240 KB at HP = 128) or spill more. Warps grow with the tile and for the
+    float32 backward: each thread holds a share of the dozen (BLOCK_B, HP) float32
+    tensors live in a step, and fewer warps spill them.
+    ``_launch`` falls back to the slabs if resident tiles do not fit.
     """
     hp = max(16, triton.next_power_of_2(hidden))
     block_b = 16
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
         want = triton.next_power_of_2(triton.cdiv(batch, sms))
-        block_b = min(32 if hp <= 64 else 16, max(16, want))
-    if hp >= 256:
-        num_warps = 16
+        block_b = min(32 if hp <= 32 else 16, max(16, want))
+    half = dtype in (torch.float16, torch.bfloat16)
+    fp32_bwd = kind == "bwd" and not half
+    resident = hp <= 32 or (half and (hp == 64 or (hp == 128 and kind == "fwd")))
+    if not resident:
+        num_warps = min(32, hp // 4) if hp >= 256 or fp32_bwd else 8
     elif kind == "fwd":
         # float32 IEEE dots at HP = 64 spill with 4 warps.
-        small = hp <= (64 if dtype in (torch.float16, torch.bfloat16) else 32)
+        small = hp <= (64 if half else 32)
         num_warps = 4 if small and block_b == 16 else 8
-    else:
+    elif half:
         num_warps = 4 if hp <= 32 and block_b == 16 else 8
+    else:
+        num_warps = 8 if hp * block_b <= 512 else 16
     return dict(
         BLOCK_B=block_b,
         HP=hp,
-        W_RESIDENT=hp <= 128,
+        W_RESIDENT=resident,
+        CHUNK=hp if resident else _CHUNK,
         # 16-bit inputs feed tl.dot 16-bit operands, except bfloat16 in the interpreter
         # (numpy has no bfloat16 matmul).
         DOT_IN_ACC=dtype in (torch.float32, torch.float64)
@@ -401,6 +440,8 @@ def _launch_config(
         F64=dtype == torch.float64,
         PREC=_precision(dtype, device),
         num_warps=num_warps,
+        # More stages would multi-buffer the per-use weight slabs of the T loop.
+        num_stages=3 if resident else 1,
     )
 
 
@@ -410,17 +451,20 @@ _TOO_BIG: set[tuple] = set()
 
 def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
             device: torch.device) -> None:
-    """Launch ``kernel``; if its resident W_hh tiles exceed shared memory, load them per
-    use instead (remembered per configuration); if that does not fit either, say so."""
+    """Launch ``kernel`` with ``args`` and this configuration's scratch rows; if its
+    resident W_hh tiles exceed shared memory, read the weights in slabs instead
+    (remembered per configuration); if that does not fit either, say so."""
     key = (kernel.fn.__name__, device.index, tuple(sorted(cfg.items())),
            tuple(sorted(constexprs.items())))
-    attempts = [cfg] if not cfg["W_RESIDENT"] else [cfg, dict(cfg, W_RESIDENT=False)]
+    attempts = [cfg]
+    if cfg["W_RESIDENT"]:
+        attempts.append(dict(cfg, W_RESIDENT=False, CHUNK=min(_CHUNK, cfg["HP"]), num_stages=1))
     if key in _TOO_BIG:
         attempts = attempts[1:]
     with _device_guard(device):
         for i, attempt in enumerate(attempts):
             try:
-                kernel[grid](*args, **constexprs, **attempt)
+                kernel[grid](*args, _scratch(attempt, grid[0], device), **constexprs, **attempt)
                 return
             except OutOfResources as err:
                 if i + 1 < len(attempts):
@@ -428,9 +472,17 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
                     continue
                 raise RuntimeError(
                     f"gru_scan (triton): a hidden size padded to {cfg['HP']} needs more "
-                    f"on-chip memory than this GPU has ({err}); use float16/bfloat16 "
-                    "inputs or the 'reference' backend"
+                    f"on-chip memory than this GPU has ({err}); use the 'reference' backend"
                 ) from err
+
+
+def _scratch(cfg: dict, programs: int, device: torch.device) -> Tensor:
+    """The (programs, BLOCK_B, HP) rows through which the slab-wise dots re-read their
+    left operand, in the accumulation dtype; a placeholder when W_hh is resident."""
+    if cfg["W_RESIDENT"]:
+        return torch.empty((1,), device=device)
+    dtype = torch.float64 if cfg["F64"] else torch.float32
+    return torch.empty((programs * cfg["BLOCK_B"] * cfg["HP"],), dtype=dtype, device=device)
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -486,6 +538,7 @@ def gru_scan_fwd(
         return states, h_last
     gi = gi.contiguous()
     dummy = gi
+    cfg = _launch_config("fwd", batch, hidden, gi.dtype, gi.device)
     args = (
         gi,
         weight_hh.contiguous(),
@@ -508,7 +561,6 @@ def gru_scan_fwd(
         HAS_H0=h0 is not None,
         WRITE_STATES=write_states,
     )
-    cfg = _launch_config("fwd", batch, hidden, gi.dtype, gi.device)
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
     _launch(_gru_scan_fwd_kernel, grid, args, constexprs, cfg, gi.device)
     return states, h_last
@@ -571,6 +623,7 @@ def gru_scan_bwd(
         prev = prev.to(torch.int32).contiguous()
     gi = gi.contiguous()
     dummy = gi
+    cfg = _launch_config("bwd", batch, hidden, gi.dtype, gi.device)
     args = (
         gi,
         weight_hh.contiguous(),
@@ -601,7 +654,6 @@ def gru_scan_bwd(
         HAS_DSTATES=dstates is not None,
         HAS_DHLAST=dh_last is not None,
     )
-    cfg = _launch_config("bwd", batch, hidden, gi.dtype, gi.device)
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
     _launch(_gru_scan_bwd_kernel, grid, args, constexprs, cfg, gi.device)
     return dgi, aux, hprev, datt, dh0
