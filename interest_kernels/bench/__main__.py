@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", choices=SHAPE_SETS, default=None,
                         help="shape set (default: 'realistic' on CUDA, 'cpu' otherwise)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
-    parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile baseline")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto",
+                        help="time torch.compile of the reference (auto: on CUDA only; on CPU, Inductor "
+                             "takes minutes per case, the GRU loop unrolling over T)")
+    parser.add_argument("--no-compile", dest="compile", action="store_const", const="off",
+                        help="same as --compile off")
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--out", default=None,
                         help="JSON path (default bench/results/last_<device>.local.json, not committed)")
@@ -41,11 +45,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"measuring {device} (copy bandwidth, matmul rate) ...", flush=True)
     machine = measure_machine(device)
+    compile_baseline = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
     rows: list[Row] = []
     t0 = time.time()
     for op in args.ops:
         for case in ALL_CASES[op](shapes):
-            rows += run_case(case, device, machine, compile_baseline=not args.no_compile, budget_s=args.budget)
+            rows += run_case(case, device, machine, compile_baseline=compile_baseline, budget_s=args.budget)
     write_results(out, machine, rows)
     table = markdown_table(machine, rows)
     md = os.path.splitext(out)[0] + ".md"
@@ -54,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     skipped = sorted({f"{r.op}/{r.backend}: {r.note}" for r in rows if r.note.startswith("skipped")})
+    if not compile_baseline:
+        skipped.append("all/compile: torch.compile baseline off (pass --compile on)")
     if skipped:
         print("Skipped on this machine:")
         for line in skipped:
