@@ -320,13 +320,61 @@ def test_custom_ops_opcheck(op, device):
                           test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+WIDE_CASES = {
+    # units_1 = 200 / 130 / 70 span several first-layer chunks (and 40 / 36 several
+    # third-layer chunks), units_2 = 80 is held whole and wider than a chunk; D = 72 pads
+    # to 128. T spans two interpreter tiles, so the in-place accumulations run twice.
+    "wide-2-layers-D72": dict(units=(200, 80), dim=72, batch=2, seq_len=19),
+    "wide-3-layers-dice-train": dict(units=(130, 70, 40), dim=24, batch=2, seq_len=17,
+                                     activation="dice", dice_training=True, valid="mask"),
+    "wide-1-layer-prelu-none": dict(units=(70,), dim=20, batch=2, seq_len=18,
+                                    activation="prelu", normalization="none"),
+    "wide-per-head-shared-history": dict(units=(40, 20, 36), heads=2, per_head=True, rows=2,
+                                         batch=3, dim=8, seq_len=17, activation="relu"),
+}
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+@pytest.mark.parametrize("case", list(WIDE_CASES))
+def test_wide_layers(case, chunk, device, monkeypatch):
+    """Layers wider than a chunk: the first and third layers are walked chunk by chunk
+    (the default chunk, and 16 units so even narrow layers take several chunks)."""
+    from interest_kernels.ops.target_attention import triton as ta_triton
+
+    if chunk is not None:
+        monkeypatch.setattr(ta_triton, "_CHUNK", chunk)
+    kw = WIDE_CASES[case]
+    cfg = ta_triton._config(torch.empty(0, device=device), kw["units"], kw["dim"])
+    assert cfg["BC1"] < triton.next_power_of_2(kw["units"][0])  # several chunks
+    inp = make_case(**kw, device=device)
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tile sizes need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("units,dim", [((200, 80, 40), 128), ((200, 80), 36), ((80, 40), 128)])
+def test_wide_layers_gpu(units, dim, dtype):
+    """Benchmark-sized widths with the GPU's tiles and chunks."""
+    inp = make_case(units=units, dim=dim, batch=5, seq_len=70, valid="mask",
+                    device=torch.device("cuda"))
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp), dtype=dtype)
+
+
 def test_unsupported_calls_are_declined_with_a_reason():
     from interest_kernels.ops.target_attention.triton import unsupported_reason
 
     cuda = torch.device("cuda")
-    assert unsupported_reason(dtype=torch.float32, num_layers=2, hidden_units=(80, 40), dim=64,
-                              device=cuda) is None
+    for units in [(80, 40), (64, 16), (200, 80), (200, 80, 40), (256, 512, 256), (1000,)]:
+        for dim in (18, 36, 64, 128, 256):
+            assert unsupported_reason(dtype=torch.bfloat16, num_layers=len(units),
+                                      hidden_units=units, dim=dim, device=cuda) is None
     assert "float64" in unsupported_reason(dtype=torch.float64, num_layers=1)
     assert "hidden layers" in unsupported_reason(dtype=torch.float32, num_layers=4)
-    assert "units" in unsupported_reason(dtype=torch.float16, num_layers=2,
-                                         hidden_units=(200, 80), dim=64, device=cuda)
+    assert "D up to" in unsupported_reason(dtype=torch.float32, num_layers=2,
+                                           hidden_units=(80, 40), dim=260, device=cuda)
+    assert "second layer" in unsupported_reason(dtype=torch.float16, num_layers=2,
+                                                hidden_units=(80, 600), dim=64, device=cuda)
+    assert unsupported_reason(dtype=torch.float32, num_layers=2, hidden_units=(80, 600),
+                              dim=300, device=torch.device("cpu")) is None

@@ -8,12 +8,20 @@ The first layer uses SPEC's identity, folded per row into one matrix::
 
     W_1 x_t = (W_q + W_d) q + c_1  +  M_r k_t,     M_r = (W_k - W_d) + W_p diag(q)   (H_1, D)
 
-The q-term (``qterm``, (R, H_1)) is one torch GEMM before the kernel; ``M_r`` is built
-in registers once per row. Per tile of BLOCK_T keys the kernel computes the MLP and the
-score in registers, an online (flash-attention style) masked softmax, and the weighted
-key sum; only the log-sum-exp per row (R,) is kept for the backward, which recomputes
-the MLP per tile and writes dq, dkeys and per-program partial parameter gradients that
-torch sums afterwards (deterministic, no atomics).
+The q-term (``qterm``, (R, H_1)) is one torch GEMM before the kernel. Per tile of
+BLOCK_T keys the kernel computes the MLP and the score in registers, an online
+(flash-attention style) masked softmax, and the weighted key sum; only the log-sum-exp
+per row (R,) is kept for the backward, which recomputes the MLP per tile and writes dq,
+dkeys and per-program partial parameter gradients that torch sums afterwards
+(deterministic, no atomics).
+
+Widths: the first layer is walked a chunk of BC1 units at a time (``M_r``'s rows for
+that chunk built from L2-resident weights, its activations folded straight into the
+second layer's pre-activation or the score), and so is the third (BC3); only the key
+tile (BLOCK_T, D) and the second layer (BLOCK_T, H_2) are held whole. Per-unit results
+of a chunk (the backward's weight gradients, dqt, the statistics) are added into this
+program's own zero-initialised slot in global memory, so no on-chip buffer grows with
+H_1 x D and the widths the layer sizes allow are bounded only by D and H_2.
 
 Dice in training mode needs the batch statistics of each layer's pre-activation over
 all positions: a statistics op (same kernels, stopping at layer l) computes them before
@@ -36,8 +44,13 @@ from ..dice.reference import DiceParams
 
 _ACTIVATIONS = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
 _MAX_LAYERS = 3
-_MAX_UNITS = 128
-_MAX_FIRST_LAYER = 128 * 64
+# The first and third layers are walked _CHUNK units (at most) at a time, so their width
+# is free; the key tile and the second layer are held whole, which bounds D and units_2
+# on the GPU. Up to these (padded) sizes the kernels were compiled for sm_90 and fit one
+# program's shared memory (at most ~100 KB) with registers spilling at most ~2.3 KB.
+_CHUNK = 32
+_MAX_DIM = 256
+_MAX_SECOND = 512
 
 
 def unsupported_reason(
@@ -53,14 +66,15 @@ def unsupported_reason(
         return f"the Triton kernels take float32/float16/bfloat16 inputs, not {dtype}"
     if num_layers is not None and not 1 <= num_layers <= _MAX_LAYERS:
         return f"the Triton kernels take 1 to {_MAX_LAYERS} hidden layers, not {num_layers}"
-    if device is not None and device.type == "cuda" and hidden_units and dim:
-        # The backward holds the per-row first-layer matrix and its gradient on chip;
-        # wider layers exceed the shared memory of one program (checked for sm_90).
-        padded = [_pow2(h) for h in hidden_units]
-        if padded[0] * _pow2(dim) > _MAX_FIRST_LAYER or max(padded) > _MAX_UNITS:
-            return (f"the Triton kernels take up to {_MAX_UNITS} units per layer (padded to a "
-                    f"power of two) and (units_1 x D) up to {_MAX_FIRST_LAYER} padded elements "
-                    f"on the GPU; got units {tuple(hidden_units)}, D = {dim}")
+    if device is not None and device.type == "cuda":
+        # Whole tiles wider than these were not checked to fit one program on sm_90.
+        if dim and _pow2(dim) > _MAX_DIM:
+            return (f"the Triton kernels take D up to {_MAX_DIM} on the GPU (a tile of keys "
+                    f"is held whole in one program), got D = {dim}")
+        if hidden_units and len(hidden_units) > 1 and _pow2(hidden_units[1]) > _MAX_SECOND:
+            return (f"the Triton kernels take up to {_MAX_SECOND} units in the second layer "
+                    f"on the GPU (a tile of it is held whole in one program), got units "
+                    f"{tuple(hidden_units)}")
     return None
 
 
@@ -165,36 +179,65 @@ def _valid(offs_t, T, mrow, len_ptr, mask_ptr, HAS_LEN: tl.constexpr, HAS_MASK: 
 
 
 @triton.jit
-def _mlp(k, weff, qt, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3,
-         LAYERS: tl.constexpr, ACT: tl.constexpr, LAST_ACT: tl.constexpr,
-         LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """Pre-activations and activations of up to three layers for a tile of keys k (BT, BD).
+def _rmw(ptr, offs, n, x):
+    """``ptr[offs] += x`` on an accumulator that only this program touches."""
+    m = offs < n
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=m, other=0.0) + x, mask=m)
 
-    Unused layers return z1 as a placeholder. With LAST_ACT false the last layer's
-    activation is not applied (the statistics pass wants its pre-activation)."""
-    z1 = _dot(k, tl.trans(weff), LOWP, DT, PREC) + qt[None, :]
-    a1 = z1
-    z2 = z1
-    a2 = z1
-    z3 = z1
-    a3 = z1
-    if LAYERS > 1 or LAST_ACT:
-        a1 = _act(z1, pa1, ps1, pb1, ACT)
-    if LAYERS >= 2:
-        z2 = _dot(a1, w2t, LOWP, DT, PREC) + b2[None, :]
-        a2 = z2
-        if LAYERS > 2 or LAST_ACT:
-            a2 = _act(z2, pa2, ps2, pb2, ACT)
-    if LAYERS >= 3:
-        z3 = _dot(a2, w3t, LOWP, DT, PREC) + b3[None, :]
-        a3 = z3
-        if LAST_ACT:
-            a3 = _act(z3, pa3, ps3, pb3, ACT)
-    return z1, a1, z2, a2, z3, a3
+
+@triton.jit
+def _rmw_mat(ptr, x, offs_r, offs_c, n_r, n_c):
+    """``+= x`` on block (offs_r, offs_c) of a row-major (n_r, n_c) accumulator of this program."""
+    ptrs = ptr + offs_r[:, None] * n_c + offs_c[None, :]
+    m = (offs_r[:, None] < n_r) & (offs_c[None, :] < n_c)
+    tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + x, mask=m)
+
+
+@triton.jit
+def _rmw_act(ptr, gpa, gps, gpb, offs, n):
+    _rmw(ptr, offs, n, gpa)
+    _rmw(ptr + n, offs, n, gps)
+    _rmw(ptr + 2 * n, offs, n, gpb)
+
+
+@triton.jit
+def _layer1(k, q, qt_row, wk_ptr, wp_ptr, p1_ptr, offs_c, offs_d, H1, D,
+            ACT: tl.constexpr, LOAD_ACT: tl.constexpr, APPLY: tl.constexpr,
+            LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Units ``offs_c`` (a chunk) of the first layer for keys k (BT, BD) of the row with
+    query q and q-term row ``qt_row``: (weff, wp, z, a, pa, ps, pb), weff/wp (BC, BD)."""
+    wp = _mat(wp_ptr, offs_c, offs_d, H1, D, False)
+    weff = _mat(wk_ptr, offs_c, offs_d, H1, D, False) + wp * q[None, :]
+    z = _dot(k, tl.trans(weff), LOWP, DT, PREC) + _vec(qt_row, offs_c, H1)[None, :]
+    pa, ps, pb = _act_vecs(p1_ptr, offs_c, H1, LOAD_ACT)
+    a = z
+    if APPLY:
+        a = _act(z, pa, ps, pb, ACT)
+    return weff, wp, z, a, pa, ps, pb
+
+
+@triton.jit
+def _layer2_pre(k, q, qt_row, wk_ptr, wp_ptr, p1_ptr, w2_ptr, b2, offs_d, offs_h2, H1, H2, D,
+                ACT: tl.constexpr, LOAD_ACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                BH2: tl.constexpr, BC1: tl.constexpr,
+                LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
+    """Second layer's pre-activation (BT, BH2), the first layer's units BC1 at a time."""
+    z2 = tl.zeros([BLOCK_T, BH2], tl.float32) + b2[None, :]
+    for c0 in range(0, H1, BC1):
+        offs_c = c0 + tl.arange(0, BC1)
+        _, _, _, a1, _, _, _ = _layer1(k, q, qt_row, wk_ptr, wp_ptr, p1_ptr, offs_c, offs_d,
+                                       H1, D, ACT, LOAD_ACT, True, LOWP, DT, PREC)
+        z2 += _dot(a1, _mat(w2_ptr, offs_c, offs_h2, H2, H1, True), LOWP, DT, PREC)
+    return z2
 
 
 # --------------------------------------------------------------------------------------
 # forward kernel: attention (STATS false) or layer statistics (STATS true)
+#
+# Layer widths: the first and third layers are walked BC1 / BC3 units at a time (their
+# weights are read per chunk from L2, their per-unit results accumulated into this
+# program's slot of a global buffer), so their widths only cost loop iterations; the
+# second layer (BT, BH2) and the key tile (BT, BD) are held whole.
 
 
 @triton.jit(do_not_specialize=["B", "T"])
@@ -207,8 +250,9 @@ def _fwd_kernel(
     LAYERS: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr, PER_HEAD: tl.constexpr,
     HAS_KIDX: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     WRITE_SCORES: tl.constexpr, STATS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BD: tl.constexpr, BH1: tl.constexpr, BH2: tl.constexpr,
-    BH3: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, ACT_PARAMS: tl.constexpr,
+    BLOCK_T: tl.constexpr, BD: tl.constexpr, BH2: tl.constexpr,
+    BC1: tl.constexpr, BC3: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+    ACT_PARAMS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     e = tl.program_id(1)
@@ -219,43 +263,38 @@ def _fwd_kernel(
         g = 0
     DT = k_ptr.dtype.element_ty
     offs_d = tl.arange(0, BD)
-    offs_h1 = tl.arange(0, BH1)
     offs_h2 = tl.arange(0, BH2)
-    offs_h3 = tl.arange(0, BH3)
     offs_bt = tl.arange(0, BLOCK_T)
-
-    pa1, ps1, pb1 = _act_vecs(p1_ptr + g * 3 * H1, offs_h1, H1, ACT_PARAMS >= 1)
-    w2t = pa1
-    b2 = pa1
-    pa2 = pa1
-    ps2 = pa1
-    pb2 = pa1
-    w3t = pa1
-    b3 = pa1
-    pa3 = pa1
-    ps3 = pa1
-    pb3 = pa1
-    if LAYERS >= 2:
-        w2t = _mat(w2_ptr + g * H2 * H1, offs_h1, offs_h2, H2, H1, True)
-        b2 = _vec(b2_ptr + g * H2, offs_h2, H2)
-        pa2, ps2, pb2 = _act_vecs(p2_ptr + g * 3 * H2, offs_h2, H2, ACT_PARAMS >= 2)
-    if LAYERS >= 3:
-        w3t = _mat(w3_ptr + g * H3 * H2, offs_h2, offs_h3, H3, H2, True)
-        b3 = _vec(b3_ptr + g * H3, offs_h3, H3)
-        pa3, ps3, pb3 = _act_vecs(p3_ptr + g * 3 * H3, offs_h3, H3, ACT_PARAMS >= 3)
+    wk_g = wk_ptr + g * H1 * D
+    wp_g = wp_ptr + g * H1 * D
+    p1_g = p1_ptr + g * 3 * H1
+    w2_g = w2_ptr + g * H2 * H1
+    w3_g = w3_ptr + g * H3 * H2
+    p3_g = p3_ptr + g * 3 * H3
     if LAYERS == 1:
         HL = H1
-        offs_hl = offs_h1
+        wo_g = wo_ptr + g * H1
     elif LAYERS == 2:
         HL = H2
-        offs_hl = offs_h2
+        wo_g = wo_ptr + g * H2
     else:
         HL = H3
-        offs_hl = offs_h3
-    wo = _vec(wo_ptr + g * HL, offs_hl, HL)
+        wo_g = wo_ptr + g * H3
+    st_base = st_ptr + (e * n_prog + pid) * 2 * HL
+
+    b2 = tl.zeros([BH2], tl.float32)
+    pa2 = b2
+    ps2 = b2
+    pb2 = b2
+    wo2 = b2
+    if LAYERS >= 2:
+        b2 = _vec(b2_ptr + g * H2, offs_h2, H2)
+        pa2, ps2, pb2 = _act_vecs(p2_ptr + g * 3 * H2, offs_h2, H2, ACT_PARAMS >= 2)
+    if LAYERS == 2:
+        wo2 = _vec(wo_g, offs_h2, H2)
     bo = tl.load(bo_ptr + g).to(tl.float32)
-    st1 = tl.zeros_like(wo)
-    st2 = tl.zeros_like(wo)
+    st1 = tl.zeros([BH2], tl.float32)
+    st2 = tl.zeros([BH2], tl.float32)
 
     for b in range(pid, B, n_prog):
         r = b * E + e
@@ -266,36 +305,57 @@ def _fwd_kernel(
         krow = (kb * E + e).to(tl.int64)
         k_base = k_ptr + krow * T * D
         q = _vec(q_ptr + r * D, offs_d, D)
-        qt = _vec(qt_ptr + r * H1, offs_h1, H1)
-        # W_k - W_d and W_p are re-read per row (from L2) rather than held in registers.
-        wp = _mat(wp_ptr + g * H1 * D, offs_h1, offs_d, H1, D, False)
-        weff = _mat(wk_ptr + g * H1 * D, offs_h1, offs_d, H1, D, False) + wp * q[None, :]
+        qt_row = qt_ptr + r * H1
         m_i = tl.max(tl.full([BLOCK_T], float("-inf"), tl.float32), axis=0)
         l_i = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
         acc = tl.zeros([BD], tl.float32)
         for t0 in range(0, T, BLOCK_T):
+            if STATS:
+                # Orders the previous tile's statistics updates before this tile's.
+                tl.debug_barrier()
             offs_t = t0 + offs_bt
             tm = offs_t < T
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :],
                         mask=tm[:, None] & (offs_d[None, :] < D), other=0.0).to(tl.float32)
-            z1, a1, z2, a2, z3, a3 = _mlp(
-                k, weff, qt, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3,
-                LAYERS, ACT, not STATS, LOWP, DT, PREC)
+            s = tl.zeros([BLOCK_T], tl.float32) + bo
             if LAYERS == 1:
-                zl = z1
-                al = a1
-            elif LAYERS == 2:
-                zl = z2
-                al = a2
+                for c0 in range(0, H1, BC1):
+                    offs_c = c0 + tl.arange(0, BC1)
+                    _, _, z1, a1, _, _, _ = _layer1(k, q, qt_row, wk_g, wp_g, p1_g, offs_c,
+                                                    offs_d, H1, D, ACT, ACT_PARAMS >= 1,
+                                                    not STATS, LOWP, DT, PREC)
+                    if STATS:
+                        zs = tl.where(tm[:, None], z1, 0.0)
+                        _rmw(st_base, offs_c, H1, tl.sum(zs, axis=0))
+                        _rmw(st_base + H1, offs_c, H1, tl.sum(zs * zs, axis=0))
+                    else:
+                        s += tl.sum(a1 * _vec(wo_g, offs_c, H1)[None, :], axis=1)
             else:
-                zl = z3
-                al = a3
-            if STATS:
-                zs = tl.where(tm[:, None], zl, 0.0)
-                st1 += tl.sum(zs, axis=0)
-                st2 += tl.sum(zs * zs, axis=0)
-            else:
-                s = tl.sum(al * wo[None, :], axis=1) + bo
+                z2 = _layer2_pre(k, q, qt_row, wk_g, wp_g, p1_g, w2_g, b2, offs_d, offs_h2,
+                                 H1, H2, D, ACT, ACT_PARAMS >= 1, BLOCK_T, BH2, BC1,
+                                 LOWP, DT, PREC)
+                if LAYERS == 2:
+                    if STATS:
+                        zs = tl.where(tm[:, None], z2, 0.0)
+                        st1 += tl.sum(zs, axis=0)
+                        st2 += tl.sum(zs * zs, axis=0)
+                    else:
+                        s += tl.sum(_act(z2, pa2, ps2, pb2, ACT) * wo2[None, :], axis=1)
+                else:
+                    a2 = _act(z2, pa2, ps2, pb2, ACT)
+                    for c0 in range(0, H3, BC3):
+                        offs_c = c0 + tl.arange(0, BC3)
+                        z3 = (_dot(a2, _mat(w3_g, offs_h2, offs_c, H3, H2, True), LOWP, DT, PREC)
+                              + _vec(b3_ptr + g * H3, offs_c, H3)[None, :])
+                        if STATS:
+                            zs = tl.where(tm[:, None], z3, 0.0)
+                            _rmw(st_base, offs_c, H3, tl.sum(zs, axis=0))
+                            _rmw(st_base + H3, offs_c, H3, tl.sum(zs * zs, axis=0))
+                        else:
+                            pa3, ps3, pb3 = _act_vecs(p3_g, offs_c, H3, ACT_PARAMS >= 3)
+                            s += tl.sum(_act(z3, pa3, ps3, pb3, ACT)
+                                        * _vec(wo_g, offs_c, H3)[None, :], axis=1)
+            if not STATS:
                 valid = _valid(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                 if WRITE_SCORES:
                     tl.store(sc_ptr + r * T + offs_t, s, mask=tm)
@@ -332,27 +392,13 @@ def _fwd_kernel(
                     else:
                         a = tl.where(valid, s, 0.0)
                     tl.store(sc_ptr + r * T + offs_t, a, mask=tm)
-    if STATS:
-        st_base = st_ptr + (e * n_prog + pid) * 2 * HL
-        tl.store(st_base + offs_hl, st1, mask=offs_hl < HL)
-        tl.store(st_base + HL + offs_hl, st2, mask=offs_hl < HL)
+    if STATS and LAYERS == 2:
+        tl.store(st_base + offs_h2, st1, mask=offs_h2 < H2)
+        tl.store(st_base + H2 + offs_h2, st2, mask=offs_h2 < H2)
 
 
 # --------------------------------------------------------------------------------------
 # backward kernel
-
-
-@triton.jit
-def _store_mat(ptr, x, offs_r, offs_c, n_r, n_c):
-    tl.store(ptr + offs_r[:, None] * n_c + offs_c[None, :], x,
-             mask=(offs_r[:, None] < n_r) & (offs_c[None, :] < n_c))
-
-
-@triton.jit
-def _store_act(ptr, gpa, gps, gpb, offs, n):
-    tl.store(ptr + offs, gpa, mask=offs < n)
-    tl.store(ptr + n + offs, gps, mask=offs < n)
-    tl.store(ptr + 2 * n + offs, gpb, mask=offs < n)
 
 
 @triton.jit(do_not_specialize=["B", "T"])
@@ -368,10 +414,12 @@ def _bwd_kernel(
     LAYERS: tl.constexpr, ACT: tl.constexpr, SOFTMAX: tl.constexpr, PER_HEAD: tl.constexpr,
     HAS_KIDX: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_DSC: tl.constexpr, STATS: tl.constexpr, DK_PER_ROW: tl.constexpr,
-    BLOCK_T: tl.constexpr, BD: tl.constexpr, BH1: tl.constexpr, BH2: tl.constexpr,
-    BH3: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr, ACT_PARAMS: tl.constexpr,
-    LOWP_BWD: tl.constexpr,
+    BLOCK_T: tl.constexpr, BD: tl.constexpr, BH2: tl.constexpr,
+    BC1: tl.constexpr, BC3: tl.constexpr, LOWP: tl.constexpr, PREC: tl.constexpr,
+    ACT_PARAMS: tl.constexpr, LOWP_BWD: tl.constexpr,
 ):
+    """Gradients. The per-program parameter gradients (zero-initialised slots) and dqt
+    (zero-initialised) are accumulated in place, chunk by chunk; the rest is stored."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_prog = tl.num_programs(0)
@@ -382,65 +430,53 @@ def _bwd_kernel(
         g = 0
     DT = k_ptr.dtype.element_ty
     offs_d = tl.arange(0, BD)
-    offs_h1 = tl.arange(0, BH1)
     offs_h2 = tl.arange(0, BH2)
-    offs_h3 = tl.arange(0, BH3)
     offs_bt = tl.arange(0, BLOCK_T)
     dm = offs_d < D
-
-    pa1, ps1, pb1 = _act_vecs(p1_ptr + g * 3 * H1, offs_h1, H1, ACT_PARAMS >= 1)
-    w2t = pa1
-    b2 = pa1
-    pa2 = pa1
-    ps2 = pa1
-    pb2 = pa1
-    w3t = pa1
-    b3 = pa1
-    pa3 = pa1
-    ps3 = pa1
-    pb3 = pa1
-    if LAYERS >= 2:
-        w2t = _mat(w2_ptr + g * H2 * H1, offs_h1, offs_h2, H2, H1, True)
-        b2 = _vec(b2_ptr + g * H2, offs_h2, H2)
-        pa2, ps2, pb2 = _act_vecs(p2_ptr + g * 3 * H2, offs_h2, H2, ACT_PARAMS >= 2)
-    if LAYERS >= 3:
-        w3t = _mat(w3_ptr + g * H3 * H2, offs_h2, offs_h3, H3, H2, True)
-        b3 = _vec(b3_ptr + g * H3, offs_h3, H3)
-        pa3, ps3, pb3 = _act_vecs(p3_ptr + g * 3 * H3, offs_h3, H3, ACT_PARAMS >= 3)
+    wk_g = wk_ptr + g * H1 * D
+    wp_g = wp_ptr + g * H1 * D
+    p1_g = p1_ptr + g * 3 * H1
+    w2_g = w2_ptr + g * H2 * H1
+    w3_g = w3_ptr + g * H3 * H2
+    p3_g = p3_ptr + g * 3 * H3
     if LAYERS == 1:
         HL = H1
-        offs_hl = offs_h1
     elif LAYERS == 2:
         HL = H2
-        offs_hl = offs_h2
     else:
         HL = H3
-        offs_hl = offs_h3
-    wo = _vec(wo_ptr + g * HL, offs_hl, HL)
-    bo = tl.load(bo_ptr + g).to(tl.float32)
-    if STATS:
-        # Upstream grads of (sum z_L, sum z_L^2) for this program's head.
-        gs1 = _vec(gst_ptr + g * 2 * HL, offs_hl, HL)
-        gs2 = _vec(gst_ptr + g * 2 * HL + HL, offs_hl, HL)
+    wo_g = wo_ptr + g * HL
+    gst_g = gst_ptr + g * 2 * HL
+    gwk_s = gwk_ptr + slot * H1 * D
+    gwp_s = gwp_ptr + slot * H1 * D
+    gw2_s = gw2_ptr + slot * H2 * H1
+    gb2_s = gb2_ptr + slot * H2
+    gp2_s = gp2_ptr + slot * 3 * H2
+    gw3_s = gw3_ptr + slot * H3 * H2
+    gb3_s = gb3_ptr + slot * H3
+    gwo_s = gwo_ptr + slot * HL
+    gp1_s = gp1_ptr + slot * 3 * H1
+    gp3_s = gp3_ptr + slot * 3 * H3
 
-    # Per-program parameter gradient accumulators.
-    gwk = tl.zeros([BH1, BD], tl.float32)
-    gwp = tl.zeros([BH1, BD], tl.float32)
-    gw2 = tl.zeros([BH2, BH1], tl.float32)
-    gb2 = tl.zeros([BH2], tl.float32)
-    gw3 = tl.zeros([BH3, BH2], tl.float32)
-    gb3 = tl.zeros([BH3], tl.float32)
-    gwo = tl.zeros_like(wo)
-    gbo = tl.sum(tl.zeros_like(wo), axis=0)
-    ga1 = tl.zeros([BH1], tl.float32)
-    gs1_ = tl.zeros([BH1], tl.float32)
-    gb1_ = tl.zeros([BH1], tl.float32)
-    ga2 = tl.zeros([BH2], tl.float32)
-    gs2_ = tl.zeros([BH2], tl.float32)
-    gb2_ = tl.zeros([BH2], tl.float32)
-    ga3 = tl.zeros([BH3], tl.float32)
-    gs3_ = tl.zeros([BH3], tl.float32)
-    gb3_ = tl.zeros([BH3], tl.float32)
+    b2 = tl.zeros([BH2], tl.float32)
+    pa2 = b2
+    ps2 = b2
+    pb2 = b2
+    wo2 = b2
+    gs1 = b2
+    gs2 = b2
+    if LAYERS >= 2:
+        b2 = _vec(b2_ptr + g * H2, offs_h2, H2)
+        pa2, ps2, pb2 = _act_vecs(p2_ptr + g * 3 * H2, offs_h2, H2, ACT_PARAMS >= 2)
+    if LAYERS == 2:
+        wo2 = _vec(wo_g, offs_h2, H2)
+        if STATS:
+            # Upstream grads of (sum z_2, sum z_2^2) for this program's head.
+            gs1 = _vec(gst_g, offs_h2, H2)
+            gs2 = _vec(gst_g + H2, offs_h2, H2)
+    bo = tl.load(bo_ptr + g).to(tl.float32)
+
+    gbo = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
 
     for b in range(pid, B, n_prog):
         r = b * E + e
@@ -455,40 +491,50 @@ def _bwd_kernel(
         else:
             dk_base = dk_ptr + krow * T * D
         q = _vec(q_ptr + r * D, offs_d, D)
-        qt = _vec(qt_ptr + r * H1, offs_h1, H1)
-        # W_k - W_d and W_p are re-read per row (from L2) rather than held in registers.
-        weff = (_mat(wk_ptr + g * H1 * D, offs_h1, offs_d, H1, D, False)
-                + _mat(wp_ptr + g * H1 * D, offs_h1, offs_d, H1, D, False) * q[None, :])
+        qt_row = qt_ptr + r * H1
+        dqt_row = dqt_ptr + r * H1
         if not STATS:
             dout = _vec(dout_ptr + r * D, offs_d, D)
             if SOFTMAX:
                 lse = tl.load(lse_ptr + r)
                 delta = tl.load(delta_ptr + r)
-        gweff = tl.zeros([BH1, BD], tl.float32)
-        gqt = tl.zeros([BH1], tl.float32)
+        dq = tl.zeros([BD], tl.float32)
         for t0 in range(0, T, BLOCK_T):
+            # Orders the previous tile's in-place accumulations before this tile's.
+            tl.debug_barrier()
             offs_t = t0 + offs_bt
             tm = offs_t < T
             kmask = tm[:, None] & dm[None, :]
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :],
                         mask=kmask, other=0.0).to(tl.float32)
-            z1, a1, z2, a2, z3, a3 = _mlp(
-                k, weff, qt, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3,
-                LAYERS, ACT, not STATS, LOWP, DT, PREC)
-            if LAYERS == 1:
-                zl = z1
-                al = a1
-            elif LAYERS == 2:
-                zl = z2
-                al = a2
-            else:
-                zl = z3
-                al = a3
-            if STATS:
-                dzl = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * zl, 0.0)
-                dk = tl.zeros([BLOCK_T, BD], tl.float32)
-            else:
-                s = tl.sum(al * wo[None, :], axis=1) + bo
+            if LAYERS >= 2:
+                z2 = _layer2_pre(k, q, qt_row, wk_g, wp_g, p1_g, w2_g, b2, offs_d, offs_h2,
+                                 H1, H2, D, ACT, ACT_PARAMS >= 1, BLOCK_T, BH2, BC1,
+                                 LOWP, DT, PREC)
+                a2 = z2
+                if LAYERS == 3 or not STATS:
+                    a2 = _act(z2, pa2, ps2, pb2, ACT)
+            ds = tl.zeros([BLOCK_T], tl.float32)
+            dk = tl.zeros([BLOCK_T, BD], tl.float32)
+            if not STATS:
+                s = tl.zeros([BLOCK_T], tl.float32) + bo
+                if LAYERS == 1:
+                    for c0 in range(0, H1, BC1):
+                        offs_c = c0 + tl.arange(0, BC1)
+                        _, _, _, a1, _, _, _ = _layer1(k, q, qt_row, wk_g, wp_g, p1_g, offs_c,
+                                                       offs_d, H1, D, ACT, ACT_PARAMS >= 1,
+                                                       True, LOWP, DT, PREC)
+                        s += tl.sum(a1 * _vec(wo_g, offs_c, H1)[None, :], axis=1)
+                elif LAYERS == 2:
+                    s += tl.sum(a2 * wo2[None, :], axis=1)
+                else:
+                    for c0 in range(0, H3, BC3):
+                        offs_c = c0 + tl.arange(0, BC3)
+                        z3 = (_dot(a2, _mat(w3_g, offs_h2, offs_c, H3, H2, True), LOWP, DT, PREC)
+                              + _vec(b3_ptr + g * H3, offs_c, H3)[None, :])
+                        pa3, ps3, pb3 = _act_vecs(p3_g, offs_c, H3, ACT_PARAMS >= 3)
+                        s += tl.sum(_act(z3, pa3, ps3, pb3, ACT)
+                                    * _vec(wo_g, offs_c, H3)[None, :], axis=1)
                 valid = _valid(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                 da = tl.sum(k * dout[None, :], axis=1)
                 if HAS_DSC:
@@ -500,69 +546,82 @@ def _bwd_kernel(
                     p = tl.where(valid, s, 0.0)
                     ds = tl.where(valid, da, 0.0)
                 dk = p[:, None] * dout[None, :]
-                gwo += tl.sum(ds[:, None] * al, axis=0)
                 gbo += tl.sum(ds, axis=0)
-                gal = ds[:, None] * wo[None, :]
-                if LAYERS == 1:
-                    dzl, x0, x1, x2 = _act_bwd(zl, gal, pa1, ps1, pb1, ACT)
-                    ga1 += x0
-                    gs1_ += x1
-                    gb1_ += x2
-                elif LAYERS == 2:
-                    dzl, x0, x1, x2 = _act_bwd(zl, gal, pa2, ps2, pb2, ACT)
-                    ga2 += x0
-                    gs2_ += x1
-                    gb2_ += x2
+
+            if LAYERS == 2:
+                if STATS:
+                    dz2 = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * z2, 0.0)
                 else:
-                    dzl, x0, x1, x2 = _act_bwd(zl, gal, pa3, ps3, pb3, ACT)
-                    ga3 += x0
-                    gs3_ += x1
-                    gb3_ += x2
-            if LAYERS == 1:
-                dz1 = dzl
-            elif LAYERS == 2:
-                dz2 = dzl
-            else:
-                dz3 = dzl
-            if LAYERS >= 3:
-                gw3 += _dot(tl.trans(dz3), a2, LOWP_BWD, DT, PREC)
-                gb3 += tl.sum(dz3, axis=0)
-                g2 = _dot(dz3, tl.trans(w3t), LOWP_BWD, DT, PREC)
+                    _rmw(gwo_s, offs_h2, H2, tl.sum(ds[:, None] * a2, axis=0))
+                    dz2, x0, x1, x2 = _act_bwd(z2, ds[:, None] * wo2[None, :], pa2, ps2, pb2,
+                                               ACT)
+                    if ACT_PARAMS >= 2:
+                        _rmw_act(gp2_s, x0, x1, x2, offs_h2, H2)
+            if LAYERS == 3:
+                g2 = tl.zeros([BLOCK_T, BH2], tl.float32)
+                for c0 in range(0, H3, BC3):
+                    offs_c = c0 + tl.arange(0, BC3)
+                    w3c = _mat(w3_g, offs_c, offs_h2, H3, H2, False)  # (BC3, BH2)
+                    z3 = (_dot(a2, tl.trans(w3c), LOWP, DT, PREC)
+                          + _vec(b3_ptr + g * H3, offs_c, H3)[None, :])
+                    if STATS:
+                        dz3 = tl.where(tm[:, None],
+                                       _vec(gst_g, offs_c, H3)[None, :]
+                                       + 2.0 * _vec(gst_g + H3, offs_c, H3)[None, :] * z3, 0.0)
+                    else:
+                        pa3, ps3, pb3 = _act_vecs(p3_g, offs_c, H3, ACT_PARAMS >= 3)
+                        _rmw(gwo_s, offs_c, H3,
+                             tl.sum(ds[:, None] * _act(z3, pa3, ps3, pb3, ACT), axis=0))
+                        dz3, ga3c, gs3c, gb3c = _act_bwd(
+                            z3, ds[:, None] * _vec(wo_g, offs_c, H3)[None, :], pa3, ps3, pb3,
+                            ACT)
+                        if ACT_PARAMS >= 3:
+                            _rmw_act(gp3_s, ga3c, gs3c, gb3c, offs_c, H3)
+                    _rmw_mat(gw3_s, _dot(tl.trans(dz3), a2, LOWP_BWD, DT, PREC), offs_c,
+                             offs_h2, H3, H2)
+                    _rmw(gb3_s, offs_c, H3, tl.sum(dz3, axis=0))
+                    g2 += _dot(dz3, w3c, LOWP_BWD, DT, PREC)
                 dz2, x0, x1, x2 = _act_bwd(z2, g2, pa2, ps2, pb2, ACT)
-                ga2 += x0
-                gs2_ += x1
-                gb2_ += x2
+                if ACT_PARAMS >= 2:
+                    _rmw_act(gp2_s, x0, x1, x2, offs_h2, H2)
             if LAYERS >= 2:
-                gw2 += _dot(tl.trans(dz2), a1, LOWP_BWD, DT, PREC)
-                gb2 += tl.sum(dz2, axis=0)
-                g1 = _dot(dz2, tl.trans(w2t), LOWP_BWD, DT, PREC)
-                dz1, x0, x1, x2 = _act_bwd(z1, g1, pa1, ps1, pb1, ACT)
-                ga1 += x0
-                gs1_ += x1
-                gb1_ += x2
-            gqt += tl.sum(dz1, axis=0)
-            gweff += _dot(tl.trans(dz1), k, LOWP_BWD, DT, PREC)
-            dk += _dot(dz1, weff, LOWP_BWD, DT, PREC)
+                _rmw(gb2_s, offs_h2, H2, tl.sum(dz2, axis=0))
+
+            for c0 in range(0, H1, BC1):
+                offs_c = c0 + tl.arange(0, BC1)
+                weff, wp, z1, a1, pa1, ps1, pb1 = _layer1(
+                    k, q, qt_row, wk_g, wp_g, p1_g, offs_c, offs_d, H1, D, ACT,
+                    ACT_PARAMS >= 1, LAYERS > 1 or not STATS, LOWP, DT, PREC)
+                if LAYERS == 1:
+                    if STATS:
+                        dz1 = tl.where(tm[:, None],
+                                       _vec(gst_g, offs_c, H1)[None, :]
+                                       + 2.0 * _vec(gst_g + H1, offs_c, H1)[None, :] * z1, 0.0)
+                    else:
+                        _rmw(gwo_s, offs_c, H1, tl.sum(ds[:, None] * a1, axis=0))
+                        dz1, ga1c, gs1c, gb1c = _act_bwd(
+                            z1, ds[:, None] * _vec(wo_g, offs_c, H1)[None, :], pa1, ps1, pb1,
+                            ACT)
+                        if ACT_PARAMS >= 1:
+                            _rmw_act(gp1_s, ga1c, gs1c, gb1c, offs_c, H1)
+                else:
+                    _rmw_mat(gw2_s, _dot(tl.trans(dz2), a1, LOWP_BWD, DT, PREC), offs_h2,
+                             offs_c, H2, H1)
+                    g1 = _dot(dz2, _mat(w2_g, offs_h2, offs_c, H2, H1, False), LOWP_BWD, DT,
+                              PREC)
+                    dz1, ga1c, gs1c, gb1c = _act_bwd(z1, g1, pa1, ps1, pb1, ACT)
+                    if ACT_PARAMS >= 1:
+                        _rmw_act(gp1_s, ga1c, gs1c, gb1c, offs_c, H1)
+                _rmw(dqt_row, offs_c, H1, tl.sum(dz1, axis=0))
+                gweff = _dot(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (BC1, BD)
+                _rmw_mat(gwk_s, gweff, offs_c, offs_d, H1, D)
+                _rmw_mat(gwp_s, gweff * q[None, :], offs_c, offs_d, H1, D)
+                dq += tl.sum(gweff * wp, axis=0)
+                dk += _dot(dz1, weff, LOWP_BWD, DT, PREC)
             tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
                      dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-        tl.store(dqt_ptr + r * H1 + offs_h1, gqt, mask=offs_h1 < H1)
-        wp = _mat(wp_ptr + g * H1 * D, offs_h1, offs_d, H1, D, False)
-        tl.store(dq_ptr + r * D + offs_d, tl.sum(gweff * wp, axis=0), mask=dm)
-        gwk += gweff
-        gwp += gweff * q[None, :]
+        tl.store(dq_ptr + r * D + offs_d, dq, mask=dm)
 
-    _store_mat(gwk_ptr + slot * H1 * D, gwk, offs_h1, offs_d, H1, D)
-    _store_mat(gwp_ptr + slot * H1 * D, gwp, offs_h1, offs_d, H1, D)
-    _store_act(gp1_ptr + slot * 3 * H1, ga1, gs1_, gb1_, offs_h1, H1)
-    if LAYERS >= 2:
-        _store_mat(gw2_ptr + slot * H2 * H1, gw2, offs_h2, offs_h1, H2, H1)
-        tl.store(gb2_ptr + slot * H2 + offs_h2, gb2, mask=offs_h2 < H2)
-        _store_act(gp2_ptr + slot * 3 * H2, ga2, gs2_, gb2_, offs_h2, H2)
-    if LAYERS >= 3:
-        _store_mat(gw3_ptr + slot * H3 * H2, gw3, offs_h3, offs_h2, H3, H2)
-        tl.store(gb3_ptr + slot * H3 + offs_h3, gb3, mask=offs_h3 < H3)
-        _store_act(gp3_ptr + slot * 3 * H3, ga3, gs3_, gb3_, offs_h3, H3)
-    tl.store(gwo_ptr + slot * HL + offs_hl, gwo, mask=offs_hl < HL)
     tl.store(gbo_ptr + slot, gbo)
 
 
@@ -593,22 +652,33 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(int(n)))
 
 
-def _config(keys: torch.Tensor, hidden: Sequence[int], dim: int) -> dict:
-    """Tile sizes and dot precision, fixed by the shapes (deterministic, no autotune)."""
-    blocks = [_pow2(h) for h in hidden] + [16] * (_MAX_LAYERS - len(hidden))
-    widest = max(blocks[0] * _pow2(dim), max(blocks))
+def _config(keys: torch.Tensor, hidden: Sequence[int], dim: int, backward: bool = False) -> dict:
+    """Tile sizes and dot precision, fixed by the shapes (deterministic, no autotune).
+
+    GPU (sizes chosen by compiling for sm_90 and reading shared memory, registers and
+    spills): 8 warps; the forward takes 32-key tiles (16 when D > 64 or the second layer,
+    held whole, is wider than 128) and 32-unit chunks (16 when D > 64); the backward,
+    which keeps about twice as many tiles live, 16-key tiles and 16-unit chunks. The loops
+    are not software-pipelined (num_stages 1): the pipelining buffers of the nested loops
+    cost more registers than they save latency."""
+    bd = _pow2(dim)
+    blocks = [_pow2(h) for h in hidden]
+    bh2 = blocks[1] if len(hidden) > 1 else 16
     if _interpreting() or not keys.is_cuda:
-        block_t, warps = 16, 1
+        block_t, warps, chunk = 16, 1, _CHUNK
     else:
-        block_t = 64 if widest <= 128 * 64 else 32
-        warps = 4 if widest <= 64 * 64 else 8
+        wide = bd > 64 or bh2 > 128
+        block_t = 16 if backward or wide else 32
+        chunk = min(_CHUNK, 16 if backward or bd > 64 else 32)
+        warps = 8
     # Half inputs run the MLP's dots in their dtype on the GPU (fp32 accumulation); the
     # gradient dots too for bfloat16 only, since float16 underflows small gradients.
     # The interpreter computes bfloat16 dots wrongly, so it always runs them in fp32.
     lowp = keys.dtype in (torch.float16, torch.bfloat16) and keys.is_cuda and not _interpreting()
     prec = "tf32" if keys.is_cuda and torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    return dict(BLOCK_T=block_t, BD=_pow2(dim), BH1=blocks[0], BH2=blocks[1], BH3=blocks[2],
-                LOWP=lowp, PREC=prec, num_warps=warps)
+    return dict(BLOCK_T=block_t, BD=bd, BH2=bh2, BC1=min(blocks[0], chunk),
+                BC3=min(blocks[2], chunk) if len(hidden) > 2 else 16,
+                LOWP=lowp, PREC=prec, num_warps=warps, num_stages=1)
 
 
 def _act_param_layers(activation: str, n_layers: int, stats: bool) -> int:
@@ -665,7 +735,7 @@ def _launch_fwd(qterm, query, keys, key_index, lengths, mask, w_k, w_p, w2, b2, 
                          dtype=torch.float32)
     if stats:
         n_prog = _programs(batch, heads, query.device)
-        st = torch.empty(heads, n_prog, 2, hidden[-1], device=query.device, dtype=torch.float32)
+        st = torch.zeros(heads, n_prog, 2, hidden[-1], device=query.device, dtype=torch.float32)
     else:
         n_prog = _programs(batch, heads, query.device, per_sm=16)
         st = dummy
@@ -764,18 +834,18 @@ def _launch_bwd(dout, dscores, lse, delta, gstats, qterm, query, keys, key_index
     batch = rows // heads
     groups = w_k.shape[0]
     hidden = _hidden(w_k, w2, w3)
-    cfg = _config(keys, hidden, dim)
+    cfg = _config(keys, hidden, dim, backward=True)
     dev = query.device
     dummy = _dummy(qterm)
     n_prog = _programs(batch, heads, dev)
     f32 = dict(device=dev, dtype=torch.float32)
-    dqt = torch.empty(rows, hidden[0], **f32)
+    dqt = torch.zeros(rows, hidden[0], **f32)
     dq = torch.empty(rows, dim, **f32)
     per_row = key_index is not None
     dk_rows = torch.empty(rows, seq_len, dim, **f32) if per_row else torch.empty_like(keys)
 
     def part(*shape):
-        return torch.empty(heads, n_prog, *shape, **f32)
+        return torch.zeros(heads, n_prog, *shape, **f32)
 
     h_last = hidden[-1]
     parts = {
