@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "mba_checks.h"
+#include "mba_ops.h"
 #include "mba_rules.h"
 #include "mba_segments.h"
 
@@ -106,22 +107,25 @@ void apply_rule(
   });
 }
 
-template <template <typename> class RuleT, typename MakeRule>
-void run_update(
-    at::Tensor& weight, const at::Tensor& ids, const at::Tensor& grad_rows,
-    const at::Tensor& counts, const MakeRule& make_rule, at::Tensor* state0,
-    at::Tensor* state1) {
-  check_update_args(weight, ids, grad_rows, counts);
-  TORCH_CHECK_VALUE(weight.device().is_cpu(), "the CPU kernel got tensors on ", weight.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, weight.scalar_type(), "mba_update_cpu", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        const Batch b = group_batch(ids, grad_rows, weight.size(0));
-        const std::vector<acc_t> n = gather_counts<acc_t>(counts, b.seg);
-        const RuleT<acc_t> rule = make_rule(acc_t(0));
-        apply_rule<scalar_t, acc_t>(weight, b, n, rule, state0, state1);
-      });
-}
+// The device half of MbaOps (mba_ops.h).
+struct CpuUpdate {
+  template <template <typename> class RuleT, typename MakeRule>
+  static void run(
+      at::Tensor& weight, const at::Tensor& ids, const at::Tensor& grad_rows,
+      const at::Tensor& counts, const MakeRule& make_rule, at::Tensor* state0,
+      at::Tensor* state1) {
+    check_update_args(weight, ids, grad_rows, counts);
+    TORCH_CHECK_VALUE(weight.device().is_cpu(), "the CPU kernel got tensors on ", weight.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, weight.scalar_type(), "mba_update_cpu", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          const Batch b = group_batch(ids, grad_rows, weight.size(0));
+          const std::vector<acc_t> n = gather_counts<acc_t>(counts, b.seg);
+          const RuleT<acc_t> rule = make_rule(acc_t(0));
+          apply_rule<scalar_t, acc_t>(weight, b, n, rule, state0, state1);
+        });
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> dedup_rows_cpu(
     const at::Tensor& ids, const at::Tensor& grad_rows, int64_t num_rows) {
@@ -152,62 +156,13 @@ std::tuple<at::Tensor, at::Tensor> dedup_rows_cpu(
   return {unique_ids, summed};
 }
 
-void mba_sgd_update_cpu(
-    at::Tensor weight, const at::Tensor& ids, const at::Tensor& grad_rows,
-    const at::Tensor& counts, double lr, double weight_decay) {
-  run_update<SgdRule>(
-      weight, ids, grad_rows, counts,
-      [&](auto zero) {
-        using acc_t = decltype(zero);
-        return SgdRule<acc_t>{static_cast<acc_t>(lr), static_cast<acc_t>(weight_decay)};
-      },
-      nullptr, nullptr);
-}
-
-void mba_adagrad_update_cpu(
-    at::Tensor weight, at::Tensor state_sum, const at::Tensor& ids,
-    const at::Tensor& grad_rows, const at::Tensor& counts, double lr, double weight_decay,
-    double eps, double lr_decay, int64_t step) {
-  check_state("state_sum", state_sum, weight);
-  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (this update's 1-based count), got ", step);
-  const double clr = lr / (1.0 + static_cast<double>(step - 1) * lr_decay);
-  run_update<AdagradRule>(
-      weight, ids, grad_rows, counts,
-      [&](auto zero) {
-        using acc_t = decltype(zero);
-        return AdagradRule<acc_t>{
-            static_cast<acc_t>(clr), static_cast<acc_t>(weight_decay), static_cast<acc_t>(eps)};
-      },
-      &state_sum, nullptr);
-}
-
-void mba_adam_update_cpu(
-    at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& ids,
-    const at::Tensor& grad_rows, const at::Tensor& counts, double lr, double beta1,
-    double beta2, double eps, double weight_decay, int64_t step) {
-  check_state("exp_avg", exp_avg, weight);
-  check_state("exp_avg_sq", exp_avg_sq, weight);
-  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (this update's 1-based count), got ", step);
-  const double t = static_cast<double>(step);
-  const double step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
-  run_update<AdamRule>(
-      weight, ids, grad_rows, counts,
-      [&](auto zero) {
-        using acc_t = decltype(zero);
-        return AdamRule<acc_t>{
-            static_cast<acc_t>(step_size), static_cast<acc_t>(beta1), static_cast<acc_t>(beta2),
-            static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay)};
-      },
-      &exp_avg, &exp_avg_sq);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(interest_kernels, CPU, m) {
   m.impl("dedup_rows", &dedup_rows_cpu);
-  m.impl("mba_sgd_update", &mba_sgd_update_cpu);
-  m.impl("mba_adagrad_update", &mba_adagrad_update_cpu);
-  m.impl("mba_adam_update", &mba_adam_update_cpu);
+  m.impl("mba_sgd_update", &MbaOps<CpuUpdate>::sgd);
+  m.impl("mba_adagrad_update", &MbaOps<CpuUpdate>::adagrad);
+  m.impl("mba_adam_update", &MbaOps<CpuUpdate>::adam);
 }
 
 }  // namespace mba

@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "mba_checks.h"
+#include "mba_ops.h"
 #include "mba_rules.h"
 
 namespace interest_kernels {
@@ -115,36 +116,39 @@ void launch_shape(int64_t num_unique, int64_t d, dim3* grid, dim3* block) {
   *grid = dim3(static_cast<unsigned>(std::min<int64_t>(num_unique, 65535 * 8)));
 }
 
-template <template <typename> class RuleT, typename MakeRule>
-void run_update(
-    at::Tensor& weight, const at::Tensor& ids, const at::Tensor& grad_rows,
-    const at::Tensor& counts, const MakeRule& make_rule, at::Tensor* state0,
-    at::Tensor* state1) {
-  check_update_args(weight, ids, grad_rows, counts);
-  TORCH_CHECK_VALUE(weight.is_cuda(), "the CUDA kernel got tensors on ", weight.device());
-  const c10::cuda::CUDAGuard guard(weight.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(
-      at::kHalf, at::kBFloat16, weight.scalar_type(), "mba_update_cuda", [&] {
-        using acc_t = at::opmath_type<scalar_t>;
-        at::Tensor n;
-        const DeviceSegments s = group_ids(
-            ids, weight.size(0), &counts, c10::CppTypeToScalarType<acc_t>::value, &n);
-        if (s.num_unique == 0) return;
-        const int64_t d = weight.size(1);
-        const at::Tensor grad = grad_rows.reshape({-1, d}).contiguous();
-        const RuleT<acc_t> rule = make_rule(acc_t(0));
-        dim3 grid, block;
-        launch_shape(s.num_unique, d, &grid, &block);
-        segment_update_kernel<scalar_t, acc_t, RuleT<acc_t>>
-            <<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
-                weight.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
-                s.order.data_ptr<int64_t>(), s.starts.data_ptr<int64_t>(),
-                s.unique_ids.data_ptr<int64_t>(), n.data_ptr<acc_t>(), s.num_unique, d, rule,
-                state0 ? state0->data_ptr<acc_t>() : nullptr,
-                state1 ? state1->data_ptr<acc_t>() : nullptr);
-        C10_CUDA_KERNEL_LAUNCH_CHECK();
-      });
-}
+// The device half of MbaOps (mba_ops.h).
+struct CudaUpdate {
+  template <template <typename> class RuleT, typename MakeRule>
+  static void run(
+      at::Tensor& weight, const at::Tensor& ids, const at::Tensor& grad_rows,
+      const at::Tensor& counts, const MakeRule& make_rule, at::Tensor* state0,
+      at::Tensor* state1) {
+    check_update_args(weight, ids, grad_rows, counts);
+    TORCH_CHECK_VALUE(weight.is_cuda(), "the CUDA kernel got tensors on ", weight.device());
+    const c10::cuda::CUDAGuard guard(weight.device());
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, weight.scalar_type(), "mba_update_cuda", [&] {
+          using acc_t = at::opmath_type<scalar_t>;
+          at::Tensor n;
+          const DeviceSegments s = group_ids(
+              ids, weight.size(0), &counts, c10::CppTypeToScalarType<acc_t>::value, &n);
+          if (s.num_unique == 0) return;
+          const int64_t d = weight.size(1);
+          const at::Tensor grad = grad_rows.reshape({-1, d}).contiguous();
+          const RuleT<acc_t> rule = make_rule(acc_t(0));
+          dim3 grid, block;
+          launch_shape(s.num_unique, d, &grid, &block);
+          segment_update_kernel<scalar_t, acc_t, RuleT<acc_t>>
+              <<<grid, block, 0, c10::cuda::getCurrentCUDAStream()>>>(
+                  weight.data_ptr<scalar_t>(), grad.data_ptr<scalar_t>(),
+                  s.order.data_ptr<int64_t>(), s.starts.data_ptr<int64_t>(),
+                  s.unique_ids.data_ptr<int64_t>(), n.data_ptr<acc_t>(), s.num_unique, d, rule,
+                  state0 ? state0->data_ptr<acc_t>() : nullptr,
+                  state1 ? state1->data_ptr<acc_t>() : nullptr);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
+  }
+};
 
 std::tuple<at::Tensor, at::Tensor> dedup_rows_cuda(
     const at::Tensor& ids, const at::Tensor& grad_rows, int64_t num_rows) {
@@ -171,62 +175,13 @@ std::tuple<at::Tensor, at::Tensor> dedup_rows_cuda(
   return {s.unique_ids, summed};
 }
 
-void mba_sgd_update_cuda(
-    at::Tensor weight, const at::Tensor& ids, const at::Tensor& grad_rows,
-    const at::Tensor& counts, double lr, double weight_decay) {
-  run_update<SgdRule>(
-      weight, ids, grad_rows, counts,
-      [&](auto zero) {
-        using acc_t = decltype(zero);
-        return SgdRule<acc_t>{static_cast<acc_t>(lr), static_cast<acc_t>(weight_decay)};
-      },
-      nullptr, nullptr);
-}
-
-void mba_adagrad_update_cuda(
-    at::Tensor weight, at::Tensor state_sum, const at::Tensor& ids,
-    const at::Tensor& grad_rows, const at::Tensor& counts, double lr, double weight_decay,
-    double eps, double lr_decay, int64_t step) {
-  check_state("state_sum", state_sum, weight);
-  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (this update's 1-based count), got ", step);
-  const double clr = lr / (1.0 + static_cast<double>(step - 1) * lr_decay);
-  run_update<AdagradRule>(
-      weight, ids, grad_rows, counts,
-      [&](auto zero) {
-        using acc_t = decltype(zero);
-        return AdagradRule<acc_t>{
-            static_cast<acc_t>(clr), static_cast<acc_t>(weight_decay), static_cast<acc_t>(eps)};
-      },
-      &state_sum, nullptr);
-}
-
-void mba_adam_update_cuda(
-    at::Tensor weight, at::Tensor exp_avg, at::Tensor exp_avg_sq, const at::Tensor& ids,
-    const at::Tensor& grad_rows, const at::Tensor& counts, double lr, double beta1,
-    double beta2, double eps, double weight_decay, int64_t step) {
-  check_state("exp_avg", exp_avg, weight);
-  check_state("exp_avg_sq", exp_avg_sq, weight);
-  TORCH_CHECK_VALUE(step >= 1, "step must be >= 1 (this update's 1-based count), got ", step);
-  const double t = static_cast<double>(step);
-  const double step_size = lr * std::sqrt(1.0 - std::pow(beta2, t)) / (1.0 - std::pow(beta1, t));
-  run_update<AdamRule>(
-      weight, ids, grad_rows, counts,
-      [&](auto zero) {
-        using acc_t = decltype(zero);
-        return AdamRule<acc_t>{
-            static_cast<acc_t>(step_size), static_cast<acc_t>(beta1), static_cast<acc_t>(beta2),
-            static_cast<acc_t>(eps), static_cast<acc_t>(weight_decay)};
-      },
-      &exp_avg, &exp_avg_sq);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(interest_kernels, CUDA, m) {
   m.impl("dedup_rows", &dedup_rows_cuda);
-  m.impl("mba_sgd_update", &mba_sgd_update_cuda);
-  m.impl("mba_adagrad_update", &mba_adagrad_update_cuda);
-  m.impl("mba_adam_update", &mba_adam_update_cuda);
+  m.impl("mba_sgd_update", &MbaOps<CudaUpdate>::sgd);
+  m.impl("mba_adagrad_update", &MbaOps<CudaUpdate>::adagrad);
+  m.impl("mba_adam_update", &MbaOps<CudaUpdate>::adam);
 }
 
 }  // namespace mba
