@@ -35,6 +35,16 @@ __all__ = ["GRU", "AttentionalGRU", "InterestEvolving", "AuxiliaryLoss"]
 GRU_TYPES = ("GRU", "AIGRU", "AGRU", "AUGRU")
 
 
+def _make_gru_params(module: nn.Module, input_size: int, hidden_size: int, bias: bool, suffix: str) -> None:
+    """Register ``weight_ih{suffix}`` (3H, I), ``weight_hh{suffix}`` (3H, H) and the two
+    (3H,) biases (None without bias), named as the checkpoints users load expect."""
+    module.register_parameter(f"weight_ih{suffix}", nn.Parameter(torch.empty(3 * hidden_size, input_size)))
+    module.register_parameter(f"weight_hh{suffix}", nn.Parameter(torch.empty(3 * hidden_size, hidden_size)))
+    for name in (f"bias_ih{suffix}", f"bias_hh{suffix}"):
+        module.register_parameter(name, nn.Parameter(torch.empty(3 * hidden_size)) if bias else None)
+    _init_gru_params(module, hidden_size)
+
+
 def _init_gru_params(module: nn.Module, hidden_size: int) -> None:
     # torch.nn.GRU's default: U(-1/sqrt(H), 1/sqrt(H)) for every weight and bias.
     bound = 1.0 / math.sqrt(hidden_size)
@@ -79,15 +89,7 @@ class GRU(nn.Module):
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.batch_first = batch_first
-        self.weight_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size, input_size))
-        self.weight_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
-        if bias:
-            self.bias_ih_l0 = nn.Parameter(torch.empty(3 * hidden_size))
-            self.bias_hh_l0 = nn.Parameter(torch.empty(3 * hidden_size))
-        else:
-            self.register_parameter("bias_ih_l0", None)
-            self.register_parameter("bias_hh_l0", None)
-        self.reset_parameters()
+        _make_gru_params(self, input_size, hidden_size, bias, suffix="_l0")  # nn.GRU's names
 
     def reset_parameters(self) -> None:
         _init_gru_params(self, self.hidden_size)
@@ -164,15 +166,7 @@ class AttentionalGRU(nn.Module):
         self.hidden_size = hidden_size
         self.mode = mode
         self.variant = variant
-        self.weight_ih = nn.Parameter(torch.empty(3 * hidden_size, input_size))
-        self.weight_hh = nn.Parameter(torch.empty(3 * hidden_size, hidden_size))
-        if bias:
-            self.bias_ih = nn.Parameter(torch.empty(3 * hidden_size))
-            self.bias_hh = nn.Parameter(torch.empty(3 * hidden_size))
-        else:
-            self.register_parameter("bias_ih", None)
-            self.register_parameter("bias_hh", None)
-        self.reset_parameters()
+        _make_gru_params(self, input_size, hidden_size, bias, suffix="")  # DeepCTR-Torch cells' names
 
     def reset_parameters(self) -> None:
         _init_gru_params(self, self.hidden_size)
