@@ -15,7 +15,7 @@ import torch
 import interest_kernels  # noqa: F401  (registers every op)
 from interest_kernels._backend import registered_ops, use_backend
 from interest_kernels.bench.cases import ALL_CASES
-from interest_kernels.bench.harness import _fresh, _runner
+from interest_kernels.bench.harness import fresh_inputs, make_runner
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SHAPES = os.environ.get("IK_BENCH_SHAPES", "smoke")
@@ -38,14 +38,14 @@ def _params():
 
 @pytest.mark.parametrize("case,backend,mode", list(_params()))
 def test_bench(benchmark, case, backend, mode):
-    inputs = _fresh(case, case.make(DEVICE, case.dtype), grad=(mode == "full"))
+    inputs = fresh_inputs(case, case.make(DEVICE, case.dtype), grad=(mode == "full"))
     if backend == "eager":
         fn = case.reference
     else:
         def fn(inp):
             with use_backend(backend):
                 return case.call(inp)
-    run = _runner(case, fn, inputs, mode)
+    run = make_runner(fn, inputs, mode)
 
     def timed():
         out = run()

@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
 
-__all__ = ["poison_empty", "check_against_reference", "Tolerance", "tolerance_for"]
+__all__ = ["poison_empty", "check_against_reference", "clone_inputs", "grad_leaves", "Tolerance",
+           "tolerance_for"]
 
 _EMPTY_FNS = ("empty", "empty_like", "empty_strided")
 
@@ -90,9 +91,12 @@ def _as_tuple(out: Any) -> tuple[Optional[torch.Tensor], ...]:
     return tuple(out)
 
 
-def _clone_inputs(
+def clone_inputs(
     inputs: Mapping[str, Any], dtype: Optional[torch.dtype], grad_names: Sequence[str]
 ) -> dict[str, Any]:
+    """Fresh leaf copies of ``inputs``: tensors (and lists of tensors) detached and cloned,
+    floating ones cast to ``dtype`` (None keeps theirs); those named in ``grad_names``
+    (``"weights"`` for a whole list, ``"weights[0]"`` for one item) require grad."""
     out: dict[str, Any] = {}
     for name, v in inputs.items():
         if isinstance(v, torch.Tensor):
@@ -115,7 +119,8 @@ def _clone_inputs(
     return out
 
 
-def _leaves(inputs: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+def grad_leaves(inputs: Mapping[str, Any]) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) of every input (or list item, named ``"name[i]"``) requiring grad."""
     leaves = []
     for name, v in inputs.items():
         if isinstance(v, torch.Tensor) and v.requires_grad:
@@ -132,9 +137,16 @@ def _run(
     inputs: Mapping[str, Any],
     grad_outs: Optional[Sequence[Optional[torch.Tensor]]],
 ) -> tuple[tuple[Optional[torch.Tensor], ...], dict[str, Optional[torch.Tensor]]]:
-    outs = _as_tuple(fn(**inputs))
+    return _backward(_as_tuple(fn(**inputs)), inputs, grad_outs)
+
+
+def _backward(
+    outs: tuple[Optional[torch.Tensor], ...],
+    inputs: Mapping[str, Any],
+    grad_outs: Optional[Sequence[Optional[torch.Tensor]]],
+) -> tuple[tuple[Optional[torch.Tensor], ...], dict[str, Optional[torch.Tensor]]]:
     grads: dict[str, Optional[torch.Tensor]] = {}
-    leaves = _leaves(inputs)
+    leaves = grad_leaves(inputs)
     if grad_outs is not None and leaves:
         pairs = [
             (o, g.to(o.dtype))
@@ -225,7 +237,7 @@ def check_against_reference(
     tol = tol or tolerance_for(dtype)
     grad = tuple(grad)
 
-    ref_inputs = _clone_inputs(inputs, torch.float64, grad)
+    ref_inputs = clone_inputs(inputs, torch.float64, grad)
     ref_outs = _as_tuple(reference(**ref_inputs))
     gen = torch.Generator().manual_seed(seed)
     grad_outs = [
@@ -234,16 +246,15 @@ def check_against_reference(
         else None
         for o in ref_outs
     ]
-    ref_inputs = _clone_inputs(inputs, torch.float64, grad)
-    ref64, ref64_grads = _run(reference, ref_inputs, grad_outs if grad else None)
+    ref64, ref64_grads = _backward(ref_outs, ref_inputs, grad_outs if grad else None)
 
     ref_lowp: tuple[Optional[torch.Tensor], ...] = (None,) * len(ref64)
     ref_lowp_grads: dict[str, Optional[torch.Tensor]] = {}
     if tol.ratio is not None:
-        lp_inputs = _clone_inputs(inputs, dtype, grad)
+        lp_inputs = clone_inputs(inputs, dtype, grad)
         ref_lowp, ref_lowp_grads = _run(reference, lp_inputs, grad_outs if grad else None)
 
-    cand_inputs = _clone_inputs(inputs, dtype, grad)
+    cand_inputs = clone_inputs(inputs, dtype, grad)
     ctx = poison_empty() if poison else contextlib.nullcontext()
     with ctx:
         got, got_grads = _run(candidate, cand_inputs, grad_outs if grad else None)

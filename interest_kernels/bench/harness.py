@@ -26,6 +26,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from interest_kernels._backend import BackendUnavailableError, registered_ops, use_backend
+from interest_kernels.testing import clone_inputs, grad_leaves
 
 Inputs = dict[str, Any]
 
@@ -160,27 +161,21 @@ def floor_ms(floor: Floor, machine: Machine, dtype: torch.dtype) -> float:
     return max(t_bytes, t_flops) * 1e3
 
 
-def _fresh(case: Case, inputs: Inputs, grad: bool) -> Inputs:
-    out = {}
-    for k, v in inputs.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            t = v.detach().clone()
-            t.requires_grad_(grad and k in case.grad_inputs)
-            out[k] = t
-        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, torch.Tensor) for x in v):
-            out[k] = type(v)(x.detach().clone().requires_grad_(grad and k in case.grad_inputs and x.is_floating_point()) for x in v)
-        else:
-            out[k] = v
-    return out
+def fresh_inputs(case: Case, inputs: Inputs, grad: bool) -> Inputs:
+    """Leaf copies of ``inputs``; with ``grad`` the case's gradient inputs require grad."""
+    return clone_inputs(inputs, None, case.grad_inputs if grad else ())
 
 
-def _runner(case: Case, fn: Callable[[Inputs], Any], inputs: Inputs, mode: str) -> Callable[[], Any]:
+def make_runner(fn: Callable[[Inputs], Any], inputs: Inputs, mode: str) -> Callable[[], Any]:
+    """One timed call of ``fn``: no grad, or (mode "full") forward plus the gradients of
+    every leaf with an all-ones upstream gradient."""
     if mode != "full":
         def run() -> Any:
             with torch.no_grad():
                 return fn(inputs)
         return run
     grads: dict[int, torch.Tensor] = {}
+    leaves = [t for _, t in grad_leaves(inputs)]
 
     def run_full() -> Any:
         outs = [o for o in _first_tensor(fn(inputs)) if o.requires_grad]
@@ -189,10 +184,6 @@ def _runner(case: Case, fn: Callable[[Inputs], Any], inputs: Inputs, mode: str) 
             if i not in grads:
                 grads[i] = torch.ones_like(o)
             gs.append(grads[i])
-        leaves = [v for v in inputs.values() if isinstance(v, torch.Tensor) and v.requires_grad]
-        for v in inputs.values():
-            if isinstance(v, (list, tuple)):
-                leaves += [x for x in v if isinstance(x, torch.Tensor) and x.requires_grad]
         return torch.autograd.grad(outs, leaves, gs, allow_unused=True)
     return run_full
 
@@ -246,18 +237,18 @@ def run_case(
         contenders.append(("compile", compiled, "torch.compile(reference)"))
 
     with torch.no_grad():
-        expected = case.reference(_fresh(case, inputs, False))
+        expected = case.reference(fresh_inputs(case, inputs, False))
     for mode in case.modes:
         fl = case.floor(mode)
         fms = floor_ms(fl, machine, case.dtype)
         for name, fn, note in contenders:
-            inp = _fresh(case, inputs, grad=(mode == "full"))
-            run = _runner(case, fn, inp, mode)
+            inp = fresh_inputs(case, inputs, grad=(mode == "full"))
+            run = make_runner(fn, inp, mode)
             err = None
             try:
                 if mode != "full":
                     with torch.no_grad():
-                        err = _max_err(fn(_fresh(case, inputs, False)), expected)
+                        err = _max_err(fn(fresh_inputs(case, inputs, False)), expected)
                 p20, p50, p80 = time_fn(run, device, budget_s)
                 peak = _peak_mb(device, run)
             except (RuntimeError, BackendUnavailableError) as exc:
@@ -317,5 +308,5 @@ def markdown_table(machine: Machine, rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-__all__ = ["Case", "Floor", "Row", "Machine", "measure_machine", "run_case", "write_results",
-           "markdown_table", "time_fn", "floor_ms"]
+__all__ = ["Case", "Floor", "Row", "Machine", "fresh_inputs", "make_runner", "measure_machine", "run_case",
+           "write_results", "markdown_table", "time_fn", "floor_ms"]
