@@ -105,6 +105,22 @@ def check_same_dtype(names_tensors: Sequence[tuple[str, Optional[torch.Tensor]]]
     return first.dtype
 
 
+def check_in_range(
+    name: str, t: torch.Tensor, low: int, high: int, what: str, *, high_inclusive: bool = True
+) -> None:
+    """Every value of the integer tensor ``t`` lies in [low, high] (or [low, high)).
+
+    Reads the minimum and maximum back to the host, so it runs only when value checks do.
+    """
+    if t.numel() == 0 or not value_checks_enabled(t):
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < low or hi > high or (hi == high and not high_inclusive):
+        bad = lo if lo < low else hi
+        interval = f"[{low}, {high}{']' if high_inclusive else ')'}"
+        raise ValueError(f"{name} must lie in {interval} ({what}), found {bad}")
+
+
 def check_valid_positions(
     lengths: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
@@ -121,13 +137,7 @@ def check_valid_positions(
     if lengths is not None:
         check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES, device=device)
         check_shape("lengths", lengths, (batch,), "one length per row of the batch")
-        if value_checks_enabled(lengths) and lengths.numel() > 0:
-            lo, hi = int(lengths.min()), int(lengths.max())
-            if lo < 0 or hi > seq_len:
-                bad = lo if lo < 0 else hi
-                raise ValueError(
-                    f"lengths must lie in [0, {seq_len}] (T = {seq_len}), found {bad}"
-                )
+        check_in_range("lengths", lengths, 0, seq_len, f"T = {seq_len}")
     if mask is not None:
         check_tensor(
             "mask", mask, ndim=2, dtypes=(torch.bool,) + INDEX_DTYPES + FLOAT_DTYPES, device=device

@@ -22,11 +22,11 @@ from ..._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_choice,
+    check_in_range,
     check_same_dtype,
     check_shape,
     check_tensor,
     check_valid_positions,
-    value_checks_enabled,
 )
 from ..dice.reference import DiceParams
 from .cpu import target_attention_cpu
@@ -171,13 +171,8 @@ def target_attention(
         check_tensor("key_index", key_index, ndim=1, dtypes=INDEX_DTYPES, device=device)
         check_shape("key_index", key_index, (batch,), "one history row per query")
         rows = keys.shape[0]
-        if value_checks_enabled(key_index) and key_index.numel() > 0:
-            lo, hi = int(key_index.min()), int(key_index.max())
-            if lo < 0 or hi >= rows:
-                raise ValueError(
-                    f"key_index must lie in [0, {rows}) (the {rows} history rows of keys), "
-                    f"found {lo if lo < 0 else hi}"
-                )
+        check_in_range("key_index", key_index, 0, rows, f"the {rows} history rows of keys",
+                       high_inclusive=False)
         key_index = key_index.long()
     else:
         rows = batch
