@@ -190,7 +190,7 @@ def test_compiled_matches_reference(kind):
     """Same rule, same order: the compiled backend and the reference agree to rounding."""
     for dtype in (torch.float32, torch.float64):
         weight, ids, rows, counts = _batch(k=200, n=300, d=33, dtype=dtype, high=300)
-        states = [torch.rand(300, 33, dtype=mba_op.accumulation_dtype(dtype)) for _ in range(2)]
+        states = [torch.rand(300, 33, dtype=mba_op.compute_dtype(dtype)) for _ in range(2)]
         results = []
         for backend in ("reference", "cpu"):
             w = weight.clone()

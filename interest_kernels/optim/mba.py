@@ -38,7 +38,7 @@ from ..ops.mba.op import (
     mba_adam_update,
     mba_sgd_update,
 )
-from ..ops.mba.reference import accumulation_dtype
+from ..ops.common import compute_dtype
 from ._rows import clear_rows, take_rows
 
 __all__ = ["MBAAdagrad", "MBAAdam", "MBASGD"]
@@ -138,7 +138,7 @@ class _MBAOptimizer(Optimizer):
             state["online_counts"] = True
         if "step" not in state:
             state["step"] = 0
-            acc = accumulation_dtype(p.dtype)
+            acc = compute_dtype(p.dtype)
             for name in self._state_tensors:
                 state[name] = torch.full(
                     p.shape, self._initial_state_value(group), dtype=acc, device=p.device

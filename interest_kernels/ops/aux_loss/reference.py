@@ -21,6 +21,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..common import compute_dtype, valid_mask
+
 ACTIVATIONS = ("sigmoid", "relu", "identity")
 
 
@@ -30,23 +32,6 @@ def _act(x: torch.Tensor, activation: str) -> torch.Tensor:
     if activation == "relu":
         return torch.relu(x)
     return x
-
-
-def pair_valid(
-    batch: int,
-    seq_len: int,
-    lengths: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    device: torch.device,
-) -> torch.Tensor:
-    """(B, T-1) bool: pair (t, t+1) has both steps valid."""
-    if mask is not None:
-        valid = mask.to(torch.bool)
-    elif lengths is not None:
-        valid = torch.arange(seq_len, device=device).unsqueeze(0) < lengths.to(device).view(batch, 1)
-    else:
-        valid = torch.ones(batch, seq_len, dtype=torch.bool, device=device)
-    return valid[:, :-1] & valid[:, 1:]
 
 
 def dien_aux_loss_reference(
@@ -69,8 +54,11 @@ def dien_aux_loss_reference(
     are computed in float32; the loss has the dtype of ``states``.
     """
     batch, seq_len, _ = states.shape
-    cdt = torch.float64 if states.dtype == torch.float64 else torch.float32
-    pairs = pair_valid(batch, seq_len, lengths, mask, states.device)
+    cdt = compute_dtype(states.dtype)
+    valid = valid_mask(lengths, mask, seq_len, states.device)
+    if valid is None:
+        valid = torch.ones(batch, seq_len, dtype=torch.bool, device=states.device)
+    pairs = valid[:, :-1] & valid[:, 1:]  # (B, T-1): both steps of pair (t, t+1) valid
     h = states[:, :-1].to(cdt)
 
     def score(e: torch.Tensor) -> torch.Tensor:

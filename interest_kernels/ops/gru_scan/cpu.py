@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from .reference import compute_dtype
+from ..common import compute_dtype
 
 
 def _tanh_(t: torch.Tensor) -> torch.Tensor:

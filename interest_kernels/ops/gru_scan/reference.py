@@ -23,29 +23,10 @@ from typing import Optional
 
 import torch
 
+from ..common import compute_dtype, valid_mask
+
 MODES = ("gru", "aigru", "agru", "augru")
 VARIANTS = ("paper", "tensorflow")
-
-
-def valid_steps(
-    batch: int,
-    seq_len: int,
-    lengths: Optional[torch.Tensor],
-    mask: Optional[torch.Tensor],
-    device: torch.device,
-) -> Optional[torch.Tensor]:
-    """(B, T) bool of the steps that update h, or None when every step does."""
-    if mask is not None:
-        return mask.to(torch.bool)
-    if lengths is not None:
-        steps = torch.arange(seq_len, device=device)
-        return steps.unsqueeze(0) < lengths.to(device).view(batch, 1)
-    return None
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the scan state and gate math run in for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def gru_scan_reference(
@@ -78,7 +59,7 @@ def gru_scan_reference(
     b_hn = b_hh[2 * hidden :] if b_hh is not None else None
     xs = x.to(cdt)
     a = att.to(cdt) if att is not None else None
-    valid = valid_steps(batch, seq_len, lengths, mask, x.device)
+    valid = valid_mask(lengths, mask, seq_len, x.device)
 
     h = h0.to(cdt) if h0 is not None else torch.zeros(batch, hidden, dtype=cdt, device=x.device)
     outputs = []

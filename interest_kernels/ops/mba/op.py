@@ -27,9 +27,9 @@ import torch
 
 from ... import _extension
 from ..._backend import define_op, extension_unavailable_reason
+from ..common import compute_dtype
 from ..._validation import INDEX_DTYPES, check_tensor, value_checks_enabled
 from .reference import (
-    accumulation_dtype,
     dedup_rows_reference,
     mba_adagrad_reference,
     mba_adam_reference,
@@ -68,7 +68,7 @@ def _register_fakes() -> None:
     @torch.library.register_fake("interest_kernels::dedup_rows")
     def _dedup_rows_fake(ids: torch.Tensor, grad_rows: torch.Tensor, num_rows: int):
         num_unique = torch.library.get_ctx().new_dynamic_size()
-        acc = accumulation_dtype(grad_rows.dtype)
+        acc = compute_dtype(grad_rows.dtype)
         return (
             ids.new_empty((num_unique,), dtype=torch.int64),
             grad_rows.new_empty((num_unique, grad_rows.shape[-1]), dtype=acc),
@@ -199,7 +199,7 @@ def _check_update_args(
     assert isinstance(counts, torch.Tensor)
     if counts.shape[0] != num_rows:
         raise ValueError(f"counts must have shape ({num_rows},) (one per table row), got {tuple(counts.shape)}")
-    acc = accumulation_dtype(weight.dtype)
+    acc = compute_dtype(weight.dtype)
     for name, state in states:
         check_tensor(name, state, ndim=2, dtypes=(acc,), device=device)
         assert isinstance(state, torch.Tensor)

@@ -31,19 +31,15 @@ from typing import Optional
 
 import torch
 
+from ..common import compute_dtype
+
 __all__ = [
-    "accumulation_dtype",
     "count_ids_reference",
     "dedup_rows_reference",
     "mba_adagrad_reference",
     "mba_adam_reference",
     "mba_sgd_reference",
 ]
-
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the arithmetic and of the optimiser state for a table of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def dedup_rows_reference(
@@ -57,7 +53,7 @@ def dedup_rows_reference(
     """
     flat = ids.reshape(-1).long()
     dim = grad_rows.shape[-1]
-    rows = grad_rows.reshape(-1, dim).to(accumulation_dtype(grad_rows.dtype))
+    rows = grad_rows.reshape(-1, dim).to(compute_dtype(grad_rows.dtype))
     if flat.numel() == 0:
         return flat.new_zeros(0), rows.new_zeros(0, dim)
     order = torch.argsort(flat, stable=True)
@@ -89,7 +85,7 @@ def _touched(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(unique ids, g (U, D), w (U, D), n (U, 1)) in the accumulation dtype."""
     unique_ids, g = dedup_rows_reference(ids, grad_rows)
-    acc = accumulation_dtype(weight.dtype)
+    acc = compute_dtype(weight.dtype)
     w = weight[unique_ids].to(acc)
     n = counts[unique_ids].to(acc).unsqueeze(1)
     return unique_ids, g, w, n

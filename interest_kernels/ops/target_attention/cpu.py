@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from ..dice.reference import DiceParams
-from .reference import apply_activation, compute_dtype, normalize_scores, valid_positions
+from ..common import compute_dtype
+from .reference import apply_activation, normalize_scores, valid_positions
 
 
 def _activate(

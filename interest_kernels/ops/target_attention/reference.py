@@ -23,12 +23,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..common import compute_dtype, valid_mask
 from ..dice.reference import DiceParams, dice_reference
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the math runs in for inputs of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def valid_positions(
@@ -43,11 +39,8 @@ def valid_positions(
 
     ``lengths``/``mask`` are indexed by history row; ``key_index`` maps queries to rows.
     """
-    if lengths is not None:
-        valid = torch.arange(seq_len, device=device) < lengths.reshape(-1, 1)
-    elif mask is not None:
-        valid = mask != 0
-    else:
+    valid = valid_mask(lengths, mask, seq_len, device)
+    if valid is None:
         return torch.ones(batch, seq_len, dtype=torch.bool, device=device)
     if key_index is not None:
         valid = valid.index_select(0, key_index)
