@@ -24,6 +24,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
+from .._validation import check_choice
 from ..ops.aux_loss.op import dien_aux_loss
 from ..ops.aux_loss.reference import ACTIVATIONS as AUX_ACTIVATIONS
 from ..ops.gru_scan.op import gru_scan
@@ -158,10 +159,8 @@ class AttentionalGRU(nn.Module):
         bias: bool = True,
     ) -> None:
         super().__init__()
-        if mode not in ("aigru", "agru", "augru"):
-            raise ValueError(f"mode must be one of 'aigru', 'agru', 'augru', got {mode!r}")
-        if variant not in VARIANTS:
-            raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+        check_choice("mode", mode, ("aigru", "agru", "augru"))
+        check_choice("variant", variant, VARIANTS)
         self.input_size = input_size
         self.hidden_size = hidden_size
         self.mode = mode
@@ -244,8 +243,7 @@ class InterestEvolving(nn.Module):
         variant: str = "paper",
     ) -> None:
         super().__init__()
-        if gru_type not in GRU_TYPES:
-            raise ValueError(f"gru_type must be one of {GRU_TYPES}, got {gru_type!r}")
+        check_choice("gru_type", gru_type, GRU_TYPES)
         self.input_size = input_size
         self.gru_type = gru_type
         self.attention = TargetAttention(
@@ -327,8 +325,7 @@ class AuxiliaryLoss(nn.Module):
         activation: str = "sigmoid",
     ) -> None:
         super().__init__()
-        if activation not in AUX_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {AUX_ACTIVATIONS}, got {activation!r}")
+        check_choice("activation", activation, AUX_ACTIVATIONS)
         hidden_units = tuple(int(u) for u in hidden_units)
         if not hidden_units:
             raise ValueError("hidden_units must hold at least one width")

@@ -24,6 +24,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .._validation import check_choice
 from ..ops.dice.reference import DiceParams
 from ..ops.target_attention.op import ACTIVATIONS, MAX_LAYERS, NORMALIZATIONS, target_attention
 
@@ -111,10 +112,8 @@ class TargetAttention(nn.Module):
         hidden_units = tuple(int(h) for h in hidden_units)
         if not 1 <= len(hidden_units) <= MAX_LAYERS:
             raise ValueError(f"hidden_units must hold 1 to {MAX_LAYERS} widths, got {hidden_units}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
-        if normalization not in NORMALIZATIONS:
-            raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+        check_choice("activation", activation, ACTIVATIONS)
+        check_choice("normalization", normalization, NORMALIZATIONS)
         if per_head_mlp and not num_heads:
             raise ValueError("per_head_mlp=True needs num_heads")
         self.embedding_dim = embedding_dim

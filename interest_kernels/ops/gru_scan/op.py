@@ -104,7 +104,7 @@ def gru_scan(
     batch, seq_len, input_size = x.shape
     check_tensor("weight_ih", weight_ih, ndim=2, device=device)
     check_tensor("weight_hh", weight_hh, ndim=2, device=device)
-    if weight_hh.shape[0] % 3 != 0 or weight_hh.shape[0] != 3 * weight_hh.shape[1]:
+    if weight_hh.shape[0] != 3 * weight_hh.shape[1]:
         raise ValueError(
             f"weight_hh must have shape (3H, H) (rows [r; z; n]), got {tuple(weight_hh.shape)}"
         )
@@ -141,8 +141,7 @@ def gru_scan(
     if lengths is not None:
         lengths = lengths.to(torch.int64)
 
-    impl = OP.select(device, dtype=x.dtype, mode=mode, variant=variant, hidden=hidden,
-                     input_size=input_size, return_states=return_states)
+    impl = OP.select(device, dtype=x.dtype)
     return impl.fn(
         x=x, weight_ih=weight_ih, weight_hh=weight_hh, bias_ih=bias_ih, bias_hh=bias_hh, att=att,
         mode=mode, variant=variant, lengths=lengths, mask=mask, h0=h0, return_states=return_states,

@@ -142,7 +142,7 @@ def _load_bias(b_ptr, GATE: tl.constexpr, H, cols, HAS_B: tl.constexpr, HP: tl.c
 
 
 @triton.jit
-def _valid_rows(len_ptr, mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
+def _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
     if VALID == 1:
         return row_ok & (t < seq_len)
     elif VALID == 2:
@@ -219,7 +219,7 @@ def _gru_scan_fwd_kernel(
                 keep = z
         h_new = n + keep * (h - n)
 
-        valid = _valid_rows(len_ptr, mask_ptr, row_ok, step, t, seq_len, VALID)[:, None]
+        valid = _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID)[:, None]
         if WRITE_STATES:
             tl.store(
                 states_ptr + step[:, None] * H + cols[None, :],
@@ -276,7 +276,7 @@ def _gru_scan_bwd_kernel(
     for i in range(T):
         t = T - 1 - i
         step = rows64 * T + t
-        valid_row = _valid_rows(len_ptr, mask_ptr, row_ok, step, t, seq_len, VALID)
+        valid_row = _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID)
         valid = valid_row[:, None]
 
         # h_{t-1}: the saved state of the last valid step before t, or h0 (prev = -1).

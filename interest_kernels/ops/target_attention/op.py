@@ -11,8 +11,6 @@ normalised form and return ``(out, scores_or_None)``:
 """
 from __future__ import annotations
 
-import importlib
-import importlib.util
 from typing import Optional, Sequence
 
 import torch
@@ -62,13 +60,9 @@ def _triton_why_not(device: torch.device, **facts) -> Optional[str]:
     reason = triton_unavailable_reason(device)
     if reason is not None:
         return reason
-    if importlib.util.find_spec(f"{__package__}.triton") is None:
-        return "the Triton kernel (ops/target_attention/triton.py) is not part of this install"
-    # The kernel module may state which calls it cannot take; importing it imports
-    # triton, which is fine here since triton is present and would run the call.
-    module = importlib.import_module(f"{__package__}.triton")
-    unsupported = getattr(module, "unsupported_reason", None)
-    return unsupported(**facts) if unsupported is not None else None
+    from .triton import unsupported_reason  # imports triton, which is present by now
+
+    return unsupported_reason(device=device, **facts)
 
 
 @OP.register("triton", why_not=_triton_why_not)
