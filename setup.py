@@ -16,8 +16,6 @@ import os
 
 from setuptools import find_packages, setup
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-
 
 def _extensions():
     if os.environ.get("INTEREST_KERNELS_NO_EXTENSION", "0") == "1":
@@ -25,29 +23,21 @@ def _extensions():
     import torch
     from torch.utils import cpp_extension
 
-    csrc = os.path.join("csrc")
+    csrc = "csrc"
     sources = [os.path.join(csrc, f) for f in ("ops.cpp", "mba_cpu.cpp", "module.cpp")]
     # at::parallel_for expands to OpenMP pragmas in the headers when torch uses OpenMP.
     openmp = "OpenMP" in torch.__config__.parallel_info()
     cxx = ["-O3"] + (["-fopenmp"] if openmp else [])
     link = ["-fopenmp"] if openmp else []
     with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
-    if with_cuda:
-        ext = cpp_extension.CUDAExtension(
-            "interest_kernels._C",
-            sources + [os.path.join(csrc, "mba_cuda.cu")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"]},
-            extra_link_args=link,
-            depends=glob.glob(os.path.join(csrc, "*.h")),
-        )
-    else:
-        ext = cpp_extension.CppExtension(
-            "interest_kernels._C",
-            sources,
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=link,
-            depends=glob.glob(os.path.join(csrc, "*.h")),
-        )
+    extension = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    ext = extension(
+        "interest_kernels._C",
+        sources + ([os.path.join(csrc, "mba_cuda.cu")] if with_cuda else []),
+        extra_compile_args={"cxx": cxx, **({"nvcc": ["-O3"]} if with_cuda else {})},
+        extra_link_args=link,
+        depends=glob.glob(os.path.join(csrc, "*.h")),
+    )
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
 
 

@@ -28,6 +28,23 @@ class DiceParams(NamedTuple):
     eps: float = 1e-8
 
 
+def update_running_stats(
+    running_mean: torch.Tensor,
+    running_var: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    n: int,
+    momentum: float,
+) -> None:
+    """BatchNorm's in-place update from a batch of ``n`` positions with ``mean`` and
+    biased ``var`` (shaped like the running statistics, or reshapeable to them): the
+    momentum blend, with the unbiased variance going into ``running_var``."""
+    with torch.no_grad():
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        running_mean.mul_(1 - momentum).add_(momentum * mean.reshape(running_mean.shape).to(running_mean.dtype))
+        running_var.mul_(1 - momentum).add_(momentum * unbiased.reshape(running_var.shape).to(running_var.dtype))
+
+
 def dice_reference(
     x: torch.Tensor,
     alpha: torch.Tensor,
@@ -48,11 +65,7 @@ def dice_reference(
         mean = stats.mean(dim=0)
         var = stats.var(dim=0, unbiased=False)
         if running_mean is not None and running_var is not None:
-            n = flat.shape[0]
-            with torch.no_grad():
-                unbiased = var * (n / (n - 1)) if n > 1 else var
-                running_mean.mul_(1 - momentum).add_(momentum * mean.to(running_mean.dtype))
-                running_var.mul_(1 - momentum).add_(momentum * unbiased.to(running_var.dtype))
+            update_running_stats(running_mean, running_var, mean, var, flat.shape[0], momentum)
     else:
         if running_mean is None or running_var is None:
             raise ValueError("Dice in eval mode needs running_mean and running_var")

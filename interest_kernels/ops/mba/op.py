@@ -102,22 +102,8 @@ def _reference(kind: str, **kw: Any) -> None:
 
 
 def _compiled(kind: str, **kw: Any) -> None:
-    ops = _compiled_ops()
-    if kind == "sgd":
-        ops.mba_sgd_update(
-            kw["weight"], kw["ids"], kw["grad_rows"], kw["counts"], kw["lr"], kw["weight_decay"]
-        )
-    elif kind == "adagrad":
-        ops.mba_adagrad_update(
-            kw["weight"], kw["state_sum"], kw["ids"], kw["grad_rows"], kw["counts"],
-            kw["lr"], kw["weight_decay"], kw["eps"], kw["lr_decay"], kw["step"],
-        )
-    else:
-        ops.mba_adam_update(
-            kw["weight"], kw["exp_avg"], kw["exp_avg_sq"], kw["ids"], kw["grad_rows"],
-            kw["counts"], kw["lr"], kw["beta1"], kw["beta2"], kw["eps"], kw["weight_decay"],
-            kw["step"],
-        )
+    # The keyword names are the registered schemas' argument names (csrc/ops.cpp).
+    getattr(_compiled_ops(), f"mba_{kind}_update")(**kw)
     # The kernels write through raw pointers; bump the version counters as in-place torch
     # ops do, so autograd notices a table that some graph saved and this step changed.
     if not torch.compiler.is_compiling():
@@ -276,16 +262,19 @@ def count_ids(
             raise ValueError(f"padding_idx must be an int in [-{num_rows}, {num_rows}), got {padding_idx!r}")
         padding_idx %= num_rows
     _check_ids_in_range(ids, num_rows)
+    # Each id adds a 0/1 weight (not counted: repeats inside a sample, the padding id),
+    # so no shape depends on the data and nothing waits for the device.
     if ids.dim() <= 1:
         flat = ids.reshape(-1).long()
+        keep = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
     else:
         per_sample = ids.reshape(ids.shape[0], -1).long().sort(dim=1).values
-        first = torch.ones_like(per_sample, dtype=torch.bool)
-        first[:, 1:] = per_sample[:, 1:] != per_sample[:, :-1]
-        flat = per_sample[first]
+        keep = torch.ones_like(per_sample, dtype=torch.bool)
+        keep[:, 1:] = per_sample[:, 1:] != per_sample[:, :-1]
+        flat, keep = per_sample.reshape(-1), keep.reshape(-1)
     if padding_idx is not None:
-        flat = flat[flat != padding_idx]
-    counts.index_add_(0, flat, torch.ones(flat.shape, dtype=counts.dtype, device=counts.device))
+        keep &= flat != padding_idx
+    counts.index_add_(0, flat, keep.to(counts.dtype))
     return counts
 
 

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..dice.reference import DiceParams
+from ..dice.reference import DiceParams, update_running_stats
 
 _ACTIVATIONS = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
 _MAX_LAYERS = 3
@@ -1218,11 +1218,5 @@ def _dice_batch_stats(qterm, q, k, key_index, w_kd, w_p, layer_args, acts, heads
     mean = sums[:, 0] / n
     var = (sums[:, 1] / n - mean * mean).clamp_min(0.0)
     if params.running_mean is not None and params.running_var is not None:
-        with torch.no_grad():
-            unbiased = var * (n / (n - 1)) if n > 1 else var
-            rm, rv = params.running_mean, params.running_var
-            rm.mul_(1 - params.momentum).add_(
-                params.momentum * mean.reshape(rm.shape).to(rm.dtype))
-            rv.mul_(1 - params.momentum).add_(
-                params.momentum * unbiased.reshape(rv.shape).to(rv.dtype))
+        update_running_stats(params.running_mean, params.running_var, mean, var, n, params.momentum)
     return mean.float(), var.float()
