@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 
 from interest_kernels.data import Batch, FeatureSpec
-from interest_kernels.models import MODELS, CTRModel, make_optimizers
+from interest_kernels.models import MODELS, CTRModel, make_optimizers, train_step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -79,25 +79,20 @@ def _step_fns(name: str, spec: FeatureSpec, backend: str, batches: list[Batch], 
     # Each model keeps its own RNG stream (dropout), as the backends' steps interleave.
     rng = [torch.get_rng_state()]
 
-    def train_step() -> None:
+    def timed_step() -> None:
         batch = batches[next(counter) % len(batches)]
         torch.set_rng_state(rng[0])
         model.train()
-        sparse_opt.zero_grad(), dense_opt.zero_grad()
-        loss, _ = model.loss(batch)
-        loss.backward()
-        with model.backend_context():
-            sparse_opt.step()
-        dense_opt.step()
+        loss = train_step(model, sparse_opt, dense_opt, batch)
         rng[0] = torch.get_rng_state()
-        losses.append(float(loss.detach()))
+        losses.append(float(loss))
 
     @torch.no_grad()
     def forward() -> None:
         model.eval()
         model(batches[0])
 
-    return {"train_step": train_step, "forward": forward}
+    return {"train_step": timed_step, "forward": forward}
 
 
 def bench_one(name: str, spec: FeatureSpec, batch_size: int, history: int, device: torch.device,

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 
 from .data import BatchIterator, Dataset, generate_amazon, generate_taobao, load_amazon, load_taobao
 from .data.common import Samples, eval_batches
-from .models import MODELS, CTRModel, make_optimizers
+from .models import MODELS, CTRModel, make_optimizers, train_step
 
 __all__ = ["TrainConfig", "RunResult", "Trainer", "auc", "build_dataset", "run", "main"]
 
@@ -156,16 +156,9 @@ class Trainer:
     def step(self, batch) -> float:
         """One training step on ``batch`` (on the CPU; moved here); returns the loss."""
         self.model.train()
-        batch = batch.to(self.device)
-        self.dense_opt.zero_grad()
-        self.sparse_opt.zero_grad()
-        loss, _ = self.model.loss(batch)
-        loss.backward()
-        with self.model.backend_context():
-            self.sparse_opt.step()
-        self.dense_opt.step()
+        loss = train_step(self.model, self.sparse_opt, self.dense_opt, batch.to(self.device))
         self.steps += 1
-        return float(loss.detach())
+        return float(loss)
 
     @torch.no_grad()
     def evaluate(self, samples: Samples) -> tuple[float, float]:
@@ -280,9 +273,7 @@ def run(
         epoch_losses, epoch_time, epoch_samples = [], 0.0, 0
         for batch in trainer.batches.epoch_batches():
             start = time.perf_counter()
-            loss = trainer.step(batch)
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize()
+            loss = trainer.step(batch)  # a float: the step has finished on the device
             elapsed = time.perf_counter() - start
             epoch_time += elapsed
             epoch_samples += batch.size

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from interest_kernels.data import Batch, FeatureSpec
-from interest_kernels.models import DIEN, DIN, DMIN, make_optimizers
+from interest_kernels.models import DIEN, DIN, DMIN, make_optimizers, train_step
 from interest_kernels.train import TrainConfig, run
 
 TINY = {
@@ -114,12 +114,7 @@ def test_training_step_with_mba_matches_between_backends(cls, sparse):
         sparse_opt, dense_opt = make_optimizers(model, sparse=sparse, sparse_lr=0.1, mba_lambda=0.5)
         torch.manual_seed(7)
         for _ in range(2):
-            sparse_opt.zero_grad(), dense_opt.zero_grad()
-            loss, _ = model.loss(batch)
-            loss.backward()
-            with model.backend_context():
-                sparse_opt.step()
-            dense_opt.step()
+            train_step(model, sparse_opt, dense_opt, batch)
             assert all(p.grad is None for p in model.sparse_parameters())  # MBAEmbedding: no gradient tensor
     for (name, a), (_, b) in zip(fused.state_dict().items(), reference.state_dict().items()):
         if name.endswith("attention.score.bias") and cls is not DIN:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._backend import use_backend
+from .._validation import check_choice
 from ..data.common import Batch, FeatureSpec
 from ..nn.dice import Dice
 from ..nn.mba_embedding import MBAEmbedding
@@ -58,8 +59,7 @@ class MLP(nn.Module):
 
     def __init__(self, in_features: int, hidden_units: Sequence[int], activation: str, dropout: float = 0.0) -> None:
         super().__init__()
-        if activation not in MLP_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {MLP_ACTIVATIONS}, got {activation!r}")
+        check_choice("activation", activation, MLP_ACTIVATIONS)
         layers: list[nn.Module] = []
         width = in_features
         for units in hidden_units:
@@ -142,10 +142,8 @@ class CTRModel(nn.Module):
         aux_weight: float = 1.0,
     ) -> None:
         super().__init__()
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-        if embedding not in EMBEDDINGS:
-            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {embedding!r}")
+        check_choice("backend", backend, BACKENDS)
+        check_choice("embedding", embedding, EMBEDDINGS)
         self.backend = backend
         self.aux_weight = float(aux_weight)
         self.user_embedding = _table(spec.num_users, user_dim, embedding)
@@ -186,14 +184,15 @@ class CTRModel(nn.Module):
         """The model proper (under the backend chosen by :meth:`forward`)."""
         raise NotImplementedError
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        """Total training loss (0-d) and its parts as floats (``target``, ``aux``)."""
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Total training loss (0-d) and its parts (``target``, ``aux``) as detached 0-d
+        tensors, left on the device so a step never waits for it."""
         out = self(batch)
         target = F.binary_cross_entropy_with_logits(out.logits.float(), batch.label)
-        parts = {"target": float(target.detach())}
+        parts = {"target": target.detach()}
         if out.aux_loss is None:
             return target, parts
-        parts["aux"] = float(out.aux_loss.detach())
+        parts["aux"] = out.aux_loss.detach()
         return target + self.aux_weight * out.aux_loss, parts
 
     # --- parameter groups ---------------------------------------------------------------
@@ -223,9 +222,23 @@ def make_optimizers(
 
     ``mba_lambda`` is SPEC section 5's lambda, with frequencies counted online.
     """
-    if sparse not in SPARSE_OPTIMIZERS:
-        raise ValueError(f"sparse must be one of {tuple(SPARSE_OPTIMIZERS)}, got {sparse!r}")
+    check_choice("sparse", sparse, tuple(SPARSE_OPTIMIZERS))
     kwargs: dict[str, Any] = {"lr": sparse_lr, "weight_decay": mba_lambda}
     sparse_opt = SPARSE_OPTIMIZERS[sparse](list(model.sparse_parameters()), **kwargs)
     dense_opt = torch.optim.Adam(list(model.dense_parameters()), lr=dense_lr)
     return sparse_opt, dense_opt
+
+
+def train_step(
+    model: CTRModel, sparse_opt: torch.optim.Optimizer, dense_opt: torch.optim.Optimizer, batch: Batch
+) -> torch.Tensor:
+    """One training step: loss, backward, the MBA step (under the model's backend) and
+    the dense step. Returns the detached 0-d loss, still on the device."""
+    sparse_opt.zero_grad()
+    dense_opt.zero_grad()
+    loss, _ = model.loss(batch)
+    loss.backward()
+    with model.backend_context():
+        sparse_opt.step()
+    dense_opt.step()
+    return loss.detach()
