@@ -21,9 +21,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import statistics
-import subprocess
 import time
 from typing import Callable
 
@@ -32,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from interest_kernels import _extension
+from interest_kernels.bench.harness import environment, percentiles
 from interest_kernels.nn.mba_embedding import MBAEmbedding
 from interest_kernels.optim import MBAAdagrad, MBAAdam, MBASGD
 
@@ -53,12 +51,6 @@ def _time_steps(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor
     return times
 
 
-def _quantiles(ms: list[float]) -> dict[str, float]:
-    ms = sorted(ms)
-    q = statistics.quantiles(ms, n=10) if len(ms) >= 2 else [ms[0]] * 9
-    return {"ms_p20": q[1], "ms_p50": statistics.median(ms), "ms_p80": q[7]}
-
-
 def _run_case(rows: int, ids_per_batch: int, iters: int, warmup: int, which: set[str]) -> list[dict]:
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, rows, (ids_per_batch,), generator=gen) for _ in range(iters + warmup)]
@@ -71,7 +63,7 @@ def _run_case(rows: int, ids_per_batch: int, iters: int, warmup: int, which: set
     def record(optimizer: str, method: str, ms: list[float]) -> None:
         results.append({
             "op": "mba_step", "optimizer": optimizer, "method": method, "num_rows": rows, "dim": DIM,
-            "batch_ids": ids_per_batch, "unique_ids": unique, "dtype": "float32", **_quantiles(ms),
+            "batch_ids": ids_per_batch, "unique_ids": unique, "dtype": "float32", **dict(zip(("ms_p20", "ms_p50", "ms_p80"), percentiles(ms))),
         })
         print(f"  {optimizer:8s} {method:34s} p50 {results[-1]['ms_p50']:9.2f} ms", flush=True)
 
@@ -119,13 +111,6 @@ def _run_case(rows: int, ids_per_batch: int, iters: int, warmup: int, which: set
     return results
 
 
-def _git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 2_000_000, 10_000_000])
@@ -140,9 +125,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not _extension.load():
         print(f"warning: {_extension.unavailable_reason()}; MBA runs the eager reference")
+    env = environment(torch.device("cpu"))
     meta = {
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.processor() or platform.machine(),
-        "git_sha": _git_sha(), "backend": "cpu" if _extension.load() else "reference",
+        "torch": env["torch"], "threads": torch.get_num_threads(), "machine": env["device_name"],
+        "git_sha": env["git_sha"], "backend": "cpu" if _extension.load() else "reference",
     }
     rows = []
     for n in args.rows:

@@ -21,14 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import statistics
-import subprocess
 import time
 from typing import Any, Callable
 
 import torch
 
+from interest_kernels.bench.harness import environment, percentiles, sync
 from interest_kernels.data import Batch, FeatureSpec
 from interest_kernels.models import MODELS, CTRModel, make_optimizers, train_step
 
@@ -58,16 +56,6 @@ def make_batch(spec: FeatureSpec, batch_size: int, history: int, seed: int) -> B
         context=torch.zeros(batch_size, 0, dtype=torch.int64),
         label=torch.randint(0, 2, (batch_size,), generator=gen).float(),
     )
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _quantile(values: list[float], q: float) -> float:
-    values = sorted(values)
-    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
 
 
 def _step_fns(name: str, spec: FeatureSpec, backend: str, batches: list[Batch], device: torch.device,
@@ -110,14 +98,14 @@ def bench_one(name: str, spec: FeatureSpec, batch_size: int, history: int, devic
             for b in backends:
                 start = time.perf_counter()
                 fns[b][mode]()
-                _sync(device)
+                sync(device)
                 if i >= warmup:
                     times[b].append((time.perf_counter() - start) * 1e3)
         for b in backends:
-            p50 = statistics.median(times[b])
+            p20, p50, p80 = percentiles(times[b])
             rows.append(dict(
                 model=name, batch=batch_size, history=history, backend=b, device=str(device), mode=mode,
-                p20_ms=_quantile(times[b], 0.2), p50_ms=p50, p80_ms=_quantile(times[b], 0.8),
+                p20_ms=p20, p50_ms=p50, p80_ms=p80,
                 samples_per_s=batch_size / p50 * 1e3,
             ))
     diff = max(abs(a - b) for a, b in zip(losses["fused"], losses["reference"]))
@@ -127,21 +115,7 @@ def bench_one(name: str, spec: FeatureSpec, batch_size: int, history: int, devic
 
 
 def machine(device: torch.device) -> dict[str, Any]:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                             check=False, cwd=HERE).stdout.strip() or None
-    except OSError:
-        sha = None
-    try:
-        import triton
-        triton_version = triton.__version__
-    except ImportError:
-        triton_version = None
-    return dict(
-        device=str(device),
-        device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        torch=torch.__version__, triton=triton_version, threads=torch.get_num_threads(), git_sha=sha,
-    )
+    return dict(device=str(device), threads=torch.get_num_threads(), **environment(device))
 
 
 def main() -> None:

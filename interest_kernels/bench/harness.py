@@ -93,28 +93,55 @@ def _first_tensor(out: Any) -> list[torch.Tensor]:
     return [o for o in out if isinstance(o, torch.Tensor)]
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device (CUDA) so a wall-clock reading covers the work queued."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        torch.cuda.synchronize(device)
+
+
+def percentiles(times_ms: list[float]) -> tuple[float, float, float]:
+    """p20, p50, p80 of a list of timings (every benchmark reports these three)."""
+    q = statistics.quantiles(times_ms, n=10) if len(times_ms) >= 2 else times_ms * 9
+    return q[1], statistics.median(times_ms), q[7]
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result depends on besides the code: device name, torch, triton, CUDA, git."""
+    triton_version = None
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        pass
+    try:
+        sha = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
+            cwd=os.path.dirname(os.path.abspath(__file__)),
+        ).stdout.strip() or None
+    except OSError:
+        sha = None
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
+    return {"device_name": name, "torch": torch.__version__, "triton": triton_version,
+            "cuda": torch.version.cuda, "git_sha": sha}
 
 
 def time_fn(fn: Callable[[], Any], device: torch.device, budget_s: float = 1.0) -> tuple[float, float, float]:
     """p20, p50, p80 of one call's wall time in ms (CUDA: synchronised per call)."""
     fn()
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     fn()
-    _sync(device)
+    sync(device)
     one = max(time.perf_counter() - t0, 1e-6)
     reps = int(min(200, max(3, budget_s / one)))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(times, n=10) if len(times) >= 2 else times * 9
-    return q[1], statistics.median(times), q[7]
+    return percentiles(times)
 
 
 def measure_machine(device: torch.device) -> Machine:
@@ -132,24 +159,8 @@ def measure_machine(device: torch.device) -> Machine:
         b = torch.randn(size, size, device=device).to(dt)
         _, p50, _ = time_fn(lambda: a @ b, device, budget_s=0.5)
         rates[str(dt).replace("torch.", "")] = 2 * size**3 / (p50 * 1e-3) / 1e12
-    triton_version = None
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except ImportError:
-        pass
-    try:
-        sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False,
-            cwd=os.path.dirname(os.path.abspath(__file__)),
-        ).stdout.strip() or None
-    except OSError:
-        sha = None
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
     return Machine(
-        device=device.type, device_name=name, torch=torch.__version__, triton=triton_version,
-        cuda=torch.version.cuda, git_sha=sha, copy_gbps=copy_gbps, matmul_tflops=rates,
+        device=device.type, **environment(device), copy_gbps=copy_gbps, matmul_tflops=rates,
         when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     )
 
@@ -197,11 +208,11 @@ def _max_err(a: Any, b: Any) -> float:
 def _peak_mb(device: torch.device, run: Callable[[], Any]) -> Optional[float]:
     if device.type != "cuda":
         return None
-    _sync(device)
+    sync(device)
     torch.cuda.reset_peak_memory_stats(device)
     base = torch.cuda.memory_allocated(device)
     run()
-    _sync(device)
+    sync(device)
     return (torch.cuda.max_memory_allocated(device) - base) / 2**20
 
 
@@ -308,5 +319,6 @@ def markdown_table(machine: Machine, rows: list[Row]) -> str:
     return head + "\n".join(lines) + "\n"
 
 
-__all__ = ["Case", "Floor", "Row", "Machine", "fresh_inputs", "make_runner", "measure_machine", "run_case",
+__all__ = ["Case", "Floor", "Row", "Machine", "environment", "fresh_inputs", "make_runner",
+           "measure_machine", "percentiles", "run_case", "sync",
            "write_results", "markdown_table", "time_fn", "floor_ms"]
