@@ -10,7 +10,8 @@ timed per step (the forward runs outside the timer). Compared:
 * Adagrad: ``MBAAdagrad`` vs ``torch.optim.Adagrad`` on the sparse gradient.
 * Adam: ``MBAAdam`` vs ``torch.optim.SparseAdam``.
 
-Writes long-form rows to bench/results/mba_cpu.json and prints a table.
+Writes long-form rows to bench/results/mba_cpu.local.json (not committed; pass --out to
+name a results file) and prints a table.
 
     python bench/bench_mba.py                      # 1M, 2M, 10M rows; 4k and 64k ids
     python bench/bench_mba.py --rows 1000000 --ids 4096 --iters 5
@@ -119,7 +120,7 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "mba_cpu.json"))
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "mba_cpu.local.json"))
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
