@@ -25,9 +25,21 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from interest_kernels._backend import use_backend
+
 from .harness import Case, Floor
 
 SHAPE_SETS = ("smoke", "cpu", "realistic")
+
+
+def _on_reference(call: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
+    """``call`` run on the eager reference backend: the baseline every case is timed against."""
+
+    def reference(inp: dict[str, Any]) -> Any:
+        with use_backend("reference"):
+            return call(inp)
+
+    return reference
 
 
 def _size(dtype: torch.dtype) -> int:
@@ -62,14 +74,6 @@ def _ta_call(inp: dict[str, Any]) -> Any:
     return target_attention(**inp, activation="sigmoid", normalization="softmax")
 
 
-def _ta_reference_call(inp: dict[str, Any]) -> Any:
-    from interest_kernels import use_backend
-    from interest_kernels.ops.target_attention.op import target_attention
-
-    with use_backend("reference"):
-        return target_attention(**inp, activation="sigmoid", normalization="softmax")
-
-
 def _ta_floor(B: int, T: int, D: int, units: tuple[int, ...], dtype: torch.dtype) -> Callable[[str], Floor]:
     s = _size(dtype)
     per_pos = 2 * units[0] * 2 * D + sum(2 * a * b for a, b in zip(units[:-1], units[1:])) + 2 * units[-1] + 2 * D
@@ -98,7 +102,7 @@ def target_attention_cases(shape_set: str) -> Iterator[Case]:
             yield Case(
                 op="target_attention", label=f"B{B}_T{T}_D{D}", dtype=dtype,
                 shape={"B": B, "T": T, "D": D, "units": "x".join(map(str, units))},
-                make=_ta_make(B, T, D, units), call=_ta_call, reference=_ta_reference_call,
+                make=_ta_make(B, T, D, units), call=_ta_call, reference=_on_reference(_ta_call),
                 floor=_ta_floor(B, T, D, units, dtype),
                 grad_inputs=("query", "keys", "weights", "biases", "out_weight", "out_bias"),
             )
@@ -133,13 +137,6 @@ def _gru_call(inp: dict[str, Any]) -> Any:
     return gru_scan(**inp)
 
 
-def _gru_reference_call(inp: dict[str, Any]) -> Any:
-    from interest_kernels import use_backend
-
-    with use_backend("reference"):
-        return _gru_call(inp)
-
-
 def _gru_floor(B: int, T: int, H: int, dtype: torch.dtype) -> Callable[[str], Floor]:
     s = _size(dtype)
 
@@ -166,7 +163,7 @@ def gru_scan_cases(shape_set: str) -> Iterator[Case]:
                 yield Case(
                     op="gru_scan", label=f"{mode}_B{B}_T{T}_H{H}", dtype=dtype,
                     shape={"mode": mode, "B": B, "T": T, "H": H},
-                    make=_gru_make(B, T, H, mode), call=_gru_call, reference=_gru_reference_call,
+                    make=_gru_make(B, T, H, mode), call=_gru_call, reference=_on_reference(_gru_call),
                     floor=_gru_floor(B, T, H, dtype),
                     grad_inputs=("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "att"),
                 )
@@ -194,13 +191,6 @@ def _dice_call(inp: dict[str, Any]) -> Any:
     return dice(**inp, training=True)
 
 
-def _dice_reference_call(inp: dict[str, Any]) -> Any:
-    from interest_kernels import use_backend
-
-    with use_backend("reference"):
-        return _dice_call(inp)
-
-
 def dice_cases(shape_set: str) -> Iterator[Case]:
     shapes = {"smoke": [(64, 8)], "cpu": [(100_000, 80)], "realistic": [(4096 * 200, 80), (4096 * 200, 40)]}[shape_set]
     dtypes = (torch.float32, torch.bfloat16) if shape_set == "realistic" else (torch.float32,)
@@ -213,7 +203,7 @@ def dice_cases(shape_set: str) -> Iterator[Case]:
 
             yield Case(
                 op="dice", label=f"N{N}_C{C}", dtype=dtype, shape={"N": N, "C": C},
-                make=_dice_make(N, C), call=_dice_call, reference=_dice_reference_call,
+                make=_dice_make(N, C), call=_dice_call, reference=_on_reference(_dice_call),
                 floor=floor, grad_inputs=("x", "alpha"), stateful=True,
             )
 
@@ -242,13 +232,6 @@ def _mba_call(inp: dict[str, Any]) -> Any:
     return inp["weight"]
 
 
-def _mba_reference_call(inp: dict[str, Any]) -> Any:
-    from interest_kernels import use_backend
-
-    with use_backend("reference"):
-        return _mba_call(inp)
-
-
 def mba_cases(shape_set: str) -> Iterator[Case]:
     shapes = {"smoke": [(1000, 8, 64)], "cpu": [(1_000_000, 64, 4096), (1_000_000, 64, 65536)],
               "realistic": [(10_000_000, 64, 65536), (10_000_000, 128, 262144)]}[shape_set]
@@ -262,7 +245,7 @@ def mba_cases(shape_set: str) -> Iterator[Case]:
         yield Case(
             op="mba_update", label=f"N{N}_D{D}_ids{n_ids}", dtype=torch.float32,
             shape={"rows": N, "D": D, "ids": n_ids}, make=_mba_make(N, D, n_ids), call=_mba_call,
-            reference=_mba_reference_call, floor=floor, stateful=True, modes=("step",),
+            reference=_on_reference(_mba_call), floor=floor, stateful=True, modes=("step",),
         )
 
 
