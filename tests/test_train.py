@@ -8,12 +8,7 @@ import torch
 from interest_kernels.train import TrainConfig, auc, build_dataset, load_checkpoint_config, main, run
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_auc_matches_sklearn_with_ties():
