@@ -26,6 +26,7 @@ from torch import nn
 
 from .._validation import check_choice
 from ..ops.dice.reference import DiceParams
+from .dice import Dice
 from ..ops.target_attention.op import ACTIVATIONS, MAX_LAYERS, NORMALIZATIONS, target_attention
 
 __all__ = ["TargetAttention", "AttentionDice", "PerHeadLinear"]
@@ -302,12 +303,15 @@ class TargetAttention(nn.Module):
                 ours.weight.copy_(theirs.weight)
         if self.dice is not None:
             for ours, theirs in zip(self.dice, acts):
-                ours.alpha.copy_(theirs.alpha.reshape(ours.alpha.shape))
-                ours.running_mean.copy_(theirs.bn.running_mean)
-                ours.running_var.copy_(theirs.bn.running_var)
+                # nn.Dice's converter checks the peer layer (moving-average BatchNorm with
+                # running statistics, one alpha per unit) and reads it out.
+                src = Dice._from_layer(theirs, "DeepCTR-Torch or FuxiCTR")
+                ours.alpha.copy_(src.alpha.reshape(ours.alpha.shape))
+                ours.running_mean.copy_(src.running_mean)
+                ours.running_var.copy_(src.running_var)
                 if ours.weight is not None:
-                    ours.weight.copy_(theirs.bn.weight)
-                    ours.bias.copy_(theirs.bn.bias)
+                    ours.weight.copy_(src.weight)
+                    ours.bias.copy_(src.bias)
 
 
 def _activation_name(m: nn.Module) -> Optional[str]:
