@@ -1,0 +1,235 @@
+"""Backward kernel: recompute per 64-key tile, parameter gradients accumulated on chip.
+
+Same grid and row walk as the forward. Per tile the MLP is recomputed from the keys
+(flash-attention style: only the forward's log-sum-exp is saved), the attention
+gradient gives each position's score gradient, and the chain runs down the MLP. Every
+parameter gradient (weights, biases, score layer, PReLU/Dice parameters) is a register
+accumulator of the program, added to per tile (the first layer's per row) and written
+once, at the end, into this program's row of a (programs, ...) partial buffer that the
+caller sums (deterministic, no atomics). The key gradient of a tile is stored as soon as
+it is known; dq and the q-term's gradient once per row.
+
+In statistics mode (STATS) the upstream gradient is that of the Dice statistics
+(sum z, sum z^2) of layer LAYERS's pre-activation, instead of the attention output's.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .layers import (act_bwd, history_row, load_score_layer, load_vec, load_weights, mm,
+                     mlp_tile, store_mat, valid_positions, weight_offsets)
+
+
+@triton.jit
+def _store_act_grads(ptr, ga, gs, gb, offs, n):
+    m = offs < n
+    tl.store(ptr + offs, ga, mask=m)
+    tl.store(ptr + n + offs, gs, mask=m)
+    tl.store(ptr + 2 * n + offs, gb, mask=m)
+
+
+@triton.jit(do_not_specialize=["B", "T", "N"])
+def attention_bwd_kernel(
+    qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_ptr, act_ptr,
+    out_ptr, sc_ptr, dout_ptr, dsc_ptr, lse_ptr, gst_ptr,
+    dqt_ptr, dq_ptr, dk_ptr, gw_ptr, ga_ptr,
+    B, T, N, E, D, H1, H2, H3, W_ROW, A_ROW,
+    LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    ACT_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, PER_HEAD: tl.constexpr,
+    HAS_KIDX: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
+    HAS_DSC: tl.constexpr, STATS: tl.constexpr, DK_PER_ROW: tl.constexpr,
+    BLOCK_T: tl.constexpr, BD: tl.constexpr, BH1: tl.constexpr, BH2: tl.constexpr,
+    BH3: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr, PREC: tl.constexpr,
+):
+    """Inputs as the forward kernel's, plus its out (R, D) and scores (R, T), the upstream
+    dout (R, D) and dscores (R, T), lse (R,), or in STATS mode gst (G, 2, H_LAYERS).
+    Writes dqt (R, H1) and dq (R, D) fp32, dkeys (per row (R, T, D) fp32 if DK_PER_ROW,
+    else like keys), and this program's rows of gw (E*P, W_ROW) and ga (E*P, A_ROW)
+    fp32: the layers it ran (and in attention mode the score layer)."""
+    pid = tl.program_id(0)
+    e = tl.program_id(1)
+    n_prog = tl.num_programs(0)
+    slot = e * n_prog + pid
+    g = e if PER_HEAD else 0
+    DT = k_ptr.dtype.element_ty
+    offs_d = tl.arange(0, BD)
+    offs_h1 = tl.arange(0, BH1)
+    offs_h2 = tl.arange(0, BH2)
+    offs_h3 = tl.arange(0, BH3)
+    offs_bt = tl.arange(0, BLOCK_T)
+    dm = offs_d < D
+    w_g = w_ptr + g * W_ROW
+    a_g = act_ptr + g * A_ROW
+
+    (wkd, wp, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3) = load_weights(
+        w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS, PACK_LAYERS,
+        ACT_LAYERS)
+    if LOWP:
+        w2t = w2t.to(DT)
+        w3t = w3t.to(DT)
+    if LAYERS == 1:
+        HT = H1
+        offs_top = offs_h1
+        pat, pst, pbt = pa1, ps1, pb1
+    elif LAYERS == 2:
+        HT = H2
+        offs_top = offs_h2
+        pat, pst, pbt = pa2, ps2, pb2
+    else:
+        HT = H3
+        offs_top = offs_h3
+        pat, pst, pbt = pa3, ps3, pb3
+    if STATS:
+        gst_g = gst_ptr + g * 2 * HT
+        gs1 = load_vec(gst_g, offs_top, HT)
+        gs2 = load_vec(gst_g + HT, offs_top, HT)
+    else:
+        wo, bo = load_score_layer(w_g, D, H1, H2, H3, offs_top, LAYERS)
+
+    # parameter-gradient accumulators (on chip for the whole program)
+    gwkd = tl.zeros([BH1, BD], tl.float32)
+    gwp = tl.zeros([BH1, BD], tl.float32)
+    gw2t = tl.zeros([BH1, BH2], tl.float32)
+    gb2 = tl.zeros([BH2], tl.float32)
+    gw3t = tl.zeros([BH2, BH3], tl.float32)
+    gb3 = tl.zeros([BH3], tl.float32)
+    ga1 = tl.zeros([BH1], tl.float32)
+    gs1a = tl.zeros([BH1], tl.float32)
+    gb1a = tl.zeros([BH1], tl.float32)
+    ga2 = tl.zeros([BH2], tl.float32)
+    gs2a = tl.zeros([BH2], tl.float32)
+    gb2a = tl.zeros([BH2], tl.float32)
+    ga3 = tl.zeros([BH3], tl.float32)
+    gs3a = tl.zeros([BH3], tl.float32)
+    gb3a = tl.zeros([BH3], tl.float32)
+    gwo = tl.zeros(offs_top.shape, tl.float32)
+    gbo = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+
+    for b in range(pid, B, n_prog):
+        r = b * E + e
+        kb = history_row(kidx_ptr, b, N, HAS_KIDX)
+        krow = kb * E + e
+        k_base = k_ptr + krow * T * D
+        if DK_PER_ROW:
+            dk_base = dk_ptr + r.to(tl.int64) * T * D
+        else:
+            dk_base = dk_ptr + krow * T * D
+        q = load_vec(q_ptr + r * D, offs_d, D)
+        qt = load_vec(qt_ptr + r * H1, offs_h1, H1)
+        mt = tl.trans(wkd + wp * q[None, :])  # M_r^T (BD, BH1), once per row
+        if LOWP:
+            mt = mt.to(DT)
+        if not STATS:
+            dout = load_vec(dout_ptr + r * D, offs_d, D)
+            if SOFTMAX:
+                lse = tl.load(lse_ptr + r)
+                # delta_r = sum_t a_t da_t = dout . out (+ dscores . scores)
+                delta = tl.sum(dout * load_vec(out_ptr + r * D, offs_d, D), axis=0)
+                if HAS_DSC:
+                    for t0 in range(0, T, BLOCK_T):
+                        offs_t = t0 + offs_bt
+                        delta += tl.sum(load_vec(dsc_ptr + r * T, offs_t, T)
+                                        * load_vec(sc_ptr + r * T, offs_t, T), axis=0)
+        gm = tl.zeros([BH1, BD], tl.float32)  # this row's gradient of M_r
+        dqt = tl.zeros([BH1], tl.float32)
+        for t0 in range(0, T, BLOCK_T):
+            offs_t = t0 + offs_bt
+            tm = offs_t < T
+            kmask = tm[:, None] & dm[None, :]
+            k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            z1, a1, z2, a2, z3, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
+                                              pa2, ps2, pb2, pa3, ps3, pb3, LAYERS, ACT,
+                                              not STATS, LOWP, DT, PREC)
+            if LAYERS == 1:
+                zt, at = z1, a1
+            elif LAYERS == 2:
+                zt, at = z2, a2
+            else:
+                zt, at = z3, a3
+            if STATS:
+                dtop = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * zt, 0.0)
+                dk = tl.zeros([BLOCK_T, BD], tl.float32)
+            else:
+                s = tl.sum(at * wo[None, :], axis=1) + bo
+                valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
+                da = tl.sum(k.to(tl.float32) * dout[None, :], axis=1)
+                if HAS_DSC:
+                    da += load_vec(dsc_ptr + r * T, offs_t, T)
+                if SOFTMAX:
+                    p = tl.where(valid, tl.exp(tl.where(valid, s - lse, 0.0)), 0.0)
+                    ds = p * (da - delta)
+                else:
+                    p = tl.where(valid, s, 0.0)
+                    ds = tl.where(valid, da, 0.0)
+                dk = p[:, None] * dout[None, :]
+                gwo += tl.sum(ds[:, None] * at, axis=0)
+                gbo += tl.sum(ds, axis=0)
+                dtop, x0, x1, x2 = act_bwd(zt, ds[:, None] * wo[None, :], pat, pst, pbt, ACT)
+                if ACT_LAYERS >= LAYERS:
+                    if LAYERS == 1:
+                        ga1 += x0
+                        gs1a += x1
+                        gb1a += x2
+                    elif LAYERS == 2:
+                        ga2 += x0
+                        gs2a += x1
+                        gb2a += x2
+                    else:
+                        ga3 += x0
+                        gs3a += x1
+                        gb3a += x2
+            if LAYERS == 3:
+                dz3 = dtop
+                gw3t += mm(tl.trans(a2), dz3, LOWP_BWD, DT, PREC)
+                gb3 += tl.sum(dz3, axis=0)
+                dz2, x0, x1, x2 = act_bwd(z2, mm(dz3, tl.trans(w3t), LOWP_BWD, DT, PREC),
+                                          pa2, ps2, pb2, ACT)
+                if ACT_LAYERS >= 2:
+                    ga2 += x0
+                    gs2a += x1
+                    gb2a += x2
+            elif LAYERS == 2:
+                dz2 = dtop
+            if LAYERS >= 2:
+                gw2t += mm(tl.trans(a1), dz2, LOWP_BWD, DT, PREC)
+                gb2 += tl.sum(dz2, axis=0)
+                dz1, x0, x1, x2 = act_bwd(z1, mm(dz2, tl.trans(w2t), LOWP_BWD, DT, PREC),
+                                          pa1, ps1, pb1, ACT)
+                if ACT_LAYERS >= 1:
+                    ga1 += x0
+                    gs1a += x1
+                    gb1a += x2
+            else:
+                dz1 = dtop
+            dqt += tl.sum(dz1, axis=0)
+            gm += mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)
+            dk += mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
+            tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
+                     dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+        # M_r = W_kd + W_p diag(q): its gradient splits into W_kd's, W_p's and q's.
+        gwkd += gm
+        gwp += gm * q[None, :]
+        tl.store(dq_ptr + r * D + offs_d, tl.sum(gm * wp, axis=0), mask=dm)
+        tl.store(dqt_ptr + r * H1 + offs_h1, dqt, mask=offs_h1 < H1)
+
+    o_wp, o_w2, o_b2, o_w3, o_b3, o_wo, o_bo, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
+    gw_s = gw_ptr + slot * W_ROW
+    store_mat(gw_s, gwkd, offs_h1, offs_d, H1, D, False)
+    store_mat(gw_s + o_wp, gwp, offs_h1, offs_d, H1, D, False)
+    if LAYERS >= 2:
+        store_mat(gw_s + o_w2, gw2t, offs_h1, offs_h2, H2, H1, True)
+        tl.store(gw_s + o_b2 + offs_h2, gb2, mask=offs_h2 < H2)
+    if LAYERS >= 3:
+        store_mat(gw_s + o_w3, gw3t, offs_h2, offs_h3, H3, H2, True)
+        tl.store(gw_s + o_b3 + offs_h3, gb3, mask=offs_h3 < H3)
+    if not STATS:
+        tl.store(gw_s + o_wo + offs_top, gwo, mask=offs_top < HT)
+        tl.store(gw_s + o_bo, gbo)
+    ga_s = ga_ptr + slot * A_ROW
+    if ACT_LAYERS >= 1:
+        _store_act_grads(ga_s, ga1, gs1a, gb1a, offs_h1, H1)
+    if ACT_LAYERS >= 2:
+        _store_act_grads(ga_s + 3 * H1, ga2, gs2a, gb2a, offs_h2, H2)
+    if ACT_LAYERS >= 3:
+        _store_act_grads(ga_s + 3 * (H1 + H2), ga3, gs3a, gb3a, offs_h3, H3)

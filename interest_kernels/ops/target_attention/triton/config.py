@@ -1,0 +1,114 @@
+"""Launch configuration of the target-attention kernels: one choice for the GPU and CI.
+
+The kernels launch with the same tiles, warps and grid under the Triton interpreter as
+on an H200, so what CI checks is what the GPU runs (only the dot precision differs: the
+interpreter computes every dot exactly).
+
+* Grid: persistent, about one program per SM. ``NUM_SMS`` is the H200's 132 under the
+  interpreter and the device's SM count on a GPU; a head's rows are walked by
+  ``min(B, max(1, NUM_SMS // E))`` programs.
+* Tiles: ``BLOCK_T`` = 64 key positions, so every ``tl.dot`` whose rows are positions has
+  M = 64 (Hopper's warpgroup MMA size); every width (D, each layer) is padded to a power
+  of two, at least 16. A row shorter than 64 positions leaves lanes of its tile masked.
+* Everything a program needs stays on chip: the MLP's weights (loaded once per program),
+  the per-row first-layer matrix, and in the backward the parameter-gradient
+  accumulators. That bounds the widths; :func:`unsupported_reason` declines the rest,
+  which then run on the next backend.
+* Dot precision: float16/bfloat16 inputs multiply in their dtype with float32
+  accumulation (the backward's gradient dots in bfloat16 for bfloat16 only: float16
+  would flush small gradients); float32 inputs use TF32 by default, or IEEE float32
+  with ``INTEREST_KERNELS_FP32_DOTS=ieee`` (see :func:`fp32_dot_precision`). The
+  interpreter computes every dot exactly, and runs bfloat16 dots on float32 operands
+  (numpy has no bfloat16 arithmetic).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import torch
+import triton
+
+ACTIVATIONS = {"identity": 0, "sigmoid": 1, "relu": 2, "prelu": 3, "dice": 4}
+MAX_LAYERS = 3
+NUM_SMS = 132  # an H200; the persistent grid's size under the interpreter
+BLOCK_T = 64
+NUM_WARPS = 8
+# On-chip limits (padded sizes). The forward holds two (H_1, D) first-layer matrices and
+# the (H_1, D) per-row matrix; the backward as many gradient accumulators again. Up to
+# these the kernels were compiled for sm_90 (see the package docstring for the figures).
+MAX_DIM = 128
+MAX_UNITS = 128
+MAX_FIRST_LAYER = 128 * 128  # padded H_1 x D
+FP32_DOTS_ENV = "INTEREST_KERNELS_FP32_DOTS"
+
+
+def pad(n: int) -> int:
+    """The padded tile width of a dimension of size n: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(int(n)))
+
+
+def unsupported_reason(
+    dtype: Optional[torch.dtype] = None,
+    num_layers: Optional[int] = None,
+    hidden_units: Optional[Sequence[int]] = None,
+    dim: Optional[int] = None,
+    **_: object,
+) -> Optional[str]:
+    """Why the Triton kernels cannot take a call with these facts (None when they can).
+
+    The same limits hold on the GPU and under the interpreter."""
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the Triton kernels take float32/float16/bfloat16 inputs, not {dtype}"
+    if num_layers is not None and not 1 <= num_layers <= MAX_LAYERS:
+        return f"the Triton kernels take 1 to {MAX_LAYERS} hidden layers, not {num_layers}"
+    if dim and pad(dim) > MAX_DIM:
+        return (f"the Triton kernels take D up to {MAX_DIM} (the first layer's weights stay "
+                f"on chip), got D = {dim}")
+    if hidden_units:
+        if any(pad(h) > MAX_UNITS for h in hidden_units):
+            return (f"the Triton kernels take layers of up to {MAX_UNITS} units (every weight "
+                    f"stays on chip), got units {tuple(hidden_units)}")
+        if dim and pad(hidden_units[0]) * pad(dim) > MAX_FIRST_LAYER:
+            return (f"the Triton kernels take a first layer of at most {MAX_FIRST_LAYER} padded "
+                    f"units x D, got units {hidden_units[0]} with D = {dim}")
+    return None
+
+
+def fp32_dot_precision() -> str:
+    """``tl.dot`` input precision for float32 inputs: "tf32" (default) or "ieee".
+
+    Set ``INTEREST_KERNELS_FP32_DOTS=ieee`` for IEEE float32 products (slower, about
+    1e-6 relative error instead of TF32's ~1e-3 per product)."""
+    value = os.environ.get(FP32_DOTS_ENV, "tf32").lower()
+    if value not in ("tf32", "ieee"):
+        raise ValueError(f"{FP32_DOTS_ENV} must be 'tf32' or 'ieee', got {value!r}")
+    return value
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return NUM_SMS
+
+
+def programs_per_head(batch: int, heads: int, device: torch.device) -> int:
+    """Programs per head of the persistent grid (grid = (programs, heads))."""
+    return max(1, min(batch, num_sms(device) // heads))
+
+
+def launch_config(keys: torch.Tensor, hidden: Sequence[int], dim: int) -> dict:
+    """Tile sizes (constexprs) and dot precisions for the kernels, fixed by the shapes."""
+    blocks = [pad(h) for h in hidden] + [16] * (MAX_LAYERS - len(hidden))
+    # The interpreter multiplies bfloat16 operands wrongly (numpy has no bfloat16), so
+    # there, and only there, bfloat16 dots take float32 operands.
+    bf16 = keys.dtype == torch.bfloat16 and not _interpreting()
+    return dict(
+        BLOCK_T=BLOCK_T, BD=pad(dim), BH1=blocks[0], BH2=blocks[1], BH3=blocks[2],
+        LOWP=keys.dtype == torch.float16 or bf16, LOWP_BWD=bf16, PREC=fp32_dot_precision(),
+        num_warps=NUM_WARPS, num_stages=1,
+    )

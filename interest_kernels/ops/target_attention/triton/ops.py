@@ -1,0 +1,299 @@
+"""The kernels as ``torch.library`` custom ops: launch, fake implementations, autograd.
+
+Shapes (R = B*E attention rows, N history rows, G = E for per-head MLPs else 1):
+qterm (R, H1) fp32 (first bias included); query (R, D); keys (N*E, T, D); key_index (B,)
+int64 or None; lengths (N,) int64 or None; mask (N, T) bool or None; wpack (G, S) packed
+weights; apack (G, 3 * sum H_l) fp32 packed activation parameters or None; ``units`` the
+hidden widths.
+
+Ops: ``target_attention_fwd`` -> (out (R, D), scores (R, T) or (0, T), lse (R,) fp32);
+its backward op; ``target_attention_stats`` -> (E, 2, H_l) fp32 Dice statistics of layer
+``layer`` and its backward op. The backward ops return the gradients of
+(qterm, query, keys, wpack, apack), apack's empty when absent.
+
+No launcher reads a tensor value back to the host.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .backward import attention_bwd_kernel
+from .config import ACTIVATIONS, launch_config, programs_per_head
+from .forward import attention_fwd_kernel
+from .pack import act_prefix, weight_prefix
+from .segment import sum_rows_by_history
+from .statistics import dice_stats_kernel
+
+
+def _act_layers(activation: str, layers: int) -> int:
+    """How many layers' activation parameters a kernel running ``layers`` layers with the
+    top one activated reads."""
+    return layers if activation in ("prelu", "dice") else 0
+
+
+def _shape_args(query, keys, key_index, wpack, apack, units, heads):
+    rows, dim = query.shape
+    batch = rows // heads
+    n_hist = keys.shape[0] // heads
+    h = list(units) + [0] * (3 - len(units))
+    a_row = apack.shape[1] if apack is not None else 0
+    return [batch, keys.shape[1], max(n_hist, 1), heads, dim, *h, wpack.shape[1], a_row]
+
+
+def _flags(keys, key_index, lengths, mask, wpack, units, activation, heads):
+    return dict(ACT=ACTIVATIONS[activation], PER_HEAD=wpack.shape[0] > 1,
+                HAS_KIDX=key_index is not None, HAS_LEN=lengths is not None,
+                HAS_MASK=mask is not None, **launch_config(keys, units, keys.shape[-1]))
+
+
+def _or(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else dummy
+
+
+# --- forward ---------------------------------------------------------------------------
+
+
+@torch.library.custom_op("interest_kernels::target_attention_fwd", mutates_args=())
+def fwd_op(
+    qterm: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+    key_index: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], wpack: torch.Tensor, apack: Optional[torch.Tensor],
+    units: list[int], heads: int, activation: str, softmax: bool, return_scores: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(out (R, D) in query's dtype, scores (R, T) or (0, T) in query's dtype, lse (R,))."""
+    rows, dim = query.shape
+    seq_len = keys.shape[1]
+    dev = query.device
+    out = torch.empty(rows, dim, device=dev, dtype=query.dtype)
+    lse = torch.empty(rows, device=dev, dtype=torch.float32)
+    scores = torch.empty(rows if return_scores else 0, seq_len, device=dev,
+                         dtype=torch.float32)
+    if rows == 0 or seq_len == 0:
+        return out.zero_(), scores.zero_().to(query.dtype), lse.zero_()
+    dummy = qterm.new_zeros(1)
+    grid = (programs_per_head(rows // heads, heads, dev), heads)
+    attention_fwd_kernel[grid](
+        qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
+        mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
+        out, scores if return_scores else dummy, lse,
+        *_shape_args(query, keys, key_index, wpack, apack, units, heads),
+        LAYERS=len(units), ACT_LAYERS=_act_layers(activation, len(units)), SOFTMAX=softmax,
+        WRITE_SCORES=return_scores,
+        **_flags(keys, key_index, lengths, mask, wpack, units, activation, heads),
+    )
+    return out, scores.to(query.dtype), lse
+
+
+@fwd_op.register_fake
+def _(qterm, query, keys, key_index, lengths, mask, wpack, apack, units, heads, activation,
+      softmax, return_scores):
+    rows, dim = query.shape
+    return (query.new_empty(rows, dim),
+            query.new_empty(rows if return_scores else 0, keys.shape[1]),
+            query.new_empty(rows, dtype=torch.float32))
+
+
+@torch.library.custom_op("interest_kernels::target_attention_stats", mutates_args=())
+def stats_op(
+    qterm: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+    key_index: Optional[torch.Tensor], wpack: torch.Tensor, apack: Optional[torch.Tensor],
+    units: list[int], layer: int, heads: int, activation: str,
+) -> torch.Tensor:
+    """(sum z, sum z^2) over all R*T positions (masked ones too) of layer ``layer``'s
+    (1-based) pre-activation, per head: (E, 2, H_layer) fp32. ``apack`` holds the
+    activation parameters of the layers below."""
+    rows, _ = query.shape
+    seq_len = keys.shape[1]
+    dev = query.device
+    n_prog = programs_per_head(rows // heads, heads, dev)
+    st = torch.empty(heads, n_prog, 2, units[layer - 1], device=dev, dtype=torch.float32)
+    if rows == 0 or seq_len == 0:
+        return st.zero_().sum(dim=1)
+    dummy = qterm.new_zeros(1)
+    dice_stats_kernel[(n_prog, heads)](
+        qterm, query, keys, _or(key_index, dummy), wpack, _or(apack, dummy), st,
+        *_shape_args(query, keys, key_index, wpack, apack, units, heads),
+        LAYERS=layer, PACK_LAYERS=len(units), ACT_LAYERS=_act_layers(activation, layer - 1),
+        **{k: v for k, v in _flags(keys, key_index, None, None, wpack, units, activation,
+                                   heads).items() if k not in ("HAS_LEN", "HAS_MASK")},
+    )
+    return st.sum(dim=1)
+
+
+@stats_op.register_fake
+def _(qterm, query, keys, key_index, wpack, apack, units, layer, heads, activation):
+    return qterm.new_empty(heads, 2, units[layer - 1], dtype=torch.float32)
+
+
+# --- backward --------------------------------------------------------------------------
+
+
+def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, units, heads,
+                activation, *, out=None, scores=None, dout=None, dscores=None, lse=None,
+                softmax=False, gstats=None, layer=None):
+    """Gradients of (qterm, query, keys, wpack, apack) (apack's None when absent); the
+    attention's (``dout``...) or, with ``gstats`` (G, 2, H_layer), the statistics'."""
+    stats = gstats is not None
+    layers = layer if stats else len(units)
+    act_layers = _act_layers(activation, layers - 1 if stats else layers)
+    rows, dim = query.shape
+    seq_len = keys.shape[1]
+    dev = query.device
+    f32 = dict(device=dev, dtype=torch.float32)
+    n_prog = programs_per_head(rows // heads, heads, dev)
+    slots = heads * n_prog
+    groups = wpack.shape[0]
+    dqt = torch.empty(rows, units[0], **f32)
+    dq = torch.empty(rows, dim, **f32)
+    per_row = key_index is not None
+    dk = torch.empty(rows, seq_len, dim, **f32) if per_row else torch.empty_like(keys)
+    w_used = wpack.shape[1] if not stats else weight_prefix(dim, units, layers)
+    a_used = act_prefix(units, act_layers)
+    gw = torch.empty(slots, wpack.shape[1], **f32)
+    ga = torch.empty(slots, apack.shape[1], **f32) if apack is not None else None
+    if rows == 0 or seq_len == 0:
+        for t in (dqt, dq, dk, gw, ga):
+            if t is not None:
+                t.zero_()
+    else:
+        dummy = qterm.new_zeros(1)
+        attention_bwd_kernel[(n_prog, heads)](
+            qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
+            mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
+            _or(out, dummy), _or(scores, dummy), _or(dout, dummy), _or(dscores, dummy),
+            _or(lse, dummy), _or(gstats, dummy), dqt, dq, dk, gw, _or(ga, dummy),
+            *_shape_args(query, keys, key_index, wpack, apack, units, heads),
+            LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers, SOFTMAX=softmax,
+            HAS_DSC=dscores is not None, STATS=stats, DK_PER_ROW=per_row,
+            **_flags(keys, key_index, lengths, mask, wpack, units, activation, heads),
+        )
+    if per_row:
+        dk = sum_rows_by_history(dk, key_index, heads, keys.shape[0], keys.dtype)
+
+    def reduce(part, used, like):
+        # one deterministic sum over the programs (and the heads of a shared MLP)
+        if part is None:
+            return None
+        part = part[:, :used].reshape(heads, n_prog, used)
+        total = part.sum(dim=1) if groups > 1 else part.sum(dim=(0, 1)).unsqueeze(0)
+        if used < like.shape[1]:
+            total = torch.cat([total, total.new_zeros(groups, like.shape[1] - used)], dim=1)
+        return total.to(like.dtype)
+
+    return [dqt, dq.to(query.dtype), dk, reduce(gw, w_used, wpack), reduce(ga, a_used, apack)]
+
+
+def _fill(grads, ref: torch.Tensor) -> list[torch.Tensor]:
+    """Custom ops cannot return None: an absent gradient travels as an empty tensor."""
+    return [g if g is not None else ref.new_empty(0) for g in grads]
+
+
+def _fake_grads(qterm, query, keys, wpack, apack):
+    return [torch.empty_like(qterm, dtype=torch.float32), torch.empty_like(query),
+            torch.empty_like(keys), torch.empty_like(wpack),
+            torch.empty_like(apack) if apack is not None else qterm.new_empty(0)]
+
+
+@torch.library.custom_op("interest_kernels::target_attention_bwd", mutates_args=())
+def bwd_op(
+    dout: torch.Tensor, dscores: Optional[torch.Tensor], out: torch.Tensor,
+    scores: torch.Tensor, lse: torch.Tensor, qterm: torch.Tensor, query: torch.Tensor,
+    keys: torch.Tensor, key_index: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
+    mask: Optional[torch.Tensor], wpack: torch.Tensor, apack: Optional[torch.Tensor],
+    units: list[int], heads: int, activation: str, softmax: bool,
+) -> list[torch.Tensor]:
+    """Gradients of (qterm, query, keys, wpack, apack) of the attention op."""
+    grads = _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, units,
+                        heads, activation, out=out, scores=scores, dout=dout,
+                        dscores=dscores, lse=lse, softmax=softmax)
+    return _fill(grads, qterm)
+
+
+@bwd_op.register_fake
+def _(dout, dscores, out, scores, lse, qterm, query, keys, key_index, lengths, mask, wpack,
+      apack, units, heads, activation, softmax):
+    return _fake_grads(qterm, query, keys, wpack, apack)
+
+
+@torch.library.custom_op("interest_kernels::target_attention_stats_bwd", mutates_args=())
+def stats_bwd_op(
+    gstats: torch.Tensor, qterm: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
+    key_index: Optional[torch.Tensor], wpack: torch.Tensor, apack: Optional[torch.Tensor],
+    units: list[int], layer: int, heads: int, activation: str,
+) -> list[torch.Tensor]:
+    """Gradients of (qterm, query, keys, wpack, apack) of the statistics op for the
+    upstream gradient ``gstats`` (E, 2, H_layer)."""
+    groups = wpack.shape[0]
+    g = gstats if groups > 1 else gstats.sum(dim=0, keepdim=True)
+    grads = _launch_bwd(qterm, query, keys, key_index, None, None, wpack, apack, units,
+                        heads, activation, gstats=g.float().contiguous(), layer=layer)
+    return _fill(grads, qterm)
+
+
+@stats_bwd_op.register_fake
+def _(gstats, qterm, query, keys, key_index, wpack, apack, units, layer, heads, activation):
+    return _fake_grads(qterm, query, keys, wpack, apack)
+
+
+# --- autograd ----------------------------------------------------------------------------
+
+_FWD_TENSORS = ("qterm", "query", "keys", "key_index", "lengths", "mask", "wpack", "apack")
+_STATS_TENSORS = ("qterm", "query", "keys", "key_index", "wpack", "apack")
+_GRADS = ("qterm", "query", "keys", "wpack", "apack")
+
+
+def _save(ctx, tensors, extra=()):
+    ctx.present = [t is not None for t in tensors]
+    ctx.save_for_backward(*[t for t in tensors if t is not None], *extra)
+
+
+def _unpack(ctx):
+    """The op's tensor inputs (None where absent) and the saved outputs."""
+    saved = list(ctx.saved_tensors)
+    tensors = [saved.pop(0) if present else None for present in ctx.present]
+    return tensors, saved
+
+
+def _route(names, tensors, grads):
+    by_name = dict(zip(_GRADS, grads))
+    return [by_name[n] if n in by_name and t is not None else None
+            for n, t in zip(names, tensors)]
+
+
+def _fwd_setup_context(ctx, inputs, output):
+    *tensors, units, heads, activation, softmax, return_scores = inputs
+    ctx.args = (units, heads, activation, softmax)
+    ctx.return_scores = return_scores
+    _save(ctx, tensors, output)
+
+
+def _fwd_backward(ctx, dout, dscores, dlse):
+    tensors, (out, scores, lse) = _unpack(ctx)
+    units, heads, activation, softmax = ctx.args
+    if dout is None:
+        dout = torch.zeros_like(out)
+    if not ctx.return_scores:
+        dscores = None
+    grads = bwd_op(dout.contiguous(), dscores.contiguous() if dscores is not None else None,
+                   out, scores, lse, *tensors, units, heads, activation, softmax)
+    return (*_route(_FWD_TENSORS, tensors, grads), None, None, None, None, None)
+
+
+fwd_op.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+
+
+def _stats_setup_context(ctx, inputs, output):
+    *tensors, units, layer, heads, activation = inputs
+    ctx.args = (units, layer, heads, activation)
+    _save(ctx, tensors)
+
+
+def _stats_backward(ctx, gstats):
+    tensors, _ = _unpack(ctx)
+    grads = stats_bwd_op(gstats.contiguous(), *tensors, *ctx.args)
+    return (*_route(_STATS_TENSORS, tensors, grads), None, None, None, None)
+
+
+stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
