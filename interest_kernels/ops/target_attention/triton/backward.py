@@ -4,7 +4,7 @@ Same grid and row walk as the forward. Per tile the MLP is recomputed from the k
 (flash-attention style: only the forward's log-sum-exp is saved), the attention
 gradient gives each position's score gradient, and the chain runs down the MLP. Every
 parameter gradient (weights, biases, score layer, PReLU/Dice parameters) is a register
-accumulator of the program, added to per tile (the first layer's per row) and written
+accumulator of the program, added to per tile and written
 once, at the end, into this program's row of a (programs, ...) partial buffer that the
 caller sums (deterministic, no atomics). The key gradient of a tile is stored as soon as
 it is known; dq and the q-term's gradient once per row.
@@ -17,8 +17,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, history_row, load_score_layer, load_vec, load_weights, mm,
-                     mlp_tile, store_mat, valid_positions, weight_offsets)
+from .layers import (act_bwd, history_row, load_mat, load_score_layer, load_vec, load_weights,
+                     mlp_tile, mm, store_mat, valid_positions, weight_offsets)
 
 
 @triton.jit
@@ -62,7 +62,8 @@ def attention_bwd_kernel(
     w_g = w_ptr + g * W_ROW
     a_g = act_ptr + g * A_ROW
 
-    (wkd, wp, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3) = load_weights(
+    # W_kd and W_p are read per row from L2 instead (see below); the rest stays on chip.
+    (_, _, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3) = load_weights(
         w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS, PACK_LAYERS,
         ACT_LAYERS)
     if LOWP:
@@ -117,7 +118,10 @@ def attention_bwd_kernel(
             dk_base = dk_ptr + krow * T * D
         q = load_vec(q_ptr + r * D, offs_d, D)
         qt = load_vec(qt_ptr + r * H1, offs_h1, H1)
-        mt = tl.trans(wkd + wp * q[None, :])  # M_r^T (BD, BH1), once per row
+        # M_r^T (BD, BH1), once per row. W_kd and W_p are not held through the program:
+        # with the gradient accumulators they would not fit the registers.
+        mt = tl.trans(load_mat(w_g, offs_h1, offs_d, H1, D, False)
+                      + load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False) * q[None, :])
         if LOWP:
             mt = mt.to(DT)
         if not STATS:
@@ -131,7 +135,7 @@ def attention_bwd_kernel(
                         offs_t = t0 + offs_bt
                         delta += tl.sum(load_vec(dsc_ptr + r * T, offs_t, T)
                                         * load_vec(sc_ptr + r * T, offs_t, T), axis=0)
-        gm = tl.zeros([BH1, BD], tl.float32)  # this row's gradient of M_r
+        dq = tl.zeros([BD], tl.float32)
         dqt = tl.zeros([BH1], tl.float32)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + offs_bt
@@ -203,14 +207,16 @@ def attention_bwd_kernel(
             else:
                 dz1 = dtop
             dqt += tl.sum(dz1, axis=0)
-            gm += mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)
             dk += mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
             tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
                      dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-        # M_r = W_kd + W_p diag(q): its gradient splits into W_kd's, W_p's and q's.
-        gwkd += gm
-        gwp += gm * q[None, :]
-        tl.store(dq_ptr + r * D + offs_d, tl.sum(gm * wp, axis=0), mask=dm)
+            # The tile's gradient of M_r = W_kd + W_p diag(q) splits into W_kd's, W_p's
+            # and q's; folded per tile, not held per row, to spare registers.
+            gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (BH1, BD)
+            gwkd += gm
+            gwp += gm * q[None, :]
+            dq += tl.sum(gm * load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False), axis=0)
+        tl.store(dq_ptr + r * D + offs_d, dq, mask=dm)
         tl.store(dqt_ptr + r * H1 + offs_h1, dqt, mask=offs_h1 < H1)
 
     o_wp, o_w2, o_b2, o_w3, o_b3, o_wo, o_bo, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
