@@ -1,11 +1,18 @@
 """Argument checks shared by every op, run once at the functional boundary.
 
 Errors name the argument and say what was expected and what came. Checks that must
-read tensor *values* (length ranges, id ranges) copy a scalar to the host; they are
-skipped while a CUDA graph is being captured or torch.compile is tracing, and can be
-turned off with ``value_checks(False)`` or ``INTEREST_KERNELS_VALUE_CHECKS=0`` for a
-step without host synchronisation. Kernels clamp such values anyway, so a skipped
+read tensor *values* (length ranges, id ranges) are skipped while a CUDA graph is being
+captured or torch.compile is tracing, and can be turned off with ``value_checks(False)``
+or ``INTEREST_KERNELS_VALUE_CHECKS=0``. Kernels clamp such values anyway, so a skipped
 check can give a wrong answer for bad input but never an out-of-bounds write.
+
+Range checks (:func:`check_in_range`) on CUDA tensors run on the device: an asynchronous
+assert (``torch._assert_async``) that stops the stream with the check's message when it
+fails, and never synchronises with the host. ``value_checks("sync")`` or
+``INTEREST_KERNELS_VALUE_CHECKS=sync`` is the debug mode: the values are read back to
+the host and a bad one raises a ``ValueError`` naming it, at the cost of a
+synchronisation per check. On CPU the checks always read the values (no device to wait
+for).
 """
 from __future__ import annotations
 
@@ -19,29 +26,41 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
-_value_checks: contextvars.ContextVar[Optional[bool]] = contextvars.ContextVar(
+_value_checks: contextvars.ContextVar[Optional[bool | str]] = contextvars.ContextVar(
     "interest_kernels_value_checks", default=None
 )
 
 
 @contextlib.contextmanager
-def value_checks(enabled: bool) -> Iterator[None]:
-    """Turn the checks that read tensor values (and so synchronise) on or off."""
-    token = _value_checks.set(bool(enabled))
+def value_checks(enabled: bool | str) -> Iterator[None]:
+    """Turn the checks that read tensor values on or off, or to ``"sync"``: host-side
+    range checks with a ``ValueError`` on CUDA too (a debug mode that synchronises)."""
+    token = _value_checks.set(enabled if enabled == "sync" else bool(enabled))
     try:
         yield
     finally:
         _value_checks.reset(token)
 
 
+def _value_check_setting() -> bool | str:
+    flag = _value_checks.get()
+    if flag is None:
+        env = os.environ.get("INTEREST_KERNELS_VALUE_CHECKS", "1")
+        flag = "sync" if env == "sync" else env != "0"
+    return flag
+
+
+def checks_on_device(t: torch.Tensor) -> bool:
+    """Whether a value check of ``t`` runs on its device (asynchronously) rather than
+    reading the values back to the host."""
+    return t.is_cuda and _value_check_setting() != "sync"
+
+
 def value_checks_enabled(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether value checks run now for these tensors."""
     if torch.compiler.is_compiling():  # first: Dynamo cannot trace the ContextVar read
         return False
-    flag = _value_checks.get()
-    if flag is None:
-        flag = os.environ.get("INTEREST_KERNELS_VALUE_CHECKS", "1") != "0"
-    if not flag:
+    if not _value_check_setting():
         return False
     if any(t is not None and t.is_cuda for t in tensors):
         if torch.cuda.is_current_stream_capturing():
@@ -110,14 +129,19 @@ def check_in_range(
 ) -> None:
     """Every value of the integer tensor ``t`` lies in [low, high] (or [low, high)).
 
-    Reads the minimum and maximum back to the host, so it runs only when value checks do.
+    Runs only when value checks do: on the device without synchronising where
+    :func:`checks_on_device` says so, else by reading the minimum and maximum back.
     """
     if t.numel() == 0 or not value_checks_enabled(t):
+        return
+    interval = f"[{low}, {high}{']' if high_inclusive else ')'}"
+    if checks_on_device(t):
+        inside = (t >= low) & ((t <= high) if high_inclusive else (t < high))
+        torch._assert_async(inside.all(), f"{name} must lie in {interval} ({what})")
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < low or hi > high or (hi == high and not high_inclusive):
         bad = lo if lo < low else hi
-        interval = f"[{low}, {high}{']' if high_inclusive else ')'}"
         raise ValueError(f"{name} must lie in {interval} ({what}), found {bad}")
 
 

@@ -288,3 +288,138 @@ def test_declined_widths_run_on_the_next_backend(device):
     ref = call(target_attention_reference)(**inp)
     out = call(target_attention)(**inp)
     torch.testing.assert_close(out, ref)
+
+
+def _host_reads_fail(m):
+    """Make every Python-level read of a tensor value back to the host raise."""
+    def host_read(*_, **__):
+        raise AssertionError("a tensor value was read back to the host")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        m.setattr(torch.Tensor, name, host_read)
+
+
+def test_device_value_checks_never_synchronise(device, monkeypatch):
+    """On CUDA the range checks of lengths and key_index run on the device. With them
+    treated so here, a forward and backward (shared history, lengths, Dice training)
+    reads no tensor value back to the host, and a bad value still stops the call
+    (torch._assert_async, which raises at once on CPU)."""
+    from interest_kernels import _validation
+
+    monkeypatch.setattr(_validation, "checks_on_device", lambda t: True)
+    inp = make_case(rows=3, batch=5, activation="dice", dice_training=True, device=device)
+    leaves = [inp["query"], inp["keys"], *inp["weights"]]
+    for t in leaves:
+        t.requires_grad_(True)
+    with monkeypatch.context() as m, use_backend("triton"):
+        _host_reads_fail(m)
+        out, a = call(target_attention)(**inp)
+        grads = torch.autograd.grad((out.sum(), a.sum()), leaves)
+    assert all(g is not None for g in grads)
+    for name, bad in (("lengths", inp["lengths"].clone().fill_(22)),
+                      ("key_index", inp["key_index"].clone().fill_(-1))):
+        with monkeypatch.context() as m, use_backend("triton"), \
+                pytest.raises(RuntimeError, match=f"{name} must lie in"):
+            _host_reads_fail(m)
+            call(target_attention)(**dict(inp, **{name: bad}))
+
+
+def test_sync_value_checks_raise_a_value_error(device):
+    from interest_kernels import value_checks
+
+    inp = make_case(device=device)
+    inp["lengths"][1] = 22
+    with value_checks("sync"), use_backend("triton"), \
+            pytest.raises(ValueError, match="lengths must lie in .* found 22"):
+        call(target_attention)(**inp)
+
+
+def test_launch_matches_the_gpu(device, monkeypatch):
+    """Under the interpreter the kernels launch with an H200's persistent grid (132
+    programs over the rows) and the GPU's tiles and warps. (The launches are recorded,
+    not run: 132 interpreted programs take half a minute.)"""
+    from interest_kernels.ops.target_attention.triton import config, ops
+
+    launches = []
+    for name in ("attention_fwd_kernel", "attention_bwd_kernel"):
+        kernel = getattr(ops, name)
+
+        class Recorder:
+            def __init__(self, kernel, name):
+                self.kernel, self.name = kernel, name
+
+            def __getitem__(self, grid):
+                def launch(*args, **kw):
+                    launches.append((self.name, grid, kw))
+                return launch
+
+        monkeypatch.setattr(ops, name, Recorder(kernel, name))
+    inp = make_case(batch=150, seq_len=3, dim=4, units=(8,), device=device)
+    inp["keys"].requires_grad_(True)
+    out, _ = call(target_attention, "triton")(**inp)
+    out.sum().backward()
+    assert [n for n, _, _ in launches] == ["attention_fwd_kernel", "attention_bwd_kernel"]
+    sms = config.num_sms(inp["keys"].device)
+    for _, grid, kw in launches:
+        assert grid == (min(150, sms), 1)
+        assert (kw["BLOCK_T"], kw["num_warps"], kw["num_stages"]) == (64, 8, 1)
+    assert config.num_sms(torch.device("cpu")) == 132
+
+
+def test_fp32_dot_precision_switch(device, monkeypatch):
+    """TF32 by default for float32 inputs, IEEE on request; the IEEE path runs here.
+
+    Tolerances: the interpreter's dots are exact, so every path meets float32's (rtol
+    1e-5). On a GPU, TF32 rounds each operand to 10 mantissa bits (unit roundoff 2^-11,
+    about 5e-4) and accumulates in float32, so test_fp32_tf32_gpu holds TF32 results to
+    5e-3 relative and 5e-3 times the largest reference magnitude: ten unit roundoffs
+    for two or three chained dots, the softmax and the pooling."""
+    from interest_kernels.ops.target_attention.triton import config
+
+    monkeypatch.delenv(config.FP32_DOTS_ENV, raising=False)
+    assert config.launch_config(torch.empty(0), (8,), 4)["PREC"] == "tf32"
+    monkeypatch.setenv(config.FP32_DOTS_ENV, "bogus")
+    with pytest.raises(ValueError, match="tf32"):
+        config.fp32_dot_precision()
+    monkeypatch.setenv(config.FP32_DOTS_ENV, "ieee")
+    assert config.launch_config(torch.empty(0), (8,), 4)["PREC"] == "ieee"
+    inp = make_case(valid="mask", activation="relu", device=device)
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="TF32 needs a GPU")
+def test_fp32_tf32_gpu(monkeypatch):
+    from interest_kernels.ops.target_attention.triton import config
+    from interest_kernels.testing import Tolerance
+
+    monkeypatch.delenv(config.FP32_DOTS_ENV, raising=False)
+    inp = make_case(units=(80, 40), dim=64, batch=6, seq_len=70, valid="mask",
+                    device=torch.device("cuda"))
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp),
+                            tol=Tolerance(rtol=5e-3, atol=5e-3, ratio=None))
+
+
+def test_every_dot_has_64_rows_at_the_benchmark_widths(device, monkeypatch):
+    """Units (80, 40) with D = 64: every tl.dot of the forward and backward kernels
+    (counted under the interpreter) has M >= 64, fp32 and fp16."""
+    if device.type != "cpu":
+        pytest.skip("counts the interpreter's dots")
+    from triton.runtime import interpreter
+
+    shapes = []
+    real_dot = interpreter.InterpreterBuilder.create_dot
+
+    def counting_dot(self, a, b, d, *args):
+        shapes.append(a.data.shape[-2:] + b.data.shape[-1:])
+        return real_dot(self, a, b, d, *args)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", counting_dot)
+    for dtype in (torch.float32, torch.float16):
+        inp = make_case(units=(80, 40), dim=64, batch=2, seq_len=64, device=device)
+        q = inp["query"].to(dtype).requires_grad_(True)
+        k = inp["keys"].to(dtype).requires_grad_(True)
+        out, _ = call(target_attention, "triton")(**dict(inp, query=q, keys=k))
+        out.float().sum().backward()
+    assert shapes and min(m for m, _, _ in shapes) >= 64, sorted(set(shapes))
