@@ -196,16 +196,20 @@ def dice_cases(shape_set: str) -> Iterator[Case]:
     dtypes = (torch.float32, torch.bfloat16) if shape_set == "realistic" else (torch.float32,)
     for N, C in shapes:
         for dtype in dtypes:
-            s = _size(dtype)
-
-            def floor(mode: str, N: int = N, C: int = C, s: int = s) -> Floor:
-                return Floor(bytes=(2 if mode == "fwd" else 5) * N * C * s, flops=0.0)
-
             yield Case(
                 op="dice", label=f"N{N}_C{C}", dtype=dtype, shape={"N": N, "C": C},
                 make=_dice_make(N, C), call=_dice_call, reference=_on_reference(_dice_call),
-                floor=floor, grad_inputs=("x", "alpha"), stateful=True,
+                floor=_dice_floor(N, C, dtype), grad_inputs=("x", "alpha"), stateful=True,
             )
+
+
+def _dice_floor(N: int, C: int, dtype: torch.dtype) -> Callable[[str], Floor]:
+    s = _size(dtype)
+
+    def floor(mode: str) -> Floor:
+        return Floor(bytes=(2 if mode == "fwd" else 5) * N * C * s, flops=0.0)
+
+    return floor
 
 
 # --- MBA sparse update ---------------------------------------------------------------
@@ -247,6 +251,51 @@ def mba_cases(shape_set: str) -> Iterator[Case]:
             shape={"rows": N, "D": D, "ids": n_ids}, make=_mba_make(N, D, n_ids), call=_mba_call,
             reference=_on_reference(_mba_call), floor=floor, stateful=True, modes=("step",),
         )
+
+
+# --- traffic-meter floors (issue 10) ----------------------------------------------------
+
+# A persistent grid of one program per H200 multiprocessor.
+H200_SMS = 132
+
+
+def _ta_parameter_bytes(D: int, units: tuple[int, ...], dtype: torch.dtype) -> int:
+    """Bytes of the attention MLP's parameters: layers, biases, the score layer."""
+    dims = (4 * D,) + tuple(units)
+    count = sum(i * o + o for i, o in zip(dims[:-1], dims[1:])) + units[-1] + 1
+    return count * _size(dtype)
+
+
+def meter_floors(op: str, shape: dict[str, Any], dtype: torch.dtype,
+                 programs: int = H200_SMS) -> dict[str, Floor]:
+    """Floors of the forward ("fwd") and the backward alone ("bwd") that the traffic
+    meter (``python -m interest_kernels.bench.traffic``) divides the counted bytes by.
+
+    target attention (shape B, T, D, units): issue 10's floors, which let a persistent
+      grid of ``programs`` programs load every parameter once each (forward) and also
+      write one gradient partial each (backward):
+        fwd = keys + programs * parameter bytes,
+        bwd = keys read twice + dkeys written once + 2 * programs * parameter bytes;
+      FLOPs: the forward's, three times for the backward (recompute, two gradient
+      products).
+    GRU scan (B, T, H) and Dice (N, C): the benchmark cases' floors, the backward being
+      forward+backward less forward.
+    """
+    if op == "target_attention":
+        B, T, D, units = shape["B"], shape["T"], shape["D"], tuple(shape["units"])
+        keys = B * T * D * _size(dtype)
+        params = programs * _ta_parameter_bytes(D, units, dtype)
+        flops = _ta_floor(B, T, D, units, dtype)("fwd").flops
+        return {"fwd": Floor(bytes=keys + params, flops=flops),
+                "bwd": Floor(bytes=3 * keys + 2 * params, flops=3 * flops)}
+    if op == "gru_scan":
+        floor = _gru_floor(shape["B"], shape["T"], shape["H"], dtype)
+    elif op == "dice":
+        floor = _dice_floor(shape["N"], shape["C"], dtype)
+    else:
+        raise ValueError(f"meter_floors: no floor for op {op!r}")
+    fwd, full = floor("fwd"), floor("full")
+    return {"fwd": fwd, "bwd": Floor(bytes=full.bytes - fwd.bytes, flops=full.flops - fwd.flops)}
 
 
 ALL_CASES: dict[str, Callable[[str], Iterator[Case]]] = {
