@@ -120,8 +120,10 @@ def attention_bwd_kernel(
         qt = load_vec(qt_ptr + r * H1, offs_h1, H1)
         # M_r^T (BD, BH1), once per row. W_kd and W_p are not held through the program:
         # with the gradient accumulators they would not fit the registers.
-        mt = tl.trans(load_mat(w_g, offs_h1, offs_d, H1, D, False)
-                      + load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False) * q[None, :])
+        wp = load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False)
+        mt = tl.trans(load_mat(w_g, offs_h1, offs_d, H1, D, False) + wp * q[None, :])
+        if LOWP_BWD:
+            wp = wp.to(DT)
         if LOWP:
             mt = mt.to(DT)
         if not STATS:
@@ -169,7 +171,8 @@ def attention_bwd_kernel(
                 dk = p[:, None] * dout[None, :]
                 gwo += tl.sum(ds[:, None] * at, axis=0)
                 gbo += tl.sum(ds, axis=0)
-                dtop, x0, x1, x2 = act_bwd(zt, ds[:, None] * wo[None, :], pat, pst, pbt, ACT)
+                dtop, x0, x1, x2 = act_bwd(zt, at, ds[:, None] * wo[None, :], pat, pst, pbt,
+                                           ACT)
                 if ACT_LAYERS >= LAYERS:
                     if LAYERS == 1:
                         ga1 += x0
@@ -187,7 +190,7 @@ def attention_bwd_kernel(
                 dz3 = dtop
                 gw3t += mm(tl.trans(a2), dz3, LOWP_BWD, DT, PREC)
                 gb3 += tl.sum(dz3, axis=0)
-                dz2, x0, x1, x2 = act_bwd(z2, mm(dz3, tl.trans(w3t), LOWP_BWD, DT, PREC),
+                dz2, x0, x1, x2 = act_bwd(z2, a2, mm(dz3, tl.trans(w3t), LOWP_BWD, DT, PREC),
                                           pa2, ps2, pb2, ACT)
                 if ACT_LAYERS >= 2:
                     ga2 += x0
@@ -198,7 +201,7 @@ def attention_bwd_kernel(
             if LAYERS >= 2:
                 gw2t += mm(tl.trans(a1), dz2, LOWP_BWD, DT, PREC)
                 gb2 += tl.sum(dz2, axis=0)
-                dz1, x0, x1, x2 = act_bwd(z1, mm(dz2, tl.trans(w2t), LOWP_BWD, DT, PREC),
+                dz1, x0, x1, x2 = act_bwd(z1, a1, mm(dz2, tl.trans(w2t), LOWP_BWD, DT, PREC),
                                           pa1, ps1, pb1, ACT)
                 if ACT_LAYERS >= 1:
                     ga1 += x0
@@ -206,16 +209,16 @@ def attention_bwd_kernel(
                     gb1a += x2
             else:
                 dz1 = dtop
+            # M_r = W_kd + W_p diag(q): its gradient dz1^T k splits into W_kd's and W_p's
+            # (folded per tile), and q's, sum_t k_t * (dz1 W_p)_t.
             dqt += tl.sum(dz1, axis=0)
             dk += mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
             tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
                      dk.to(dk_ptr.dtype.element_ty), mask=kmask)
-            # The tile's gradient of M_r = W_kd + W_p diag(q) splits into W_kd's, W_p's
-            # and q's; folded per tile, not held per row, to spare registers.
+            dq += tl.sum(k.to(tl.float32) * mm(dz1, wp, LOWP_BWD, DT, PREC), axis=0)
             gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (BH1, BD)
             gwkd += gm
             gwp += gm * q[None, :]
-            dq += tl.sum(gm * load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False), axis=0)
         tl.store(dq_ptr + r * D + offs_d, dq, mask=dm)
         tl.store(dqt_ptr + r * H1 + offs_h1, dqt, mask=offs_h1 < H1)
 

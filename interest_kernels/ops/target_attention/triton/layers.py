@@ -105,17 +105,17 @@ def act_fwd(z, pa, ps, pb, ACT: tl.constexpr):
 
 
 @triton.jit
-def act_bwd(z, g, pa, ps, pb, ACT: tl.constexpr):
+def act_bwd(z, a, g, pa, ps, pb, ACT: tl.constexpr):
     """(dz, and the per-unit gradients of pa, ps, pb summed over the tile's rows) for the
-    upstream gradient g of the activation."""
-    gpa = tl.sum(z * 0.0, axis=0)
+    upstream gradient g of the activation a = act(z). Sigmoid and relu read only a, so
+    z need not stay live."""
+    gpa = tl.sum(g * 0.0, axis=0)
     gps = gpa
     gpb = gpa
     if ACT == 1:
-        s = tl.sigmoid(z)
-        dz = g * s * (1.0 - s)
+        dz = g * a * (1.0 - a)
     elif ACT == 2:
-        dz = tl.where(z > 0, g, 0.0)
+        dz = tl.where(a > 0, g, 0.0)
     elif ACT == 3:
         neg = z < 0
         dz = tl.where(neg, g * pa[None, :], g)
