@@ -65,7 +65,7 @@ def attention_bwd_kernel(
     # W_kd and W_p are read per row from L2 instead (see below); the rest stays on chip.
     (_, _, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3) = load_weights(
         w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS, PACK_LAYERS,
-        ACT_LAYERS)
+        ACT_LAYERS, False)
     if LOWP:
         w2t = w2t.to(DT)
         w3t = w3t.to(DT)

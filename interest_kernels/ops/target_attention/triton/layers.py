@@ -160,14 +160,18 @@ def valid_positions(offs_t, T, kb, len_ptr, mask_ptr,
 
 @triton.jit
 def load_weights(w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3,
-                 LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT_LAYERS: tl.constexpr):
+                 LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT_LAYERS: tl.constexpr,
+                 FIRST: tl.constexpr = True):
     """A program's on-chip copy of one group's MLP (loaded once, fp32, zero-padded):
     W_kd, W_p (BH1, BD); W_2^T (BH1, BH2), c_2; W_3^T (BH2, BH3), c_3 (of the first
     ``LAYERS`` layers of a pack of ``PACK_LAYERS``); and the activation parameters (pa, ps, pb) of the first ``ACT_LAYERS`` layers.
-    Absent layers get zero stand-ins."""
+    Absent layers (and W_kd, W_p unless FIRST) get zero stand-ins."""
     o_wp, o_w2, o_b2, o_w3, o_b3, _, _, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
-    wkd = load_mat(w_g, offs_h1, offs_d, H1, D, False)
-    wp = load_mat(w_g + o_wp, offs_h1, offs_d, H1, D, False)
+    wkd = tl.zeros([offs_h1.shape[0], offs_d.shape[0]], tl.float32)
+    wp = wkd
+    if FIRST:
+        wkd = load_mat(w_g, offs_h1, offs_d, H1, D, False)
+        wp = load_mat(w_g + o_wp, offs_h1, offs_d, H1, D, False)
     w2t = tl.zeros([offs_h1.shape[0], offs_h2.shape[0]], tl.float32)
     b2 = tl.zeros(offs_h2.shape, tl.float32)
     w3t = tl.zeros([offs_h2.shape[0], offs_h3.shape[0]], tl.float32)
