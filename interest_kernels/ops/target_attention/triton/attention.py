@@ -100,7 +100,7 @@ def target_attention_triton(
         qterm = torch.einsum("bed,ehd->beh", q.float().reshape(batch, heads, dim), w_qd)
         qterm = (qterm + bs[0].float()).reshape(rows, -1)
     else:
-        qterm = torch.addmm(bs[0][0].float(), q.float(), w_qd[0].t())
+        qterm = torch.addmm(bs[0].reshape(-1).float(), q.float(), w_qd.reshape(units[0], dim).t())
     w_o = out_weight.reshape(groups, units[-1])
     b_o = (out_bias.reshape(-1).expand(groups) if out_bias is not None
            else w_o.new_zeros(groups))
