@@ -232,10 +232,10 @@ def test_custom_ops_opcheck(op, device):
 
 
 WIDE_CASES = {
-    # The widest layers the kernels keep on chip (128 units, D padded to 128), and the
-    # benchmark's units (80, 40) with D = 64.
-    "wide-2-layers-D72": dict(units=(128, 80), dim=72, batch=2, seq_len=19),
-    "wide-3-layers-dice-train": dict(units=(100, 70, 40), dim=24, batch=2, seq_len=17,
+    # The widest float32 layers the kernels keep on chip (128 x 64 padded matrices), and
+    # the benchmark's units (80, 40) with D = 64.
+    "wide-2-layers-D40": dict(units=(128, 64), dim=40, batch=2, seq_len=19),
+    "wide-3-layers-dice-train": dict(units=(100, 64, 40), dim=24, batch=2, seq_len=17,
                                      activation="dice", dice_training=True, valid="mask"),
     "bench-units-prelu-none": dict(units=(80, 40), dim=64, batch=2, seq_len=70,
                                    activation="prelu", normalization="none"),
@@ -251,11 +251,13 @@ def test_wide_layers(case, device):
                             inp, grad=grad_names(inp))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU tile sizes need a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("units,dim", [((128, 80, 40), 128), ((100, 80), 36), ((80, 40), 128)])
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
+@pytest.mark.parametrize("units,dim,dtype", [
+    ((128, 64, 32), 64, torch.float32), ((100, 64), 36, torch.float32),
+    ((80, 40), 64, torch.float32), ((128, 80, 40), 128, torch.bfloat16),
+    ((80, 40), 128, torch.bfloat16)])
 def test_wide_layers_gpu(units, dim, dtype):
-    """Benchmark-sized widths with the GPU's tiles and chunks."""
+    """Benchmark-sized widths, compiled."""
     inp = make_case(units=units, dim=dim, batch=5, seq_len=70, valid="mask",
                     device=torch.device("cuda"))
     check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
@@ -270,6 +272,13 @@ def test_unsupported_calls_are_declined_with_a_reason():
             for dim in (18, 36, 64, 128):
                 assert unsupported_reason(dtype=torch.bfloat16, num_layers=len(units),
                                           hidden_units=units, dim=dim, device=device) is None
+        for dim in (18, 32, 64):
+            assert unsupported_reason(dtype=torch.float32, num_layers=2, hidden_units=(80, 40),
+                                      dim=dim, device=device) is None
+        assert "8192 padded elements in torch.float32" in unsupported_reason(
+            dtype=torch.float32, num_layers=2, hidden_units=(80, 40), dim=128, device=device)
+        assert "need 16384" in unsupported_reason(
+            dtype=torch.float32, num_layers=2, hidden_units=(128, 128), dim=16, device=device)
         assert "float64" in unsupported_reason(dtype=torch.float64, num_layers=1)
         assert "hidden layers" in unsupported_reason(dtype=torch.float32, num_layers=4)
         assert "D up to" in unsupported_reason(dtype=torch.float32, num_layers=2,

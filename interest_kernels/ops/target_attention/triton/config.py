@@ -34,12 +34,15 @@ MAX_LAYERS = 3
 NUM_SMS = 132  # an H200; the persistent grid's size under the interpreter
 BLOCK_T = 64
 NUM_WARPS = 8
-# On-chip limits (padded sizes). The forward holds two (H_1, D) first-layer matrices and
-# the (H_1, D) per-row matrix; the backward as many gradient accumulators again. Up to
-# these the kernels were compiled for sm_90 (see the package docstring for the figures).
+# On-chip limits (padded sizes). The backward, which holds the most (the first layer's
+# per-row matrix and weight-gradient accumulators, each (H_1, D)), was compiled for sm_90
+# at units (80, 40): float32 needs 224 KB of shared memory at D = 64 (the limit is
+# 227 KB) and 352 KB at D = 128; the 16-bit dtypes half as much. So every padded weight
+# matrix (H_1 x D, H_2 x H_1, H_3 x H_2) is held to 128 x 64 elements in float32 and
+# 128 x 128 in float16/bfloat16 (bench/results/target_attention_triton.md).
 MAX_DIM = 128
 MAX_UNITS = 128
-MAX_FIRST_LAYER = 128 * 128  # padded H_1 x D
+MAX_MATRIX = {torch.float32: 128 * 64, torch.float16: 128 * 128, torch.bfloat16: 128 * 128}
 FP32_DOTS_ENV = "INTEREST_KERNELS_FP32_DOTS"
 
 
@@ -69,9 +72,13 @@ def unsupported_reason(
         if any(pad(h) > MAX_UNITS for h in hidden_units):
             return (f"the Triton kernels take layers of up to {MAX_UNITS} units (every weight "
                     f"stays on chip), got units {tuple(hidden_units)}")
-        if dim and pad(hidden_units[0]) * pad(dim) > MAX_FIRST_LAYER:
-            return (f"the Triton kernels take a first layer of at most {MAX_FIRST_LAYER} padded "
-                    f"units x D, got units {hidden_units[0]} with D = {dim}")
+        if dim and dtype is not None:
+            widths = [pad(dim)] + [pad(h) for h in hidden_units]
+            largest = max(a * b for a, b in zip(widths[:-1], widths[1:]))
+            if largest > MAX_MATRIX[dtype]:
+                return (f"the Triton kernels keep each weight matrix on chip, at most "
+                        f"{MAX_MATRIX[dtype]} padded elements in {dtype}; units "
+                        f"{tuple(hidden_units)} with D = {dim} need {largest}")
     return None
 
 

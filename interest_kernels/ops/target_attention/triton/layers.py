@@ -164,7 +164,8 @@ def load_weights(w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3,
                  FIRST: tl.constexpr = True):
     """A program's on-chip copy of one group's MLP (loaded once, fp32, zero-padded):
     W_kd, W_p (BH1, BD); W_2^T (BH1, BH2), c_2; W_3^T (BH2, BH3), c_3 (of the first
-    ``LAYERS`` layers of a pack of ``PACK_LAYERS``); and the activation parameters (pa, ps, pb) of the first ``ACT_LAYERS`` layers.
+    ``LAYERS`` layers of a pack of ``PACK_LAYERS``); and the activation parameters
+    (pa, ps, pb) of the first ``ACT_LAYERS`` layers.
     Absent layers (and W_kd, W_p unless FIRST) get zero stand-ins."""
     o_wp, o_w2, o_b2, o_w3, o_b3, _, _, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
     wkd = tl.zeros([offs_h1.shape[0], offs_d.shape[0]], tl.float32)

@@ -33,7 +33,8 @@ def _act_layers(activation: str, layers: int) -> int:
     return layers if activation in ("prelu", "dice") else 0
 
 
-def _shape_args(query, keys, key_index, wpack, apack, units, heads):
+def _shape_args(query, keys, wpack, apack, units, heads):
+    """The kernels' runtime sizes (B, T, N, E, D, H1, H2, H3, W_ROW, A_ROW)."""
     rows, dim = query.shape
     batch = rows // heads
     n_hist = keys.shape[0] // heads
@@ -42,10 +43,10 @@ def _shape_args(query, keys, key_index, wpack, apack, units, heads):
     return [batch, keys.shape[1], max(n_hist, 1), heads, dim, *h, wpack.shape[1], a_row]
 
 
-def _flags(keys, key_index, lengths, mask, wpack, units, activation, heads):
+def _flags(keys, key_index, wpack, units, activation):
+    """Constexprs every kernel takes: the form and the launch configuration."""
     return dict(ACT=ACTIVATIONS[activation], PER_HEAD=wpack.shape[0] > 1,
-                HAS_KIDX=key_index is not None, HAS_LEN=lengths is not None,
-                HAS_MASK=mask is not None, **launch_config(keys, units, keys.shape[-1]))
+                HAS_KIDX=key_index is not None, **launch_config(keys, units, keys.shape[-1]))
 
 
 def _or(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
@@ -78,10 +79,10 @@ def fwd_op(
         qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
         mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
         out, scores if return_scores else dummy, lse,
-        *_shape_args(query, keys, key_index, wpack, apack, units, heads),
+        *_shape_args(query, keys, wpack, apack, units, heads),
         LAYERS=len(units), ACT_LAYERS=_act_layers(activation, len(units)), SOFTMAX=softmax,
-        WRITE_SCORES=return_scores,
-        **_flags(keys, key_index, lengths, mask, wpack, units, activation, heads),
+        WRITE_SCORES=return_scores, HAS_LEN=lengths is not None, HAS_MASK=mask is not None,
+        **_flags(keys, key_index, wpack, units, activation),
     )
     return out, scores.to(query.dtype), lse
 
@@ -114,10 +115,9 @@ def stats_op(
     dummy = qterm.new_empty(1)  # stands in for absent inputs; never read
     dice_stats_kernel[(n_prog, heads)](
         qterm, query, keys, _or(key_index, dummy), wpack, _or(apack, dummy), st,
-        *_shape_args(query, keys, key_index, wpack, apack, units, heads),
+        *_shape_args(query, keys, wpack, apack, units, heads),
         LAYERS=layer, PACK_LAYERS=len(units), ACT_LAYERS=_act_layers(activation, layer - 1),
-        **{k: v for k, v in _flags(keys, key_index, None, None, wpack, units, activation,
-                                   heads).items() if k not in ("HAS_LEN", "HAS_MASK")},
+        **_flags(keys, key_index, wpack, units, activation),
     )
     return st.sum(dim=1)
 
@@ -164,10 +164,11 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
             mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
             _or(out, dummy), _or(scores, dummy), _or(dout, dummy), _or(dscores, dummy),
             _or(lse, dummy), _or(gstats, dummy), dqt, dq, dk, gw, _or(ga, dummy),
-            *_shape_args(query, keys, key_index, wpack, apack, units, heads),
+            *_shape_args(query, keys, wpack, apack, units, heads),
             LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers, SOFTMAX=softmax,
             HAS_DSC=dscores is not None, STATS=stats, DK_PER_ROW=per_row,
-            **_flags(keys, key_index, lengths, mask, wpack, units, activation, heads),
+            HAS_LEN=lengths is not None, HAS_MASK=mask is not None,
+            **_flags(keys, key_index, wpack, units, activation),
         )
     if per_row:
         dk = sum_rows_by_history(dk, key_index, heads, keys.shape[0], keys.dtype)
