@@ -254,7 +254,7 @@ def test_wide_layers(case, device):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
 @pytest.mark.parametrize("units,dim,dtype", [
     ((128, 64, 32), 64, torch.float32), ((100, 64), 36, torch.float32),
-    ((80, 40), 64, torch.float32), ((128, 80, 40), 128, torch.bfloat16),
+    ((80, 40), 64, torch.float32), ((128, 64, 32), 128, torch.bfloat16),
     ((80, 40), 128, torch.bfloat16)])
 def test_wide_layers_gpu(units, dim, dtype):
     """Benchmark-sized widths, compiled."""
@@ -268,17 +268,20 @@ def test_unsupported_calls_are_declined_with_a_reason():
     from interest_kernels.ops.target_attention.triton import unsupported_reason
 
     for device in (torch.device("cuda"), torch.device("cpu")):  # one rule for both
-        for units in [(80, 40), (64, 16), (128, 80), (128, 80, 40), (17,), (128, 128, 128)]:
+        for units in [(80, 40), (64, 16), (128, 64), (128, 64, 32), (17,), (32, 128, 128)]:
             for dim in (18, 36, 64, 128):
                 assert unsupported_reason(dtype=torch.bfloat16, num_layers=len(units),
                                           hidden_units=units, dim=dim, device=device) is None
         for dim in (18, 32, 64):
             assert unsupported_reason(dtype=torch.float32, num_layers=2, hidden_units=(80, 40),
                                       dim=dim, device=device) is None
-        assert "8192 padded elements in torch.float32" in unsupported_reason(
+        assert "16384 padded weight-matrix elements in torch.float32" in unsupported_reason(
             dtype=torch.float32, num_layers=2, hidden_units=(80, 40), dim=128, device=device)
-        assert "need 16384" in unsupported_reason(
-            dtype=torch.float32, num_layers=2, hidden_units=(128, 128), dim=16, device=device)
+        assert "need 20480" in unsupported_reason(
+            dtype=torch.float16, num_layers=3, hidden_units=(128, 64, 64), dim=64, device=device)
+        assert "need 40960" in unsupported_reason(
+            dtype=torch.bfloat16, num_layers=3, hidden_units=(128, 80, 40), dim=128,
+            device=device)
         assert "float64" in unsupported_reason(dtype=torch.float64, num_layers=1)
         assert "hidden layers" in unsupported_reason(dtype=torch.float32, num_layers=4)
         assert "D up to" in unsupported_reason(dtype=torch.float32, num_layers=2,

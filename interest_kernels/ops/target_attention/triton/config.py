@@ -34,15 +34,16 @@ MAX_LAYERS = 3
 NUM_SMS = 132  # an H200; the persistent grid's size under the interpreter
 BLOCK_T = 64
 NUM_WARPS = 8
-# On-chip limits (padded sizes). The backward, which holds the most (the first layer's
-# per-row matrix and weight-gradient accumulators, each (H_1, D)), was compiled for sm_90
-# at units (80, 40): float32 needs 224 KB of shared memory at D = 64 (the limit is
-# 227 KB) and 352 KB at D = 128; the 16-bit dtypes half as much. So every padded weight
-# matrix (H_1 x D, H_2 x H_1, H_3 x H_2) is held to 128 x 64 elements in float32 and
-# 128 x 128 in float16/bfloat16 (bench/results/target_attention_triton.md).
+# On-chip limits (padded sizes). The backward holds the most (the first layer's per-row
+# matrix and its weight-gradient accumulators, each (H_1, D), the deeper layers' weights
+# and accumulators) and its shared memory grows with the padded weight-matrix elements
+# H_1 x D + H_2 x H_1 + H_3 x H_2. Compiled for sm_90 (limit 227 KB): 16384 elements
+# (units (80, 40), D = 64) take 224 KB in float32 and 192 KB in float16 (whose gradient
+# dots run in TF32), 20480 take 256 KB in float32, 24576 take 352 KB in float32, 288 KB in
+# float16 and 120 KB in bfloat16 (bench/results/target_attention_triton.md).
 MAX_DIM = 128
 MAX_UNITS = 128
-MAX_MATRIX = {torch.float32: 128 * 64, torch.float16: 128 * 128, torch.bfloat16: 128 * 128}
+MAX_WEIGHT_ELEMENTS = {torch.float32: 16384, torch.float16: 16384, torch.bfloat16: 32768}
 FP32_DOTS_ENV = "INTEREST_KERNELS_FP32_DOTS"
 
 
@@ -74,11 +75,11 @@ def unsupported_reason(
                     f"stays on chip), got units {tuple(hidden_units)}")
         if dim and dtype is not None:
             widths = [pad(dim)] + [pad(h) for h in hidden_units]
-            largest = max(a * b for a, b in zip(widths[:-1], widths[1:]))
-            if largest > MAX_MATRIX[dtype]:
-                return (f"the Triton kernels keep each weight matrix on chip, at most "
-                        f"{MAX_MATRIX[dtype]} padded elements in {dtype}; units "
-                        f"{tuple(hidden_units)} with D = {dim} need {largest}")
+            total = sum(a * b for a, b in zip(widths[:-1], widths[1:]))
+            if total > MAX_WEIGHT_ELEMENTS[dtype]:
+                return (f"the Triton kernels keep the weights on chip, at most "
+                        f"{MAX_WEIGHT_ELEMENTS[dtype]} padded weight-matrix elements in "
+                        f"{dtype}; units {tuple(hidden_units)} with D = {dim} need {total}")
     return None
 
 
