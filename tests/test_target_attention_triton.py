@@ -435,3 +435,33 @@ def test_every_dot_has_64_rows_at_the_benchmark_widths(device, monkeypatch):
         out, _ = call(target_attention, "triton")(**dict(inp, query=q, keys=k))
         out.float().sum().backward()
     assert shapes and min(m for m, _, _ in shapes) >= 64, sorted(set(shapes))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_forward_and_backward_capture_in_a_cuda_graph():
+    """No host synchronisation: a forward and backward (shared history, lengths) is
+    captured in a CUDA graph and replays to the eager result."""
+    dev = torch.device("cuda")
+    inp = make_case(rows=3, batch=5, units=(80, 40), dim=64, seq_len=70, device=dev)
+    kw = dict(inp, return_scores=False)
+    w = kw["weights"][0].requires_grad_(True)
+    k = kw["keys"].requires_grad_(True)
+
+    def step():
+        out = target_attention(**kw)
+        return (out,) + torch.autograd.grad(out.square().sum(), [w, k])
+
+    with use_backend("triton"):
+        want = step()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            step()  # warm-up (compiles the kernels) outside the capture
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            got = step()
+    graph.replay()
+    torch.cuda.synchronize()
+    for g, x in zip(got, want):
+        torch.testing.assert_close(g, x)
