@@ -7,7 +7,10 @@ parameter gradient (weights, biases, score layer, PReLU/Dice parameters) is a re
 accumulator of the program, added to per tile and written
 once, at the end, into this program's row of a (programs, ...) partial buffer that the
 caller sums (deterministic, no atomics). The key gradient of a tile is stored as soon as
-it is known; dq and the q-term's gradient once per row.
+it is known; dq and the q-term's gradient once per row. The deeper layers' weights stay
+on chip for the whole program; W_kd and W_p are read once per row (from L2), since
+beside the accumulators they do not fit the registers (even so the kernel spills on
+sm_90 at the benchmark widths: bench/results/target_attention_triton.md).
 
 In statistics mode (STATS) the upstream gradient is that of the Dice statistics
 (sum z, sum z^2) of layer LAYERS's pre-activation, instead of the attention output's.
