@@ -60,11 +60,12 @@ def test_amazon_reads_every_line_and_maps_unknown_ids_to_zero(tmp_path):
     assert test_stats.notes["unknown history ids"] == 1
     # The empty history has length 0 and no id; the cut one keeps its 2 most recent.
     assert ds.train.lengths.tolist() == [2, 0, 2]
-    items = Vocab.load(os.path.join(d, VOCAB_FILES["item"]))
+    assert sorted(os.listdir(d)) == [TEST_FILE, TRAIN_FILE]  # nothing written into the user's folder
+    items = ds.vocabs["item"]
     assert ds.train.hist_items[2].tolist() == [items.get("i2"), items.get("i3")]
     assert ds.test.user.tolist() == [0] and ds.test.hist_items[0].tolist() == [items.get("i1"), 0]
     assert ds.train.label.tolist() == [1.0, 0.0, 1.0]
-    cats = Vocab.load(os.path.join(d, VOCAB_FILES["cat"]))
+    cats = ds.vocabs["cat"]
     assert ds.spec.item_category[items.get("i3")] == cats.get("c1")
     assert ds.spec.num_items == len(items) and ds.spec.context_sizes == ()
 

@@ -76,8 +76,11 @@ def test_cli_checkpoint_resume_and_json(tmp_path, capsys):
     assert "[dien/fused] 2 steps" in text and "[dien/fused] 3 steps" in text
     saved = json.load(open(out))["fused"]
     assert saved["steps"] == 3 and len(saved["losses"]) == 1 and saved["config"]["model"] == "dien"
+    assert main(["--resume", ckpt, "--model", "din", *common]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: --resume: model='din' differs from the checkpoint's")
     with pytest.raises(ValueError, match="differs from the checkpoint"):
-        main(["--resume", ckpt, "--model", "din", *common])
+        main(["--resume", ckpt, "--model", "din", "--debug", *common])
 
 
 def test_cli_compare_prints_both_backends(capsys):

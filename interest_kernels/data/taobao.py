@@ -13,12 +13,19 @@ Context: the hour of day (UTC) of the target's timestamp, index ``hour + 1``.
 
 Nothing is dropped silently: rows of other behaviour types only enter the vocabularies,
 and users with a single click give no sample; both are counted in :class:`LoadStats`.
+
+Memory: the file is streamed; each click is kept as four numbers in typed arrays, and
+the samples share each user's click sequence (:class:`Samples`), so memory grows by
+about 100 bytes per click plus the vocabularies' dictionaries, never with ``max_len``.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
-from .common import DataFormatError, Dataset, FeatureSpec, LoadStats, Samples, Vocab, check_file
+from .common import DataFormatError, Dataset, FeatureSpec, LoadStats, Samples, Vocab, read_lines
+from .sequences import SequenceTable, remap
 
 __all__ = ["BEHAVIOURS", "HEADER", "load_taobao"]
 
@@ -27,83 +34,101 @@ HEADER = "user_id,item_id,category_id,behavior_type,timestamp"
 HOURS = 24
 
 
-def _read(path: str, stats: LoadStats) -> list[tuple[str, str, str, str, int]]:
-    rows = []
-    with open(path, encoding="utf-8", newline="\n") as f:
-        for lineno, line in enumerate(f, 1):
-            stats.lines += 1
-            line = line.rstrip("\n").rstrip("\r")
-            if lineno == 1 and line.replace(" ", "") == HEADER:
-                stats.note("header lines")
-                continue
-            fields = line.split(",")
-            if len(fields) != 5:
-                raise DataFormatError(path, lineno, f"expected 5 comma-separated fields, got {len(fields)}")
-            user, item, cat, behaviour, ts = (x.strip() for x in fields)
-            for name, value in (("user_id", user), ("item_id", item), ("category_id", cat)):
-                if not value.isdigit():
-                    raise DataFormatError(path, lineno, f"{name} must be a non-negative integer, got {value!r}")
-            if behaviour not in BEHAVIOURS:
-                raise DataFormatError(path, lineno, f"behavior_type must be one of {BEHAVIOURS}, got {behaviour!r}")
-            try:
-                stamp = int(ts)
-            except ValueError:
-                raise DataFormatError(path, lineno, f"timestamp must be an integer, got {ts!r}") from None
-            rows.append((user, item, cat, behaviour, stamp))
-    return rows
-
-
-def load_taobao(path: str, max_len: int = 50, seed: int = 0) -> Dataset:
-    """Samples from one behaviour CSV (see the module docstring); ``seed`` draws the negatives."""
-    check_file(path)
-    stats = LoadStats()
-    rows = _read(path, stats)
-    users, items, cats = Vocab(), Vocab(), Vocab()
-    item_cat: dict[int, int] = {}
-    clicks: dict[int, list[tuple[int, int, int, int]]] = {}
-    for order, (user, item, cat, behaviour, stamp) in enumerate(rows):
+def _read(path: str, stats: LoadStats, users: Vocab, items: Vocab, cats: Vocab) -> SequenceTable:
+    table = SequenceTable()
+    item_cat = table.item_cat
+    for lineno, line in read_lines(path):
+        stats.lines += 1
+        if stats.lines == 1 and line.replace(" ", "") == HEADER:
+            stats.note("header lines")
+            continue
+        fields = line.split(",")
+        if len(fields) != 5:
+            raise DataFormatError(path, lineno, f"expected 5 comma-separated fields, got {len(fields)}")
+        user, item, cat, behaviour, ts = (x.strip() for x in fields)
+        for name, value in (("user_id", user), ("item_id", item), ("category_id", cat)):
+            if not value.isdigit():
+                raise DataFormatError(path, lineno, f"{name} must be a non-negative integer, got {value!r}")
+        if behaviour not in BEHAVIOURS:
+            raise DataFormatError(path, lineno, f"behavior_type must be one of {BEHAVIOURS}, got {behaviour!r}")
+        try:
+            stamp = int(ts)
+        except ValueError:
+            raise DataFormatError(path, lineno, f"timestamp must be an integer, got {ts!r}") from None
         u, i, c = users.add(user), items.add(item), cats.add(cat)
-        item_cat[i] = c
+        if i == len(item_cat):
+            item_cat.append(c)
+        else:
+            item_cat[i] = c
         if behaviour == "pv":
-            clicks.setdefault(u, []).append((stamp, order, i, c))
+            table.append(u, i, c, stamp)
         else:
             stats.note(f"{behaviour} rows (vocabulary only)")
-    item_category = torch.zeros(len(items), dtype=torch.int64)
-    for i, c in item_cat.items():
-        item_category[i] = c
+    return table
+
+
+def load_taobao(path: str, max_len: int = 50, seed: int = 0, vocabs: Optional[dict[str, Vocab]] = None) -> Dataset:
+    """Samples from one behaviour CSV (see the module docstring); ``seed`` draws the
+    negatives. ``vocabs`` (``{"user", "item", "cat"}``, e.g. a checkpoint's) fixes the
+    id -> index maps; ids they lack become index 0 and are counted."""
+    stats = LoadStats()
+    users, items, cats = Vocab(), Vocab(), Vocab()
+    table = _read(path, stats, users, items, cats)
+    seq = table.sorted()
+    first = seq.position == 0
+    last = seq.position == seq.count - 1
+    stats.note("users with a single click (no sample)", int((first & last).sum()))
+    target = torch.nonzero(~first).flatten()
+    stats.note("histories cut to max_len", int((seq.position[target] > max_len).sum()))
+
+    fixed = vocabs if vocabs is not None else {"user": users, "item": items, "cat": cats}
+    user_map = remap(users, fixed["user"], stats, "user")
+    item_map = remap(items, fixed["item"], stats, "item")
+    cat_map = remap(cats, fixed["cat"], stats, "category")
+    item_category = torch.zeros(len(fixed["item"]), dtype=torch.int64)
+    item_category[item_map] = cat_map[torch.frombuffer(table.item_cat, dtype=torch.int32).long()]
+    item_category[0] = 0
 
     gen = torch.Generator().manual_seed(seed)
-    train_rows, test_rows = [], []
-    for u, seq in clicks.items():
-        if len(seq) < 2:
-            stats.note("users with a single click (no sample)")
-            continue
-        seq.sort()
-        for k in range(1, len(seq)):
-            stamp, _, item, cat = seq[k]
-            hist = seq[max(0, k - max_len) : k]
-            hi, hc = [s[2] for s in hist], [s[3] for s in hist]
-            ctx = ((stamp // 3600) % HOURS + 1,)
-            neg = item
-            while neg == item and len(items) > 2:
-                neg = int(torch.randint(1, len(items), (1,), generator=gen))
-            out = test_rows if k == len(seq) - 1 else train_rows
-            out.append((u, item, cat, hi, hc, ctx, 1.0))
-            out.append((u, neg, int(item_category[neg]), hi, hc, ctx, 0.0))
-            stats.note("histories cut to max_len", int(k > max_len))
-    stats.samples = len(train_rows) + len(test_rows)
+    pos_items = item_map[seq.item[target].long()]
+    neg_items = torch.randint(1, max(len(fixed["item"]), 2), pos_items.shape, generator=gen)
+    while len(fixed["item"]) > 2:
+        clash = torch.nonzero(neg_items == pos_items).flatten()
+        if clash.numel() == 0:
+            break
+        neg_items[clash] = torch.randint(1, len(fixed["item"]), clash.shape, generator=gen)
+
+    lengths = seq.position[target].clamp(max=max_len)
+    pair = lambda a, b: torch.stack([a, b], 1).flatten()  # noqa: E731 (positive, negative) per target
+    both = lambda t: pair(t, t)  # noqa: E731
+    hours = (seq.stamp[target] // 3600) % HOURS + 1
+    samples = Samples(
+        user=both(user_map[seq.user[target].long()]).to(torch.int32),
+        item=pair(pos_items, neg_items).to(torch.int32),
+        cat=pair(cat_map[seq.cat[target].long()], item_category[neg_items]).to(torch.int32),
+        hist_start=both(target - lengths),
+        lengths=both(lengths).to(torch.int32),
+        context=both(hours).to(torch.int32)[:, None],
+        label=pair(torch.ones(target.numel()), torch.zeros(target.numel())),
+        behaviour_items=item_map[seq.item.long()].to(torch.int32),
+        behaviour_cats=cat_map[seq.cat.long()].to(torch.int32),
+        max_len=max_len,
+    )
+    is_test = both(last[target])
+    stats.samples = len(samples)
     spec = FeatureSpec(
-        num_users=len(users),
-        num_items=len(items),
-        num_cats=len(cats),
+        num_users=len(fixed["user"]),
+        num_items=len(fixed["item"]),
+        num_cats=len(fixed["cat"]),
         context_sizes=(HOURS + 1,),
         max_len=max_len,
         item_category=item_category,
     )
     return Dataset(
-        Samples.from_rows(train_rows, max_len, 1),
-        Samples.from_rows(test_rows, max_len, 1),
+        samples.subset(torch.nonzero(~is_test).flatten()),
+        samples.subset(torch.nonzero(is_test).flatten()),
         spec,
         {path: stats},
         f"taobao:{path}",
+        fixed,
     )
