@@ -666,8 +666,15 @@ Checkpoints get their resolved settings beside them (run.pt -> run.toml), a vali
 """
 
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's layout and shows every option's default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        shown = not any(action.default is skip for skip in (None, False, argparse.SUPPRESS))
+        if shown and "%(default)" not in text:
+            text += " (default: %(default)s)"
+        return text.strip()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -675,32 +682,35 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m interest_kernels.train", description=__doc__.split("\n")[0],
                                 epilog=DATA_LAYOUTS, formatter_class=_HelpFormatter)
     p.add_argument("--config", help="read settings from this TOML file (flags override it)")
-    p.add_argument("--model", choices=tuple(MODELS), default=d.model)
+    p.add_argument("--model", choices=tuple(MODELS), default=d.model, help="the CTR model")
     p.add_argument("--data", default=d.data, help="generated | generated:taobao | amazon:DIR | taobao:CSV | movielens:DIR")
-    p.add_argument("--epochs", type=int, default=d.epochs)
+    p.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training split")
     p.add_argument("--max-steps", type=int, help="stop after this many steps in all")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--backend", choices=("fused", "reference"), default=d.backend)
-    p.add_argument("--device", default=d.device)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training samples per step")
+    p.add_argument("--backend", choices=("fused", "reference"), default=d.backend,
+                   help="fused kernels or the eager reference ops")
+    p.add_argument("--device", default=d.device, help="torch device")
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the model, data order, negatives and splits")
     p.add_argument("--max-len", type=int, default=d.max_len, help="behaviours kept per history")
-    p.add_argument("--sparse-optim", choices=("sgd", "adagrad", "adam"), default=d.sparse_optim)
-    p.add_argument("--sparse-lr", type=float, default=d.sparse_lr)
-    p.add_argument("--dense-lr", type=float, default=d.dense_lr)
-    p.add_argument("--mba-lambda", type=float, default=d.mba_lambda)
-    p.add_argument("--embedding", choices=("mba", "torch"), default=d.embedding)
-    p.add_argument("--gru-type", choices=("AUGRU", "AGRU", "AIGRU", "GRU"), default=d.gru_type)
+    p.add_argument("--sparse-optim", choices=("sgd", "adagrad", "adam"), default=d.sparse_optim,
+                   help="the MBA optimiser of the embedding tables")
+    p.add_argument("--sparse-lr", type=float, default=d.sparse_lr, help="base learning rate of the embedding tables")
+    p.add_argument("--dense-lr", type=float, default=d.dense_lr, help="base learning rate of Adam (all other weights)")
+    p.add_argument("--mba-lambda", type=float, default=d.mba_lambda, help="MBA regularisation strength (SPEC 5)")
+    p.add_argument("--embedding", choices=("mba", "torch"), default=d.embedding, help="embedding table implementation")
+    p.add_argument("--gru-type", choices=("AUGRU", "AGRU", "AIGRU", "GRU"), default=d.gru_type,
+                   help="DIEN's interest-evolving layer")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
     p.add_argument("--lr-decay", choices=LR_DECAYS, default=d.lr_decay, help="decay after the warm-up, to the last step")
     p.add_argument("--min-lr-ratio", type=float, default=d.min_lr_ratio, help="the decay's final fraction of the rate")
     p.add_argument("--valid-fraction", type=float, default=d.valid_fraction,
                    help="share of the training users held out as the validation split")
     p.add_argument("--eval-every", type=int, help="also evaluate every N steps (besides every epoch)")
-    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size)
+    p.add_argument("--eval-batch-size", type=int, default=d.eval_batch_size, help="samples per evaluation batch")
     p.add_argument("--early-stop", choices=METRICS, help="stop when this validation metric stops improving")
     p.add_argument("--patience", type=int, default=d.patience, help="evaluations without improvement before stopping")
     p.add_argument("--checkpoint", help="write a checkpoint here (at the end, and every --checkpoint-every steps)")
-    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--checkpoint-every", type=int, help="also write --checkpoint every N steps")
     p.add_argument("--best-checkpoint", help="with --early-stop: write the best model's checkpoint here "
                    "(default: beside --checkpoint as NAME.best.pt, else kept in memory)")
     p.add_argument("--resume", help="continue the run saved in this checkpoint")
