@@ -14,9 +14,10 @@ Context: the hour of day (UTC) of the target's timestamp, index ``hour + 1``.
 Nothing is dropped silently: rows of other behaviour types only enter the vocabularies,
 and users with a single click give no sample; both are counted in :class:`LoadStats`.
 
-Memory: the file is streamed; each click is kept as four numbers in typed arrays, and
-the samples share each user's click sequence (:class:`Samples`), so memory grows by
-about 100 bytes per click plus the vocabularies' dictionaries, never with ``max_len``.
+Memory: the file is streamed; each click is kept as a few numbers in typed arrays, and
+the samples share each user's click sequence (:class:`Samples`), so memory grows with
+the rows and the vocabularies, never with ``max_len``
+(``bench/bench_taobao_memory.py`` measures the peak per row).
 """
 from __future__ import annotations
 
@@ -75,6 +76,8 @@ def load_taobao(path: str, max_len: int = 50, seed: int = 0, vocabs: Optional[di
     users, items, cats = Vocab(), Vocab(), Vocab()
     table = _read(path, stats, users, items, cats)
     seq = table.sorted()
+    item_cat = torch.frombuffer(table.item_cat, dtype=torch.int32).long()
+    del table  # the unsorted columns
     first = seq.position == 0
     last = seq.position == seq.count - 1
     stats.note("users with a single click (no sample)", int((first & last).sum()))
@@ -86,7 +89,7 @@ def load_taobao(path: str, max_len: int = 50, seed: int = 0, vocabs: Optional[di
     item_map = remap(items, fixed["item"], stats, "item")
     cat_map = remap(cats, fixed["cat"], stats, "category")
     item_category = torch.zeros(len(fixed["item"]), dtype=torch.int64)
-    item_category[item_map] = cat_map[torch.frombuffer(table.item_cat, dtype=torch.int32).long()]
+    item_category[item_map] = cat_map[item_cat]
     item_category[0] = 0
 
     gen = torch.Generator().manual_seed(seed)
@@ -98,24 +101,39 @@ def load_taobao(path: str, max_len: int = 50, seed: int = 0, vocabs: Optional[di
             break
         neg_items[clash] = torch.randint(1, len(fixed["item"]), clash.shape, generator=gen)
 
-    lengths = seq.position[target].clamp(max=max_len)
-    pair = lambda a, b: torch.stack([a, b], 1).flatten()  # noqa: E731 (positive, negative) per target
-    both = lambda t: pair(t, t)  # noqa: E731
-    hours = (seq.stamp[target] // 3600) % HOURS + 1
-    samples = Samples(
-        user=both(user_map[seq.user[target].long()]).to(torch.int32),
-        item=pair(pos_items, neg_items).to(torch.int32),
-        cat=pair(cat_map[seq.cat[target].long()], item_category[neg_items]).to(torch.int32),
-        hist_start=both(target - lengths),
-        lengths=both(lengths).to(torch.int32),
-        context=both(hours).to(torch.int32)[:, None],
-        label=pair(torch.ones(target.numel()), torch.zeros(target.numel())),
-        behaviour_items=item_map[seq.item.long()].to(torch.int32),
-        behaviour_cats=cat_map[seq.cat.long()].to(torch.int32),
-        max_len=max_len,
-    )
-    is_test = both(last[target])
-    stats.samples = len(samples)
+    behaviour_items = item_map[seq.item.long()].to(torch.int32)
+    behaviour_cats = cat_map[seq.cat.long()].to(torch.int32)
+    is_test = last[target]
+    index_dtype = torch.int32 if seq.user.numel() < 2**31 else torch.int64
+
+    def split(chosen: torch.Tensor) -> Samples:
+        """The positive and negative samples of the targets ``chosen`` (a mask over them)."""
+        t = target[chosen]
+        lengths = seq.position[t].clamp(max=max_len).to(torch.int32)
+
+        def pair(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:  # (positive, negative) per target
+            return torch.stack([pos.to(torch.int32), neg.to(torch.int32)], 1).flatten()
+
+        def both(x: torch.Tensor) -> torch.Tensor:
+            return pair(x, x)
+
+        neg = neg_items[chosen]
+        start = (t - lengths).to(index_dtype)
+        return Samples(
+            user=both(user_map[seq.user[t].long()]),
+            item=pair(pos_items[chosen], neg),
+            cat=pair(cat_map[seq.cat[t].long()], item_category[neg]),
+            hist_start=torch.stack([start, start], 1).flatten(),
+            lengths=both(lengths),
+            context=both((seq.stamp[t] // 3600) % HOURS + 1)[:, None],
+            label=torch.stack([torch.ones(t.numel()), torch.zeros(t.numel())], 1).flatten(),
+            behaviour_items=behaviour_items,
+            behaviour_cats=behaviour_cats,
+            max_len=max_len,
+        )
+
+    train, test = split(~is_test), split(is_test)
+    stats.samples = len(train) + len(test)
     spec = FeatureSpec(
         num_users=len(fixed["user"]),
         num_items=len(fixed["item"]),
@@ -125,8 +143,8 @@ def load_taobao(path: str, max_len: int = 50, seed: int = 0, vocabs: Optional[di
         item_category=item_category,
     )
     return Dataset(
-        samples.subset(torch.nonzero(~is_test).flatten()),
-        samples.subset(torch.nonzero(is_test).flatten()),
+        train,
+        test,
         spec,
         {path: stats},
         f"taobao:{path}",
