@@ -142,16 +142,21 @@ def _load_source(config: TrainConfig, workdir: Optional[str], vocabs: Optional[d
 
 
 def build_dataset(
-    config: TrainConfig, workdir: Optional[str] = None, vocabs: Optional[dict[str, Vocab]] = None
+    config: TrainConfig,
+    workdir: Optional[str] = None,
+    vocabs: Optional[dict[str, Vocab]] = None,
+    log: Optional[Callable[[str], Any]] = None,
 ) -> Dataset:
     """The data the config names, with ``config.valid_fraction`` of the training users
-    held out as the validation split; every split is checked to hold both labels.
-    Generated data is written to ``workdir`` (a temporary directory, removed afterwards,
-    when None) and read back through the loader of its layout. ``vocabs`` (a
-    checkpoint's) fixes the id -> index maps."""
+    held out as the validation split; its summary goes to ``log``, then every split is
+    checked to hold both labels. Generated data is written to ``workdir`` (a temporary
+    directory, removed afterwards, when None) and read back through the loader of its
+    layout. ``vocabs`` (a checkpoint's) fixes the id -> index maps."""
     dataset = _load_source(config, workdir, vocabs)
     if config.valid_fraction:
         dataset.train, dataset.valid = hold_out_users(dataset.train, config.valid_fraction, config.seed)
+    if log is not None:
+        log(dataset.summary())
     dataset.check()
     return dataset
 
@@ -409,8 +414,7 @@ def run(
         raise ValueError(f"--device {config.device}: CUDA is not available")
     state = read_checkpoint(resume) if resume is not None else None
     if dataset is None:
-        dataset = build_dataset(config, vocabs=checkpoint_vocabs(state) if state else None)
-        log(dataset.summary())
+        dataset = build_dataset(config, vocabs=checkpoint_vocabs(state) if state else None, log=log)
     trainer = Trainer(config, dataset)
     if state is not None:
         trainer.load_state_dict(state)
@@ -498,8 +502,7 @@ def run(
 
 def compare(config: TrainConfig, *, quiet: bool = False, log: Callable[[str], Any] = print) -> dict[str, RunResult]:
     """Train the fused and the reference backends from the same seed on the same data."""
-    dataset = build_dataset(config)
-    log(dataset.summary())
+    dataset = build_dataset(config, log=log)
     results = {}
     for backend in ("fused", "reference"):
         results[backend] = run(dataclasses.replace(config, backend=backend), dataset=dataset, quiet=quiet, log=log)
