@@ -45,7 +45,7 @@ from .data import (
     BatchIterator, Dataset, Vocab, generate_amazon, generate_taobao, hold_out_users, load_amazon, load_movielens,
     load_taobao,
 )
-from .data.common import Samples, eval_batches
+from .data.common import Batch, Samples, eval_batches
 from .metrics import METRICS, auc, better, ctr_metrics
 from .models import MODELS, CTRModel, make_optimizers, train_step
 
@@ -248,12 +248,16 @@ class Trainer:
             for group in opt.param_groups:
                 group["lr"] = base * factor
 
-    def step(self, batch) -> float:
+    def step(self, batch: Batch) -> float:
         """One training step on ``batch`` (on the CPU; moved here); returns the loss."""
         self.model.train()
         loss = train_step(self.model, self.sparse_opt, self.dense_opt, batch.to(self.device))
         self.steps += 1
         return float(loss)
+
+    def samples_in(self, batch: Batch) -> int:
+        """Training samples that a step on ``batch`` covers."""
+        return batch.size
 
     @torch.no_grad()
     def predict(self, samples: Samples) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -452,7 +456,7 @@ def run(
             start = time.perf_counter()
             loss = trainer.step(batch)  # a float: the step has finished on the device
             epoch_time += time.perf_counter() - start
-            epoch_samples += batch.size
+            epoch_samples += trainer.samples_in(batch)
             epoch_losses.append(loss)
             progress.update(loss)
             if not math.isfinite(loss):
@@ -669,6 +673,13 @@ Checkpoints get their resolved settings beside them (run.pt -> run.toml), a vali
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line, like every other error of the command."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Keeps the epilog's layout and shows every option's default."""
 
@@ -682,7 +693,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(prog="python -m interest_kernels.train", description=__doc__.split("\n")[0],
+    p = _Parser(prog="python -m interest_kernels.train", description=__doc__.split("\n")[0],
                                 epilog=DATA_LAYOUTS, formatter_class=_HelpFormatter)
     p.add_argument("--config", help="read settings from this TOML file (flags override it)")
     p.add_argument("--model", choices=tuple(MODELS), default=d.model, help="the CTR model")

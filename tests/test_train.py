@@ -152,6 +152,9 @@ def test_help_shows_defaults_and_data_layouts(capsys):
     assert "(default: 128)" in text and "(default: 0)" in text
     for layout in ("amazon:DIR", "local_train_splitByUser", "taobao:CSV", "movielens:DIR", "u.data", "ratings.csv"):
         assert layout in text
+    with pytest.raises(SystemExit):
+        main(["--model", "xyz"])
+    assert capsys.readouterr().err == "error: argument --model: invalid choice: 'xyz' (choose from 'din', 'dien', 'dmin') (see --help)\n"
 
 
 def test_lr_schedule():
