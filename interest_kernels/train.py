@@ -491,13 +491,19 @@ def run(
             break
     if checkpoint:
         trainer.save(checkpoint)
-    if trainer.stopper is not None and trainer.stopper.best is not None:
-        if best_checkpoint:
+    stopper = trainer.stopper
+    if stopper is not None and stopper.best is not None:
+        if best_checkpoint and os.path.exists(best_checkpoint):
             trainer.model.load_state_dict(read_checkpoint(best_checkpoint)["model"])
         elif best_state is not None:
             trainer.model.load_state_dict(best_state)
-        log(f"{tag} kept the model of step {trainer.stopper.best_step} "
-            f"(best valid {config.early_stop} {trainer.stopper.best:.4f})")
+        else:  # the best came before a resume and was held in memory only
+            log(f"{tag} the best model (step {stopper.best_step}) was not saved (no --best-checkpoint); "
+                f"keeping the last one")
+            stopper = None
+    if stopper is not None and stopper.best is not None:
+        result.best = result.best or {"step": stopper.best_step, config.early_stop: stopper.best}
+        log(f"{tag} kept the model of step {stopper.best_step} (best valid {config.early_stop} {stopper.best:.4f})")
     result.test = trainer.evaluate(dataset.test)
     result.steps = trainer.steps
     result.samples_per_s = train_samples / train_time if train_time else float("nan")
