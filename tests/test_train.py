@@ -256,3 +256,15 @@ def test_empty_and_one_sided_data_are_errors(tmp_path):
     (d / TRAIN_FILE).write_text("1\tu\ti\tc\t\t\n0\tu\ti\tc\t\t\n")
     with pytest.raises(ValueError, match="the test split has 1 positive and 0 negative samples"):
         build_dataset(TrainConfig(data=f"amazon:{d}"))
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path):
+    config = _tiny("din", epochs=6, valid_fraction=0.25, eval_every=1, early_stop="logloss", patience=2, dense_lr=0.05)
+    dataset = build_dataset(config, str(tmp_path / "d"))
+    quiet = dict(quiet=True, log=lambda *_: None)
+    full = run(config, dataset=dataset, best_checkpoint=str(tmp_path / "b1.pt"), **quiet)
+    ckpt, best = str(tmp_path / "c.pt"), str(tmp_path / "b2.pt")
+    run(TrainConfig(**{**config.__dict__, "max_steps": 2}), dataset=dataset, checkpoint=ckpt, best_checkpoint=best, **quiet)
+    resumed = run(config, dataset=dataset, resume=ckpt, best_checkpoint=best, **quiet)
+    assert resumed.steps == full.steps and resumed.best["step"] == full.best["step"]
+    assert resumed.test["auc"] == full.test["auc"] and resumed.test["logloss"] == full.test["logloss"]
