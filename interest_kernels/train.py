@@ -570,8 +570,9 @@ def evaluate_checkpoint(path: str, *, data: Optional[str] = None, split: str = "
 
 def predict_checkpoint(path: str, out: str, *, data: Optional[str] = None, split: str = "test",
                        device: Optional[str] = None, log: Callable[[str], Any] = print) -> int:
-    """Write ``user,item,score,label`` (raw ids, the click probability) for every sample
-    of one split to the CSV ``out``; returns the number of rows."""
+    """Write ``user,item,score,label`` (raw ids, ``<unk>`` for ids the checkpoint's
+    vocabularies lack; the click probability) for every sample of one split, in the
+    split's order, to the CSV ``out``; returns the number of rows."""
     trainer = _trainer_from_checkpoint(path, data, log, device=device)
     samples = _split(trainer, split)
     _, labels, logits = trainer.predict(samples)
