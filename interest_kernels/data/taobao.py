@@ -92,41 +92,48 @@ def load_taobao(path: str, max_len: int = 50, seed: int = 0, vocabs: Optional[di
     item_category[item_map] = cat_map[item_cat]
     item_category[0] = 0
 
+    # Everything the samples need, per target (int32) and per click; then the sorted
+    # columns go, so that they and the samples are never all held at once.
+    i32 = torch.int32
+    index_dtype = i32 if seq.user.numel() < 2**31 else torch.int64
+    lengths = seq.position[target].clamp(max=max_len).to(i32)
+    starts = (target - lengths).to(index_dtype)
+    users_of = user_map[seq.user[target].long()].to(i32)
+    pos_items = item_map[seq.item[target].long()].to(i32)
+    pos_cats = cat_map[seq.cat[target].long()].to(i32)
+    hours = ((seq.stamp[target] // 3600) % HOURS + 1).to(i32)
+    is_test = last[target]
+    behaviour_items = item_map[seq.item.long()].to(i32)
+    behaviour_cats = cat_map[seq.cat.long()].to(i32)
+    del seq, first, last, target
+
     gen = torch.Generator().manual_seed(seed)
-    pos_items = item_map[seq.item[target].long()]
-    neg_items = torch.randint(1, max(len(fixed["item"]), 2), pos_items.shape, generator=gen)
+    neg_items = torch.randint(1, max(len(fixed["item"]), 2), pos_items.shape, generator=gen, dtype=i32)
     while len(fixed["item"]) > 2:
         clash = torch.nonzero(neg_items == pos_items).flatten()
         if clash.numel() == 0:
             break
-        neg_items[clash] = torch.randint(1, len(fixed["item"]), clash.shape, generator=gen)
-
-    behaviour_items = item_map[seq.item.long()].to(torch.int32)
-    behaviour_cats = cat_map[seq.cat.long()].to(torch.int32)
-    is_test = last[target]
-    index_dtype = torch.int32 if seq.user.numel() < 2**31 else torch.int64
+        neg_items[clash] = torch.randint(1, len(fixed["item"]), clash.shape, generator=gen, dtype=i32)
 
     def split(chosen: torch.Tensor) -> Samples:
         """The positive and negative samples of the targets ``chosen`` (a mask over them)."""
-        t = target[chosen]
-        lengths = seq.position[t].clamp(max=max_len).to(torch.int32)
 
         def pair(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:  # (positive, negative) per target
-            return torch.stack([pos.to(torch.int32), neg.to(torch.int32)], 1).flatten()
+            return torch.stack([pos[chosen], neg[chosen]], 1).flatten()
 
         def both(x: torch.Tensor) -> torch.Tensor:
             return pair(x, x)
 
-        neg = neg_items[chosen]
-        start = (t - lengths).to(index_dtype)
+        neg_cats = item_category[neg_items[chosen].long()].to(i32)
+        count = int(chosen.sum())
         return Samples(
-            user=both(user_map[seq.user[t].long()]),
-            item=pair(pos_items[chosen], neg),
-            cat=pair(cat_map[seq.cat[t].long()], item_category[neg]),
-            hist_start=torch.stack([start, start], 1).flatten(),
+            user=both(users_of),
+            item=pair(pos_items, neg_items),
+            cat=torch.stack([pos_cats[chosen], neg_cats], 1).flatten(),
+            hist_start=both(starts),
             lengths=both(lengths),
-            context=both((seq.stamp[t] // 3600) % HOURS + 1)[:, None],
-            label=torch.stack([torch.ones(t.numel()), torch.zeros(t.numel())], 1).flatten(),
+            context=both(hours)[:, None],
+            label=torch.stack([torch.ones(count), torch.zeros(count)], 1).flatten(),
             behaviour_items=behaviour_items,
             behaviour_cats=behaviour_cats,
             max_len=max_len,
