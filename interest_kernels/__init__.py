@@ -3,9 +3,13 @@
 Functional ops dispatch to the best available backend for the tensors' device
 ("triton" on CUDA, "cpu"/"cuda" compiled or optimised paths, "reference" eager
 PyTorch everywhere); ``use_backend(name)`` forces one. Modules live in
-``interest_kernels.nn``, optimizers in ``interest_kernels.optim``.
+``interest_kernels.nn``, optimizers in ``interest_kernels.optim``, the CTR models in
+``interest_kernels.models``, data loaders in ``interest_kernels.data``, AUC / GAUC /
+logloss in ``interest_kernels.metrics`` and the training job in ``interest_kernels.train``.
+Importing the package imports neither triton nor torch._dynamo (each Triton backend
+imports triton when it first runs).
 """
-from . import nn, optim
+from . import data, metrics, models, nn, optim
 from ._backend import BackendUnavailableError, use_backend
 from ._validation import value_checks
 from .ops.aux_loss.op import dien_aux_loss
@@ -23,6 +27,7 @@ __all__ = [
     "BackendUnavailableError",
     "DiceParams",
     "count_ids",
+    "data",
     "dedup_rows",
     "dice",
     "dice_reference",
@@ -32,6 +37,8 @@ __all__ = [
     "mba_adagrad_update",
     "mba_adam_update",
     "mba_sgd_update",
+    "metrics",
+    "models",
     "nn",
     "optim",
     "target_attention",

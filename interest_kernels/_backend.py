@@ -187,7 +187,14 @@ class Op:
         )
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """What ``torch.compiler.assume_constant_result`` does (mark ``fn`` for Dynamo),
+    without importing torch._dynamo, which takes seconds and imports triton."""
+    fn._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    return fn
+
+
+@_assume_constant_result
 def _select_name(op_id: int, device: torch.device, facts: tuple[tuple[str, Any], ...]) -> str:
     return _EVERY_OP[op_id]._select_name(device, dict(facts))
 

@@ -60,11 +60,12 @@ def test_amazon_reads_every_line_and_maps_unknown_ids_to_zero(tmp_path):
     assert test_stats.notes["unknown history ids"] == 1
     # The empty history has length 0 and no id; the cut one keeps its 2 most recent.
     assert ds.train.lengths.tolist() == [2, 0, 2]
-    items = Vocab.load(os.path.join(d, VOCAB_FILES["item"]))
+    assert sorted(os.listdir(d)) == [TEST_FILE, TRAIN_FILE]  # nothing written into the user's folder
+    items = ds.vocabs["item"]
     assert ds.train.hist_items[2].tolist() == [items.get("i2"), items.get("i3")]
     assert ds.test.user.tolist() == [0] and ds.test.hist_items[0].tolist() == [items.get("i1"), 0]
     assert ds.train.label.tolist() == [1.0, 0.0, 1.0]
-    cats = Vocab.load(os.path.join(d, VOCAB_FILES["cat"]))
+    cats = ds.vocabs["cat"]
     assert ds.spec.item_category[items.get("i3")] == cats.get("c1")
     assert ds.spec.num_items == len(items) and ds.spec.context_sizes == ()
 
@@ -182,3 +183,63 @@ def test_batch_iterator_order_depends_on_seed_and_epoch_only(tmp_path):
     assert batch.hist_items.shape[1] == int(batch.lengths.max())
     valid = torch.arange(batch.hist_items.shape[1]) < batch.lengths[:, None]
     assert bool((batch.hist_items[~valid] == 0).all()) and bool((batch.hist_items[valid] > 0).all())
+
+
+BOM = "\ufeff"
+
+
+def test_every_loader_accepts_a_bom_and_trailing_blank_lines_but_not_inner_ones(tmp_path):
+    d = _amazon_dir(tmp_path, [BOM + GOOD, "0\tu2\ti4\tc3\t\t\n", "\n", "\r\n"])
+    ds = load_amazon(d)
+    assert len(ds.train) == 2 and ds.vocabs["user"].tokens() == ["<unk>", "u1", "u2"]
+    tb = tmp_path / "ub.csv"
+    tb.write_text(BOM + TAOBAO_HEADER + "1,2,3,pv,100\n1,4,3,pv,200\n\n\n")
+    assert load_taobao(str(tb)).stats[str(tb)].notes["header lines"] == 1
+    tb.write_text(TAOBAO_HEADER + "1,2,3,pv,100\n\n1,4,3,pv,200\n")
+    with pytest.raises(DataFormatError, match=f"^{tb}:3: blank line inside the data"):
+        load_taobao(str(tb))
+    (tmp_path / "bad.bin").write_bytes(b"1,2,3,pv,100\n\xff\xfe,2\n")
+    with pytest.raises(DataFormatError, match=r"bad.bin:2: not valid utf-8 text"):
+        load_taobao(str(tmp_path / "bad.bin"))
+
+
+def test_amazon_never_writes_vocabularies_and_rejects_ones_that_do_not_fit(tmp_path):
+    d = generate_amazon(str(tmp_path / "a"), seed=0, **SMALL_AMAZON)  # ships fitting vocabulary files
+    before = sorted(os.listdir(d))
+    ds = load_amazon(d)
+    assert sorted(os.listdir(d)) == before and len(ds.vocabs["user"]) == SMALL_AMAZON["num_users"] + 1
+    # The data changes (a new user) but the old vocabulary stays: an error naming the file.
+    with open(os.path.join(d, TRAIN_FILE), "a") as f:
+        f.write("1\tnew_user\tI1\tC1\t\t\n")
+    with pytest.raises(ValueError, match=f"{os.path.join(d, VOCAB_FILES['user'])} does not fit .*'new_user'"):
+        load_amazon(d)
+    os.remove(os.path.join(d, VOCAB_FILES["user"]))
+    assert "new_user" in load_amazon(d).vocabs["user"]
+
+
+def test_loaders_read_with_given_vocabularies_and_count_unknown_ids(tmp_path):
+    csv = generate_taobao(str(tmp_path / "ub.csv"), num_users=20, seed=1)
+    first = load_taobao(csv, max_len=5)
+    again = load_taobao(csv, max_len=5, vocabs=first.vocabs)
+    assert torch.equal(again.train.batch(torch.arange(10)).hist_items, first.train.batch(torch.arange(10)).hist_items)
+    assert torch.equal(again.spec.item_category, first.spec.item_category)
+    small = {k: Vocab(v.tokens()[1:5]) for k, v in first.vocabs.items()}  # most ids unknown now
+    partial = load_taobao(csv, max_len=5, vocabs=small)
+    notes = partial.stats[csv].notes
+    assert notes["unknown user ids (not in the given vocabulary)"] == len(first.vocabs["user"]) - 5
+    assert partial.spec.num_items == 5 and int(partial.train.item.max()) < 5
+    # Unknown users keep their own sequences: same samples, same histories' lengths.
+    assert torch.equal(partial.train.lengths, first.train.lengths)
+
+
+def test_samples_share_histories_and_summary_counts(tmp_path):
+    path = tmp_path / "ub.csv"
+    path.write_text("".join(f"1,{i},7,pv,{i}\n" for i in range(1, 6)))
+    ds = load_taobao(str(path), max_len=3)
+    # 4 targets x (positive, negative) over one stored sequence of 5 clicks.
+    assert ds.train.behaviour_items.numel() == 5 and len(ds.train) + len(ds.test) == 8
+    assert ds.train.lengths.tolist() == [1, 1, 2, 2, 3, 3]
+    assert ds.train.hist_items[4].tolist() == [1, 2, 3] and ds.test.hist_items[0].tolist() == [2, 3, 4]
+    text = ds.summary()
+    assert f"{path}: 5 lines, 8 samples" in text and "histories cut to max_len: 1" in text
+    assert "train: 6 samples (3 positive), 1 users" in text

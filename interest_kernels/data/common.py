@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import torch
 
@@ -21,6 +21,11 @@ __all__ = [
     "LoadStats",
     "BatchIterator",
     "DataFormatError",
+    "Dataset",
+    "read_lines",
+    "hold_out_users",
+    "check_file",
+    "eval_batches",
 ]
 
 UNKNOWN = "<unk>"
@@ -67,22 +72,38 @@ class Vocab:
             for token, i in self.index.items():
                 f.write(f"{token}\t{i}\n")
 
+    def tokens(self) -> list[str]:
+        """The raw ids in index order (``<unk>`` first): what a checkpoint stores."""
+        out = [""] * len(self.index)
+        for token, i in self.index.items():
+            out[i] = token
+        return out
+
+    @classmethod
+    def from_tokens(cls, tokens: Sequence[str]) -> "Vocab":
+        """The inverse of :meth:`tokens`."""
+        if not tokens or tokens[0] != UNKNOWN:
+            raise ValueError(f"a vocabulary's token list must start with {UNKNOWN!r}")
+        vocab = cls(tokens[1:])
+        if len(vocab) != len(tokens):
+            raise ValueError("a vocabulary's token list holds a duplicate")
+        return vocab
+
     @classmethod
     def load(cls, path: str) -> "Vocab":
         vocab = cls.__new__(cls)
         vocab.index = {}
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                parts = line.rstrip("\n").split("\t")
-                if len(parts) != 2 or not parts[0]:
-                    raise DataFormatError(path, lineno, f"expected 'raw_id<TAB>index', got {line!r}")
-                try:
-                    i = int(parts[1])
-                except ValueError:
-                    raise DataFormatError(path, lineno, f"index {parts[1]!r} is not an integer") from None
-                if parts[0] in vocab.index:
-                    raise DataFormatError(path, lineno, f"duplicate id {parts[0]!r}")
-                vocab.index[parts[0]] = i
+        for lineno, line in read_lines(path):
+            parts = line.split("\t")
+            if len(parts) != 2 or not parts[0]:
+                raise DataFormatError(path, lineno, f"expected 'raw_id<TAB>index', got {line!r}")
+            try:
+                i = int(parts[1])
+            except ValueError:
+                raise DataFormatError(path, lineno, f"index {parts[1]!r} is not an integer") from None
+            if parts[0] in vocab.index:
+                raise DataFormatError(path, lineno, f"duplicate id {parts[0]!r}")
+            vocab.index[parts[0]] = i
         if sorted(vocab.index.values()) != list(range(len(vocab.index))) or vocab.index.get(UNKNOWN) != 0:
             raise ValueError(f"{path}: indices must be 0..n-1 with {UNKNOWN!r} at 0")
         return vocab
@@ -153,31 +174,72 @@ class LoadStats:
 
 @dataclass
 class Samples:
-    """A whole split held in memory as int64 tensors (shapes as in :class:`Batch`, N rows)."""
+    """A whole split in memory, N samples.
+
+    Target fields user, item, cat (N,), context (N, K) and label (N,) float32. Histories
+    are slices of shared behaviour arrays, so samples that share a user's sequence
+    (Taobao, MovieLens) do not copy it: the history of sample r is
+    ``behaviour_items[hist_start[r] : hist_start[r] + lengths[r]]`` (oldest first), and
+    the same slice of ``behaviour_cats``. Ids may be stored in any integer dtype (the
+    large loaders use int32); :meth:`batch` returns int64 tensors.
+    """
 
     user: torch.Tensor
     item: torch.Tensor
     cat: torch.Tensor
-    hist_items: torch.Tensor
-    hist_cats: torch.Tensor
+    hist_start: torch.Tensor
     lengths: torch.Tensor
     context: torch.Tensor
     label: torch.Tensor
+    behaviour_items: torch.Tensor
+    behaviour_cats: torch.Tensor
+    max_len: int
 
     def __len__(self) -> int:
         return int(self.label.shape[0])
 
+    def _histories(self, index: torch.Tensor, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        steps = torch.arange(width)
+        lengths = self.lengths[index].to(torch.int64)
+        valid = steps < lengths[:, None]
+        if self.behaviour_items.numel() == 0:
+            zeros = torch.zeros(index.numel(), width, dtype=torch.int64)
+            return zeros, zeros.clone()
+        pos = (self.hist_start[index].to(torch.int64)[:, None] + steps).clamp(max=self.behaviour_items.numel() - 1)
+        items = torch.where(valid, self.behaviour_items[pos].to(torch.int64), 0)
+        cats = torch.where(valid, self.behaviour_cats[pos].to(torch.int64), 0)
+        return items, cats
+
+    @property
+    def hist_items(self) -> torch.Tensor:
+        """(N, max_len) int64, 0 past each length (materialised: for small splits)."""
+        return self._histories(torch.arange(len(self)), self.max_len)[0]
+
+    @property
+    def hist_cats(self) -> torch.Tensor:
+        """(N, max_len) int64, 0 past each length (materialised: for small splits)."""
+        return self._histories(torch.arange(len(self)), self.max_len)[1]
+
     def batch(self, index: torch.Tensor) -> Batch:
+        """The samples at ``index``; histories padded to the longest among them (>= 1)."""
         longest = max(int(self.lengths[index].max()), 1) if index.numel() else 1
+        hist_items, hist_cats = self._histories(index, longest)
         return Batch(
-            self.user[index],
-            self.item[index],
-            self.cat[index],
-            self.hist_items[index, :longest],
-            self.hist_cats[index, :longest],
-            self.lengths[index],
-            self.context[index],
-            self.label[index],
+            self.user[index].to(torch.int64),
+            self.item[index].to(torch.int64),
+            self.cat[index].to(torch.int64),
+            hist_items,
+            hist_cats,
+            self.lengths[index].to(torch.int64),
+            self.context[index].to(torch.int64),
+            self.label[index].to(torch.float32),
+        )
+
+    def subset(self, index: torch.Tensor) -> "Samples":
+        """The samples at ``index`` (sharing the behaviour arrays)."""
+        return Samples(
+            self.user[index], self.item[index], self.cat[index], self.hist_start[index], self.lengths[index],
+            self.context[index], self.label[index], self.behaviour_items, self.behaviour_cats, self.max_len,
         )
 
     @classmethod
@@ -189,28 +251,27 @@ class Samples:
     ) -> "Samples":
         """rows: (user, item, cat, hist_items, hist_cats, context, label); histories keep
         their most recent ``max_len`` entries (the end of the list is the most recent)."""
-        n = len(rows)
-        hist_items = torch.zeros(n, max_len, dtype=torch.int64)
-        hist_cats = torch.zeros(n, max_len, dtype=torch.int64)
-        lengths = torch.zeros(n, dtype=torch.int64)
-        context = torch.zeros(n, num_context, dtype=torch.int64)
-        for r, (_, _, _, hi, hc, ctx, _) in enumerate(rows):
-            hi, hc = list(hi)[-max_len:], list(hc)[-max_len:]
-            lengths[r] = len(hi)
-            if hi:
-                hist_items[r, : len(hi)] = torch.tensor(hi)
-                hist_cats[r, : len(hc)] = torch.tensor(hc)
-            if num_context:
-                context[r] = torch.tensor(list(ctx))
+        flat_items: list[int] = []
+        flat_cats: list[int] = []
+        starts, lengths, contexts = [], [], []
+        for _, _, _, hi, hc, ctx, _ in rows:
+            hi, hc = list(hi)[-max_len:] if max_len else [], list(hc)[-max_len:] if max_len else []
+            starts.append(len(flat_items))
+            lengths.append(len(hi))
+            flat_items += hi
+            flat_cats += hc
+            contexts.append(list(ctx))
         return cls(
             torch.tensor([r[0] for r in rows], dtype=torch.int64),
             torch.tensor([r[1] for r in rows], dtype=torch.int64),
             torch.tensor([r[2] for r in rows], dtype=torch.int64),
-            hist_items,
-            hist_cats,
-            lengths,
-            context,
+            torch.tensor(starts, dtype=torch.int64),
+            torch.tensor(lengths, dtype=torch.int64),
+            torch.tensor(contexts, dtype=torch.int64).reshape(len(rows), num_context),
             torch.tensor([r[6] for r in rows], dtype=torch.float32),
+            torch.tensor(flat_items, dtype=torch.int64),
+            torch.tensor(flat_cats, dtype=torch.int64),
+            max_len,
         )
 
 
@@ -282,12 +343,92 @@ def eval_batches(samples: Samples, batch_size: int) -> Iterator[Batch]:
         yield samples.batch(torch.arange(start, min(start + batch_size, len(samples))))
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
+def read_lines(path: str, encoding: str = "utf-8") -> Iterator[tuple[int, str]]:
+    """(line number, text without its line ending) of every line of a text file, streamed.
+
+    A UTF-8 byte order mark at the start is dropped and blank lines at the end are
+    accepted and skipped; a blank line followed by more data is an error naming it.
+    Undecodable bytes are an error naming the line.
+    """
+    check_file(path)
+    blank = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if lineno == 1 and raw.startswith(_BOM):
+                raw = raw[len(_BOM):]
+            try:
+                line = raw.decode(encoding).rstrip("\n").rstrip("\r")
+            except UnicodeDecodeError as e:
+                raise DataFormatError(path, lineno, f"not valid {encoding} text ({e.reason})") from None
+            if not line.strip():
+                blank = blank or lineno
+                continue
+            if blank:
+                raise DataFormatError(path, blank, "blank line inside the data")
+            yield lineno, line
+
+
+def hold_out_users(samples: Samples, fraction: float, seed: int) -> tuple[Samples, Samples]:
+    """Split ``samples`` into (kept, held out) by user: a ``fraction`` of the users, drawn
+    from ``seed``, go with all their samples to the held-out part."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"the held-out fraction must be in (0, 1), got {fraction}")
+    users = torch.unique(samples.user)
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    chosen = users[torch.randperm(users.numel(), generator=gen)[: round(users.numel() * fraction)]]
+    out = torch.isin(samples.user, chosen)
+    return samples.subset(torch.nonzero(~out).flatten()), samples.subset(torch.nonzero(out).flatten())
+
+
 @dataclass
 class Dataset:
-    """A train/test pair with the spec the models need and the loaders' line accounting."""
+    """A train/test pair (and a validation split, when one is held out) with the spec the
+    models need, the vocabularies that map raw ids to indices (saved in checkpoints) and
+    the loaders' line accounting."""
 
     train: Samples
     test: Samples
     spec: FeatureSpec
     stats: dict[str, LoadStats]
     source: str
+    vocabs: dict[str, Vocab] = field(default_factory=dict)
+    valid: Optional[Samples] = None
+
+    def splits(self) -> dict[str, Samples]:
+        out = {"train": self.train}
+        if self.valid is not None:
+            out["valid"] = self.valid
+        out["test"] = self.test
+        return out
+
+    def check(self) -> None:
+        """Every split has samples of both labels (else AUC and training are meaningless)."""
+        for name, samples in self.splits().items():
+            positives = int((samples.label > 0.5).sum())
+            negatives = len(samples) - positives
+            if len(samples) == 0:
+                raise ValueError(f"{self.source}: the {name} split is empty")
+            if positives == 0 or negatives == 0:
+                raise ValueError(
+                    f"{self.source}: the {name} split has {positives} positive and {negatives} negative "
+                    f"samples; it needs both"
+                )
+
+    def summary(self) -> str:
+        """What was read (per file) and what the splits hold, for the user to check."""
+        lines = [f"data {self.source}:"]
+        for path, stats in self.stats.items():
+            lines.append(f"  {path}: {stats}")
+        for name, samples in self.splits().items():
+            positives = int((samples.label > 0.5).sum())
+            lines.append(
+                f"  {name}: {len(samples)} samples ({positives} positive), "
+                f"{int(torch.unique(samples.user).numel())} users"
+            )
+        sizes = ", ".join(f"{k} {len(v)}" for k, v in self.vocabs.items())
+        if sizes:
+            lines.append(f"  vocabularies (with <unk>): {sizes}")
+        return "\n".join(lines)
