@@ -6,7 +6,7 @@ PyTorch everywhere); ``use_backend(name)`` forces one. Modules live in
 ``interest_kernels.nn``, optimizers in ``interest_kernels.optim``.
 """
 from . import nn, optim
-from ._backend import BackendUnavailableError, use_backend
+from ._backend import BackendFallbackWarning, BackendUnavailableError, use_backend
 from ._validation import value_checks
 from .ops.aux_loss.op import dien_aux_loss
 from .ops.dice.op import dice
@@ -20,6 +20,7 @@ from .ops.target_attention.reference import target_attention_reference
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendFallbackWarning",
     "BackendUnavailableError",
     "DiceParams",
     "count_ids",

@@ -13,7 +13,12 @@ with ``rtol = 1e-5`` (float64 1e-10) and ``atol`` scaled by the largest magnitud
 the reference. float16/bfloat16 (the flash-attention rule): the candidate's largest
 error against the reference computed in float64 must be at most ``ratio`` (2) times
 the largest error of the reference itself run in the same low precision, plus a small
-absolute floor.
+absolute floor. "Run in the same low precision" means the reference's math, not only
+its inputs and outputs: it runs under ``reference_math_in_input_dtype``, so its
+matmuls, reductions and elementwise steps round to float16/bfloat16 as a naive
+low-precision implementation would. Where that low-precision run overflows (a
+non-finite value the float64 reference does not have), its error is unusable and the
+rule falls back to the error of the float32-math reference rounded to the dtype.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Optional, Sequence
 
 import torch
+
+from .ops.common import reference_math_in_input_dtype
 
 __all__ = ["poison_empty", "check_against_reference", "clone_inputs", "grad_leaves", "Tolerance",
            "tolerance_for"]
@@ -94,7 +101,8 @@ def _as_tuple(out: Any) -> tuple[Optional[torch.Tensor], ...]:
 def clone_inputs(
     inputs: Mapping[str, Any], dtype: Optional[torch.dtype], grad_names: Sequence[str]
 ) -> dict[str, Any]:
-    """Fresh leaf copies of ``inputs``: tensors (and lists of tensors) detached and cloned,
+    """Fresh leaf copies of ``inputs``: tensors (and lists of tensors, None entries kept)
+    detached and cloned,
     floating ones cast to ``dtype`` (None keeps theirs); those named in ``grad_names``
     (``"weights"`` for a whole list, ``"weights[0]"`` for one item) require grad."""
     out: dict[str, Any] = {}
@@ -105,9 +113,13 @@ def clone_inputs(
                 t = t.to(dtype)
             t.requires_grad_(name in grad_names)
             out[name] = t
-        elif isinstance(v, (list, tuple)) and v and all(isinstance(x, torch.Tensor) for x in v):
+        elif (isinstance(v, (list, tuple)) and any(isinstance(x, torch.Tensor) for x in v)
+              and all(x is None or isinstance(x, torch.Tensor) for x in v)):
             items = []
             for i, x in enumerate(v):
+                if x is None:
+                    items.append(None)
+                    continue
                 t = x.detach().clone()
                 if dtype is not None and t.is_floating_point():
                     t = t.to(dtype)
@@ -168,9 +180,11 @@ def _compare(
     what: str,
     got: Optional[torch.Tensor],
     ref64: Optional[torch.Tensor],
-    ref_lowp: Optional[torch.Tensor],
+    ref_lowp: Optional[tuple[Optional[torch.Tensor], Optional[torch.Tensor]]],
     tol: Tolerance,
 ) -> None:
+    """``ref_lowp``: (reference with low-precision math, reference with float32 math
+    rounded to the dtype), for the ratio rule."""
     if ref64 is None and got is None:
         return
     if got is None:
@@ -200,7 +214,7 @@ def _compare(
             )
     else:
         assert ref_lowp is not None
-        ref_err = float((ref_lowp.detach().double().cpu() - r).abs().max()) if r.numel() else 0.0
+        ref_err = _low_precision_error(ref_lowp, r) if r.numel() else 0.0
         got_err = float(err.max()) if r.numel() else 0.0
         allowed = tol.ratio * ref_err + tol.atol * scale
         if got_err > allowed:
@@ -209,6 +223,20 @@ def _compare(
                 f"{tol.ratio} x the low-precision reference's own error {ref_err:.3g} "
                 f"+ {tol.atol}*{scale:.3g}"
             )
+
+
+def _low_precision_error(
+    ref_lowp: tuple[Optional[torch.Tensor], Optional[torch.Tensor]], r: torch.Tensor
+) -> float:
+    """Largest error of the low-precision reference against the float64 one ``r``."""
+    lowp_math, rounded = ref_lowp
+    for candidate in (lowp_math, rounded):
+        if candidate is None:
+            continue
+        c = candidate.detach().double().cpu()
+        if torch.isfinite(c).all() or not torch.isfinite(r).all():
+            return float((c - r).abs().max())
+    return 0.0
 
 
 def check_against_reference(
@@ -248,11 +276,18 @@ def check_against_reference(
     ]
     ref64, ref64_grads = _backward(ref_outs, ref_inputs, grad_outs if grad else None)
 
-    ref_lowp: tuple[Optional[torch.Tensor], ...] = (None,) * len(ref64)
-    ref_lowp_grads: dict[str, Optional[torch.Tensor]] = {}
+    ref_lowp: tuple[Optional[tuple], ...] = (None,) * len(ref64)
+    ref_lowp_grads: dict[str, Optional[tuple]] = {}
     if tol.ratio is not None:
-        lp_inputs = clone_inputs(inputs, dtype, grad)
-        ref_lowp, ref_lowp_grads = _run(reference, lp_inputs, grad_outs if grad else None)
+        with reference_math_in_input_dtype():
+            lp_math, lp_math_grads = _run(
+                reference, clone_inputs(inputs, dtype, grad), grad_outs if grad else None
+            )
+        rounded, rounded_grads = _run(
+            reference, clone_inputs(inputs, dtype, grad), grad_outs if grad else None
+        )
+        ref_lowp = tuple(zip(lp_math, rounded))
+        ref_lowp_grads = {n: (lp_math_grads.get(n), rounded_grads.get(n)) for n in rounded_grads}
 
     cand_inputs = clone_inputs(inputs, dtype, grad)
     ctx = poison_empty() if poison else contextlib.nullcontext()

@@ -1151,8 +1151,10 @@ def target_attention_triton(
     n_layers = len(weights)
     biases = list(biases) if biases is not None else [None] * n_layers
 
-    q = query.reshape(batch, -1, dim).expand(batch, heads, dim).reshape(rows, dim).contiguous()
-    k = keys.reshape(-1, seq_len, dim).contiguous()
+    # No -1 in these reshapes: B (or U) may be 0.
+    q_heads = query.shape[1] if query.dim() == 3 else 1
+    q = query.reshape(batch, q_heads, dim).expand(batch, heads, dim).reshape(rows, dim).contiguous()
+    k = keys.reshape(keys.shape[0] * heads, seq_len, dim).contiguous()
     ws = [_with_groups(w, per_head) for w in weights]
     hidden = [w.shape[1] for w in ws]
     bs = [_with_groups(c, per_head) if c is not None else ws[i].new_zeros(groups, hidden[i])
@@ -1168,7 +1170,7 @@ def target_attention_triton(
         qterm = torch.einsum("bed,ehd->beh", q3, w_qd)
     else:
         qterm = torch.einsum("bed,hd->beh", q3, w_qd[0])
-    qterm = (qterm + bs[0].float().reshape(1, groups, -1)).reshape(rows, -1).contiguous()
+    qterm = (qterm + bs[0].float().reshape(1, groups, hidden[0])).reshape(rows, hidden[0]).contiguous()
     w_o = out_weight.reshape(groups, hidden[-1]).contiguous()
     b_o = (out_bias.reshape(-1).expand(groups) if out_bias is not None
            else w_o.new_zeros(groups)).contiguous()
@@ -1215,6 +1217,8 @@ def _dice_batch_stats(qterm, q, k, key_index, w_kd, w_p, layer_args, acts, heads
     else:
         n = positions // heads
     sums = sums.double()  # E[z^2] - E[z]^2 cancels: take the difference in float64
+    if n == 0:  # no positions (B or T is 0): no batch statistics, running ones untouched
+        return sums[:, 0].float(), torch.ones_like(sums[:, 1]).float()
     mean = sums[:, 0] / n
     var = (sums[:, 1] / n - mean * mean).clamp_min(0.0)
     if params.running_mean is not None and params.running_var is not None:
