@@ -16,9 +16,10 @@ the largest error of the reference itself run in the same low precision, plus a 
 absolute floor. "Run in the same low precision" means the reference's math, not only
 its inputs and outputs: it runs under ``reference_math_in_input_dtype``, so its
 matmuls, reductions and elementwise steps round to float16/bfloat16 as a naive
-low-precision implementation would. Where that low-precision run overflows (a
-non-finite value the float64 reference does not have), its error is unusable and the
-rule falls back to the error of the float32-math reference rounded to the dtype.
+low-precision implementation would. The reference's error is the larger of that run's
+and of the float32-math reference rounded to the dtype (at a kink such as ReLU's, either
+one alone may happen to land on the float64 side); a run that overflows (a non-finite
+value the float64 reference does not have) is left out.
 """
 from __future__ import annotations
 
@@ -228,15 +229,18 @@ def _compare(
 def _low_precision_error(
     ref_lowp: tuple[Optional[torch.Tensor], Optional[torch.Tensor]], r: torch.Tensor
 ) -> float:
-    """Largest error of the low-precision reference against the float64 one ``r``."""
-    lowp_math, rounded = ref_lowp
-    for candidate in (lowp_math, rounded):
-        if candidate is None:
+    """The reference's own error at the low precision, against the float64 one ``r``: the
+    larger of its low-precision-math run and its float32-math run rounded to the dtype
+    (either may land on the far side of a kink such as ReLU's or PReLU's, where the other
+    does not); a run that overflows where ``r`` is finite is left out."""
+    errors = []
+    for run in ref_lowp:
+        if run is None:
             continue
-        c = candidate.detach().double().cpu()
+        c = run.detach().double().cpu()
         if torch.isfinite(c).all() or not torch.isfinite(r).all():
-            return float((c - r).abs().max())
-    return 0.0
+            errors.append(float((c - r).abs().max()))
+    return max(errors, default=0.0)
 
 
 def check_against_reference(

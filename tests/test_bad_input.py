@@ -313,3 +313,32 @@ def test_mba_embedding_out_of_range_id_is_named():
             emb(torch.tensor([-1]))
     with pytest.raises(TypeError, match="ids must be an integer tensor"):
         emb(torch.tensor([1.0]))
+
+
+# --- modules pass bad input to the ops' checks ---------------------------------------------
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: iknn.AttentionalGRU(2, 3)(torch.randn(3, 4, 2), torch.rand(3, 4, device=META)),
+     ValueError, "att is on meta"),
+    (lambda: iknn.AttentionalGRU(2, 3)(torch.randn(3, 4, 2), torch.rand(3, 5)), ValueError, "att must have shape"),
+    (lambda: iknn.AttentionalGRU(2, 3).double()(torch.randn(3, 4, 2).half(), torch.rand(3, 4).half()),
+     TypeError, "weight_ih has dtype"),
+    (lambda: iknn.GRU(2, 3)(torch.randn(3, 4, 2), lengths=torch.tensor([1, 2, 9])), ValueError, "lengths must lie in"),
+    (lambda: iknn.GRU(2, 3)(torch.randn(4, 2)), ValueError, "x must have 3 dimensions"),
+    (lambda: iknn.InterestEvolving(3, gru_type="AUGRU")(torch.randn(2, 3), torch.randn(2, 4, 3),
+                                                         torch.tensor([1, 7])), ValueError, "lengths must lie in"),
+    (lambda: iknn.AuxiliaryLoss(3, 2)(torch.randn(2, 4, 3), torch.randn(2, 4, 2), torch.randn(2, 4, 2),
+                                      mask=torch.full((2, 4), 0.5)), ValueError, "mask must hold"),
+    (lambda: iknn.Dice(4)(torch.randint(0, 3, (5, 4))), TypeError, "x must have dtype"),
+    (lambda: iknn.Dice(4)(torch.randn(5, 3)), ValueError, "must have shape"),
+    (lambda: iknn.TargetAttention(3, (4,))(torch.randn(2, 3), torch.randn(2, 5, 3), mask=torch.full((2, 5), 2)),
+     ValueError, "mask must hold"),
+    (lambda: iknn.TargetAttention(3, (4,))(torch.randn(2, 3), torch.randn(2, 5, 3, device=META)),
+     ValueError, "keys is on meta"),
+    (lambda: iknn.TargetAttention(3, (4,)).double()(torch.randn(2, 3).half(), torch.randn(2, 5, 3).half()),
+     TypeError, r"weights\[0\] must have dtype"),
+])
+def test_modules_refuse(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

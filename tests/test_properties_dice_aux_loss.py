@@ -67,7 +67,7 @@ def test_dice_every_backend_matches_reference(backend):
             n: None if t is None else t.clone() for n, t in stats.items()}))
         properties.check_backend(backend, run(dice), run(dice_reference), kw, grad=grads, dtype=dtype)
 
-    properties.run_examples(check, backend)
+    properties.run_examples(check, "dice", backend)
 
 
 @st.composite
@@ -106,4 +106,4 @@ def test_aux_loss_every_backend_matches_reference(backend):
         properties.check_backend(backend, dien_aux_loss, dien_aux_loss_reference, kw, grad=grads,
                                  dtype=dtype)
 
-    properties.run_examples(check, backend)
+    properties.run_examples(check, "dien_aux_loss", backend)

@@ -58,4 +58,4 @@ def test_every_backend_matches_reference(backend):
         grads = [n for n in GRAD_NAMES if kw.get(n) is not None]
         properties.check_backend(backend, gru_scan, gru_scan_reference, kw, grad=grads, dtype=dtype)
 
-    properties.run_examples(check, backend)
+    properties.run_examples(check, "gru_scan", backend)

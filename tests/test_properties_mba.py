@@ -93,7 +93,7 @@ def test_updates_match_reference(backend):
             assert torch.equal(g[~touched], old[~touched]), f"{name}: an untouched row changed"
             torch.testing.assert_close(g, w, msg=lambda m: f"{name}: {m}")
 
-    properties.run_examples(check, backend)
+    properties.run_examples(check, "mba_update", backend)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,4 +116,4 @@ def test_dedup_and_count_match_reference(backend):
                                           padding_idx=0 if padding else None)
         assert torch.equal(counts, want_counts)
 
-    properties.run_examples(check, backend)
+    properties.run_examples(check, "mba_update", backend)

@@ -74,11 +74,11 @@ def cases(draw, backend: str) -> tuple[dict, torch.dtype]:
 
 @pytest.mark.parametrize("backend", properties.backends("target_attention"))
 def test_every_backend_matches_reference(backend):
-    @settings(max_examples=properties.budget(backend, 2.0))
+    @settings(max_examples=properties.budget(backend))
     @given(case=cases(backend))
     def check(case):
         inp, dtype = case
         properties.check_backend(backend, call(target_attention), call(target_attention_reference),
                                  inp, grad=grad_names(inp), dtype=dtype)
 
-    properties.run_examples(check, backend)
+    properties.run_examples(check, "target_attention", backend)

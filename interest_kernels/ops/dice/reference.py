@@ -74,7 +74,9 @@ def dice_reference(
     else:
         if running_mean is None or running_var is None:
             raise ValueError("Dice in eval mode needs running_mean and running_var")
-        mean, var = running_mean, running_var
+        # In the math's dtype: float32 statistics must not round a float64 computation.
+        mean = running_mean.to(reference_dtype(flat.dtype))
+        var = running_var.to(reference_dtype(flat.dtype))
     xhat = (flat - mean) / torch.sqrt(var + eps)
     if weight is not None:
         xhat = xhat * weight
