@@ -194,6 +194,9 @@ def _compare(
             return
         raise AssertionError(f"{what}: candidate gave no value but the reference did")
     if ref64 is None:
+        # An input the reference leaves out of its graph (T = 0, say) has a zero gradient.
+        if got.numel() == 0 or float(got.detach().abs().max()) == 0.0:
+            return
         raise AssertionError(f"{what}: reference gave no value but the candidate did")
     if got.shape != ref64.shape:
         raise AssertionError(f"{what}: shape {tuple(got.shape)} != reference {tuple(ref64.shape)}")

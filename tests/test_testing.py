@@ -121,3 +121,12 @@ def test_overflowing_low_precision_reference_falls_back_to_rounding():
     check_against_reference(square_sum, square_sum, {"x": x}, dtype=torch.float16)
     with pytest.raises(AssertionError, match="low-precision"):
         check_against_reference(lambda x: square_sum(x) * 1.1, square_sum, {"x": x}, dtype=torch.float16)
+
+
+def test_zero_gradient_counts_as_no_gradient_both_ways():
+    x, w = torch.randn(0, 3), torch.randn(3)
+    check_against_reference(lambda x, w: x.sum(0) + w, lambda x, w: w * 1, {"x": x, "w": w}, grad=("x", "w"))
+    y = torch.randn(3)
+    with pytest.raises(AssertionError, match="grad of y: reference gave no value"):
+        check_against_reference(lambda y, w: w + (y - y.detach()), lambda y, w: w * 1, {"y": y, "w": w},
+                                grad=("y", "w"))
