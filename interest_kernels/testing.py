@@ -10,7 +10,9 @@ Used by the test suite and available to users who write their own backends:
 
 Tolerance rule. float32/float64: ``|x - ref| <= atol + rtol * |ref|`` elementwise
 with ``rtol = 1e-5`` (float64 1e-10) and ``atol`` scaled by the largest magnitude of
-the reference. float16/bfloat16 (the flash-attention rule): the candidate's largest
+the reference; a float32 candidate that misses it still passes when its largest error
+is within twice that of the reference itself run in float32 (inputs so ill-conditioned
+that float32 math cannot meet ``rtol``, such as a Dice variance near zero). float16/bfloat16 (the flash-attention rule): the candidate's largest
 error against the reference computed in float64 must be at most ``ratio`` (2) times
 the largest error of the reference itself run in the same low precision, plus a small
 absolute floor. "Run in the same low precision" means the reference's math, not only
@@ -303,19 +305,35 @@ def check_against_reference(
 
     if len(got) != len(ref64):
         raise AssertionError(f"candidate returned {len(got)} outputs, reference {len(ref64)}")
-    for i, (g, r, rl) in enumerate(zip(got, ref64, ref_lowp)):
+    for i, (g, r) in enumerate(zip(got, ref64)):
         if g is not None and r is not None and not r.is_floating_point():
             if not torch.equal(g.cpu(), r.cpu()):
                 raise AssertionError(f"output {i}: integer outputs differ")
             continue
         if g is not None and g.is_floating_point() and g.dtype != dtype and dtype != torch.float64:
             raise AssertionError(f"output {i}: dtype {g.dtype}, expected the input dtype {dtype}")
+    try:
+        _compare_all(got, got_grads, ref64, ref64_grads, ref_lowp, ref_lowp_grads, tol)
+    except AssertionError as strict:
+        if dtype != torch.float32 or tol.ratio is not None:
+            raise
+        # Ill-conditioned inputs (a tiny Dice variance, say) can make float32 math itself
+        # miss rtol; then the candidate passes if it is within twice the error of the
+        # reference run in float32 (the low-precision rule, one precision up).
+        ref32, ref32_grads = _run(reference, clone_inputs(inputs, dtype, grad), grad_outs if grad else None)
+        relative = Tolerance(rtol=0.0, atol=tol.atol, ratio=2.0)
+        try:
+            _compare_all(got, got_grads, ref64, ref64_grads, tuple((r, None) for r in ref32),
+                         {n: (g, None) for n, g in ref32_grads.items()}, relative)
+        except AssertionError:
+            raise strict from None
+
+
+def _compare_all(got, got_grads, ref64, ref64_grads, ref_lowp, ref_lowp_grads, tol: Tolerance) -> None:
+    """Every floating output and every gradient of the reference against the candidate's."""
+    for i, (g, r, rl) in enumerate(zip(got, ref64, ref_lowp)):
+        if g is not None and r is not None and not r.is_floating_point():
+            continue
         _compare(f"output {i}", g, r, rl, tol)
     for name in ref64_grads:
-        _compare(
-            f"grad of {name}",
-            got_grads.get(name),
-            ref64_grads[name],
-            ref_lowp_grads.get(name),
-            tol,
-        )
+        _compare(f"grad of {name}", got_grads.get(name), ref64_grads[name], ref_lowp_grads.get(name), tol)

@@ -130,3 +130,18 @@ def test_zero_gradient_counts_as_no_gradient_both_ways():
     with pytest.raises(AssertionError, match="grad of y: reference gave no value"):
         check_against_reference(lambda y, w: w + (y - y.detach()), lambda y, w: w * 1, {"y": y, "w": w},
                                 grad=("y", "w"))
+
+
+def test_float32_ill_conditioned_inputs_use_the_reference_float32_error():
+    """1.1 x - 1.1e4 cancels: float32 math alone misses rtol 1e-5 there, so the float32
+    rule falls back to twice the float32 reference's own error, and no further."""
+    x = 1e4 + torch.rand(16)
+
+    def cancel(x):
+        return (x * 1.1 - 1.1e4) * 1e3
+
+    err32 = float((cancel(x).double() - cancel(x.double())).abs().max())
+    assert err32 > 1e-5 * float(cancel(x.double()).abs().max())  # beyond rtol: ill-conditioned
+    check_against_reference(cancel, cancel, {"x": x})
+    with pytest.raises(AssertionError, match="output 0"):
+        check_against_reference(lambda x: cancel(x) + 3 * err32, cancel, {"x": x})
