@@ -75,6 +75,8 @@ TA_CASES = {
 @pytest.mark.parametrize("case", list(TA_CASES))
 @pytest.mark.parametrize("backend", _backends("target_attention"))
 def test_target_attention_never_reads_padded_keys(backend, case, poison, request):
+    if backend == "triton" and poison == float("inf"):
+        pytest.skip("under the Triton interpreter NaN padding alone keeps the budget")
     if backend == "triton":
         request.applymarker(pytest.mark.xfail(strict=True, reason=(
             "the Triton target-attention kernels load masked keys, so NaN/Inf there reaches "
