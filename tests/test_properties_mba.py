@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import given, reject, settings
 from hypothesis import strategies as st
 
+from interest_kernels import BackendUnavailableError, use_backend
 from interest_kernels.ops.mba.op import (
     count_ids,
     dedup_rows,
@@ -80,11 +81,11 @@ def test_updates_match_reference(backend):
     @settings(max_examples=properties.budget(backend))
     @given(b=batches(backend))
     def check(b):
-        with properties.use_backend(backend):
+        with use_backend(backend):
             try:
                 got = _update(OPS, b)
-            except properties.BackendUnavailableError:
-                properties.reject()
+            except BackendUnavailableError:
+                reject()
         want = _update(REFERENCES, b)
         touched = torch.zeros(b["weight"].shape[0], dtype=torch.bool)
         touched[b["ids"].reshape(-1).long()] = True
@@ -102,11 +103,11 @@ def test_dedup_and_count_match_reference(backend):
     @given(b=batches(backend), padding=st.booleans())
     def check(b, padding):
         num_rows = b["weight"].shape[0]
-        with properties.use_backend(backend):
+        with use_backend(backend):
             try:
                 ids, sums = dedup_rows(b["ids"], b["grad_rows"], num_rows)
-            except properties.BackendUnavailableError:
-                properties.reject()
+            except BackendUnavailableError:
+                reject()
             counts = count_ids(b["ids"], torch.zeros(num_rows, dtype=torch.int64),
                                padding_idx=0 if padding else None)
         want_ids, want_sums = dedup_rows_reference(b["ids"], b["grad_rows"])
