@@ -59,3 +59,23 @@ def test_info_lists_the_limits():
     assert "limits:" in text
     assert "target_attention / triton:" in text and "D <= 256" in text
     assert "mba_update / cpu:" in text
+
+
+def test_a_real_op_warns_with_the_reason_and_still_computes(monkeypatch):
+    """The MBA op's compiled backend declines (simulated: no extension); the update runs on
+    the reference with one warning naming the op, the backend and the reason."""
+    import interest_kernels as ik
+    from interest_kernels.ops.mba import op as mba_op
+
+    monkeypatch.setattr(mba_op, "extension_unavailable_reason", lambda: "simulated: no extension")
+    weight, ids, rows = torch.randn(6, 3), torch.tensor([1, 4, 1]), torch.randn(3, 3)
+    counts = torch.ones(6, dtype=torch.int64)
+    want = weight.clone()
+    mba_op.mba_sgd_reference(want, ids, rows, counts, lr=0.1, weight_decay=0.0)
+    with pytest.warns(BackendFallbackWarning, match=r"mba_update: the cpu backend declined this call "
+                                                   r"\(simulated: no extension\)"):
+        ik.mba_sgd_update(weight, ids, rows, counts, lr=0.1)
+    assert torch.equal(weight, want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", BackendFallbackWarning)
+        ik.mba_sgd_update(weight, ids, rows, counts, lr=0.1)  # the same reason: no second warning
