@@ -40,7 +40,7 @@ settings.load_profile(PROFILE)
 # Examples per (family, backend): the Triton interpreter runs a kernel in Python, so
 # its examples cost about a second each and get a small share.
 _BUDGET = {
-    "ci": {"triton": 3, "other": 30},
+    "ci": {"triton": 5, "other": 100},
     "thorough": {"triton": 150, "other": 2000},
 }
 
