@@ -10,7 +10,7 @@ Importing the package imports neither triton nor torch._dynamo (each Triton back
 imports triton when it first runs).
 """
 from . import data, metrics, models, nn, optim
-from ._backend import BackendUnavailableError, use_backend
+from ._backend import BackendFallbackWarning, BackendUnavailableError, use_backend
 from ._validation import value_checks
 from .ops.aux_loss.op import dien_aux_loss
 from .ops.dice.op import dice
@@ -24,6 +24,7 @@ from .ops.target_attention.reference import target_attention_reference
 __version__ = "0.1.0"
 
 __all__ = [
+    "BackendFallbackWarning",
     "BackendUnavailableError",
     "DiceParams",
     "count_ids",

@@ -8,6 +8,10 @@ lists every reason.
 
 A backend is forced with ``use_backend(name)`` or the environment variable
 ``INTEREST_KERNELS_BACKEND``; the context manager wins over the variable.
+
+Leaving the fast path is never silent: when the device's preferred backend declines a
+call and a later one runs it, a :class:`BackendFallbackWarning` says which backend
+declined, why, and which one runs instead; once per (op, declined backend, reason).
 """
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional
 
@@ -30,6 +35,27 @@ _forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
 
 class BackendUnavailableError(RuntimeError):
     """No registered backend can run this call; the message lists why for each."""
+
+
+class BackendFallbackWarning(UserWarning):
+    """The preferred backend declined a call and a slower one runs it (warned once per
+    op, backend and reason)."""
+
+
+_warned_fallbacks: set[tuple[str, str, str]] = set()
+
+
+def _warn_fallback(op: str, declined: str, reason: str, chosen: str) -> None:
+    key = (op, declined, reason)
+    if key in _warned_fallbacks:
+        return
+    _warned_fallbacks.add(key)
+    warnings.warn(
+        f"{op}: the {declined} backend declined this call ({reason}); running it on the "
+        f"{chosen} backend instead. Further calls declined for this reason are not reported.",
+        BackendFallbackWarning,
+        stacklevel=5,
+    )
 
 
 def _check_name(name: str) -> str:
@@ -103,6 +129,7 @@ class Implementation:
     name: str
     fn: Callable[..., Any]
     why_not: WhyNot
+    limits: str = ""  # what it declines, in words, for ``python -m interest_kernels.info``
 
 
 @dataclass
@@ -121,12 +148,14 @@ class Op:
     def __post_init__(self) -> None:
         _EVERY_OP[id(self)] = self
 
-    def register(self, backend: str, why_not: Optional[WhyNot] = None):
+    def register(self, backend: str, why_not: Optional[WhyNot] = None, limits: str = ""):
+        """Decorator registering ``fn`` as ``backend``; ``limits`` describes in words the
+        calls ``why_not`` declines (listed by ``python -m interest_kernels.info``)."""
         _check_name(backend)
 
         def decorate(fn: Callable[..., Any]) -> Callable[..., Any]:
             self.implementations[backend] = Implementation(
-                backend, fn, why_not or (lambda **_: None)
+                backend, fn, why_not or (lambda **_: None), limits
             )
             return fn
 
@@ -172,6 +201,7 @@ class Op:
             )
         order = self.preference.get(device.type, ("reference",))
         tried = []
+        declined: Optional[tuple[str, str]] = None  # the first implemented backend that declined
         for name in order:
             impl = self.implementations.get(name)
             if impl is None:
@@ -179,8 +209,12 @@ class Op:
                 continue
             reason = impl.why_not(**facts)
             if reason is None:
+                if declined is not None:
+                    _warn_fallback(self.name, declined[0], declined[1], name)
                 return name
             tried.append(f"{name}: {reason}")
+            if declined is None:
+                declined = (name, reason)
         raise BackendUnavailableError(
             f"{self.name}: no backend can run this call on {device}:\n  "
             + "\n  ".join(tried)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import os
 from typing import Iterable, Iterator, Optional, Sequence
 
@@ -145,6 +146,46 @@ def check_in_range(
         raise ValueError(f"{name} must lie in {interval} ({what}), found {bad}")
 
 
+def check_float(
+    name: str,
+    value: object,
+    *,
+    low: float = -math.inf,
+    high: float = math.inf,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """One check for every float hyperparameter (learning rates, eps, momentum, ...):
+    a real number (bool refused), finite, inside [low, high] (``low_open`` /
+    ``high_open`` exclude the ends). Returns it as a Python float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    too_low = value <= low if low_open else value < low
+    too_high = value >= high if high_open else value > high
+    if too_low or too_high:
+        if high == math.inf:
+            raise ValueError(f"{name} must be {'>' if low_open else '>='} {low:g}, got {value}")
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must lie in {interval}, got {value}")
+    return value
+
+
+def check_mask_values(mask: torch.Tensor) -> None:
+    """A non-bool mask holds only 0 and 1 (SPEC); reads values, so runs with value checks."""
+    if mask.dtype == torch.bool or mask.numel() == 0 or not value_checks_enabled(mask):
+        return
+    bad = (mask != 0) & (mask != 1)
+    if bool(bad.any()):
+        position = tuple(int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"mask must hold bool or exactly 0/1 values, found {mask[position].item()} at "
+            f"{position}; pass mask.bool() or (mask > threshold) to choose the valid positions"
+        )
+
+
 def check_valid_positions(
     lengths: Optional[torch.Tensor],
     mask: Optional[torch.Tensor],
@@ -167,6 +208,7 @@ def check_valid_positions(
             "mask", mask, ndim=2, dtypes=(torch.bool,) + INDEX_DTYPES + FLOAT_DTYPES, device=device
         )
         check_shape("mask", mask, (batch, seq_len), "(B, T) like the sequence")
+        check_mask_values(mask)
         if mask.dtype != torch.bool:
             mask = mask != 0
     return lengths, mask

@@ -62,6 +62,13 @@ def report() -> str:
                 if backend in op.implementations and backend != chosen:
                     lines.append(f"      {backend}: {reason or 'available (not preferred here)'}")
     lines.append("")
+    lines.append("limits: the calls each backend declines (a declined call runs on the next")
+    lines.append("backend of the device's order, with a BackendFallbackWarning once per reason)")
+    for name, op in sorted(registered_ops().items()):
+        for backend, impl in op.implementations.items():
+            if impl.limits:
+                lines.append(f"  {name} / {backend}: {impl.limits}")
+    lines.append("")
     lines.append(f"backends: {', '.join(BACKEND_NAMES)}; force one with use_backend(name) or {ENV_VAR}")
     return "\n".join(lines)
 

@@ -90,12 +90,31 @@ def test_large_scores_stay_finite():
     assert math.isfinite(loss.item()) and loss.item() > 1e3
 
 
-def test_op_matches_reference_all_dtypes():
+AUX_GRADS = ["states", "pos", "neg", "weights", "biases", "out_weight", "out_bias"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_op_matches_reference(dtype):
     inp = _inputs()
     inp["lengths"] = torch.tensor([5, 2, 0])
-    grads = ["states", "pos", "neg", "weights", "biases", "out_weight", "out_bias"]
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        check_against_reference(dien_aux_loss, dien_aux_loss_reference, inp, grad=grads, dtype=dtype)
+    check_against_reference(dien_aux_loss, dien_aux_loss_reference, inp, grad=AUX_GRADS, dtype=dtype)
+
+
+def _mean_over_every_pair(**kw):
+    """A plausible bug: the mean over all B (T - 1) pairs (the DIEN code's padding rule)."""
+    lengths = kw.pop("lengths")
+    pairs = (torch.arange(1, 5)[None] < lengths[:, None]).sum()
+    return dien_aux_loss(**kw, lengths=lengths) * pairs / (3 * 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_op_comparison_can_fail(dtype):
+    """The comparison above is not vacuous at any dtype: a wrong pair count fails it."""
+    inp = _inputs()
+    inp["lengths"] = torch.tensor([5, 2, 0])
+    with pytest.raises(AssertionError):
+        check_against_reference(_mean_over_every_pair, dien_aux_loss_reference, inp, grad=AUX_GRADS,
+                                dtype=dtype)
 
 
 def test_op_accepts_flat_out_weight_and_no_biases():

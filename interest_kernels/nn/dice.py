@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from .._validation import check_float
 from ..ops.dice.op import dice
 from ..ops.dice.reference import DiceParams
 
@@ -51,10 +52,8 @@ class Dice(nn.Module):
         super().__init__()
         if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
             raise ValueError(f"num_features must be a positive int, got {num_features!r}")
-        if not eps > 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
+        eps = check_float("eps", eps, low=0.0, low_open=True)
+        momentum = check_float("momentum", momentum, low=0.0, high=1.0)
         factory = {"device": device, "dtype": dtype}
         self.num_features = num_features
         self.affine = affine

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..ops.mba.op import check_ids_in_range
 from ..optim._rows import PendingRows, push_rows
 
 __all__ = ["MBAEmbedding"]
@@ -81,6 +82,9 @@ class MBAEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
+        if ids.device != self.weight.device:
+            raise ValueError(f"ids are on {ids.device} but the table is on {self.weight.device}")
+        check_ids_in_range(ids, self.num_embeddings)
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
             return F.embedding(ids, self.weight)
         return _MBALookup.apply(self.weight, ids, self.padding_idx)

@@ -25,7 +25,6 @@ Counts, step counts and all state are in ``state_dict()`` and restored by
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -33,11 +32,13 @@ from torch.optim import Optimizer
 
 from ..ops.mba.op import (
     COUNT_DTYPES,
+    check_update_rows,
     count_ids,
     mba_adagrad_update,
     mba_adam_update,
     mba_sgd_update,
 )
+from .._validation import check_float
 from ..ops.common import compute_dtype
 from ._rows import clear_rows, take_rows
 
@@ -46,10 +47,11 @@ __all__ = ["MBAAdagrad", "MBAAdam", "MBASGD"]
 CountsArg = Union[None, torch.Tensor, Sequence[Optional[torch.Tensor]]]
 
 
+_NONNEGATIVE_HYPERPARAMETERS = ("lr", "weight_decay", "eps", "lr_decay", "initial_accumulator_value")
+
+
 def _nonneg(name: str, value: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite float >= 0, got {value!r}")
-    return float(value)
+    return check_float(name, value, low=0.0)
 
 
 class _MBAOptimizer(Optimizer):
@@ -83,13 +85,17 @@ class _MBAOptimizer(Optimizer):
                 )
             if c.dtype not in COUNT_DTYPES or c.device != p.device:
                 raise TypeError(
-                    f"counts must be int64/int32/float32/float64 on the table's device {p.device}, "
+                    f"counts must be int64/int32 (sample counts) on the table's device {p.device}, "
                     f"got {c.dtype} on {c.device}"
                 )
             self.state[p]["counts"] = c
             self.state[p]["online_counts"] = False
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # Groups may override the defaults: the same checks as the constructor's.
+        for key in _NONNEGATIVE_HYPERPARAMETERS:
+            if key in param_group:
+                param_group[key] = _nonneg(key, param_group[key])
         super().add_param_group(param_group)
         for p in param_group["params"]:
             if p.dim() != 2:
@@ -167,6 +173,8 @@ class _MBAOptimizer(Optimizer):
                 if batch is None:
                     continue
                 ids, grad_rows, to_count = batch
+                # Before anything is counted: a refused step leaves every state unchanged.
+                check_update_rows(p, ids, grad_rows)
                 state = self.state[p]
                 self._init_state(p, state, group)
                 if state["online_counts"]:
@@ -256,10 +264,13 @@ class MBAAdam(_MBAOptimizer):
         self, params: Iterable[Any], lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-8, weight_decay: float = 0.0, counts: CountsArg = None,
     ) -> None:
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"betas must be a pair in [0, 1), got {betas!r}")
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = tuple(
+            check_float(f"betas[{i}]", b, low=0.0, high=1.0, high_open=True) for i, b in enumerate(betas)
+        )
         defaults = {
-            "lr": _nonneg("lr", lr), "betas": tuple(float(b) for b in betas), "eps": _nonneg("eps", eps),
+            "lr": _nonneg("lr", lr), "betas": betas, "eps": _nonneg("eps", eps),
             "weight_decay": _nonneg("weight_decay", weight_decay),
         }
         super().__init__(params, defaults, counts)

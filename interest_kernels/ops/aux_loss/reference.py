@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..common import compute_dtype, valid_mask
+from ..common import reference_dtype, valid_mask
 
 ACTIVATIONS = ("sigmoid", "relu", "identity")
 
@@ -54,15 +54,19 @@ def dien_aux_loss_reference(
     are computed in float32; the loss has the dtype of ``states``.
     """
     batch, seq_len, _ = states.shape
-    cdt = compute_dtype(states.dtype)
+    cdt = reference_dtype(states.dtype)
     valid = valid_mask(lengths, mask, seq_len, states.device)
     if valid is None:
         valid = torch.ones(batch, seq_len, dtype=torch.bool, device=states.device)
     pairs = valid[:, :-1] & valid[:, 1:]  # (B, T-1): both steps of pair (t, t+1) valid
+    # Padding is never read: the MLP sees zeros outside the valid pairs.
+    in_pair = pairs.unsqueeze(-1)
     h = states[:, :-1].to(cdt)
+    h = torch.where(in_pair, h, torch.zeros_like(h))
 
     def score(e: torch.Tensor) -> torch.Tensor:
-        y = torch.cat([h, e[:, 1:].to(cdt)], dim=-1)
+        e = e[:, 1:].to(cdt)
+        y = torch.cat([h, torch.where(in_pair, e, torch.zeros_like(e))], dim=-1)
         for w, b in zip(weights, biases):
             y = _act(F.linear(y, w.to(cdt), b.to(cdt) if b is not None else None), activation)
         s = y @ out_weight.to(cdt).reshape(-1)

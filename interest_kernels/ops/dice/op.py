@@ -7,13 +7,12 @@ tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional
 
 import torch
 
 from ..._backend import define_op, triton_unavailable_reason
-from ..._validation import check_shape, check_tensor
+from ..._validation import check_float, check_shape, check_tensor
 from .reference import dice_reference
 
 __all__ = ["dice", "OP"]
@@ -35,20 +34,11 @@ def _triton_why_not(device: torch.device, dtype: torch.dtype, **_: Any) -> Optio
     return None
 
 
-@OP.register("triton", why_not=_triton_why_not)
+@OP.register("triton", why_not=_triton_why_not, limits="float32/float16/bfloat16 inputs")
 def _triton(**kw: Any) -> torch.Tensor:
     from .triton import dice_triton  # lazy: triton is imported only when used
 
     return dice_triton(**kw)
-
-
-def _check_float(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def dice(
@@ -105,12 +95,8 @@ def dice(
         raise ValueError("pass both running_mean and running_var, or neither")
     if not isinstance(training, bool):
         raise TypeError(f"training must be a bool, got {type(training).__name__}")
-    momentum = _check_float("momentum", momentum)
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must lie in [0, 1], got {momentum}")
-    eps = _check_float("eps", eps)
-    if eps <= 0.0:
-        raise ValueError(f"eps must be > 0, got {eps}")
+    momentum = check_float("momentum", momentum, low=0.0, high=1.0)
+    eps = check_float("eps", eps, low=0.0, low_open=True)
     positions = x.numel() // channels
     if training:
         if positions < 2:

@@ -14,6 +14,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from ..common import reference_dtype
+
 
 class DiceParams(NamedTuple):
     """Parameters and statistics of one Dice activation over H channels (all (H,))."""
@@ -60,8 +62,11 @@ def dice_reference(
     """Dice over the last dimension of ``x`` (N, C) or (N, T, C); parameters are (C,)."""
     channels = x.shape[-1]
     flat = x.reshape(-1, channels)
-    if training:
-        stats = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
+    if training and flat.shape[0] == 0:
+        # No positions (an empty batch): no statistics, the running ones stay as they are.
+        mean, var = flat.new_zeros(channels), flat.new_ones(channels)
+    elif training:
+        stats = flat.to(reference_dtype(flat.dtype))
         mean = stats.mean(dim=0)
         var = stats.var(dim=0, unbiased=False)
         if running_mean is not None and running_var is not None:
@@ -69,7 +74,9 @@ def dice_reference(
     else:
         if running_mean is None or running_var is None:
             raise ValueError("Dice in eval mode needs running_mean and running_var")
-        mean, var = running_mean, running_var
+        # In the math's dtype: float32 statistics must not round a float64 computation.
+        mean = running_mean.to(reference_dtype(flat.dtype))
+        var = running_var.to(reference_dtype(flat.dtype))
     xhat = (flat - mean) / torch.sqrt(var + eps)
     if weight is not None:
         xhat = xhat * weight

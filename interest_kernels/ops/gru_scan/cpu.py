@@ -62,6 +62,20 @@ def _put_rows(dest: torch.Tensor, idx: Optional[torch.Tensor], src: torch.Tensor
         dest.index_copy_(0, idx, src.to(dest.dtype))
 
 
+def _step_inputs(
+    x: torch.Tensor, att: Optional[torch.Tensor], mask: Optional[torch.Tensor], t: int,
+    idx: Optional[torch.Tensor], cdt: torch.dtype,
+) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """x and att of step t in ``cdt``; zeros at masked steps (padding is never read)."""
+    x_t = _rows(x[:, t], idx, cdt)
+    a = _rows(att[:, t : t + 1], idx, cdt) if att is not None else None
+    if mask is not None:
+        v = mask[:, t : t + 1]
+        x_t = torch.where(v, x_t, 0)
+        a = torch.where(v, a, 0) if a is not None else None
+    return x_t, a
+
+
 class _GRUScanCPU(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -116,8 +130,7 @@ class _GRUScanCPU(torch.autograd.Function):
                 break
             idx = perm[:nb] if perm is not None else None
             h = h[:nb]
-            x_t = _rows(x[:, t], idx, cdt)
-            a = _rows(att[:, t : t + 1], idx, cdt) if att is not None else None
+            x_t, a = _step_inputs(x, att, mask, t, idx, cdt)
             xs = x_t * a if mode == "aigru" else x_t
             gi = torch.addmm(b_gi, xs, w_ih_t) if b_gi is not None else torch.mm(xs, w_ih_t)
             rz = torch.addmm(gi[:, :h2], h, w_rz_t).sigmoid_()
@@ -193,15 +206,15 @@ class _GRUScanCPU(torch.autograd.Function):
             nb = counts[t]
             idx = perm[:nb] if perm is not None else None
             h, rz, n, ghn = steps[t]
-            x_t = _rows(x[:, t], idx, cdt)
-            a = _rows(att[:, t : t + 1], idx, cdt) if att is not None else None
+            x_t, a = _step_inputs(x, att, mask, t, idx, cdt)
             v = mask[:, t : t + 1] if mask is not None else None
             r, z = rz[:, :hidden], rz[:, hidden:]
             d = dh[:nb]
             if d_states is not None:
-                d = d + _rows(d_states[:, t], idx, cdt) * (v if v is not None else 1)
+                d_out = _rows(d_states[:, t], idx, cdt)
+                d = d + (torch.where(v, d_out, 0) if v is not None else d_out)
             # g: gradient reaching this step's update; a masked step passes d straight on.
-            g = d * v if v is not None else d
+            g = torch.where(v, d, 0) if v is not None else d
             da = None
             d_z = None
             if mode in ("gru", "aigru"):

@@ -49,7 +49,7 @@ def _triton_why_not(device: torch.device, dtype: Optional[torch.dtype] = None,
     return None
 
 
-@OP.register("triton", why_not=_triton_why_not)
+@OP.register("triton", why_not=_triton_why_not, limits="CUDA: float32/float16/bfloat16 inputs")
 def _triton(**kw):
     from .triton import gru_scan_triton
 

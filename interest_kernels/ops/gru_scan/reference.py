@@ -14,7 +14,8 @@ Weights in ``torch.nn.GRU``'s layout, rows ordered [r; z; n]:
             tensorflow  u = (1 - a_t) z_t,  h_t = u h_{t-1} + (1 - u) n_t
 
 A step that is not valid (``t >= lengths[b]`` or ``mask[b, t]`` false) leaves h unchanged
-and writes a zero output; ``h_last`` is h after the last step. float16/bfloat16 inputs
+and writes a zero output; ``h_last`` is h after the last step. Padded inputs and scores
+are never read (NaN there reaches no output or gradient). float16/bfloat16 inputs
 are computed in float32 and the outputs returned in the input dtype.
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from ..common import compute_dtype, valid_mask
+from ..common import reference_dtype, valid_mask
 
 MODES = ("gru", "aigru", "agru", "augru")
 VARIANTS = ("paper", "tensorflow")
@@ -51,7 +52,7 @@ def gru_scan_reference(
     """
     batch, seq_len, _ = x.shape
     hidden = weight_hh.shape[1]
-    cdt = compute_dtype(x.dtype)
+    cdt = reference_dtype(x.dtype)
     w_ih, w_hh = weight_ih.to(cdt), weight_hh.to(cdt)
     b_ih = bias_ih.to(cdt) if bias_ih is not None else None
     b_hh = bias_hh.to(cdt) if bias_hh is not None else None
@@ -60,6 +61,11 @@ def gru_scan_reference(
     xs = x.to(cdt)
     a = att.to(cdt) if att is not None else None
     valid = valid_mask(lengths, mask, seq_len, x.device)
+    if valid is not None:
+        # Padding is never read: invalid steps see zeros, so NaN there reaches nothing.
+        xs = torch.where(valid.unsqueeze(-1), xs, torch.zeros_like(xs))
+        if a is not None:
+            a = torch.where(valid, a, torch.zeros_like(a))
 
     h = h0.to(cdt) if h0 is not None else torch.zeros(batch, hidden, dtype=cdt, device=x.device)
     outputs = []

@@ -46,6 +46,8 @@ import triton.language as tl
 from triton.runtime.errors import OutOfResources
 from torch import Tensor
 
+from ..common import valid_mask
+
 __all__ = ["gru_scan_triton"]
 
 # The scan kernel sees "aigru" as "gru": AIGRU's attention only scales the input.
@@ -754,6 +756,11 @@ def gru_scan_triton(
     # casts' backward returns float32 gradients.
     dtype = x.dtype
     bias_ih = bias_ih.to(dtype) if bias_ih is not None else None
+    valid = valid_mask(lengths, mask, x.shape[1], x.device)
+    if valid is not None:
+        # Padding is never read: the projection GEMM (and its backward) sees zeros there.
+        x = torch.where(valid.unsqueeze(-1), x, 0)
+        att = torch.where(valid, att, 0) if att is not None else None
     projected = x * att.unsqueeze(-1) if mode == "aigru" else x
     gi = F.linear(projected, weight_ih.to(dtype), bias_ih)
     # gi's dtype, not x's: under autocast the projection may already run in 16 bits.

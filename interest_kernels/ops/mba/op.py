@@ -12,15 +12,16 @@ Conventions shared by the update functions:
   the touched rows only.
 * ``ids`` integer, any shape (K ids); ``grad_rows`` (K, D) or ``ids.shape + (D,)`` in the
   weight's dtype: the gradient of the mean batch loss for each lookup, duplicates unsummed.
-* ``counts`` (N,) int64/int32/float32/float64: n_j, positive for every touched id.
+* ``counts`` (N,) int64/int32: n_j, positive for every touched id (floats are refused:
+  n_j counts samples).
 * optimiser state (N, D) float32 (float64 for a float64 table), updated on touched rows.
 
-An id outside [0, N) or a touched id with a count that is not positive raises a
-``ValueError`` naming the id, and nothing is written.
+An id outside [0, N), a touched id with a count that is not positive, or a non-finite
+gradient row raises a ``ValueError`` naming the id, and nothing is written. (The
+gradient check reads values, so it runs with the value checks, see ``value_checks``.)
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -28,7 +29,7 @@ import torch
 from ... import _extension
 from ..._backend import define_op, extension_unavailable_reason
 from ..common import compute_dtype
-from ..._validation import INDEX_DTYPES, check_tensor, value_checks_enabled
+from ..._validation import INDEX_DTYPES, check_float, check_tensor, value_checks_enabled
 from .reference import (
     dedup_rows_reference,
     mba_adagrad_reference,
@@ -46,7 +47,7 @@ __all__ = [
 ]
 
 TABLE_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-COUNT_DTYPES = (torch.int64, torch.int32, torch.float32, torch.float64)
+COUNT_DTYPES = (torch.int64, torch.int32)  # n_j counts samples: integers
 
 OP = define_op("mba_update", preference={"cpu": ("cpu", "reference"), "cuda": ("cuda", "reference")})
 
@@ -112,20 +113,16 @@ def _compiled(kind: str, **kw: Any) -> None:
         )
 
 
-OP.register("cpu", why_not=_compiled_why_not("cpu"))(_compiled)
-OP.register("cuda", why_not=_compiled_why_not("cuda"))(_compiled)
+_COMPILED_LIMITS = "needs the compiled extension interest_kernels._C (built by setup.py)"
+OP.register("cpu", why_not=_compiled_why_not("cpu"), limits=_COMPILED_LIMITS)(_compiled)
+OP.register("cuda", why_not=_compiled_why_not("cuda"), limits=_COMPILED_LIMITS + " with its CUDA kernels")(_compiled)
 
 
 # --- argument checks -------------------------------------------------------------------
 
 
-def _check_float(name: str, value: object, *, low: float = 0.0, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
-    value = float(value)
-    if not (low <= value <= high) or math.isnan(value):
-        raise ValueError(f"{name} must lie in [{low}, {high}], got {value}")
-    return value
+def _check_nonnegative(name: str, value: object) -> float:
+    return check_float(name, value, low=0.0)
 
 
 def _check_step(step: object) -> int:
@@ -140,7 +137,7 @@ def _check_ids(ids: object, device: torch.device) -> torch.Tensor:
     return ids if ids.dtype in (torch.int64, torch.int32) else ids.long()
 
 
-def _check_ids_in_range(ids: torch.Tensor, num_rows: int) -> None:
+def check_ids_in_range(ids: torch.Tensor, num_rows: int) -> None:
     if ids.numel() == 0 or not value_checks_enabled(ids):
         return
     flat = ids.reshape(-1)
@@ -197,13 +194,38 @@ def _check_update_args(
     return weight, ids, grad_rows.reshape(k, dim)
 
 
-def _select(weight: torch.Tensor, ids: torch.Tensor, counts: torch.Tensor, kind: str) -> Any:
+def _check_finite_rows(ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    """A NaN/Inf gradient row would poison its table row and optimiser state for good."""
+    if grad_rows.numel() == 0 or not value_checks_enabled(grad_rows):
+        return
+    bad = ~torch.isfinite(grad_rows).all(dim=1)
+    if bool(bad.any()):
+        position = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"grad_rows: the gradient row of id {int(ids.reshape(-1)[position])} (at position "
+            f"{position}) holds NaN or Inf; nothing was written (skip the step, e.g. with a "
+            "gradient scaler, or find where the loss overflowed)"
+        )
+
+
+def check_update_rows(weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    """The checks an update runs on ``ids`` and ``grad_rows`` (range, finiteness), for
+    callers that must refuse a step before writing anything else (the optimisers count
+    ids first)."""
+    check_ids_in_range(ids, weight.shape[0])
+    _check_finite_rows(ids, grad_rows.reshape(-1, weight.shape[1]))
+
+
+def _select(
+    weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor, counts: torch.Tensor, kind: str
+) -> Any:
     """The backend for this call. The compiled kernels check ids and counts themselves,
     always and before writing (one pass on the CPU, one small host copy on CUDA), so the
     same checks run here only in front of the reference."""
+    _check_finite_rows(ids, grad_rows)
     impl = OP.select(weight.device, kind=kind)
     if impl.name == "reference":
-        _check_ids_in_range(ids, weight.shape[0])
+        check_ids_in_range(ids, weight.shape[0])
         if ids.numel() and value_checks_enabled(counts):
             n = counts[ids.reshape(-1).long()]
             bad = ~(n > 0)
@@ -239,7 +261,7 @@ def dedup_rows(
         )
     impl = OP.select(grad_rows.device)
     if impl.name == "reference":
-        _check_ids_in_range(ids, num_rows)
+        check_ids_in_range(ids, num_rows)
         return dedup_rows_reference(ids, grad_rows)
     return _compiled_ops().dedup_rows(ids, grad_rows, num_rows)
 
@@ -261,14 +283,14 @@ def count_ids(
         if isinstance(padding_idx, bool) or not isinstance(padding_idx, int) or not -num_rows <= padding_idx < num_rows:
             raise ValueError(f"padding_idx must be an int in [-{num_rows}, {num_rows}), got {padding_idx!r}")
         padding_idx %= num_rows
-    _check_ids_in_range(ids, num_rows)
+    check_ids_in_range(ids, num_rows)
     # Each id adds a 0/1 weight (not counted: repeats inside a sample, the padding id),
     # so no shape depends on the data and nothing waits for the device.
     if ids.dim() <= 1:
         flat = ids.reshape(-1).long()
         keep = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
     else:
-        per_sample = ids.reshape(ids.shape[0], -1).long().sort(dim=1).values
+        per_sample = ids.flatten(1).long().sort(dim=1).values
         keep = torch.ones_like(per_sample, dtype=torch.bool)
         keep[:, 1:] = per_sample[:, 1:] != per_sample[:, :-1]
         flat, keep = per_sample.reshape(-1), keep.reshape(-1)
@@ -291,10 +313,10 @@ def mba_sgd_update(
 
     ``weight_decay`` is lambda (>= 0). Shapes and dtypes: see the module docstring.
     """
-    lr = _check_float("lr", lr)
-    weight_decay = _check_float("weight_decay", weight_decay)
+    lr = _check_nonnegative("lr", lr)
+    weight_decay = _check_nonnegative("weight_decay", weight_decay)
     weight, ids, grad_rows = _check_update_args(weight, ids, grad_rows, counts)
-    impl = _select(weight, ids, counts, "sgd")
+    impl = _select(weight, ids, grad_rows, counts, "sgd")
     impl.fn("sgd", weight=weight, ids=ids, grad_rows=grad_rows, counts=counts, lr=lr, weight_decay=weight_decay)
 
 
@@ -316,15 +338,15 @@ def mba_adagrad_update(
     ``state_sum`` (N, D) float32: the running sum of squared gradients. ``step`` (>= 1):
     the table's step count, this step included (it scales ``lr`` through ``lr_decay``).
     """
-    lr = _check_float("lr", lr)
-    weight_decay = _check_float("weight_decay", weight_decay)
-    eps = _check_float("eps", eps)
-    lr_decay = _check_float("lr_decay", lr_decay)
+    lr = _check_nonnegative("lr", lr)
+    weight_decay = _check_nonnegative("weight_decay", weight_decay)
+    eps = _check_nonnegative("eps", eps)
+    lr_decay = _check_nonnegative("lr_decay", lr_decay)
     step = _check_step(step)
     weight, ids, grad_rows = _check_update_args(
         weight, ids, grad_rows, counts, [("state_sum", state_sum)]
     )
-    impl = _select(weight, ids, counts, "adagrad")
+    impl = _select(weight, ids, grad_rows, counts, "adagrad")
     impl.fn(
         "adagrad", weight=weight, state_sum=state_sum, ids=ids, grad_rows=grad_rows,
         counts=counts, lr=lr, weight_decay=weight_decay, eps=eps, lr_decay=lr_decay, step=step,
@@ -350,20 +372,18 @@ def mba_adam_update(
     ``exp_avg``/``exp_avg_sq`` (N, D) float32: moments, updated on touched rows only.
     ``step`` (>= 1): the table's global step count, this step included (bias correction).
     """
-    lr = _check_float("lr", lr)
-    weight_decay = _check_float("weight_decay", weight_decay)
-    eps = _check_float("eps", eps)
+    lr = _check_nonnegative("lr", lr)
+    weight_decay = _check_nonnegative("weight_decay", weight_decay)
+    eps = _check_nonnegative("eps", eps)
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
         raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    beta1 = _check_float("betas[0]", betas[0], high=1.0)
-    beta2 = _check_float("betas[1]", betas[1], high=1.0)
-    if beta1 >= 1.0 or beta2 >= 1.0:
-        raise ValueError(f"betas must lie in [0, 1), got {tuple(betas)}")
+    beta1 = check_float("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    beta2 = check_float("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
     step = _check_step(step)
     weight, ids, grad_rows = _check_update_args(
         weight, ids, grad_rows, counts, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     )
-    impl = _select(weight, ids, counts, "adam")
+    impl = _select(weight, ids, grad_rows, counts, "adam")
     impl.fn(
         "adam", weight=weight, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ids=ids,
         grad_rows=grad_rows, counts=counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,

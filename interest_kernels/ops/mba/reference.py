@@ -72,7 +72,7 @@ def count_ids_reference(
     repeated inside one sample counts once. Ids equal to ``padding_idx`` are not counted.
     Returns ``counts``.
     """
-    per_sample = ids.reshape(ids.shape[0], -1) if ids.dim() > 1 else ids.reshape(-1, 1)
+    per_sample = ids.flatten(1) if ids.dim() > 1 else ids.reshape(-1, 1)
     for sample in per_sample.long():
         for j in torch.unique(sample).tolist():
             if j != padding_idx:

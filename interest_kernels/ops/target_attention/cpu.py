@@ -100,7 +100,13 @@ def target_attention_cpu(
     if not multi_head:
         k = k.unsqueeze(1)  # (B, 1, T, D)
     batch, heads = k.shape[0], k.shape[1]
-    q = query.to(dt).reshape(batch, -1, dim)  # (B, E, D) or (B, 1, D) shared by the heads
+    q_heads = query.shape[1] if query.dim() == 3 else 1  # no -1: B may be 0
+    q = query.to(dt).reshape(batch, q_heads, dim)  # (B, E, D) or (B, 1, D) shared by the heads
+    # Padding is never read (the reference's rule): masked keys count as zeros, except in
+    # Dice's training statistics, which cover every position.
+    valid = valid_positions(lengths, mask, key_index, batch, seq_len, keys.device)
+    k_valid = torch.where(valid[:, None, :, None], k, torch.zeros_like(k))
+    k_mlp = k if activation == "dice" and dice_params[0].training else k_valid
 
     w1 = weights[0].to(dt)  # (H, 4D) or (E, H, 4D)
     w_q, w_k, w_d, w_p = w1.split(dim, dim=-1)
@@ -121,7 +127,7 @@ def target_attention_cpu(
         groups, rows_per_group = batch * heads, seq_len
     h = torch.baddbmm(
         q_term.reshape(groups, 1, units),
-        k.reshape(groups, rows_per_group, dim),
+        k_mlp.reshape(groups, rows_per_group, dim),
         m.reshape(groups, dim, units),
     ).reshape(batch, heads, seq_len, units)
     h = _activate(h, activation, 0, per_head, prelu_weights, dice_params)
@@ -145,9 +151,8 @@ def target_attention_cpu(
     if out_bias is not None:
         scores = scores + out_bias.to(dt).reshape(-1, 1)
 
-    valid = valid_positions(lengths, mask, key_index, batch, seq_len, keys.device)
     a = normalize_scores(scores, valid.unsqueeze(1).expand_as(scores), normalization)
-    out = (a.unsqueeze(-2) @ k).squeeze(-2)  # (B, E, D)
+    out = (a.unsqueeze(-2) @ k_valid).squeeze(-2)  # (B, E, D)
 
     if not multi_head:
         out, a = out.squeeze(1), a.squeeze(1)

@@ -20,6 +20,7 @@ from ..._validation import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_choice,
+    check_float,
     check_in_range,
     check_same_dtype,
     check_shape,
@@ -65,7 +66,12 @@ def _triton_why_not(device: torch.device, **facts) -> Optional[str]:
     return unsupported_reason(device=device, **facts)
 
 
-@OP.register("triton", why_not=_triton_why_not)
+@OP.register(
+    "triton",
+    why_not=_triton_why_not,
+    limits="float32/float16/bfloat16 inputs, 1 to 3 hidden layers; on CUDA D <= 256 and at "
+    "most 512 units in the second layer",
+)
 def _triton(**kw):
     from .triton import target_attention_triton  # lazy: triton is imported only when used
 
@@ -281,8 +287,8 @@ def target_attention(
                     continue
                 check_tensor(f"dice_params[{i}].{field}", t, dtypes=FLOAT_DTYPES, device=device)
                 check_shape(f"dice_params[{i}].{field}", t, shape)
-            if not p.eps > 0:
-                raise ValueError(f"dice_params[{i}].eps must be positive, got {p.eps}")
+            check_float(f"dice_params[{i}].eps", p.eps, low=0.0, low_open=True)
+            check_float(f"dice_params[{i}].momentum", p.momentum, low=0.0, high=1.0)
         dice_params = list(dice_params)
     elif dice_params is not None:
         raise ValueError(f'dice_params are only used with activation "dice", not {activation!r}')

@@ -13,6 +13,11 @@ Every form goes through one canonical layout with a head axis E (E = 1 for the
 single-head forms): query (B, E, D), keys (B, E, T, D) (history rows gathered by
 ``key_index`` in the shared-history form), valid positions (B, T).
 
+Padding is never read: masked keys enter the MLP and the pooling as zeros, so NaN or Inf
+in them reaches no output and no gradient. The one exception is Dice in training mode,
+whose batch statistics cover every position of the layer, padded ones included (SPEC
+section 1, as both libraries compute it): there the padded keys' values count.
+
 Low-precision inputs (float16/bfloat16) are computed in float32 and the outputs cast
 back to the input dtype; float64 stays float64.
 """
@@ -23,7 +28,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from ..common import compute_dtype, valid_mask
+from ..common import reference_dtype, valid_mask
 from ..dice.reference import DiceParams, dice_reference
 
 
@@ -59,7 +64,9 @@ def normalize_scores(scores: torch.Tensor, valid: torch.Tensor, normalization: s
     filled = torch.where(valid, scores, torch.full_like(scores, float("-inf")))
     # An all-masked row is softmaxed over zeros, then zeroed by the mask.
     filled = torch.where(any_valid, filled, torch.zeros_like(scores))
-    return torch.softmax(filled, dim=-1) * valid
+    # where, not a product with the mask: a NaN upstream gradient at a masked position
+    # must not become 0 * NaN.
+    return torch.where(valid, torch.softmax(filled, dim=-1), torch.zeros_like(scores))
 
 
 def apply_activation(
@@ -134,7 +141,7 @@ def target_attention_reference(
     dtype of ``query``.
     """
     out_dtype = query.dtype
-    dt = compute_dtype(out_dtype)
+    dt = reference_dtype(out_dtype)
     multi_head = keys.dim() == 4
     per_head = weights[0].dim() == 3
     seq_len, dim = keys.shape[-2], keys.shape[-1]
@@ -145,10 +152,16 @@ def target_attention_reference(
     if not multi_head:
         k = k.unsqueeze(1)  # (B, 1, T, D)
     batch, heads = k.shape[0], k.shape[1]
-    q = query.to(dt).reshape(batch, -1, dim).expand(batch, heads, dim)  # (B, E, D)
+    q_heads = query.shape[1] if query.dim() == 3 else 1  # no -1: B may be 0
+    q = query.to(dt).reshape(batch, q_heads, dim).expand(batch, heads, dim)  # (B, E, D)
+
+    valid = valid_positions(lengths, mask, key_index, batch, seq_len, keys.device)  # (B, T)
+    k_valid = torch.where(valid[:, None, :, None], k, torch.zeros_like(k))
+    dice_training = activation == "dice" and dice_params[0].training
+    k_mlp = k if dice_training else k_valid
 
     qe = q.unsqueeze(2).expand_as(k)
-    h = torch.cat([qe, k, qe - k, qe * k], dim=-1)  # (B, E, T, 4D)
+    h = torch.cat([qe, k_mlp, qe - k_mlp, qe * k_mlp], dim=-1)  # (B, E, T, 4D)
     biases = biases if biases is not None else [None] * len(weights)
     for layer, (w, c) in enumerate(zip(weights, biases)):
         w = w.to(dt)
@@ -166,10 +179,8 @@ def target_attention_reference(
     if out_bias is not None:
         scores = scores + out_bias.to(dt).reshape(-1, 1)
 
-    valid = valid_positions(lengths, mask, key_index, batch, seq_len, keys.device)
-    valid = valid.unsqueeze(1).expand_as(scores)
-    a = normalize_scores(scores, valid, normalization)
-    out = torch.einsum("bet,betd->bed", a, k)
+    a = normalize_scores(scores, valid.unsqueeze(1).expand_as(scores), normalization)
+    out = torch.einsum("bet,betd->bed", a, k_valid)
 
     if not multi_head:
         out, a = out.squeeze(1), a.squeeze(1)
