@@ -34,11 +34,13 @@ _NS = "interest_kernels"
 
 
 def unavailable_reason() -> Optional[str]:
-    """Why the fused CPU operators cannot run here (None when they can)."""
+    """Why the fused CPU operators cannot run here (None when they can). Registers their
+    fake implementations and autograd the first time they can."""
     if not _load_extension():
         return "the compiled extension interest_kernels._C is not available"
     if not hasattr(torch.ops.interest_kernels, "target_attention_cpu"):
         return "the compiled extension predates the fused CPU target attention; rebuild it"
+    _register()
     return None
 
 
@@ -177,14 +179,13 @@ def target_attention_cpu(
     ``return_scores``. Outputs are in the dtype of ``query``; math in float32 (float64
     for float64 inputs).
     """
-    _register()
     out_dtype = query.dtype
     dt = compute_dtype(out_dtype)
     multi_head = keys.dim() == 4
     per_head = weights[0].dim() == 3
     dim = keys.shape[-1]
     k = keys.to(dt) if multi_head else keys.to(dt).unsqueeze(1)  # (R, E, T, D)
-    q = query.to(dt).reshape(query.shape[0], -1, dim)  # (B, E|1, D)
+    q = query.to(dt) if query.dim() == 3 else query.to(dt).unsqueeze(1)  # (B, E|1, D)
     groups = k.shape[1] if per_head else 1
     units = [w.shape[-2] for w in weights]
 
