@@ -31,6 +31,9 @@
 #include <tuple>
 #include <vector>
 
+// Float compares and conversions may be vectorised (torch itself builds this way).
+#pragma GCC optimize("no-trapping-math", "no-math-errno")
+
 namespace interest_kernels {
 namespace target_attention {
 namespace {
@@ -56,8 +59,11 @@ int act_param_count(Act act) { return act == Act::kPrelu ? 1 : act == Act::kDice
 // load time; exp is a polynomial the compiler vectorises (relative error ~1e-7).
 
 __attribute__((always_inline)) inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const int32_t ki = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const float k = static_cast<float>(ki);
   const float r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -67,7 +73,7 @@ __attribute__((always_inline)) inline float exp_poly(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  const int32_t bits = (ki + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
