@@ -23,7 +23,10 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -240,6 +243,97 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
   blas_gemm<T>(&ta, &tb, &mi, &ni, &ki, &one, b, &la, a, &lb, &beta, c, &lc);
 }
 
+// Row-major C (M x N) (+)= A (M x K) B (K x N) for the small, many GEMMs of a tile
+// (K and N are layer widths). BLAS pays packing and dispatch on every such call; this
+// AVX2/FMA kernel keeps a 4 x 24 block of C in registers and streams A and B once.
+__attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, int64_t K,
+                                                         const float* A, int64_t lda,
+                                                         const float* B, int64_t ldb, float* C,
+                                                         int64_t ldc, bool accumulate) {
+  int64_t j0 = 0;
+  for (; j0 + 24 <= N; j0 += 24) {
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) {
+      __m256 c[4][3];
+      for (int r = 0; r < 4; ++r)
+        for (int v = 0; v < 3; ++v)
+          c[r][v] = accumulate ? _mm256_loadu_ps(C + (i + r) * ldc + j0 + 8 * v) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const float* bk = B + k * ldb + j0;
+        const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8), b2 = _mm256_loadu_ps(bk + 16);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 a = _mm256_broadcast_ss(A + (i + r) * lda + k);
+          c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+          c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+          c[r][2] = _mm256_fmadd_ps(a, b2, c[r][2]);
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int v = 0; v < 3; ++v) _mm256_storeu_ps(C + (i + r) * ldc + j0 + 8 * v, c[r][v]);
+    }
+    for (; i < M; ++i) {
+      __m256 c0 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0) : _mm256_setzero_ps();
+      __m256 c1 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0 + 8) : _mm256_setzero_ps();
+      __m256 c2 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0 + 16) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const float* bk = B + k * ldb + j0;
+        const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+        c0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk), c0);
+        c1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk + 8), c1);
+        c2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk + 16), c2);
+      }
+      _mm256_storeu_ps(C + i * ldc + j0, c0);
+      _mm256_storeu_ps(C + i * ldc + j0 + 8, c1);
+      _mm256_storeu_ps(C + i * ldc + j0 + 16, c2);
+    }
+  }
+  for (; j0 + 8 <= N; j0 += 8) {
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) {
+      __m256 c[4];
+      for (int r = 0; r < 4; ++r)
+        c[r] = accumulate ? _mm256_loadu_ps(C + (i + r) * ldc + j0) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb + j0);
+        for (int r = 0; r < 4; ++r)
+          c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + (i + r) * lda + k), b0, c[r]);
+      }
+      for (int r = 0; r < 4; ++r) _mm256_storeu_ps(C + (i + r) * ldc + j0, c[r]);
+    }
+    for (; i < M; ++i) {
+      __m256 c0 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k)
+        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + i * lda + k), _mm256_loadu_ps(B + k * ldb + j0), c0);
+      _mm256_storeu_ps(C + i * ldc + j0, c0);
+    }
+  }
+  for (; j0 < N; ++j0) {
+    for (int64_t i = 0; i < M; ++i) {
+      float acc = accumulate ? C[i * ldc + j0] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += A[i * lda + k] * B[k * ldb + j0];
+      C[i * ldc + j0] = acc;
+    }
+  }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// Row-major C (M x N) (+)= A (M x K) B (K x N).
+template <typename T>
+void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool accumulate) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma()) {
+      sgemm_tile_avx2(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      return;
+    }
+  }
+  gemm_rm<T>(false, false, M, N, K, A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
+}
+
 // ---- the problem --------------------------------------------------------------------
 
 enum class Mode { kForward, kStats };
@@ -260,6 +354,8 @@ struct Problem {
   at::Tensor wqd_t, wkd_t, wp_t;
   const T* c[kMaxLayers] = {};
   const T* w[kMaxLayers] = {};  // layers 2.. (G, H_l, H_{l-1})
+  const T* w_t[kMaxLayers] = {};  // the same transposed, (G, H_{l-1}, H_l)
+  at::Tensor w_t_store[kMaxLayers];
   const T* wo = nullptr;        // (G, H_L)
   const T* co = nullptr;        // (G,)
   const T* ap[kMaxLayers][3] = {};  // activation parameters (G, H_l)
@@ -323,7 +419,11 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
   p.wp_t = parts[2];
   for (int l = 0; l < p.L; ++l) {
     p.c[l] = biases[l].data_ptr<T>();
-    if (l > 0) p.w[l] = weights[l].data_ptr<T>();
+    if (l > 0) {
+      p.w[l] = weights[l].data_ptr<T>();
+      p.w_t_store[l] = weights[l].transpose(-1, -2).contiguous();
+      p.w_t[l] = p.w_t_store[l].template data_ptr<T>();
+    }
   }
   if (out_weight) p.wo = out_weight->data_ptr<T>();
   if (out_bias) p.co = out_bias->data_ptr<T>();
@@ -416,11 +516,10 @@ void mlp_forward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t g, int64_t 
     const T* bias = l == 0 ? ws.qterm.data() : p.c[l] + g * Hl;
     for (int64_t i = 0; i < nt; ++i) std::copy(bias, bias + Hl, z + i * Hl);
     if (l == 0) {
-      gemm_rm<T>(false, false, nt, Hl, D, ws.kbuf.data(), D, ws.m.data(), Hl, T(1), z, Hl);
+      tile_gemm<T>(nt, Hl, D, ws.kbuf.data(), D, ws.m.data(), Hl, z, Hl, true);
     } else {
       const int64_t Hp = p.H[l - 1];
-      gemm_rm<T>(false, true, nt, Hl, Hp, ws.h[l - 1].data(), Hp, p.w[l] + g * Hl * Hp, Hp, T(1),
-                 z, Hl);
+      tile_gemm<T>(nt, Hl, Hp, ws.h[l - 1].data(), Hp, p.w_t[l] + g * Hp * Hl, Hl, z, Hl, true);
     }
     if (p.mode == Mode::kStats && l == p.L - 1) break;
     act_forward(p.act, z, ws.h[l].data(), nt, Hl, p.ap_of(l, 0, g), p.ap_of(l, 1, g),
@@ -665,7 +764,7 @@ void mlp_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
       const T* W = p.w[l] + g * Hl * Hp;
       gemm_rm<T>(true, false, Hl, Hp, nt, dz, Hl, ws.h[l - 1].data(), Hp, T(1),
                  gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp);
-      gemm_rm<T>(false, false, nt, Hp, Hl, dz, Hl, W, Hp, T(0), dh, Hp);
+      tile_gemm<T>(nt, Hp, Hl, dz, Hl, W, Hp, dh, Hp, false);
       act_backward(p.act, ws.z[l - 1].data(), ws.h[l - 1].data(), dh, dz, nt, Hp,
                    p.ap_of(l - 1, 0, g), p.ap_of(l - 1, 1, g), p.ap_of(l - 1, 2, g),
                    gr.apg(p, l - 1, 0, g), gr.apg(p, l - 1, 1, g), gr.apg(p, l - 1, 2, g));
