@@ -246,10 +246,13 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
 // Row-major C (M x N) (+)= A (M x K) B (K x N) for the small, many GEMMs of a tile
 // (K and N are layer widths). BLAS pays packing and dispatch on every such call; this
 // AVX2/FMA kernel keeps a 4 x 24 block of C in registers and streams A and B once.
+// With kTransA, A is stored transposed (K x M, row stride lda).
+template <bool kTransA>
 __attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, int64_t K,
                                                          const float* A, int64_t lda,
                                                          const float* B, int64_t ldb, float* C,
                                                          int64_t ldc, bool accumulate) {
+  const int64_t a_row = kTransA ? 1 : lda, a_col = kTransA ? lda : 1;
   int64_t j0 = 0;
   for (; j0 + 24 <= N; j0 += 24) {
     int64_t i = 0;
@@ -262,7 +265,7 @@ __attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, i
         const float* bk = B + k * ldb + j0;
         const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8), b2 = _mm256_loadu_ps(bk + 16);
         for (int r = 0; r < 4; ++r) {
-          const __m256 a = _mm256_broadcast_ss(A + (i + r) * lda + k);
+          const __m256 a = _mm256_broadcast_ss(A + (i + r) * a_row + k * a_col);
           c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
           c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
           c[r][2] = _mm256_fmadd_ps(a, b2, c[r][2]);
@@ -277,7 +280,7 @@ __attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, i
       __m256 c2 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0 + 16) : _mm256_setzero_ps();
       for (int64_t k = 0; k < K; ++k) {
         const float* bk = B + k * ldb + j0;
-        const __m256 a = _mm256_broadcast_ss(A + i * lda + k);
+        const __m256 a = _mm256_broadcast_ss(A + i * a_row + k * a_col);
         c0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk), c0);
         c1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk + 8), c1);
         c2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk + 16), c2);
@@ -296,21 +299,21 @@ __attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, i
       for (int64_t k = 0; k < K; ++k) {
         const __m256 b0 = _mm256_loadu_ps(B + k * ldb + j0);
         for (int r = 0; r < 4; ++r)
-          c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + (i + r) * lda + k), b0, c[r]);
+          c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + (i + r) * a_row + k * a_col), b0, c[r]);
       }
       for (int r = 0; r < 4; ++r) _mm256_storeu_ps(C + (i + r) * ldc + j0, c[r]);
     }
     for (; i < M; ++i) {
       __m256 c0 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0) : _mm256_setzero_ps();
       for (int64_t k = 0; k < K; ++k)
-        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + i * lda + k), _mm256_loadu_ps(B + k * ldb + j0), c0);
+        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + i * a_row + k * a_col), _mm256_loadu_ps(B + k * ldb + j0), c0);
       _mm256_storeu_ps(C + i * ldc + j0, c0);
     }
   }
   for (; j0 < N; ++j0) {
     for (int64_t i = 0; i < M; ++i) {
       float acc = accumulate ? C[i * ldc + j0] : 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += A[i * lda + k] * B[k * ldb + j0];
+      for (int64_t k = 0; k < K; ++k) acc += A[i * a_row + k * a_col] * B[k * ldb + j0];
       C[i * ldc + j0] = acc;
     }
   }
@@ -321,17 +324,21 @@ bool cpu_has_avx2_fma() {
   return has;
 }
 
-// Row-major C (M x N) (+)= A (M x K) B (K x N).
+// Row-major C (M x N) (+)= op(A) (M x K) B (K x N); op(A) = A^T with trans_a.
 template <typename T>
 void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-               T* C, int64_t ldc, bool accumulate) {
+               T* C, int64_t ldc, bool accumulate, bool trans_a = false) {
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx2_fma()) {
-      sgemm_tile_avx2(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      if (trans_a) {
+        sgemm_tile_avx2<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      } else {
+        sgemm_tile_avx2<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      }
       return;
     }
   }
-  gemm_rm<T>(false, false, M, N, K, A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
+  gemm_rm<T>(trans_a, false, M, N, K, A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
 }
 
 // ---- the problem --------------------------------------------------------------------
@@ -441,7 +448,7 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
 // Per-thread scratch for one (query, head) item.
 template <typename T>
 struct Workspace {
-  std::vector<T> kbuf, m, qterm, s, ds, dm, dqterm, dk;
+  std::vector<T> kbuf, m, mt, qterm, s, ds, dm, dqterm, dk;
   std::vector<T> z[kMaxLayers], h[kMaxLayers];
   std::vector<T> gz, gh;
   Workspace(const Problem<T>& p, bool backward) {
@@ -457,6 +464,7 @@ struct Workspace {
     }
     if (backward) {
       dm.resize(p.D * p.H[0]);
+      mt.resize(p.D * p.H[0]);
       dqterm.resize(p.H[0]);
       dk.resize(tile * p.D);
       gz.resize(tile * p.max_h());
@@ -762,8 +770,8 @@ void mlp_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
         for (int64_t j = 0; j < Hl; ++j) gc[j] += dz[i * Hl + j];
       const int64_t Hp = p.H[l - 1];
       const T* W = p.w[l] + g * Hl * Hp;
-      gemm_rm<T>(true, false, Hl, Hp, nt, dz, Hl, ws.h[l - 1].data(), Hp, T(1),
-                 gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp);
+      tile_gemm<T>(Hl, Hp, nt, dz, Hl, ws.h[l - 1].data(), Hp,
+                   gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp, true, true);
       tile_gemm<T>(nt, Hp, Hl, dz, Hl, W, Hp, dh, Hp, false);
       act_backward(p.act, ws.z[l - 1].data(), ws.h[l - 1].data(), dh, dz, nt, Hp,
                    p.ap_of(l - 1, 0, g), p.ap_of(l - 1, 1, g), p.ap_of(l - 1, 2, g),
@@ -772,8 +780,8 @@ void mlp_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
       T* dq = ws.dqterm.data();
       for (int64_t i = 0; i < nt; ++i)
         for (int64_t j = 0; j < Hl; ++j) dq[j] += dz[i * Hl + j];
-      gemm_rm<T>(true, false, p.D, Hl, nt, ws.kbuf.data(), p.D, dz, Hl, T(1), ws.dm.data(), Hl);
-      gemm_rm<T>(false, true, nt, p.D, Hl, dz, Hl, ws.m.data(), Hl, T(0), ws.dk.data(), p.D);
+      tile_gemm<T>(p.D, Hl, nt, ws.kbuf.data(), p.D, dz, Hl, ws.dm.data(), Hl, true, true);
+      tile_gemm<T>(nt, p.D, Hl, dz, Hl, ws.mt.data(), p.D, ws.dk.data(), p.D, false);
     }
   }
 }
@@ -841,6 +849,8 @@ void backward_item(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t 
     top.ds = ds;
   }
   first_layer_setup(p, ws, q, g);
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = 0; j < H1; ++j) ws.mt[j * D + d] = ws.m[d * H1 + j];
   std::fill(ws.dm.begin(), ws.dm.end(), T(0));
   std::fill(ws.dqterm.begin(), ws.dqterm.end(), T(0));
   for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
@@ -861,7 +871,6 @@ void backward_item(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t 
     }
   }
   first_layer_backward(p, ws, gr, q, gq, g);
-  (void)H1;
 }
 
 // Every gradient: (grad_query, grad_keys, grad_weights, grad_biases, grad_out_weight,
