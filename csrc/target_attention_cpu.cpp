@@ -880,7 +880,7 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor
                                   std::vector<at::Tensor>>;
 
 template <typename T>
-BackwardResult backward_impl(const Problem<T>& p, const at::Tensor& weights0, const at::Tensor& key_index,
+BackwardResult backward_impl(const Problem<T>& p, const at::Tensor& key_index,
               const T* gout, const T* gscores, const T* scores, const T* gstats, const T* stats,
               const at::TensorOptions& opts) {
   const int64_t act_layers = p.mode == Mode::kStats ? p.L - 1 : p.L;
@@ -918,7 +918,6 @@ BackwardResult backward_impl(const Problem<T>& p, const at::Tensor& weights0, co
   at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, gr.wp_t.transpose(-1, -2)}, -1);
   std::vector<at::Tensor> gw{gw1};
   for (int l = 1; l < p.L; ++l) gw.push_back(gr.w[l]);
-  (void)weights0;
   return {gq, gk, gw, gr.c, gr.wo, gr.co, gr.ap};
 }
 
@@ -1001,7 +1000,7 @@ BackwardResult target_attention_cpu_backward(
                                     out_weight, out_bias, act_params, act, Mode::kForward);
     p.softmax = normalization == "softmax";
     result = backward_impl<scalar_t>(
-        p, weights[0], key_index ? *key_index : at::Tensor(), grad_out.data_ptr<scalar_t>(),
+        p, key_index ? *key_index : at::Tensor(), grad_out.data_ptr<scalar_t>(),
         grad_scores ? grad_scores->data_ptr<scalar_t>() : nullptr, scores.data_ptr<scalar_t>(),
         nullptr, nullptr, query.options());
   });
@@ -1045,7 +1044,7 @@ target_attention_cpu_stats_backward(const at::Tensor& grad_stats_, const at::Ten
     auto p = make_problem<scalar_t>(query, keys, key_index, std::nullopt, std::nullopt, weights,
                                     biases, std::nullopt, std::nullopt, act_params, Act::kDice,
                                     Mode::kStats);
-    auto r = backward_impl<scalar_t>(p, weights[0], key_index ? *key_index : at::Tensor(),
+    auto r = backward_impl<scalar_t>(p, key_index ? *key_index : at::Tensor(),
                                      nullptr, nullptr, nullptr, grad_stats.data_ptr<scalar_t>(),
                                      stats.data_ptr<scalar_t>(), query.options());
     result = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<6>(r)};
