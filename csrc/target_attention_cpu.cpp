@@ -23,7 +23,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <type_traits>
@@ -84,7 +86,11 @@ __attribute__((always_inline)) inline float exp_poly(float x) {
 __attribute__((always_inline)) inline float sigmoid_of(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
 inline double sigmoid_of(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
+#if defined(__x86_64__)
 #define IK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define IK_CLONES
+#endif
 
 // h = act(z) on rows x cols (row-major); params (cols,) each.
 template <typename T>
@@ -243,6 +249,7 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
   blas_gemm<T>(&ta, &tb, &mi, &ni, &ki, &one, b, &la, a, &lb, &beta, c, &lc);
 }
 
+#if defined(__x86_64__)
 // Row-major C (M x N) (+)= A (M x K) B (K x N) for the small, many GEMMs of a tile
 // (K and N are layer widths). BLAS pays packing and dispatch on every such call; this
 // AVX2/FMA kernel keeps a 4 x 24 block of C in registers and streams A and B once.
@@ -323,11 +330,13 @@ bool cpu_has_avx2_fma() {
   static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
   return has;
 }
+#endif  // __x86_64__
 
 // Row-major C (M x N) (+)= op(A) (M x K) B (K x N); op(A) = A^T with trans_a.
 template <typename T>
 void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
                T* C, int64_t ldc, bool accumulate, bool trans_a = false) {
+#if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     if (cpu_has_avx2_fma()) {
       if (trans_a) {
@@ -338,6 +347,7 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
       return;
     }
   }
+#endif
   gemm_rm<T>(trans_a, false, M, N, K, A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
 }
 
