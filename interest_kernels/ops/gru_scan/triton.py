@@ -27,9 +27,9 @@ the n-block operand (10·BTH) and runs 6 dots per step (recompute and dh), 12·B
 FLOPs. W_hh stays in shared memory for the whole scan up to HP = 32 for float32,
 64 for 16-bit inputs (128 in their forward); wider kernels read it at each use in
 (16, HP) slabs from L1/L2 (a float32 HP = 128 backward would need 240 KB of an sm_90
-block's 227 KB, and resident float32 tiles at HP = 64 spill), and their dots re-read
-the left operand from a (BLOCK_B, HP) float32 scratch row block per program:
-2·4·BLOCK_B·HP bytes more traffic per dot, cached.
+block's 227 KB, and resident float32 tiles at HP = 64 spill), skipping the slabs past
+H that hold only padding (H = 36: 3 of 4); the left operand is cut into the matching
+16-column parts in registers (reshape/split), never through memory.
 Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU), backward the scan
 plus about 8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
 """
@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -103,32 +104,50 @@ def _load_w(w_ptr, GATE: tl.constexpr, H, ks, cols, TRANSPOSED: tl.constexpr,
 
 @triton.jit
 def _matmul_w(x, w_t, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constexpr,
-              W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr, scr_ptr,
+              W_RESIDENT: tl.constexpr, SPLITS: tl.constexpr, KP: tl.constexpr,
               DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr):
     """x (BLOCK_B, HP) @ W_gate^T (TRANSPOSED) or @ W_gate, in the accumulation dtype.
 
     ``w_t`` is the resident transposed tile when W_RESIDENT. Otherwise W is read from
-    global memory (L1/L2) at each use in slabs of CHUNK rows of the reduction dim, so
-    that only a (CHUNK, HP) tile occupies shared memory and registers. Register
-    tensors cannot be sliced, so x then goes through this program's (BLOCK_B, HP)
-    scratch rows at ``scr_ptr`` and comes back CHUNK columns at a time.
+    global memory (L1/L2) at each use in slabs of HP >> SPLITS rows of the reduction
+    dim, so that only such a slab occupies shared memory and registers: x is halved
+    SPLITS times in registers (:func:`_halves`) and each part meets its slab.
     """
     if W_RESIDENT:
         w = w_t if TRANSPOSED else tl.trans(w_t)
         return tl.dot(_dot_operand(x, w_ptr, DOT_IN_ACC, F64), w, input_precision=PREC)
     else:
-        HP: tl.constexpr = cols.shape[0]
-        lr = tl.arange(0, x.shape[0])
-        tl.store(scr_ptr + lr[:, None] * HP + cols[None, :], x)
-        tl.debug_barrier()
-        ks = tl.arange(0, CHUNK)
-        acc = tl.zeros(x.shape, dtype=x.dtype)
-        for k0 in range(0, HP, CHUNK):
-            a = tl.load(scr_ptr + lr[:, None] * HP + (k0 + ks)[None, :])
-            w = _load_w(w_ptr, GATE, H, k0 + ks, cols, TRANSPOSED, DOT_IN_ACC, F64)
-            acc = tl.dot(_dot_operand(a, w_ptr, DOT_IN_ACC, F64), w, acc, input_precision=PREC)
-        # Every thread has read x before the next call overwrites the scratch rows.
-        tl.debug_barrier()
+        return _matmul_slabs(x, w_ptr, GATE, H, cols, TRANSPOSED, 0, SPLITS, KP,
+                             DOT_IN_ACC, F64, PREC)
+
+
+@triton.jit
+def _halves(x):
+    """Columns [0, W/2) and [W/2, W) of x (R, W), without leaving registers."""
+    R: tl.constexpr = x.shape[0]
+    W: tl.constexpr = x.shape[1]
+    return tl.split(tl.permute(tl.reshape(x, (R, 2, W // 2)), (0, 2, 1)))
+
+
+@triton.jit
+def _matmul_slabs(x, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constexpr,
+                  K0: tl.constexpr, LEVELS: tl.constexpr, KP: tl.constexpr,
+                  DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr):
+    """x (BLOCK_B, W), columns K0..K0+W of the left operand, times rows K0..K0+W of the
+    weight operand, which are read here; parts that start at or past KP (H rounded up
+    to the slab height) are all padding and are skipped."""
+    W: tl.constexpr = x.shape[1]
+    if LEVELS == 0:
+        ks = K0 + tl.arange(0, W)
+        w = _load_w(w_ptr, GATE, H, ks, cols, TRANSPOSED, DOT_IN_ACC, F64)
+        return tl.dot(_dot_operand(x, w_ptr, DOT_IN_ACC, F64), w, input_precision=PREC)
+    else:
+        lo, hi = _halves(x)
+        acc = _matmul_slabs(lo, w_ptr, GATE, H, cols, TRANSPOSED, K0, LEVELS - 1, KP,
+                            DOT_IN_ACC, F64, PREC)
+        if K0 + W // 2 < KP:
+            acc += _matmul_slabs(hi, w_ptr, GATE, H, cols, TRANSPOSED, K0 + W // 2, LEVELS - 1, KP,
+                                 DOT_IN_ACC, F64, PREC)
         return acc
 
 
@@ -154,11 +173,11 @@ def _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
 @triton.jit(do_not_specialize=["T"])
 def _gru_scan_fwd_kernel(
     gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, h0_ptr, states_ptr, hlast_ptr,
-    B, T, H, scr_ptr,
+    B, T, H,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr,
-    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
-    DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, SPLITS: tl.constexpr,
+    KP: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -167,7 +186,6 @@ def _gru_scan_fwd_kernel(
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
-    scr = scr_ptr + pid.to(tl.int64) * (BLOCK_B * HP)
 
     if HAS_H0:
         h = _acc(tl.load(h0_ptr + h_offs, mask=ok2, other=0.0), F64)
@@ -192,15 +210,15 @@ def _gru_scan_fwd_kernel(
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
 
-        gh_r = _matmul_w(h, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, scr,
+        gh_r = _matmul_w(h, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, SPLITS, KP,
                          DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
-            gh_n = _matmul_w(r * h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
+            gh_n = _matmul_w(r * h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, SPLITS, KP,
                              DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + gh_n + b_n)
         else:
-            gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
+            gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, SPLITS, KP,
                              DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + r * (gh_n + b_n))
 
@@ -209,7 +227,7 @@ def _gru_scan_fwd_kernel(
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, scr,
+            gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, SPLITS, KP,
                              DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
@@ -236,12 +254,12 @@ def _gru_scan_bwd_kernel(
     gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, prev_ptr, h0_ptr, states_ptr,
     dstates_ptr, dhlast_ptr,
     dgi_ptr, aux_ptr, hprev_ptr, datt_ptr, dh0_ptr,
-    B, T, H, scr_ptr,
+    B, T, H,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, HAS_DSTATES: tl.constexpr,
     HAS_DHLAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
-    DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, SPLITS: tl.constexpr,
+    KP: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -250,7 +268,6 @@ def _gru_scan_bwd_kernel(
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
-    scr = scr_ptr + pid.to(tl.int64) * (BLOCK_B * HP)
 
     if HAS_H0:
         h_init = _acc(tl.load(h0_ptr + h_offs, mask=ok2, other=0.0), F64)
@@ -295,16 +312,16 @@ def _gru_scan_bwd_kernel(
         g_offs = step[:, None] * (3 * H) + cols[None, :]
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
-        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, scr,
+        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, SPLITS, KP,
                          DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
             rh = r * h_prev
-            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
+            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, SPLITS, KP,
                              DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + gh_n)
         else:
-            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
+            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, SPLITS, KP,
                              DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + r * gh_n)
         if MODE == _AGRU:
@@ -312,7 +329,7 @@ def _gru_scan_bwd_kernel(
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, scr,
+            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, SPLITS, KP,
                              DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
@@ -348,7 +365,7 @@ def _gru_scan_bwd_kernel(
             if MODE == _AUGRU:
                 da = -tl.sum(dkeep * z, axis=1)
             tl.store(dgi_ptr + g_offs + H, tl.where(valid, dpre_z, 0.0).to(out_ty), mask=ok2)
-            dh_prev += _matmul_w(dpre_z, w_z, w_ptr, 1, H, cols, False, W_RESIDENT, CHUNK, scr,
+            dh_prev += _matmul_w(dpre_z, w_z, w_ptr, 1, H, cols, False, W_RESIDENT, SPLITS, KP,
                                  DOT_IN_ACC, F64, PREC)
         if MODE != _GRU:
             tl.store(datt_ptr + step, tl.where(valid_row, da, 0.0).to(datt_ptr.dtype.element_ty),
@@ -357,7 +374,7 @@ def _gru_scan_bwd_kernel(
         # r*h_{t-1} ("tensorflow"); aux holds the factor that is not already stored.
         if TF:
             tl.store(aux_ptr + s_offs, tl.where(valid, rh, 0.0).to(out_ty), mask=ok2)
-            drh = _matmul_w(dpre_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, scr,
+            drh = _matmul_w(dpre_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, SPLITS, KP,
                             DOT_IN_ACC, F64, PREC)
             dr = drh * h_prev
             dh_prev += drh * r
@@ -365,11 +382,11 @@ def _gru_scan_bwd_kernel(
             dgh_n = dpre_n * r
             tl.store(aux_ptr + s_offs, tl.where(valid, dgh_n, 0.0).to(out_ty), mask=ok2)
             dr = dpre_n * gh_n
-            dh_prev += _matmul_w(dgh_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, scr,
+            dh_prev += _matmul_w(dgh_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, SPLITS, KP,
                                  DOT_IN_ACC, F64, PREC)
         dpre_r = dr * r * (1.0 - r)
         tl.store(dgi_ptr + g_offs, tl.where(valid, dpre_r, 0.0).to(out_ty), mask=ok2)
-        dh_prev += _matmul_w(dpre_r, w_r, w_ptr, 0, H, cols, False, W_RESIDENT, CHUNK, scr,
+        dh_prev += _matmul_w(dpre_r, w_r, w_ptr, 0, H, cols, False, W_RESIDENT, SPLITS, KP,
                              DOT_IN_ACC, F64, PREC)
         dh = tl.where(valid, dh_prev, dh)
 
@@ -385,7 +402,9 @@ def _sm_count(index: int) -> int:
 
 
 # Rows of W_hh per slab when the weights are read per use (see ``_matmul_w``).
-_CHUNK = 16
+_SLAB = 16
+# Multiprocessors of the H200 whose launch configuration the interpreter reproduces.
+_INTERPRETED_SMS = 132
 
 
 def _launch_config(
@@ -395,7 +414,7 @@ def _launch_config(
     scan kernel.
 
     tl.dot needs every dim >= 16, so rows come in blocks of at least 16 and the hidden
-    width is padded to a power of two >= 16. On a GPU the row block grows (to 32, for
+    width is padded to a power of two >= 16. The row block grows (to 32, for
     HP <= 32 only: wider 32-row kernels spill 0.5-4 KB) only while there are still
     about as many programs as SMs: the scan is latency bound, so programs in flight
     beat bigger tiles. The rest follows sm_90 compiles (ptxas shared-memory, register
@@ -407,14 +426,17 @@ def _launch_config(
     (float32: 240 KB at HP = 128) or spill more. Warps grow with the tile and for the
     float32 backward: each thread holds a share of the dozen (BLOCK_B, HP) float32
     tensors live in a step, and fewer warps spill them.
-    ``_launch`` falls back to the slabs if resident tiles do not fit.
+    ``_launch`` falls back to the slabs if resident tiles do not fit. CPU tensors (the
+    interpreter) get the configuration of an H200 (132 SMs), so that what the tests
+    run is what the GPU runs, except that bfloat16 dots run in float32 there.
     """
     hp = max(16, triton.next_power_of_2(hidden))
-    block_b = 16
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        want = triton.next_power_of_2(triton.cdiv(batch, sms))
-        block_b = min(32 if hp <= 32 else 16, max(16, want))
+    else:
+        sms = _INTERPRETED_SMS
+    want = triton.next_power_of_2(triton.cdiv(batch, sms))
+    block_b = min(32 if hp <= 32 else 16, max(16, want))
     half = dtype in (torch.float16, torch.bfloat16)
     fp32_bwd = kind == "bwd" and not half
     resident = hp <= 32 or (half and (hp == 64 or (hp == 128 and kind == "fwd")))
@@ -432,11 +454,11 @@ def _launch_config(
         BLOCK_B=block_b,
         HP=hp,
         W_RESIDENT=resident,
-        CHUNK=hp if resident else _CHUNK,
+        **_slabs(hp, hidden, resident),
         # 16-bit inputs feed tl.dot 16-bit operands, except bfloat16 in the interpreter
         # (numpy has no bfloat16 matmul).
         DOT_IN_ACC=dtype in (torch.float32, torch.float64)
-        or (dtype == torch.bfloat16 and device.type != "cuda"),
+        or (dtype == torch.bfloat16 and _interpreting()),
         F64=dtype == torch.float64,
         PREC=_precision(dtype, device),
         num_warps=num_warps,
@@ -445,26 +467,39 @@ def _launch_config(
     )
 
 
+def _slabs(hp: int, hidden: int, resident: bool) -> dict:
+    """SPLITS: how often the left operand is halved to meet (HP >> SPLITS, HP) weight
+    slabs (0 for resident weights); KP: the hidden size rounded up to a slab, beyond
+    which the slabs hold only padding and are skipped."""
+    if resident:
+        return dict(SPLITS=0, KP=hp)
+    return dict(SPLITS=(hp // _SLAB).bit_length() - 1, KP=triton.cdiv(hidden, _SLAB) * _SLAB)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 # Configurations whose resident weights did not fit in shared memory on this GPU.
 _TOO_BIG: set[tuple] = set()
 
 
 def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
-            device: torch.device) -> None:
-    """Launch ``kernel`` with ``args`` and this configuration's scratch rows; if its
-    resident W_hh tiles exceed shared memory, read the weights in slabs instead
-    (remembered per configuration); if that does not fit either, say so."""
+            device: torch.device, hidden: int) -> None:
+    """Launch ``kernel`` with ``args``; if its resident W_hh tiles exceed shared memory,
+    read the weights in slabs instead (remembered per configuration); if that does not
+    fit either, say so."""
     key = (kernel.fn.__name__, device.index, tuple(sorted(cfg.items())),
            tuple(sorted(constexprs.items())))
     attempts = [cfg]
     if cfg["W_RESIDENT"]:
-        attempts.append(dict(cfg, W_RESIDENT=False, CHUNK=min(_CHUNK, cfg["HP"]), num_stages=1))
+        attempts.append(dict(cfg, W_RESIDENT=False, **_slabs(cfg["HP"], hidden, False), num_stages=1))
     if key in _TOO_BIG:
         attempts = attempts[1:]
     with _device_guard(device):
         for i, attempt in enumerate(attempts):
             try:
-                kernel[grid](*args, _scratch(attempt, grid[0], device), **constexprs, **attempt)
+                kernel[grid](*args, **constexprs, **attempt)
                 return
             except OutOfResources as err:
                 if i + 1 < len(attempts):
@@ -474,15 +509,6 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
                     f"gru_scan (triton): a hidden size padded to {cfg['HP']} needs more "
                     f"on-chip memory than this GPU has ({err}); use the 'reference' backend"
                 ) from err
-
-
-def _scratch(cfg: dict, programs: int, device: torch.device) -> Tensor:
-    """The (programs, BLOCK_B, HP) rows through which the slab-wise dots re-read their
-    left operand, in the accumulation dtype; a placeholder when W_hh is resident."""
-    if cfg["W_RESIDENT"]:
-        return torch.empty((1,), device=device)
-    dtype = torch.float64 if cfg["F64"] else torch.float32
-    return torch.empty((programs * cfg["BLOCK_B"] * cfg["HP"],), dtype=dtype, device=device)
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
@@ -562,7 +588,7 @@ def gru_scan_fwd(
         WRITE_STATES=write_states,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
-    _launch(_gru_scan_fwd_kernel, grid, args, constexprs, cfg, gi.device)
+    _launch(_gru_scan_fwd_kernel, grid, args, constexprs, cfg, gi.device, hidden)
     return states, h_last
 
 
@@ -655,7 +681,7 @@ def gru_scan_bwd(
         HAS_DHLAST=dh_last is not None,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
-    _launch(_gru_scan_bwd_kernel, grid, args, constexprs, cfg, gi.device)
+    _launch(_gru_scan_bwd_kernel, grid, args, constexprs, cfg, gi.device, hidden)
     return dgi, aux, hprev, datt, dh0
 
 
