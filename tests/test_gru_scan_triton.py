@@ -114,7 +114,7 @@ def test_weights_read_in_chunks(mode, variant, dtype, device, monkeypatch):
     configs = []
 
     def chunked(*args, **kw):
-        configs.append(dict(launch_config(*args, **kw), W_RESIDENT=False, SPLITS=2, KP=48))
+        configs.append(dict(launch_config(*args, **kw), W_RESIDENT=False, CHUNK=16, KP=48))
         return configs[-1]
 
     monkeypatch.setattr(gru_triton, "_launch_config", chunked)
@@ -290,21 +290,21 @@ def test_launch_falls_back_when_resident_weights_do_not_fit(monkeypatch):
         fn = test_launch_falls_back_when_resident_weights_do_not_fit
 
         def __getitem__(self, grid):
-            def run(*args, W_RESIDENT, HP, SPLITS, KP, **kw):
-                calls.append((W_RESIDENT, SPLITS, KP))
+            def run(*args, W_RESIDENT, HP, CHUNK, KP, **kw):
+                calls.append((W_RESIDENT, CHUNK, KP, args[-1].numel()))
                 if W_RESIDENT or HP > 128:
                     raise OutOfResources(300_000, 232_448, "shared memory")
             return run
 
     monkeypatch.setattr(gru_triton, "_TOO_BIG", set())
-    cfg = dict(W_RESIDENT=True, HP=128, SPLITS=0, KP=128, BLOCK_B=16, F64=False, num_stages=3)
+    cfg = dict(W_RESIDENT=True, HP=128, CHUNK=128, KP=128, BLOCK_B=16, F64=False, num_stages=3)
     for _ in range(2):
         gru_triton._launch(FakeKernel(), (3,), (), dict(MODE=0), cfg, torch.device("cpu"), 100)
-    # The second call remembers; the slab kernel halves (128, 3 times) to 16-row slabs
-    # and skips the padding past 112.
-    assert calls == [(True, 0, 128), (False, 3, 112), (False, 3, 112)]
+    # The second call remembers; the slab kernel gets its (3 programs, 16, 128) scratch
+    # and skips the padding slab past 112.
+    assert calls == [(True, 128, 128, 1), (False, 16, 112, 3 * 16 * 128), (False, 16, 112, 3 * 16 * 128)]
     with pytest.raises(RuntimeError, match="on-chip memory"):
-        wide = dict(cfg, W_RESIDENT=False, HP=256, SPLITS=4, KP=256)
+        wide = dict(cfg, W_RESIDENT=False, HP=256, CHUNK=16, KP=256)
         gru_triton._launch(FakeKernel(), (1,), (), dict(MODE=0), wide, torch.device("cpu"), 256)
 
 

@@ -28,8 +28,10 @@ FLOPs. W_hh stays in shared memory for the whole scan up to HP = 32 for float32,
 64 for 16-bit inputs (128 in their forward); wider kernels read it at each use in
 (16, HP) slabs from L1/L2 (a float32 HP = 128 backward would need 240 KB of an sm_90
 block's 227 KB, and resident float32 tiles at HP = 64 spill), skipping the slabs past
-H that hold only padding (H = 36: 3 of 4); the left operand is cut into the matching
-16-column parts in registers (reshape/split), never through memory.
+H that hold only padding (H = 36: 3 of 4), and their dots re-read the left operand
+from a (BLOCK_B, HP) float32 scratch row block per program, written once per distinct
+operand (the "paper" forward: once per step for its three dots; the backward: four
+times for six), cached.
 Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU), backward the scan
 plus about 8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
 """
@@ -104,50 +106,37 @@ def _load_w(w_ptr, GATE: tl.constexpr, H, ks, cols, TRANSPOSED: tl.constexpr,
 
 @triton.jit
 def _matmul_w(x, w_t, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constexpr,
-              W_RESIDENT: tl.constexpr, SPLITS: tl.constexpr, KP: tl.constexpr,
-              DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr):
+              W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr, scr_ptr,
+              STAGE: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr,
+              PREC: tl.constexpr):
     """x (BLOCK_B, HP) @ W_gate^T (TRANSPOSED) or @ W_gate, in the accumulation dtype.
 
     ``w_t`` is the resident transposed tile when W_RESIDENT. Otherwise W is read from
-    global memory (L1/L2) at each use in slabs of HP >> SPLITS rows of the reduction
-    dim, so that only such a slab occupies shared memory and registers: x is halved
-    SPLITS times in registers (:func:`_halves`) and each part meets its slab.
+    global memory (L1/L2) at each use in slabs of CHUNK rows of the reduction dim, so
+    that only a (CHUNK, HP) tile occupies shared memory and registers; slabs from KP
+    (H rounded up to CHUNK) on hold only padding and are skipped. Register tensors
+    cannot be sliced, so x then goes through this program's (BLOCK_B, HP) scratch
+    rows at ``scr_ptr`` and comes back CHUNK columns at a time: STAGE writes it there;
+    without STAGE the rows already hold x (the same operand as the previous call's).
+    (Halving x in registers instead, with reshape/split, spills kilobytes on sm_90.)
     """
     if W_RESIDENT:
         w = w_t if TRANSPOSED else tl.trans(w_t)
         return tl.dot(_dot_operand(x, w_ptr, DOT_IN_ACC, F64), w, input_precision=PREC)
     else:
-        return _matmul_slabs(x, w_ptr, GATE, H, cols, TRANSPOSED, 0, SPLITS, KP,
-                             DOT_IN_ACC, F64, PREC)
-
-
-@triton.jit
-def _halves(x):
-    """Columns [0, W/2) and [W/2, W) of x (R, W), without leaving registers."""
-    R: tl.constexpr = x.shape[0]
-    W: tl.constexpr = x.shape[1]
-    return tl.split(tl.permute(tl.reshape(x, (R, 2, W // 2)), (0, 2, 1)))
-
-
-@triton.jit
-def _matmul_slabs(x, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constexpr,
-                  K0: tl.constexpr, LEVELS: tl.constexpr, KP: tl.constexpr,
-                  DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr):
-    """x (BLOCK_B, W), columns K0..K0+W of the left operand, times rows K0..K0+W of the
-    weight operand, which are read here; parts that start at or past KP (H rounded up
-    to the slab height) are all padding and are skipped."""
-    W: tl.constexpr = x.shape[1]
-    if LEVELS == 0:
-        ks = K0 + tl.arange(0, W)
-        w = _load_w(w_ptr, GATE, H, ks, cols, TRANSPOSED, DOT_IN_ACC, F64)
-        return tl.dot(_dot_operand(x, w_ptr, DOT_IN_ACC, F64), w, input_precision=PREC)
-    else:
-        lo, hi = _halves(x)
-        acc = _matmul_slabs(lo, w_ptr, GATE, H, cols, TRANSPOSED, K0, LEVELS - 1, KP,
-                            DOT_IN_ACC, F64, PREC)
-        if K0 + W // 2 < KP:
-            acc += _matmul_slabs(hi, w_ptr, GATE, H, cols, TRANSPOSED, K0 + W // 2, LEVELS - 1, KP,
-                                 DOT_IN_ACC, F64, PREC)
+        HP: tl.constexpr = cols.shape[0]
+        lr = tl.arange(0, x.shape[0])
+        if STAGE:
+            # Every thread has read the operand staged before.
+            tl.debug_barrier()
+            tl.store(scr_ptr + lr[:, None] * HP + cols[None, :], x)
+            tl.debug_barrier()
+        ks = tl.arange(0, CHUNK)
+        acc = tl.zeros(x.shape, dtype=x.dtype)
+        for k0 in range(0, KP, CHUNK):
+            a = tl.load(scr_ptr + lr[:, None] * HP + (k0 + ks)[None, :])
+            w = _load_w(w_ptr, GATE, H, k0 + ks, cols, TRANSPOSED, DOT_IN_ACC, F64)
+            acc = tl.dot(_dot_operand(a, w_ptr, DOT_IN_ACC, F64), w, acc, input_precision=PREC)
         return acc
 
 
@@ -173,10 +162,10 @@ def _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
 @triton.jit(do_not_specialize=["T"])
 def _gru_scan_fwd_kernel(
     gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, h0_ptr, states_ptr, hlast_ptr,
-    B, T, H,
+    B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr,
-    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
     KP: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -186,6 +175,7 @@ def _gru_scan_fwd_kernel(
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
+    scr = scr_ptr + pid.to(tl.int64) * (BLOCK_B * HP)
 
     if HAS_H0:
         h = _acc(tl.load(h0_ptr + h_offs, mask=ok2, other=0.0), F64)
@@ -210,16 +200,16 @@ def _gru_scan_fwd_kernel(
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
 
-        gh_r = _matmul_w(h, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, SPLITS, KP,
+        gh_r = _matmul_w(h, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, KP, scr, True,
                          DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
-            gh_n = _matmul_w(r * h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, SPLITS, KP,
-                             DOT_IN_ACC, F64, PREC)
+            gh_n = _matmul_w(r * h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             True, DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + gh_n + b_n)
         else:
-            gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, SPLITS, KP,
-                             DOT_IN_ACC, F64, PREC)
+            gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             False, DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + r * (gh_n + b_n))
 
         if MODE == _AGRU:
@@ -227,8 +217,8 @@ def _gru_scan_fwd_kernel(
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, SPLITS, KP,
-                             DOT_IN_ACC, F64, PREC)
+            gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             TF, DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -254,11 +244,11 @@ def _gru_scan_bwd_kernel(
     gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, prev_ptr, h0_ptr, states_ptr,
     dstates_ptr, dhlast_ptr,
     dgi_ptr, aux_ptr, hprev_ptr, datt_ptr, dh0_ptr,
-    B, T, H,
+    B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, HAS_DSTATES: tl.constexpr,
     HAS_DHLAST: tl.constexpr,
-    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, SPLITS: tl.constexpr,
+    BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
     KP: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -268,6 +258,7 @@ def _gru_scan_bwd_kernel(
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
+    scr = scr_ptr + pid.to(tl.int64) * (BLOCK_B * HP)
 
     if HAS_H0:
         h_init = _acc(tl.load(h0_ptr + h_offs, mask=ok2, other=0.0), F64)
@@ -312,25 +303,25 @@ def _gru_scan_bwd_kernel(
         g_offs = step[:, None] * (3 * H) + cols[None, :]
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
-        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, SPLITS, KP,
-                         DOT_IN_ACC, F64, PREC)
+        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                         True, DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
             rh = r * h_prev
-            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, SPLITS, KP,
-                             DOT_IN_ACC, F64, PREC) + b_n
+            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             True, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + gh_n)
         else:
-            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, SPLITS, KP,
-                             DOT_IN_ACC, F64, PREC) + b_n
+            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             False, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + r * gh_n)
         if MODE == _AGRU:
             a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, SPLITS, KP,
-                             DOT_IN_ACC, F64, PREC)
+            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             TF, DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -365,8 +356,8 @@ def _gru_scan_bwd_kernel(
             if MODE == _AUGRU:
                 da = -tl.sum(dkeep * z, axis=1)
             tl.store(dgi_ptr + g_offs + H, tl.where(valid, dpre_z, 0.0).to(out_ty), mask=ok2)
-            dh_prev += _matmul_w(dpre_z, w_z, w_ptr, 1, H, cols, False, W_RESIDENT, SPLITS, KP,
-                                 DOT_IN_ACC, F64, PREC)
+            dh_prev += _matmul_w(dpre_z, w_z, w_ptr, 1, H, cols, False, W_RESIDENT, CHUNK, KP, scr,
+                                 True, DOT_IN_ACC, F64, PREC)
         if MODE != _GRU:
             tl.store(datt_ptr + step, tl.where(valid_row, da, 0.0).to(datt_ptr.dtype.element_ty),
                      mask=row_ok)
@@ -374,20 +365,20 @@ def _gru_scan_bwd_kernel(
         # r*h_{t-1} ("tensorflow"); aux holds the factor that is not already stored.
         if TF:
             tl.store(aux_ptr + s_offs, tl.where(valid, rh, 0.0).to(out_ty), mask=ok2)
-            drh = _matmul_w(dpre_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, SPLITS, KP,
-                            DOT_IN_ACC, F64, PREC)
+            drh = _matmul_w(dpre_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, KP, scr,
+                            True, DOT_IN_ACC, F64, PREC)
             dr = drh * h_prev
             dh_prev += drh * r
         else:
             dgh_n = dpre_n * r
             tl.store(aux_ptr + s_offs, tl.where(valid, dgh_n, 0.0).to(out_ty), mask=ok2)
             dr = dpre_n * gh_n
-            dh_prev += _matmul_w(dgh_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, SPLITS, KP,
-                                 DOT_IN_ACC, F64, PREC)
+            dh_prev += _matmul_w(dgh_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, KP, scr,
+                                 True, DOT_IN_ACC, F64, PREC)
         dpre_r = dr * r * (1.0 - r)
         tl.store(dgi_ptr + g_offs, tl.where(valid, dpre_r, 0.0).to(out_ty), mask=ok2)
-        dh_prev += _matmul_w(dpre_r, w_r, w_ptr, 0, H, cols, False, W_RESIDENT, SPLITS, KP,
-                             DOT_IN_ACC, F64, PREC)
+        dh_prev += _matmul_w(dpre_r, w_r, w_ptr, 0, H, cols, False, W_RESIDENT, CHUNK, KP, scr,
+                             True, DOT_IN_ACC, F64, PREC)
         dh = tl.where(valid, dh_prev, dh)
 
     tl.store(dh0_ptr + h_offs, dh.to(dh0_ptr.dtype.element_ty), mask=ok2)
@@ -402,7 +393,7 @@ def _sm_count(index: int) -> int:
 
 
 # Rows of W_hh per slab when the weights are read per use (see ``_matmul_w``).
-_SLAB = 16
+_CHUNK = 16
 # Multiprocessors of the H200 whose launch configuration the interpreter reproduces.
 _INTERPRETED_SMS = 132
 
@@ -468,12 +459,11 @@ def _launch_config(
 
 
 def _slabs(hp: int, hidden: int, resident: bool) -> dict:
-    """SPLITS: how often the left operand is halved to meet (HP >> SPLITS, HP) weight
-    slabs (0 for resident weights); KP: the hidden size rounded up to a slab, beyond
-    which the slabs hold only padding and are skipped."""
+    """CHUNK: rows of W_hh per slab (HP when resident); KP: the hidden size rounded up to
+    a slab, from which the slabs hold only padding and are skipped."""
     if resident:
-        return dict(SPLITS=0, KP=hp)
-    return dict(SPLITS=(hp // _SLAB).bit_length() - 1, KP=triton.cdiv(hidden, _SLAB) * _SLAB)
+        return dict(CHUNK=hp, KP=hp)
+    return dict(CHUNK=_CHUNK, KP=triton.cdiv(hidden, _CHUNK) * _CHUNK)
 
 
 def _interpreting() -> bool:
@@ -486,9 +476,9 @@ _TOO_BIG: set[tuple] = set()
 
 def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
             device: torch.device, hidden: int) -> None:
-    """Launch ``kernel`` with ``args``; if its resident W_hh tiles exceed shared memory,
-    read the weights in slabs instead (remembered per configuration); if that does not
-    fit either, say so."""
+    """Launch ``kernel`` with ``args`` and this configuration's scratch rows; if its
+    resident W_hh tiles exceed shared memory, read the weights in slabs instead
+    (remembered per configuration); if that does not fit either, say so."""
     key = (kernel.fn.__name__, device.index, tuple(sorted(cfg.items())),
            tuple(sorted(constexprs.items())))
     attempts = [cfg]
@@ -499,7 +489,7 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
     with _device_guard(device):
         for i, attempt in enumerate(attempts):
             try:
-                kernel[grid](*args, **constexprs, **attempt)
+                kernel[grid](*args, _scratch(attempt, grid[0], device), **constexprs, **attempt)
                 return
             except OutOfResources as err:
                 if i + 1 < len(attempts):
@@ -509,6 +499,15 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
                     f"gru_scan (triton): a hidden size padded to {cfg['HP']} needs more "
                     f"on-chip memory than this GPU has ({err}); use the 'reference' backend"
                 ) from err
+
+
+def _scratch(cfg: dict, programs: int, device: torch.device) -> Tensor:
+    """The (programs, BLOCK_B, HP) rows through which the slab-wise dots re-read their
+    left operand, in the accumulation dtype; a placeholder when W_hh is resident."""
+    if cfg["W_RESIDENT"]:
+        return torch.empty((1,), device=device)
+    dtype = torch.float64 if cfg["F64"] else torch.float32
+    return torch.empty((programs * cfg["BLOCK_B"] * cfg["HP"],), dtype=dtype, device=device)
 
 
 def _precision(dtype: torch.dtype, device: torch.device) -> str:
