@@ -31,7 +31,7 @@ block's 227 KB, and resident float32 tiles at HP = 64 spill), skipping the slabs
 H that hold only padding (H = 36: 3 of 4), and their dots re-read the left operand
 from a (BLOCK_B, HP) float32 scratch row block per program, written once per distinct
 operand (the "paper" forward: once per step for its three dots; the backward: four
-times for six), cached.
+times for six; float32 at HP >= 128 writes it for every dot, which spills less), cached.
 Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU), backward the scan
 plus about 8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
 """
@@ -127,8 +127,6 @@ def _matmul_w(x, w_t, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constex
         HP: tl.constexpr = cols.shape[0]
         lr = tl.arange(0, x.shape[0])
         if STAGE:
-            # Every thread has read the operand staged before.
-            tl.debug_barrier()
             tl.store(scr_ptr + lr[:, None] * HP + cols[None, :], x)
             tl.debug_barrier()
         ks = tl.arange(0, CHUNK)
@@ -137,6 +135,8 @@ def _matmul_w(x, w_t, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constex
             a = tl.load(scr_ptr + lr[:, None] * HP + (k0 + ks)[None, :])
             w = _load_w(w_ptr, GATE, H, k0 + ks, cols, TRANSPOSED, DOT_IN_ACC, F64)
             acc = tl.dot(_dot_operand(a, w_ptr, DOT_IN_ACC, F64), w, acc, input_precision=PREC)
+        # Every thread has read the operand before a later call overwrites it.
+        tl.debug_barrier()
         return acc
 
 
@@ -166,7 +166,8 @@ def _gru_scan_fwd_kernel(
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr,
     BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
-    KP: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
+    KP: tl.constexpr, RESTAGE: tl.constexpr,
+    DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -209,7 +210,7 @@ def _gru_scan_fwd_kernel(
             n = _tanh(g_n + gh_n + b_n)
         else:
             gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             False, DOT_IN_ACC, F64, PREC)
+                             RESTAGE, DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + r * (gh_n + b_n))
 
         if MODE == _AGRU:
@@ -218,7 +219,7 @@ def _gru_scan_fwd_kernel(
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
             gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             TF, DOT_IN_ACC, F64, PREC)
+                             TF or RESTAGE, DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -249,7 +250,8 @@ def _gru_scan_bwd_kernel(
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, HAS_DSTATES: tl.constexpr,
     HAS_DHLAST: tl.constexpr,
     BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
-    KP: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
+    KP: tl.constexpr, RESTAGE: tl.constexpr,
+    DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -313,7 +315,7 @@ def _gru_scan_bwd_kernel(
             n = _tanh(g_n + gh_n)
         else:
             gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             False, DOT_IN_ACC, F64, PREC) + b_n
+                             RESTAGE, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + r * gh_n)
         if MODE == _AGRU:
             a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -321,7 +323,7 @@ def _gru_scan_bwd_kernel(
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
             gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             TF, DOT_IN_ACC, F64, PREC)
+                             TF or RESTAGE, DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -446,6 +448,7 @@ def _launch_config(
         HP=hp,
         W_RESIDENT=resident,
         **_slabs(hp, hidden, resident),
+        RESTAGE=_restage(hp, dtype),
         # 16-bit inputs feed tl.dot 16-bit operands, except bfloat16 in the interpreter
         # (numpy has no bfloat16 matmul).
         DOT_IN_ACC=dtype in (torch.float32, torch.float64)
@@ -464,6 +467,13 @@ def _slabs(hp: int, hidden: int, resident: bool) -> dict:
     if resident:
         return dict(CHUNK=hp, KP=hp)
     return dict(CHUNK=_CHUNK, KP=triton.cdiv(hidden, _CHUNK) * _CHUNK)
+
+
+def _restage(hp: int, dtype: torch.dtype) -> bool:
+    """Whether every slab dot writes its operand to the scratch rows, even one that
+    they already hold: float32 kernels at HP >= 128 spill 2-4x more on sm_90 (ptxas)
+    when the "paper" variant's dots share one write."""
+    return hp >= 128 and dtype in (torch.float32, torch.float64)
 
 
 def _interpreting() -> bool:
