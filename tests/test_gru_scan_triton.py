@@ -106,14 +106,15 @@ def test_wide_hidden_weights_reloaded_each_step(variant, device):
 )
 def test_weights_read_in_chunks(mode, variant, dtype, device, monkeypatch):
     """W_hh read per use in slabs of 16 rows (the wide-H path on a GPU), forced at
-    H = 40 (HP = 64, four slabs, a partial last one): every dot of both kernels."""
+    H = 40 (HP = 64: three slabs, a partial last one, the fourth all padding and
+    skipped): every dot of both kernels."""
     from interest_kernels.ops.gru_scan import triton as gru_triton
 
     launch_config = gru_triton._launch_config
     configs = []
 
     def chunked(*args, **kw):
-        configs.append(dict(launch_config(*args, **kw), W_RESIDENT=False, CHUNK=16))
+        configs.append(dict(launch_config(*args, **kw), W_RESIDENT=False, CHUNK=16, KP=48))
         return configs[-1]
 
     monkeypatch.setattr(gru_triton, "_launch_config", chunked)
@@ -289,21 +290,22 @@ def test_launch_falls_back_when_resident_weights_do_not_fit(monkeypatch):
         fn = test_launch_falls_back_when_resident_weights_do_not_fit
 
         def __getitem__(self, grid):
-            def run(*args, W_RESIDENT, HP, CHUNK, **kw):
-                calls.append((W_RESIDENT, CHUNK, args[-1].numel()))
+            def run(*args, W_RESIDENT, HP, CHUNK, KP, **kw):
+                calls.append((W_RESIDENT, CHUNK, KP, args[-1].numel()))
                 if W_RESIDENT or HP > 128:
                     raise OutOfResources(300_000, 232_448, "shared memory")
             return run
 
     monkeypatch.setattr(gru_triton, "_TOO_BIG", set())
-    cfg = dict(W_RESIDENT=True, HP=128, CHUNK=128, BLOCK_B=16, F64=False, num_stages=3)
+    cfg = dict(W_RESIDENT=True, HP=128, CHUNK=128, KP=128, BLOCK_B=16, F64=False, num_stages=3)
     for _ in range(2):
-        gru_triton._launch(FakeKernel(), (3,), (), dict(MODE=0), cfg, torch.device("cpu"))
-    # The second call remembers; the slab kernel gets its (3 programs, 16, 128) scratch.
-    assert calls == [(True, 128, 1), (False, 16, 3 * 16 * 128), (False, 16, 3 * 16 * 128)]
+        gru_triton._launch(FakeKernel(), (3,), (), dict(MODE=0), cfg, torch.device("cpu"), 100)
+    # The second call remembers; the slab kernel gets its (3 programs, 16, 128) scratch
+    # and skips the padding slab past 112.
+    assert calls == [(True, 128, 128, 1), (False, 16, 112, 3 * 16 * 128), (False, 16, 112, 3 * 16 * 128)]
     with pytest.raises(RuntimeError, match="on-chip memory"):
-        wide = dict(cfg, W_RESIDENT=False, HP=256, CHUNK=16)
-        gru_triton._launch(FakeKernel(), (1,), (), dict(MODE=0), wide, torch.device("cpu"))
+        wide = dict(cfg, W_RESIDENT=False, HP=256, CHUNK=16, KP=256)
+        gru_triton._launch(FakeKernel(), (1,), (), dict(MODE=0), wide, torch.device("cpu"), 256)
 
 
 def test_triton_declines_what_it_cannot_run_on_cuda():

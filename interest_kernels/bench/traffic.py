@@ -14,9 +14,9 @@ scan's T dependent steps are not modelled):
     H200.md; 4.3 TB/s copy measured on one, KINDS.md);
   * L2: all bytes loaded and stored at ``--l2-tbps`` TB/s, 10 by default. Neither
     H200.md nor HOPPER.md/KINDS.md gives an L2 bandwidth (KINDS.md: 60 MB of L2 on the
-    H200 seen here); 10 TB/s is an assumption between published third-party H100
-    figures (about 5.5-7 TB/s measured on the 114-SM PCIe part by Chips and Cheese,
-    about 12 TB/s quoted for the SXM part), to be measured on the device;
+    H200 seen here); a third-party profiling write-up quotes about 12 TB/s for the
+    H100 SXM's L2. 10 TB/s is an assumption, a little under that, to be measured on
+    the device;
   * dots: FLOPs by operand dtype at the dense tensor-core rates of the datasheet
     (H200.md): 989 TFLOP/s fp16/bf16, 494 tf32, 1979 fp8; IEEE fp32 and fp64 at 67
     (FMA units; fp64 tensor cores). The interpreter runs the dots of some 16-bit paths

@@ -27,9 +27,11 @@ the n-block operand (10·BTH) and runs 6 dots per step (recompute and dh), 12·B
 FLOPs. W_hh stays in shared memory for the whole scan up to HP = 32 for float32,
 64 for 16-bit inputs (128 in their forward); wider kernels read it at each use in
 (16, HP) slabs from L1/L2 (a float32 HP = 128 backward would need 240 KB of an sm_90
-block's 227 KB, and resident float32 tiles at HP = 64 spill), and their dots re-read
-the left operand from a (BLOCK_B, HP) float32 scratch row block per program:
-2·4·BLOCK_B·HP bytes more traffic per dot, cached.
+block's 227 KB, and resident float32 tiles at HP = 64 spill), skipping the slabs past
+H that hold only padding (H = 36: 3 of 4), and their dots re-read the left operand
+from a (BLOCK_B, HP) float32 scratch row block per program, written once per distinct
+operand (the "paper" forward: once per step for its three dots; the backward: four
+times for six; float32 at HP >= 128 writes it for every dot, which spills less), cached.
 Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU), backward the scan
 plus about 8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
 """
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from typing import Optional
 
 import torch
@@ -105,15 +108,19 @@ def _load_w(w_ptr, GATE: tl.constexpr, H, ks, cols, TRANSPOSED: tl.constexpr,
 
 @triton.jit
 def _matmul_w(x, w_t, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constexpr,
-              W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr, scr_ptr,
-              DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr):
+              W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr, KP: tl.constexpr, scr_ptr,
+              STAGE: tl.constexpr, DOT_IN_ACC: tl.constexpr, F64: tl.constexpr,
+              PREC: tl.constexpr):
     """x (BLOCK_B, HP) @ W_gate^T (TRANSPOSED) or @ W_gate, in the accumulation dtype.
 
     ``w_t`` is the resident transposed tile when W_RESIDENT. Otherwise W is read from
     global memory (L1/L2) at each use in slabs of CHUNK rows of the reduction dim, so
-    that only a (CHUNK, HP) tile occupies shared memory and registers. Register
-    tensors cannot be sliced, so x then goes through this program's (BLOCK_B, HP)
-    scratch rows at ``scr_ptr`` and comes back CHUNK columns at a time.
+    that only a (CHUNK, HP) tile occupies shared memory and registers; slabs from KP
+    (H rounded up to CHUNK) on hold only padding and are skipped. Register tensors
+    cannot be sliced, so x then goes through this program's (BLOCK_B, HP) scratch
+    rows at ``scr_ptr`` and comes back CHUNK columns at a time: STAGE writes it there;
+    without STAGE the rows already hold x (the same operand as the previous call's).
+    (Halving x in registers instead, with reshape/split, spills kilobytes on sm_90.)
     """
     if W_RESIDENT:
         w = w_t if TRANSPOSED else tl.trans(w_t)
@@ -121,15 +128,16 @@ def _matmul_w(x, w_t, w_ptr, GATE: tl.constexpr, H, cols, TRANSPOSED: tl.constex
     else:
         HP: tl.constexpr = cols.shape[0]
         lr = tl.arange(0, x.shape[0])
-        tl.store(scr_ptr + lr[:, None] * HP + cols[None, :], x)
-        tl.debug_barrier()
+        if STAGE:
+            tl.store(scr_ptr + lr[:, None] * HP + cols[None, :], x)
+            tl.debug_barrier()
         ks = tl.arange(0, CHUNK)
         acc = tl.zeros(x.shape, dtype=x.dtype)
-        for k0 in range(0, HP, CHUNK):
+        for k0 in range(0, KP, CHUNK):
             a = tl.load(scr_ptr + lr[:, None] * HP + (k0 + ks)[None, :])
             w = _load_w(w_ptr, GATE, H, k0 + ks, cols, TRANSPOSED, DOT_IN_ACC, F64)
             acc = tl.dot(_dot_operand(a, w_ptr, DOT_IN_ACC, F64), w, acc, input_precision=PREC)
-        # Every thread has read x before the next call overwrites the scratch rows.
+        # Every thread has read the operand before a later call overwrites it.
         tl.debug_barrier()
         return acc
 
@@ -160,6 +168,7 @@ def _gru_scan_fwd_kernel(
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr,
     BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
+    KP: tl.constexpr, RESTAGE: tl.constexpr,
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -194,16 +203,16 @@ def _gru_scan_fwd_kernel(
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
 
-        gh_r = _matmul_w(h, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, scr,
+        gh_r = _matmul_w(h, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, KP, scr, True,
                          DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
-            gh_n = _matmul_w(r * h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
-                             DOT_IN_ACC, F64, PREC)
+            gh_n = _matmul_w(r * h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             True, DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + gh_n + b_n)
         else:
-            gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
-                             DOT_IN_ACC, F64, PREC)
+            gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             RESTAGE, DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + r * (gh_n + b_n))
 
         if MODE == _AGRU:
@@ -211,8 +220,8 @@ def _gru_scan_fwd_kernel(
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, scr,
-                             DOT_IN_ACC, F64, PREC)
+            gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             TF or RESTAGE, DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -243,6 +252,7 @@ def _gru_scan_bwd_kernel(
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, HAS_DSTATES: tl.constexpr,
     HAS_DHLAST: tl.constexpr,
     BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
+    KP: tl.constexpr, RESTAGE: tl.constexpr,
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -297,25 +307,25 @@ def _gru_scan_bwd_kernel(
         g_offs = step[:, None] * (3 * H) + cols[None, :]
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
-        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, scr,
-                         DOT_IN_ACC, F64, PREC)
+        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                         True, DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
             rh = r * h_prev
-            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
-                             DOT_IN_ACC, F64, PREC) + b_n
+            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             True, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + gh_n)
         else:
-            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, scr,
-                             DOT_IN_ACC, F64, PREC) + b_n
+            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             RESTAGE, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + r * gh_n)
         if MODE == _AGRU:
             a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, scr,
-                             DOT_IN_ACC, F64, PREC)
+            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             TF or RESTAGE, DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -350,8 +360,8 @@ def _gru_scan_bwd_kernel(
             if MODE == _AUGRU:
                 da = -tl.sum(dkeep * z, axis=1)
             tl.store(dgi_ptr + g_offs + H, tl.where(valid, dpre_z, 0.0).to(out_ty), mask=ok2)
-            dh_prev += _matmul_w(dpre_z, w_z, w_ptr, 1, H, cols, False, W_RESIDENT, CHUNK, scr,
-                                 DOT_IN_ACC, F64, PREC)
+            dh_prev += _matmul_w(dpre_z, w_z, w_ptr, 1, H, cols, False, W_RESIDENT, CHUNK, KP, scr,
+                                 True, DOT_IN_ACC, F64, PREC)
         if MODE != _GRU:
             tl.store(datt_ptr + step, tl.where(valid_row, da, 0.0).to(datt_ptr.dtype.element_ty),
                      mask=row_ok)
@@ -359,20 +369,20 @@ def _gru_scan_bwd_kernel(
         # r*h_{t-1} ("tensorflow"); aux holds the factor that is not already stored.
         if TF:
             tl.store(aux_ptr + s_offs, tl.where(valid, rh, 0.0).to(out_ty), mask=ok2)
-            drh = _matmul_w(dpre_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, scr,
-                            DOT_IN_ACC, F64, PREC)
+            drh = _matmul_w(dpre_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, KP, scr,
+                            True, DOT_IN_ACC, F64, PREC)
             dr = drh * h_prev
             dh_prev += drh * r
         else:
             dgh_n = dpre_n * r
             tl.store(aux_ptr + s_offs, tl.where(valid, dgh_n, 0.0).to(out_ty), mask=ok2)
             dr = dpre_n * gh_n
-            dh_prev += _matmul_w(dgh_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, scr,
-                                 DOT_IN_ACC, F64, PREC)
+            dh_prev += _matmul_w(dgh_n, w_n, w_ptr, 2, H, cols, False, W_RESIDENT, CHUNK, KP, scr,
+                                 True, DOT_IN_ACC, F64, PREC)
         dpre_r = dr * r * (1.0 - r)
         tl.store(dgi_ptr + g_offs, tl.where(valid, dpre_r, 0.0).to(out_ty), mask=ok2)
-        dh_prev += _matmul_w(dpre_r, w_r, w_ptr, 0, H, cols, False, W_RESIDENT, CHUNK, scr,
-                             DOT_IN_ACC, F64, PREC)
+        dh_prev += _matmul_w(dpre_r, w_r, w_ptr, 0, H, cols, False, W_RESIDENT, CHUNK, KP, scr,
+                             True, DOT_IN_ACC, F64, PREC)
         dh = tl.where(valid, dh_prev, dh)
 
     tl.store(dh0_ptr + h_offs, dh.to(dh0_ptr.dtype.element_ty), mask=ok2)
@@ -388,6 +398,8 @@ def _sm_count(index: int) -> int:
 
 # Rows of W_hh per slab when the weights are read per use (see ``_matmul_w``).
 _CHUNK = 16
+# Multiprocessors of the H200 whose launch configuration the interpreter reproduces.
+_INTERPRETED_SMS = 132
 
 
 def _launch_config(
@@ -397,7 +409,7 @@ def _launch_config(
     scan kernel.
 
     tl.dot needs every dim >= 16, so rows come in blocks of at least 16 and the hidden
-    width is padded to a power of two >= 16. On a GPU the row block grows (to 32, for
+    width is padded to a power of two >= 16. The row block grows (to 32, for
     HP <= 32 only: wider 32-row kernels spill 0.5-4 KB) only while there are still
     about as many programs as SMs: the scan is latency bound, so programs in flight
     beat bigger tiles. The rest follows sm_90 compiles (ptxas shared-memory, register
@@ -409,14 +421,17 @@ def _launch_config(
     (float32: 240 KB at HP = 128) or spill more. Warps grow with the tile and for the
     float32 backward: each thread holds a share of the dozen (BLOCK_B, HP) float32
     tensors live in a step, and fewer warps spill them.
-    ``_launch`` falls back to the slabs if resident tiles do not fit.
+    ``_launch`` falls back to the slabs if resident tiles do not fit. CPU tensors (the
+    interpreter) get the configuration of an H200 (132 SMs), so that what the tests
+    run is what the GPU runs, except that bfloat16 dots run in float32 there.
     """
     hp = max(16, triton.next_power_of_2(hidden))
-    block_b = 16
     if device.type == "cuda":
         sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-        want = triton.next_power_of_2(triton.cdiv(batch, sms))
-        block_b = min(32 if hp <= 32 else 16, max(16, want))
+    else:
+        sms = _INTERPRETED_SMS
+    want = triton.next_power_of_2(triton.cdiv(batch, sms))
+    block_b = min(32 if hp <= 32 else 16, max(16, want))
     half = dtype in (torch.float16, torch.bfloat16)
     fp32_bwd = kind == "bwd" and not half
     resident = hp <= 32 or (half and (hp == 64 or (hp == 128 and kind == "fwd")))
@@ -434,11 +449,12 @@ def _launch_config(
         BLOCK_B=block_b,
         HP=hp,
         W_RESIDENT=resident,
-        CHUNK=hp if resident else _CHUNK,
+        **_slabs(hp, hidden, resident),
+        RESTAGE=_restage(hp, dtype),
         # 16-bit inputs feed tl.dot 16-bit operands, except bfloat16 in the interpreter
         # (numpy has no bfloat16 matmul).
         DOT_IN_ACC=dtype in (torch.float32, torch.float64)
-        or (dtype == torch.bfloat16 and device.type != "cuda"),
+        or (dtype == torch.bfloat16 and _interpreting()),
         F64=dtype == torch.float64,
         PREC=_precision(dtype, device),
         num_warps=num_warps,
@@ -447,12 +463,31 @@ def _launch_config(
     )
 
 
+def _slabs(hp: int, hidden: int, resident: bool) -> dict:
+    """CHUNK: rows of W_hh per slab (HP when resident); KP: the hidden size rounded up to
+    a slab, from which the slabs hold only padding and are skipped."""
+    if resident:
+        return dict(CHUNK=hp, KP=hp)
+    return dict(CHUNK=_CHUNK, KP=triton.cdiv(hidden, _CHUNK) * _CHUNK)
+
+
+def _restage(hp: int, dtype: torch.dtype) -> bool:
+    """Whether every slab dot writes its operand to the scratch rows, even one that
+    they already hold: float32 kernels at HP >= 128 spill 2-4x more on sm_90 (ptxas)
+    when the "paper" variant's dots share one write."""
+    return hp >= 128 and dtype in (torch.float32, torch.float64)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
 # Configurations whose resident weights did not fit in shared memory on this GPU.
 _TOO_BIG: set[tuple] = set()
 
 
 def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
-            device: torch.device) -> None:
+            device: torch.device, hidden: int) -> None:
     """Launch ``kernel`` with ``args`` and this configuration's scratch rows; if its
     resident W_hh tiles exceed shared memory, read the weights in slabs instead
     (remembered per configuration); if that does not fit either, say so."""
@@ -460,7 +495,7 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
            tuple(sorted(constexprs.items())))
     attempts = [cfg]
     if cfg["W_RESIDENT"]:
-        attempts.append(dict(cfg, W_RESIDENT=False, CHUNK=min(_CHUNK, cfg["HP"]), num_stages=1))
+        attempts.append(dict(cfg, W_RESIDENT=False, **_slabs(cfg["HP"], hidden, False), num_stages=1))
     if key in _TOO_BIG:
         attempts = attempts[1:]
     with _device_guard(device):
@@ -564,7 +599,7 @@ def gru_scan_fwd(
         WRITE_STATES=write_states,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
-    _launch(_gru_scan_fwd_kernel, grid, args, constexprs, cfg, gi.device)
+    _launch(_gru_scan_fwd_kernel, grid, args, constexprs, cfg, gi.device, hidden)
     return states, h_last
 
 
@@ -657,7 +692,7 @@ def gru_scan_bwd(
         HAS_DHLAST=dh_last is not None,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
-    _launch(_gru_scan_bwd_kernel, grid, args, constexprs, cfg, gi.device)
+    _launch(_gru_scan_bwd_kernel, grid, args, constexprs, cfg, gi.device, hidden)
     return dgi, aux, hprev, datt, dh0
 
 
