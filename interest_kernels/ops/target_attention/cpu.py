@@ -137,12 +137,15 @@ def _dice_layer_params(
     layer's pre-activation in training (running statistics updated in place), the
     running statistics in eval."""
     grouped = lambda t: t.to(dt).reshape(groups, units)  # noqa: E731
-    if params.training:
+    positions = q.shape[0] * k.shape[2] * (1 if groups > 1 else k.shape[1])
+    if params.training and positions == 0:
+        # No positions (B or T is 0): no batch statistics, the running ones stay as they are.
+        mean, var = q.new_zeros(groups, units, dtype=dt), q.new_ones(groups, units, dtype=dt)
+    elif params.training:
         stats = torch.ops.interest_kernels.target_attention_cpu_stats(
             q, k, key_index, weights[: layer + 1], biases[: layer + 1], act_params)
         mean, var = stats[:, 0], stats[:, 1]
         if params.running_mean is not None and params.running_var is not None:
-            positions = q.shape[0] * k.shape[2] * (1 if groups > 1 else k.shape[1])
             update_running_stats(params.running_mean, params.running_var, mean.detach(),
                                  var.detach(), positions, params.momentum)
     else:

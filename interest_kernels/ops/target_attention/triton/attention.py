@@ -88,8 +88,10 @@ def target_attention_triton(
     n_layers = len(weights)
     units = [w.shape[-2] for w in weights]
 
-    q = query.reshape(batch, -1, dim).expand(batch, heads, dim).reshape(rows, dim).contiguous()
-    k = keys.reshape(-1, seq_len, dim).contiguous()
+    # No -1 in these reshapes: B, U or T may be 0.
+    q_heads = query.shape[1] if query.dim() == 3 else 1
+    q = query.reshape(batch, q_heads, dim).expand(batch, heads, dim).reshape(rows, dim).contiguous()
+    k = keys.reshape(keys.shape[0] * heads, seq_len, dim).contiguous()
     ws = [_grouped(w, per_head) for w in weights]
     bs = [_grouped(c, per_head) if c is not None else ws[i].new_zeros(groups, units[i])
           for i, c in enumerate(biases)]
@@ -98,7 +100,7 @@ def target_attention_triton(
     w_qd = (w_q + w_d).float()
     if per_head:
         qterm = torch.einsum("bed,ehd->beh", q.float().reshape(batch, heads, dim), w_qd)
-        qterm = (qterm + bs[0].float()).reshape(rows, -1)
+        qterm = (qterm + bs[0].float()).reshape(rows, units[0])
     else:
         qterm = torch.addmm(bs[0].reshape(-1).float(), q.float(), w_qd.reshape(units[0], dim).t())
     w_o = out_weight.reshape(groups, units[-1])
