@@ -15,9 +15,9 @@
 // the steps in reverse with one GEMM per step for dh, writes the gate gradients packed,
 // and finishes with single GEMMs for the weight and input gradients.
 //
-// Saved for the backward ("workspace", (B*T, 5H) in the compute dtype, first N rows
-// used): per packed row [h_prev, r, z, n, X], X = W_hn h_prev + b_hn (paper) or
-// r * h_prev (tensorflow).
+// Saved for the backward ("workspace", (B*T, 5H) in the compute dtype): per packed row
+// [h_prev, r, z, n, X], X = W_hn h_prev + b_hn (paper) or r * h_prev (tensorflow). Only the
+// first N rows are written (the rest are never touched, so never paged in) and read.
 //
 // float32 and float64 are computed in their own dtype; float16/bfloat16 inputs (and
 // float32 weights) are computed in float32. Inputs to the float32 gate passes go through
@@ -116,7 +116,32 @@ struct Schedule {
   std::vector<int64_t> count;   // rows running at step s (steps + 1 entries, last 0)
   std::vector<int64_t> offset;  // first packed row of step s (steps + 1 entries)
   at::Tensor src;               // (N,) int64: flat b * T + t of each packed row
+  std::vector<uint8_t> valid;   // (B*T): position valid; empty when all are
 };
+
+// Zero the rows of `flat` (B*T, C), contiguous, at invalid positions.
+void zero_invalid_rows(at::Tensor& flat, const Schedule& sc) {
+  if (sc.valid.empty() || flat.numel() == 0) return;
+  const int64_t row_bytes = flat.size(1) * flat.element_size();
+  char* base = static_cast<char*>(flat.data_ptr());
+  for (int64_t p = 0; p < sc.batch * sc.seq_len; ++p)
+    if (!sc.valid[p]) std::memset(base + p * row_bytes, 0, row_bytes);
+}
+
+// Consecutive steps grouped so that each group's packed rows number at most `rows` (a
+// group holds at least one step): returns the first step of each group, then `steps`.
+std::vector<int64_t> step_groups(const Schedule& sc, int64_t rows) {
+  std::vector<int64_t> starts;
+  int64_t s = 0;
+  while (s < sc.steps) {
+    starts.push_back(s);
+    int64_t last = s + 1;
+    while (last < sc.steps && sc.offset[last + 1] - sc.offset[s] <= rows) ++last;
+    s = last;
+  }
+  starts.push_back(sc.steps);
+  return starts;
+}
 
 // Valid steps per row from lengths (clamped to [0, T]: value checks may have been skipped)
 // or from a mask; rows sorted by that number, longest first, ties in row order.
@@ -160,6 +185,14 @@ Schedule make_schedule(int64_t batch, int64_t seq_len, const std::optional<at::T
     sc.offset[s + 1] = sc.offset[s] + running;
   }
   sc.packed = sc.offset[sc.steps];
+  if (sc.packed < batch * seq_len) {
+    sc.valid.assign(batch * seq_len, 0);
+    if (mask_c.defined()) {
+      std::memcpy(sc.valid.data(), mask_c.data_ptr<bool>(), batch * seq_len);
+    } else {
+      for (int64_t b = 0; b < batch; ++b) std::fill_n(sc.valid.begin() + b * seq_len, valid[b], 1);
+    }
+  }
   sc.src = at::empty({sc.packed}, at::kLong);
   int64_t* src = sc.src.data_ptr<int64_t>();
   for (int64_t s = 0; s < sc.steps; ++s) {
@@ -536,16 +569,15 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const
   const int64_t* src = sc.src.data_ptr<int64_t>();
   const int64_t grain = grain_rows(H);
 
-  int64_t chunk_begin = 0, chunk_end = 0;  // packed rows whose projections are in `gi`
+  const std::vector<int64_t> groups = step_groups(sc, chunk_rows);
+  int64_t group = 0, chunk_begin = 0;  // packed rows from chunk_begin have projections in `gi`
   for (int64_t s = 0; s < sc.steps; ++s) {
     const int64_t n = sc.count[s], off = sc.offset[s];
-    if (off + n > chunk_end) {
-      int64_t last = s + 1;
-      while (last < sc.steps && sc.offset[last + 1] - off <= chunk_rows) ++last;
+    if (s == groups[group]) {
       chunk_begin = off;
-      chunk_end = sc.offset[last];
-      at::Tensor gi_chunk = gi.narrow(0, 0, chunk_end - chunk_begin);
-      at::mm_out(gi_chunk, xp.narrow(0, chunk_begin, chunk_end - chunk_begin), w_ih_t);
+      const int64_t rows = sc.offset[groups[++group]] - off;
+      at::Tensor gi_chunk = gi.narrow(0, 0, rows);
+      at::mm_out(gi_chunk, xp.narrow(0, off, rows), w_ih_t);
     }
     at::Tensor hp = keep ? workspace.narrow(0, off, n).narrow(1, 0, H) : ping[s % 2].narrow(0, 0, n);
     at::Tensor gh_s = gh.narrow(0, 0, n);
@@ -611,12 +643,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_forward(
   }
   // Rows that never run keep h0; the others are written at their last step.
   at::Tensor h_last = h_init.clone();
-  at::Tensor states = return_states
-                          ? (sc.packed == B * T ? at::empty({B, T, H}, opts) : at::zeros({B, T, H}, opts))
-                          : at::empty({0}, opts);
+  at::Tensor states = at::empty(return_states ? at::IntArrayRef{B * T, H} : at::IntArrayRef{0}, opts);
+  if (return_states) zero_invalid_rows(states, sc);
   at::Tensor workspace = keep_for_backward ? at::empty({B * T, 5 * H}, opts) : at::empty({0}, opts);
-  // Rows past the packed ones are never read; zeroed so that the output is deterministic.
-  if (keep_for_backward) workspace.narrow(0, sc.packed, B * T - sc.packed).zero_();
 
   if (sc.packed > 0) {
     auto [xp, ap] = packed_inputs(a, sc);
@@ -636,6 +665,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_forward(
       forward_scan<scalar_t>(a, sc, xp, ap, b_gi, b_hn, h_sorted, states, h_last, workspace);
     });
   }
+  if (return_states) states = states.view({B, T, H});
   if (x.scalar_type() != a.cdt) {
     states = states.to(x.scalar_type());
     h_last = h_last.to(x.scalar_type());
@@ -643,41 +673,91 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_forward(
   return {states, h_last, workspace};
 }
 
+// Gradients accumulated by the backward scan (compute dtype); undefined when not wanted.
+struct Grads {
+  at::Tensor x;        // (B*T, I)
+  at::Tensor att;      // packed (N,)
+  at::Tensor w_ih, w_hh, b_ih, b_hh;
+};
+
+// The reverse scan, a group of steps at a time: the group's gate gradients stay in cache
+// while they are folded into the weight, bias and input gradients with GEMMs.
 template <typename T>
-void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& ap, const at::Tensor& workspace,
-                   const at::Tensor& d_states, at::Tensor& dh, at::Tensor& d_gi, at::Tensor& d_gh,
-                   at::Tensor& d_ap) {
+void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const at::Tensor& ap,
+                   const at::Tensor& workspace, const at::Tensor& d_states, at::Tensor& dh, Grads& g) {
   const int64_t H = a.hidden;
+  const auto opts = xp.options();
   const at::Tensor w_hn = a.w_hh.narrow(0, 2 * H, H);
   const at::Tensor w_rz = a.w_hh.narrow(0, 0, 2 * H);
-  at::Tensor d_rh = a.tensorflow ? at::empty({a.batch, H}, dh.options()) : at::Tensor();
+  const int64_t chunk_rows = std::max<int64_t>(sc.count[0], kProjectionChunkBytes / (3 * H * sizeof(T)));
+  const std::vector<int64_t> groups = step_groups(sc, chunk_rows);
+  const int64_t buffer_rows = std::min(chunk_rows, sc.packed);
+  at::Tensor d_gi = at::empty({buffer_rows, 3 * H}, opts);
+  at::Tensor d_gh = a.tensorflow ? at::Tensor() : at::empty({buffer_rows, 3 * H}, opts);
+  at::Tensor d_xp = g.x.defined() || (a.mode == kAigru && g.att.defined())
+                        ? at::empty({buffer_rows, a.input_size}, opts)
+                        : at::Tensor();
+  at::Tensor d_rh = a.tensorflow ? at::empty({a.batch, H}, opts) : at::Tensor();
   const T* ws = workspace.data_ptr<T>();
   const int64_t* src = sc.src.data_ptr<int64_t>();
   const int64_t grain = grain_rows(H);
-  for (int64_t s = sc.steps - 1; s >= 0; --s) {
-    const int64_t n = sc.count[s], off = sc.offset[s];
-    BackwardStep<T> g;
-    g.hidden = H;
-    g.mode = a.mode;
-    g.tensorflow = a.tensorflow;
-    g.saved = ws + off * 5 * H;
-    g.att = ap.defined() ? ap.data_ptr<T>() + off : nullptr;
-    g.d_states = d_states.defined() ? d_states.data_ptr<T>() : nullptr;
-    g.src = src + off;
-    g.dh = dh.data_ptr<T>();
-    g.d_gi = d_gi.data_ptr<T>() + off * 3 * H;
-    g.d_gh = a.tensorflow ? nullptr : d_gh.data_ptr<T>() + off * 3 * H;
-    g.d_att = d_ap.defined() ? d_ap.data_ptr<T>() + off : nullptr;
-    g.d_rh = a.tensorflow ? d_rh.data_ptr<T>() : nullptr;
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_backward(g, b, e); });
-    at::Tensor dh_s = dh.narrow(0, 0, n);
+
+  for (int64_t group = static_cast<int64_t>(groups.size()) - 2; group >= 0; --group) {
+    const int64_t first = sc.offset[groups[group]];
+    const int64_t rows = sc.offset[groups[group + 1]] - first;
+    for (int64_t s = groups[group + 1] - 1; s >= groups[group]; --s) {
+      const int64_t n = sc.count[s], off = sc.offset[s];
+      BackwardStep<T> st;
+      st.hidden = H;
+      st.mode = a.mode;
+      st.tensorflow = a.tensorflow;
+      st.saved = ws + off * 5 * H;
+      st.att = ap.defined() ? ap.data_ptr<T>() + off : nullptr;
+      st.d_states = d_states.defined() ? d_states.data_ptr<T>() : nullptr;
+      st.src = src + off;
+      st.dh = dh.data_ptr<T>();
+      st.d_gi = d_gi.data_ptr<T>() + (off - first) * 3 * H;
+      st.d_gh = a.tensorflow ? nullptr : d_gh.data_ptr<T>() + (off - first) * 3 * H;
+      st.d_att = g.att.defined() ? g.att.data_ptr<T>() + off : nullptr;
+      st.d_rh = a.tensorflow ? d_rh.data_ptr<T>() : nullptr;
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_backward(st, b, e); });
+      at::Tensor dh_s = dh.narrow(0, 0, n);
+      at::Tensor d_gi_s = d_gi.narrow(0, off - first, n);
+      if (a.tensorflow) {
+        at::Tensor d_rh_s = d_rh.narrow(0, 0, n);
+        at::mm_out(d_rh_s, d_gi_s.narrow(1, 2 * H, H), w_hn);
+        at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_backward_reset(st, b, e); });
+        dh_s.addmm_(d_gi_s.narrow(1, 0, 2 * H), w_rz);
+      } else {
+        dh_s.addmm_(d_gh.narrow(0, off - first, n), a.w_hh);
+      }
+    }
+    // This group's gate gradients are final: fold them in.
+    const at::Tensor dgi = d_gi.narrow(0, 0, rows);
+    const at::Tensor saved = workspace.narrow(0, first, rows);
+    const at::Tensor h_prev = saved.narrow(1, 0, H);
+    if (g.w_ih.defined()) g.w_ih.addmm_(dgi.t(), xp.narrow(0, first, rows));
+    if (g.b_ih.defined()) g.b_ih += dgi.sum(0);
     if (a.tensorflow) {
-      at::Tensor d_rh_s = d_rh.narrow(0, 0, n);
-      at::mm_out(d_rh_s, d_gi.narrow(0, off, n).narrow(1, 2 * H, H), w_hn);
-      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_backward_reset(g, b, e); });
-      dh_s.addmm_(d_gi.narrow(0, off, n).narrow(1, 0, 2 * H), w_rz);
+      if (g.w_hh.defined()) {
+        g.w_hh.narrow(0, 0, 2 * H).addmm_(dgi.narrow(1, 0, 2 * H).t(), h_prev);
+        g.w_hh.narrow(0, 2 * H, H).addmm_(dgi.narrow(1, 2 * H, H).t(), saved.narrow(1, 4 * H, H));
+      }
+      if (g.b_hh.defined()) g.b_hh += dgi.sum(0);
     } else {
-      dh_s.addmm_(d_gh.narrow(0, off, n), a.w_hh);
+      const at::Tensor dgh = d_gh.narrow(0, 0, rows);
+      if (g.w_hh.defined()) g.w_hh.addmm_(dgh.t(), h_prev);
+      if (g.b_hh.defined()) g.b_hh += dgh.sum(0);
+    }
+    if (d_xp.defined()) {
+      at::Tensor dxp = d_xp.narrow(0, 0, rows);
+      at::mm_out(dxp, dgi, a.w_ih);  // gradient of the (scaled, for aigru) packed inputs
+      const at::Tensor idx = sc.src.narrow(0, first, rows);
+      if (a.mode == kAigru) {
+        if (g.att.defined()) g.att.narrow(0, first, rows).copy_((dxp * a.x.index_select(0, idx)).sum(1));
+        dxp.mul_(ap.narrow(0, first, rows).unsqueeze(1));
+      }
+      if (g.x.defined()) g.x.index_copy_(0, idx, dxp);
     }
   }
 }
@@ -697,7 +777,6 @@ gru_scan_backward(const std::optional<at::Tensor>& grad_states,
   const int64_t B = a.batch, T = a.seq_len, H = a.hidden, I = a.input_size;
   const auto opts = x.options().dtype(a.cdt);
   const Schedule sc = make_schedule(B, T, lengths, mask);
-  const int64_t N = sc.packed;
   TORCH_CHECK_VALUE(workspace.dim() == 2 && workspace.size(0) == B * T && workspace.size(1) == 5 * H &&
                         workspace.scalar_type() == a.cdt,
                     "workspace must come from gru_scan_forward with keep_for_backward");
@@ -708,51 +787,36 @@ gru_scan_backward(const std::optional<at::Tensor>& grad_states,
   at::Tensor d_states;
   if (grad_states.has_value() && grad_states->numel() > 0)
     d_states = grad_states->to(a.cdt).reshape({B * T, H}).contiguous();
-  at::Tensor d_gi = at::empty({N, 3 * H}, opts);
-  at::Tensor d_gh = a.tensorflow ? at::Tensor() : at::empty({N, 3 * H}, opts);
-  auto [xp, ap] = packed_inputs(a, sc);
-  at::Tensor d_ap = a.mode != kGru ? at::empty({N}, opts) : at::Tensor();
-  if (N > 0) {
+  Grads g;
+  if (needs[0]) g.x = at::empty({B * T, I}, opts);
+  if (needs[1] && a.mode != kGru) g.att = at::zeros({sc.packed}, opts);
+  if (needs[3]) g.w_ih = at::zeros({3 * H, I}, opts);
+  if (needs[4]) g.w_hh = at::zeros({3 * H, H}, opts);
+  if (needs[5]) g.b_ih = at::zeros({3 * H}, opts);
+  if (needs[6]) g.b_hh = at::zeros({3 * H}, opts);
+  if (sc.packed > 0) {
+    auto [xp, ap] = packed_inputs(a, sc);
     AT_DISPATCH_FLOATING_TYPES(a.cdt, "gru_scan_backward", [&] {
-      backward_scan<scalar_t>(a, sc, ap, workspace, d_states, dh, d_gi, d_gh, d_ap);
+      backward_scan<scalar_t>(a, sc, xp, ap, workspace, d_states, dh, g);
     });
   }
 
   const auto empty = at::empty({0}, x.options());
-  const auto param_dtype = weight_ih.scalar_type();
-  at::Tensor d_x = empty, d_att = empty, d_h0 = empty, d_w_ih = empty, d_w_hh = empty, d_b_ih = empty,
-             d_b_hh = empty;
-  const at::Tensor h_prev = workspace.narrow(0, 0, N).narrow(1, 0, H);
-  if (needs[0] || (needs[1] && a.mode == kAigru)) {
-    at::Tensor d_xp = d_gi.mm(a.w_ih);  // gradient of the (scaled) packed inputs
-    if (a.mode == kAigru) {
-      if (needs[1]) d_ap = (d_xp * a.x.index_select(0, sc.src)).sum(1);
-      d_xp.mul_(ap.unsqueeze(1));
-    }
-    if (needs[0]) {
-      d_x = at::zeros({B * T, I}, opts).index_copy_(0, sc.src, d_xp).view({B, T, I}).to(x.scalar_type());
-    }
+  const auto out_dtype = x.scalar_type(), param_dtype = weight_ih.scalar_type();
+  at::Tensor d_x = empty, d_att = empty, d_h0 = empty;
+  if (needs[0]) {
+    if (sc.packed == 0) g.x.zero_();
+    zero_invalid_rows(g.x, sc);
+    d_x = g.x.view({B, T, I}).to(out_dtype);
   }
-  if (needs[1] && a.mode != kGru) {
-    d_att = at::zeros({B * T}, opts).index_copy_(0, sc.src, d_ap).view({B, T}).to(x.scalar_type());
-  } else if (needs[1]) {
-    d_att = at::zeros({B, T}, x.options());
+  if (needs[1]) {
+    d_att = at::zeros({B * T}, opts);
+    if (g.att.defined()) d_att.index_copy_(0, sc.src, g.att);
+    d_att = d_att.view({B, T}).to(out_dtype);
   }
-  if (needs[2]) d_h0 = at::empty({B, H}, opts).index_copy_(0, perm, dh).to(x.scalar_type());
-  if (needs[3]) d_w_ih = d_gi.t().mm(xp).to(param_dtype);
-  if (needs[5]) d_b_ih = d_gi.sum(0).to(param_dtype);
-  if (needs[4]) {
-    if (a.tensorflow) {
-      d_w_hh = at::empty({3 * H, H}, opts);
-      d_w_hh.narrow(0, 0, 2 * H).copy_(d_gi.narrow(1, 0, 2 * H).t().mm(h_prev));
-      d_w_hh.narrow(0, 2 * H, H).copy_(d_gi.narrow(1, 2 * H, H).t().mm(workspace.narrow(0, 0, N).narrow(1, 4 * H, H)));
-    } else {
-      d_w_hh = d_gh.t().mm(h_prev);
-    }
-    d_w_hh = d_w_hh.to(param_dtype);
-  }
-  if (needs[6]) d_b_hh = (a.tensorflow ? d_gi : d_gh).sum(0).to(param_dtype);
-  return {d_x, d_att, d_h0, d_w_ih, d_w_hh, d_b_ih, d_b_hh};
+  if (needs[2]) d_h0 = at::empty({B, H}, opts).index_copy_(0, perm, dh).to(out_dtype);
+  auto param = [&](const at::Tensor& t) { return t.defined() ? t.to(param_dtype) : empty; };
+  return {d_x, d_att, d_h0, param(g.w_ih), param(g.w_hh), param(g.b_ih), param(g.b_hh)};
 }
 
 }  // namespace

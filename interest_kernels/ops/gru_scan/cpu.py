@@ -69,6 +69,7 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     (x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, mode, variant,
      _return_states, keep_for_backward) = inputs
     ctx.mark_non_differentiable(output[2])
+    ctx.set_materialize_grads(False)  # no (B*T, 5H) zeros for the workspace, nor for unused outputs
     ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, output[2])
     ctx.config = (mode, variant, keep_for_backward)
 
