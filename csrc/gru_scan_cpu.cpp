@@ -15,9 +15,13 @@
 // the steps in reverse with one GEMM per step for dh, writes the gate gradients packed,
 // and finishes with single GEMMs for the weight and input gradients.
 //
-// Saved for the backward ("workspace", (B*T, 5H) in the compute dtype): per packed row
-// [h_prev, r, z, n, X], X = W_hn h_prev + b_hn (paper) or r * h_prev (tensorflow). Only the
-// first N rows are written (the rest are never touched, so never paged in) and read.
+// Saved for the backward (the "workspace"): five (B*T, H) tensors in the compute dtype,
+// per packed row h_prev, r, z, n and X = W_hn h_prev + b_hn (paper) or r * h_prev
+// (tensorflow). Only their first N rows are written (the rest are never touched, so never
+// paged in) and read. Five tensors rather than one (B*T, 5H): below glibc's 32 MB mmap
+// ceiling each is served again from the heap on the next call instead of being mapped and
+// page-faulted afresh (measured on a 2-core VM: 53 ms to fill a fresh 37 MB buffer, 1.4 ms
+// for five 7.4 MB ones).
 //
 // float32 and float64 are computed in their own dtype; float16/bfloat16 inputs (and
 // float32 weights) are computed in float32. Inputs to the float32 gate passes go through
@@ -206,6 +210,16 @@ Schedule make_schedule(int64_t batch, int64_t seq_len, const std::optional<at::T
 }
 
 // ---- per-step gate passes over a block of running rows --------------------------------------
+
+// Rows of the five saved quantities (see the top of the file), each with stride H.
+template <typename T>
+struct Saved {
+  T *h = nullptr, *r = nullptr, *z = nullptr, *n = nullptr, *x = nullptr;
+  Saved at_row(int64_t row, int64_t hidden) const {
+    const int64_t o = row * hidden;
+    return {h + o, r + o, z + o, n + o, x + o};
+  }
+};
 //
 // Each pass is a loop over rows of loops over the H units. The row functions are
 // specialised at compile time on mode, variant and what is written, so the unit loops
@@ -227,7 +241,8 @@ struct ForwardStep {
   T* h_next;         // next step's h_prev rows (i < next_count), stride hn_stride
   int64_t hn_stride;
   int64_t next_count;
-  T* saved;          // this step's workspace rows (stride 5H), or null
+  Saved<T> saved;    // this step's saved rows, when kept
+  bool keep;
   T* states;         // (B*T, H) or null
   T* h_last;         // (B, H)
   const int64_t* src;   // this step's packed flat indices
@@ -261,7 +276,12 @@ IK_INLINE void forward_row(const ForwardStep<T>& a, int64_t i) {
   const T* __restrict h = a.h_prev + i * a.hp_stride;
   const T at = (MODE == kAgru || MODE == kAugru) ? a.att[i] : T(0);
   T* __restrict out = i < a.next_count ? a.h_next + i * a.hn_stride : a.h_last + a.perm[i] * H;
-  T* __restrict keep = KEEP ? a.saved + i * 5 * H : nullptr;
+  const Saved<T> sv = KEEP ? a.saved.at_row(i, H) : Saved<T>{};
+  T* __restrict sv_h = sv.h;
+  T* __restrict sv_r = sv.r;
+  T* __restrict sv_z = sv.z;
+  T* __restrict sv_n = sv.n;
+  T* __restrict sv_x = sv.x;
 #pragma omp simd
   for (int64_t j = 0; j < H; ++j) {
     const T r = sigmoid(gi[j] + b[j] + gh[j]);
@@ -281,11 +301,11 @@ IK_INLINE void forward_row(const ForwardStep<T>& a, int64_t i) {
     }
     out[j] = hn;
     if constexpr (KEEP) {
-      keep[j] = h[j];
-      keep[H + j] = r;
-      keep[2 * H + j] = z;
-      keep[3 * H + j] = n;
-      keep[4 * H + j] = x;
+      sv_h[j] = h[j];
+      sv_r[j] = r;
+      sv_z[j] = z;
+      sv_n[j] = n;
+      sv_x[j] = x;
     }
   }
   if (a.states != nullptr) std::memcpy(a.states + a.src[i] * H, out, H * sizeof(T));
@@ -307,7 +327,7 @@ IK_INLINE void forward_block_for(const ForwardStep<T>& a, int64_t begin, int64_t
 
 template <typename T>
 IK_INLINE void forward_block(const ForwardStep<T>& a, int64_t begin, int64_t end) {
-  const bool keep = a.saved != nullptr;
+  const bool keep = a.keep;
   if (a.tensorflow) {
     keep ? forward_block_for<T, true, true>(a, begin, end) : forward_block_for<T, true, false>(a, begin, end);
   } else {
@@ -320,7 +340,7 @@ struct BackwardStep {
   int64_t hidden;
   int mode;
   bool tensorflow;
-  const T* saved;     // this step's workspace rows, stride 5H
+  Saved<T> saved;     // this step's saved rows
   const T* att;       // packed scores of this step, or null
   const T* d_states;  // (B*T, H) or null
   const int64_t* src;
@@ -334,7 +354,12 @@ struct BackwardStep {
 template <typename T, int MODE, bool TF, bool DS>
 IK_INLINE void backward_row(const BackwardStep<T>& a, int64_t i) {
   const int64_t H = a.hidden;
-  const T* __restrict sv = a.saved + i * 5 * H;
+  const Saved<T> sv = a.saved.at_row(i, H);
+  const T* __restrict sv_h = sv.h;
+  const T* __restrict sv_r = sv.r;
+  const T* __restrict sv_z = sv.z;
+  const T* __restrict sv_n = sv.n;
+  const T* __restrict sv_x = sv.x;
   T* __restrict dh = a.dh + i * H;
   const T* __restrict ds = DS ? a.d_states + a.src[i] * H : nullptr;
   T* __restrict dgi = a.d_gi + i * 3 * H;
@@ -343,7 +368,7 @@ IK_INLINE void backward_row(const BackwardStep<T>& a, int64_t i) {
   T da = T(0);
 #pragma omp simd reduction(+ : da)
   for (int64_t j = 0; j < H; ++j) {
-    const T h = sv[j], r = sv[H + j], z = sv[2 * H + j], n = sv[3 * H + j], x = sv[4 * H + j];
+    const T h = sv_h[j], r = sv_r[j], z = sv_z[j], n = sv_n[j], x = sv_x[j];
     const T d = DS ? dh[j] + ds[j] : dh[j];
     T d_n, d_z, direct;
     if constexpr (MODE == kGru) {
@@ -416,8 +441,8 @@ template <typename T>
 IK_INLINE void backward_reset_block(const BackwardStep<T>& a, int64_t begin, int64_t end) {
   const int64_t H = a.hidden;
   for (int64_t i = begin; i < end; ++i) {
-    const T* __restrict h = a.saved + i * 5 * H;
-    const T* __restrict r = h + H;
+    const T* __restrict h = a.saved.h + i * H;
+    const T* __restrict r = a.saved.r + i * H;
     const T* __restrict drh = a.d_rh + i * H;
     T* __restrict dh = a.dh + i * H;
     T* __restrict dgi = a.d_gi + i * 3 * H;
@@ -540,10 +565,10 @@ constexpr int64_t kProjectionChunkBytes = 1 << 20;
 template <typename T>
 void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const at::Tensor& ap,
                   const at::Tensor& b_gi, const at::Tensor& b_hn, const at::Tensor& h_init,
-                  at::Tensor& states, at::Tensor& h_last, at::Tensor& workspace) {
+                  at::Tensor& states, at::Tensor& h_last, std::vector<at::Tensor>& workspace) {
   const int64_t H = a.hidden, B = a.batch;
   const auto opts = xp.options();
-  const bool keep = workspace.numel() > 0;
+  const bool keep = !workspace.empty();
   const at::Tensor w_ih_t = a.w_ih.t();
   const at::Tensor w_rz_t = a.w_hh.narrow(0, 0, 2 * H).t();
   const at::Tensor w_hn_t = a.w_hh.narrow(0, 2 * H, H).t();
@@ -559,13 +584,17 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const
   // h_prev rows of each step: in the workspace when kept, else two alternating buffers.
   at::Tensor ping;
   if (keep) {
-    workspace.narrow(0, 0, sc.count[0]).narrow(1, 0, H).copy_(h_init.narrow(0, 0, sc.count[0]));
+    workspace[0].narrow(0, 0, sc.count[0]).copy_(h_init.narrow(0, 0, sc.count[0]));
   } else {
     ping = at::empty({2, B, H}, opts);
     ping[0].copy_(h_init);
   }
   T* st = states.numel() > 0 ? states.data_ptr<T>() : nullptr;
-  T* ws = keep ? workspace.data_ptr<T>() : nullptr;
+  Saved<T> ws;
+  if (keep) {
+    ws = {workspace[0].data_ptr<T>(), workspace[1].data_ptr<T>(), workspace[2].data_ptr<T>(),
+          workspace[3].data_ptr<T>(), workspace[4].data_ptr<T>()};
+  }
   const int64_t* src = sc.src.data_ptr<int64_t>();
   const int64_t grain = grain_rows(H);
 
@@ -579,7 +608,7 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const
       at::Tensor gi_chunk = gi.narrow(0, 0, rows);
       at::mm_out(gi_chunk, xp.narrow(0, off, rows), w_ih_t);
     }
-    at::Tensor hp = keep ? workspace.narrow(0, off, n).narrow(1, 0, H) : ping[s % 2].narrow(0, 0, n);
+    at::Tensor hp = keep ? workspace[0].narrow(0, off, n) : ping[s % 2].narrow(0, 0, n);
     at::Tensor gh_s = gh.narrow(0, 0, n);
     at::mm_out(gh_s, hp, a.tensorflow ? w_rz_t : w_hh_t);
 
@@ -596,15 +625,14 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const
     f.h_prev = hp.data_ptr<T>();
     f.hp_stride = hp.stride(0);
     f.next_count = sc.count[s + 1];
+    f.keep = keep;
     if (keep) {
-      f.h_next = ws + sc.offset[s + 1] * 5 * H;
-      f.hn_stride = 5 * H;
-      f.saved = ws + off * 5 * H;
+      f.h_next = ws.h + sc.offset[s + 1] * H;
+      f.saved = ws.at_row(off, H);
     } else {
       f.h_next = ping[(s + 1) % 2].data_ptr<T>();
-      f.hn_stride = H;
-      f.saved = nullptr;
     }
+    f.hn_stride = H;
     f.states = st;
     f.h_last = h_last.data_ptr<T>();
     f.src = src + off;
@@ -612,10 +640,9 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const
 
     if (a.tensorflow) {
       // r * h_prev, then W_hn (r h): into the workspace's X column when kept.
-      T* rh_ptr = keep ? ws + off * 5 * H + 4 * H : rh.data_ptr<T>();
-      const int64_t rh_stride = keep ? 5 * H : H;
-      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_reset(f, rh_ptr, rh_stride, b, e); });
-      at::Tensor rh_s = keep ? workspace.narrow(0, off, n).narrow(1, 4 * H, H) : rh.narrow(0, 0, n);
+      T* rh_ptr = keep ? ws.x + off * H : rh.data_ptr<T>();
+      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_reset(f, rh_ptr, H, b, e); });
+      at::Tensor rh_s = keep ? workspace[4].narrow(0, off, n) : rh.narrow(0, 0, n);
       at::Tensor ghn_s = gh_n.narrow(0, 0, n);
       at::mm_out(ghn_s, rh_s, w_hn_t);
     }
@@ -623,7 +650,8 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_forward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
+gru_scan_forward(
     const at::Tensor& x, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& att, const std::optional<at::Tensor>& h0,
@@ -645,7 +673,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_forward(
   at::Tensor h_last = h_init.clone();
   at::Tensor states = at::empty(return_states ? at::IntArrayRef{B * T, H} : at::IntArrayRef{0}, opts);
   if (return_states) zero_invalid_rows(states, sc);
-  at::Tensor workspace = keep_for_backward ? at::empty({B * T, 5 * H}, opts) : at::empty({0}, opts);
+  std::vector<at::Tensor> workspace;
+  for (int k = 0; keep_for_backward && k < 5; ++k) workspace.push_back(at::empty({B * T, H}, opts));
 
   if (sc.packed > 0) {
     auto [xp, ap] = packed_inputs(a, sc);
@@ -670,7 +699,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gru_scan_forward(
     states = states.to(x.scalar_type());
     h_last = h_last.to(x.scalar_type());
   }
-  return {states, h_last, workspace};
+  for (int k = 0; !keep_for_backward && k < 5; ++k) workspace.push_back(at::empty({0}, opts));
+  return {states, h_last, workspace[0], workspace[1], workspace[2], workspace[3], workspace[4]};
 }
 
 // Gradients accumulated by the backward scan (compute dtype); undefined when not wanted.
@@ -684,7 +714,7 @@ struct Grads {
 // while they are folded into the weight, bias and input gradients with GEMMs.
 template <typename T>
 void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const at::Tensor& ap,
-                   const at::Tensor& workspace, const at::Tensor& d_states, at::Tensor& dh, Grads& g) {
+                   at::TensorList workspace, const at::Tensor& d_states, at::Tensor& dh, Grads& g) {
   const int64_t H = a.hidden;
   const auto opts = xp.options();
   const at::Tensor w_hn = a.w_hh.narrow(0, 2 * H, H);
@@ -698,7 +728,8 @@ void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, cons
                         ? at::empty({buffer_rows, a.input_size}, opts)
                         : at::Tensor();
   at::Tensor d_rh = a.tensorflow ? at::empty({a.batch, H}, opts) : at::Tensor();
-  const T* ws = workspace.data_ptr<T>();
+  const Saved<T> ws{workspace[0].data_ptr<T>(), workspace[1].data_ptr<T>(), workspace[2].data_ptr<T>(),
+                    workspace[3].data_ptr<T>(), workspace[4].data_ptr<T>()};
   const int64_t* src = sc.src.data_ptr<int64_t>();
   const int64_t grain = grain_rows(H);
 
@@ -711,7 +742,7 @@ void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, cons
       st.hidden = H;
       st.mode = a.mode;
       st.tensorflow = a.tensorflow;
-      st.saved = ws + off * 5 * H;
+      st.saved = ws.at_row(off, H);
       st.att = ap.defined() ? ap.data_ptr<T>() + off : nullptr;
       st.d_states = d_states.defined() ? d_states.data_ptr<T>() : nullptr;
       st.src = src + off;
@@ -734,14 +765,13 @@ void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, cons
     }
     // This group's gate gradients are final: fold them in.
     const at::Tensor dgi = d_gi.narrow(0, 0, rows);
-    const at::Tensor saved = workspace.narrow(0, first, rows);
-    const at::Tensor h_prev = saved.narrow(1, 0, H);
+    const at::Tensor h_prev = workspace[0].narrow(0, first, rows);
     if (g.w_ih.defined()) g.w_ih.addmm_(dgi.t(), xp.narrow(0, first, rows));
     if (g.b_ih.defined()) g.b_ih += dgi.sum(0);
     if (a.tensorflow) {
       if (g.w_hh.defined()) {
         g.w_hh.narrow(0, 0, 2 * H).addmm_(dgi.narrow(1, 0, 2 * H).t(), h_prev);
-        g.w_hh.narrow(0, 2 * H, H).addmm_(dgi.narrow(1, 2 * H, H).t(), saved.narrow(1, 4 * H, H));
+        g.w_hh.narrow(0, 2 * H, H).addmm_(dgi.narrow(1, 2 * H, H).t(), workspace[4].narrow(0, first, rows));
       }
       if (g.b_hh.defined()) g.b_hh += dgi.sum(0);
     } else {
@@ -771,15 +801,18 @@ gru_scan_backward(const std::optional<at::Tensor>& grad_states,
                   const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
                   const std::optional<at::Tensor>& att, const std::optional<at::Tensor>& h0,
                   const std::optional<at::Tensor>& lengths, const std::optional<at::Tensor>& mask,
-                  const at::Tensor& workspace, std::string mode, std::string variant,
+                  at::TensorList workspace, std::string mode, std::string variant,
                   std::array<bool, 7> needs) {
   const Args a = prepare(x, weight_ih, weight_hh, bias_ih, bias_hh, att, mode, variant);
   const int64_t B = a.batch, T = a.seq_len, H = a.hidden, I = a.input_size;
   const auto opts = x.options().dtype(a.cdt);
   const Schedule sc = make_schedule(B, T, lengths, mask);
-  TORCH_CHECK_VALUE(workspace.dim() == 2 && workspace.size(0) == B * T && workspace.size(1) == 5 * H &&
-                        workspace.scalar_type() == a.cdt,
-                    "workspace must come from gru_scan_forward with keep_for_backward");
+  TORCH_CHECK_VALUE(workspace.size() == 5, "workspace must hold the 5 saved tensors");
+  for (const at::Tensor& w : workspace) {
+    TORCH_CHECK_VALUE(w.dim() == 2 && w.size(0) == B * T && w.size(1) == H && w.is_contiguous() &&
+                          w.scalar_type() == a.cdt,
+                      "workspace must come from gru_scan_forward with keep_for_backward");
+  }
 
   const at::Tensor perm = at::tensor(sc.perm, at::kLong);
   at::Tensor dh = grad_h_last.has_value() ? grad_h_last->to(a.cdt).index_select(0, perm).contiguous()
@@ -824,19 +857,21 @@ gru_scan_backward(const std::optional<at::Tensor>& grad_states,
 }  // namespace interest_kernels
 
 TORCH_LIBRARY_FRAGMENT(interest_kernels, m) {
-  // The GRU-family scan (SPEC section 2). Returns (states (B, T, H) or (0,) without
-  // return_states, h_last (B, H), workspace (B*T, 5H) in the compute dtype with
-  // keep_for_backward, else (0,)). lengths (B,) int or mask (B, T) bool, not both.
+  // The GRU-family scan (SPEC section 2). Returns states (B, T, H) (or (0,) without
+  // return_states), h_last (B, H), and the five workspace tensors (B*T, H) in the compute
+  // dtype with keep_for_backward (else (0,) each). lengths (B,) int or mask (B, T) bool,
+  // not both.
   m.def(
       "gru_scan_forward(Tensor x, Tensor weight_ih, Tensor weight_hh, Tensor? bias_ih, "
       "Tensor? bias_hh, Tensor? att, Tensor? h0, Tensor? lengths, Tensor? mask, str mode, "
-      "str variant, bool return_states, bool keep_for_backward) -> (Tensor, Tensor, Tensor)");
+      "str variant, bool return_states, bool keep_for_backward) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients for (x, att, h0, weight_ih, weight_hh, bias_ih, bias_hh); those not flagged
   // in `needs` come back as empty (0,) tensors.
   m.def(
       "gru_scan_backward(Tensor? grad_states, Tensor? grad_h_last, Tensor x, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? att, Tensor? h0, "
-      "Tensor? lengths, Tensor? mask, Tensor workspace, str mode, str variant, bool[7] needs) "
+      "Tensor? lengths, Tensor? mask, Tensor[] workspace, str mode, str variant, bool[7] needs) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
