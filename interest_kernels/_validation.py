@@ -38,6 +38,8 @@ def value_checks_enabled(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether value checks run now for these tensors."""
     if torch.compiler.is_compiling():  # first: Dynamo cannot trace the ContextVar read
         return False
+    if torch.jit.is_tracing():  # nor under torch.jit.trace: the graph would keep the reads
+        return False
     flag = _value_checks.get()
     if flag is None:
         flag = os.environ.get("INTEREST_KERNELS_VALUE_CHECKS", "1") != "0"

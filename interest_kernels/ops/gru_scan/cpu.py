@@ -122,7 +122,9 @@ def gru_scan_cpu(
     The forward keeps a workspace (five (B*T, H) tensors) for the backward only when grad
     mode is on and some input requires grad.
     """
-    keep = torch.is_grad_enabled() and any(
+    # torch.jit.trace checks its graph by tracing again under no_grad: the graph must not
+    # depend on grad mode, so a traced scan keeps the workspace whenever inputs require grad.
+    keep = (torch.jit.is_tracing() or torch.is_grad_enabled()) and any(
         t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0)
     )
     states, h_last, *_ = torch.ops.interest_kernels.gru_scan_forward(
