@@ -200,3 +200,34 @@ def test_two_threads_match_one():
         torch.set_num_threads(threads)
     for a, b in zip(*results):
         torch.testing.assert_close(a, b)
+
+
+class _MaskedScan(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.weight_ih = torch.nn.Parameter(torch.randn(18, 3) * 0.6)
+        self.weight_hh = torch.nn.Parameter(torch.randn(18, 6) * 0.6)
+
+    def forward(self, x, att, mask):
+        return gru_scan(x, self.weight_ih, self.weight_hh, None, None, att, mode="agru",
+                        variant="tensorflow", mask=mask)
+
+
+def _masked_inputs(batch, seq_len):
+    mask = torch.rand(batch, seq_len) < 0.6
+    mask[0] = False
+    return torch.randn(batch, seq_len, 3), torch.rand(batch, seq_len), mask
+
+
+def test_compile_and_export_with_mask_match_eager():
+    module = _MaskedScan()
+    args = _masked_inputs(4, 5)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for got, want in zip(compiled(*args), module(*args)):
+        torch.testing.assert_close(got, want)
+    B, T = torch.export.Dim("B", min=2), torch.export.Dim("T", min=2)
+    program = torch.export.export(module, args, dynamic_shapes=({0: B, 1: T},) * 3)
+    for batch, seq_len in ((4, 5), (6, 3)):
+        args = _masked_inputs(batch, seq_len)
+        for got, want in zip(program.module()(*args), module(*args)):
+            torch.testing.assert_close(got, want)
