@@ -9,11 +9,13 @@
 // position (PyTorch's PackedSequence layout). Finished rows and padding cost nothing and
 // padding is never read.
 //
-// Forward: one GEMM projects every valid input (N, I) -> (N, 3H); then per step one GEMM
-// h_prev (n, H) x W_hh^T and one fused pass over the n running rows (gates, update,
-// writes of the output, of h_last and of what the backward needs). The backward walks
-// the steps in reverse with one GEMM per step for dh, writes the gate gradients packed,
-// and finishes with single GEMMs for the weight and input gradients.
+// Forward: the valid inputs (N, I) are projected to (N, 3H) by GEMMs over groups of
+// consecutive steps (one GEMM when N is small; otherwise groups of about 1 MB of output,
+// which stay in cache until read); then per step one GEMM h_prev (n, H) x W_hh^T and one
+// fused pass over the n running rows (gates, update, writes of the output, of h_last and
+// of what the backward needs). The backward walks the steps in reverse with one GEMM per
+// step for dh, writes the gate gradients of a group of steps, and folds each group into
+// the weight, bias and input gradients with GEMMs while it is in cache.
 //
 // Saved for the backward (the "workspace"): five (B*T, H) tensors in the compute dtype,
 // per packed row h_prev, r, z, n and X = W_hn h_prev + b_hn (paper) or r * h_prev
