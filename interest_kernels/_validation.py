@@ -61,6 +61,8 @@ def value_checks_enabled(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether value checks run now for these tensors."""
     if torch.compiler.is_compiling():  # first: Dynamo cannot trace the ContextVar read
         return False
+    if torch.jit.is_tracing():  # nor under torch.jit.trace: the graph would keep the reads
+        return False
     if not _value_check_setting():
         return False
     if any(t is not None and t.is_cuda for t in tensors):
