@@ -38,7 +38,7 @@ def _params():
 
 @pytest.mark.parametrize("case,backend,mode", list(_params()))
 def test_bench(benchmark, case, backend, mode):
-    inputs = fresh_inputs(case, case.make(DEVICE, case.dtype), grad=(mode == "full"))
+    inputs = fresh_inputs(case, case.make(DEVICE, case.dtype), grad=mode in ("bwd", "full"))
     if backend == "eager":
         fn = case.reference
     else:

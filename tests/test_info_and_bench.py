@@ -1,5 +1,6 @@
 """The info command and the benchmark harness run and say something true."""
 import json
+import os
 
 import pytest
 import torch
@@ -36,17 +37,35 @@ def test_run_case_checks_and_times_every_backend(op):
     assert any(r.backend == "eager" for r in timed)
     for r in timed:
         assert r.p50_ms > 0 and r.fraction_of_floor is not None
-        if r.mode != "full":
+        if r.mode not in ("bwd", "full") and "peer" not in r.note:
             assert r.max_abs_err is not None and r.max_abs_err < 1e-4, r
     assert any(r.backend == "triton" and r.note.startswith("skipped") for r in rows) or op not in (
         "target_attention", "gru_scan", "dice")
 
 
 def test_bench_main_writes_results(tmp_path):
-    out = tmp_path / "r.json"
-    assert bench_main(["--ops", "dice", "--shapes", "smoke", "--no-compile", "--budget", "0.01",
-                       "--device", "cpu", "--out", str(out)]) == 0
+    out, csv_path = tmp_path / "r.json", tmp_path / "r.csv"
+    args = ["--ops", "dice", "--shapes", "smoke", "--no-compile", "--budget", "0.01", "--device", "cpu",
+            "--out", str(out), "--csv", str(csv_path)]
+    assert bench_main(args) == 0
     data = json.loads(out.read_text())
     assert data["machine"]["torch"] == torch.__version__ and data["rows"]
     assert (tmp_path / "r.md").read_text().startswith("Machine:")
+    first = harness.read_csv(str(csv_path))
+    assert bench_main(args) == 0  # a second run appends to the CSV
+    lines = harness.read_csv(str(csv_path))
+    assert len(lines) == 2 * len(first) > 0
+    assert {line["mode"] for line in lines} == {"fwd", "bwd", "full"}
+    assert all(line["torch"] == torch.__version__ and line["p50_ms"] > 0 for line in lines)
+
+
+def test_default_paths_follow_the_repository_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert harness.RESULTS_DIR == os.path.join(os.path.dirname(os.path.dirname(interest_kernels.__file__)),
+                                               "bench", "results")
+
+
+def test_spread_note_flags_a_busy_machine():
+    assert harness.spread_note(1.0, 1.4) == ""
+    assert harness.spread_note(1.0, 2.0).startswith("noisy")
     assert interest_kernels.__version__

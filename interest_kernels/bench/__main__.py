@@ -3,9 +3,11 @@
 Runs every op's cases at a named shape set on the best device present: checks each
 available backend against the eager reference on the benchmark's inputs (the max
 error column), then times the backends, the eager reference and ``torch.compile``
-of the reference, forward and forward+backward. Writes the raw rows and the machine
-(device, torch, triton, measured copy bandwidth and matmul rates) to JSON and the
-markdown table next to it, and prints the table.
+of the reference and the peer libraries' layers, forward, backward and forward+backward.
+Writes the raw rows and the machine (device, torch, triton, measured copy bandwidth and
+matmul rates) to JSON and the markdown table next to it, appends long-form rows to a CSV
+(``bench/results/<device>.local.csv`` unless ``--csv`` names another), and prints the
+table. Default paths are inside the repository, wherever the command runs from.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import time
 import torch
 
 from .cases import ALL_CASES, SHAPE_SETS
-from .harness import Row, markdown_table, measure_machine, run_case, write_results
+from .harness import RESULTS_DIR, Row, append_csv, markdown_table, measure_machine, run_case, write_results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,13 +37,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, default=1.0, help="seconds of timing per measurement")
     parser.add_argument("--out", default=None,
                         help="JSON path (default bench/results/last_<device>.local.json, not committed)")
+    parser.add_argument("--csv", default=None,
+                        help="long-form CSV to append to (default bench/results/<device>.local.csv)")
     args = parser.parse_args(argv)
 
     import interest_kernels  # noqa: F401  (registers every op)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     shapes = args.shapes or ("realistic" if device.type == "cuda" else "cpu")
-    out = args.out or os.path.join("bench", "results", f"last_{device.type}.local.json")
+    out = args.out or os.path.join(RESULTS_DIR, f"last_{device.type}.local.json")
+    csv_path = args.csv or os.path.join(RESULTS_DIR, f"{device.type}.local.csv")
 
     print(f"measuring {device} (copy bandwidth, matmul rate) ...", flush=True)
     machine = measure_machine(device)
@@ -52,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         for case in ALL_CASES[op](shapes):
             rows += run_case(case, device, machine, compile_baseline=compile_baseline, budget_s=args.budget)
     write_results(out, machine, rows)
+    append_csv(csv_path, machine, rows)
     table = markdown_table(machine, rows)
     md = os.path.splitext(out)[0] + ".md"
     with open(md, "w") as f:
@@ -66,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in skipped:
             print("  " + line)
     failed = [r for r in rows if r.note.startswith("failed")]
-    print(f"\n{len(rows)} rows in {time.time() - t0:.0f} s; results: {out} and {md}")
+    print(f"\n{len(rows)} rows in {time.time() - t0:.0f} s; results: {out}, {md} and {csv_path}")
     return 1 if failed else 0
 
 

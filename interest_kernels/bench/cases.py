@@ -3,7 +3,15 @@
 Shape sets:
   ``smoke``      tiny, for the pytest-benchmark smoke run and CI;
   ``cpu``        sizes a 2-core CPU runs in seconds;
+  ``sweep``      target attention and the AUGRU scan over history lengths T and batch
+                 sizes B, for the plots (``python -m interest_kernels.bench.plot``);
   ``realistic``  the issues' GPU shapes (B 1k-8k, T 50-1000, D 32-128; T=10,000).
+
+Peers, timed on the same weights beside our backends: DeepCTR-Torch's
+``AttentionSequencePoolingLayer`` and FuxiCTR's ``DIN_Attention`` (target attention),
+DeepCTR-Torch's ``DynamicGRU`` with its AGRU/AUGRU cells and ``torch.nn.GRU`` (cuDNN on
+CUDA) on packed sequences (GRU scan), ``torch.optim.SGD``/``SparseAdam`` on a sparse
+gradient (the MBA step, without the regularisation they cannot express).
 
 Floors (what no implementation can avoid):
   target attention, forward: read the keys once and the query, write the output;
@@ -27,9 +35,10 @@ import torch
 
 from interest_kernels._backend import use_backend
 
-from .harness import Case, Floor
+from . import peers
+from .harness import Case, Floor, Peer
 
-SHAPE_SETS = ("smoke", "cpu", "realistic")
+SHAPE_SETS = ("smoke", "cpu", "sweep", "realistic")
 
 
 def _on_reference(call: Callable[[dict[str, Any]], Any]) -> Callable[[dict[str, Any]], Any]:
@@ -74,6 +83,25 @@ def _ta_call(inp: dict[str, Any]) -> Any:
     return target_attention(**inp, activation="sigmoid", normalization="softmax")
 
 
+def _ta_peers(inp: dict[str, Any]) -> dict[str, Peer]:
+    """DeepCTR-Torch and FuxiCTR target attention holding the case's weights."""
+    weights = [inp["weights"], inp["biases"], inp["out_weight"], inp["out_bias"]]
+    weights = [[w.detach() for w in ws] if isinstance(ws, list) else ws.detach() for ws in weights]
+    deepctr = peers.deepctr_attention_like(*weights)
+    fuxictr = peers.fuxictr_attention_like(*weights)
+    T = inp["keys"].shape[1]
+
+    def call_deepctr(i: dict[str, Any]) -> Any:
+        return deepctr(i["query"].unsqueeze(1), i["keys"], i["lengths"].unsqueeze(1))
+
+    def call_fuxictr(i: dict[str, Any]) -> Any:
+        mask = torch.arange(T, device=i["keys"].device) < i["lengths"].unsqueeze(1)
+        return fuxictr(i["query"], i["keys"], mask.to(i["keys"].dtype))
+
+    return {"deepctr": Peer(call_deepctr, list(deepctr.parameters())),
+            "fuxictr": Peer(call_fuxictr, list(fuxictr.parameters()))}
+
+
 def _ta_floor(B: int, T: int, D: int, units: tuple[int, ...], dtype: torch.dtype) -> Callable[[str], Floor]:
     s = _size(dtype)
     per_pos = 2 * units[0] * 2 * D + sum(2 * a * b for a, b in zip(units[:-1], units[1:])) + 2 * units[-1] + 2 * D
@@ -92,7 +120,9 @@ def _ta_floor(B: int, T: int, D: int, units: tuple[int, ...], dtype: torch.dtype
 def target_attention_cases(shape_set: str) -> Iterator[Case]:
     shapes = {
         "smoke": [(8, 5, 8, (8, 4))],
-        "cpu": [(256, 50, 32, (80, 40)), (1024, 100, 64, (80, 40))],
+        "cpu": [(256, 50, 32, (80, 40)), (1024, 100, 36, (80, 40))],
+        "sweep": [(256, T, 36, (80, 40)) for T in (25, 50, 100, 200)]
+        + [(B, 100, 36, (80, 40)) for B in (64, 1024)],
         "realistic": [(4096, 200, 64, (80, 40)), (1024, 50, 32, (80, 40)), (8192, 100, 128, (80, 40)),
                       (256, 10_000, 64, (80, 40))],
     }[shape_set]
@@ -105,6 +135,7 @@ def target_attention_cases(shape_set: str) -> Iterator[Case]:
                 make=_ta_make(B, T, D, units), call=_ta_call, reference=_on_reference(_ta_call),
                 floor=_ta_floor(B, T, D, units, dtype),
                 grad_inputs=("query", "keys", "weights", "biases", "out_weight", "out_bias"),
+                peers=_ta_peers,
             )
 
 
@@ -137,6 +168,28 @@ def _gru_call(inp: dict[str, Any]) -> Any:
     return gru_scan(**inp)
 
 
+def _gru_peers(inp: dict[str, Any]) -> dict[str, Peer]:
+    """On packed sequences (the peers' way of skipping padded steps): DeepCTR-Torch's
+    ``DynamicGRU`` for agru/augru, ``torch.nn.GRU`` for gru."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    weights = [inp[k].detach() for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
+    lengths = inp["lengths"].cpu()
+    mode = inp["mode"]
+
+    def pack(t: torch.Tensor) -> Any:
+        return pack_padded_sequence(t, lengths, batch_first=True, enforce_sorted=False)
+
+    if mode == "gru":
+        gru = peers.torch_gru_like(*weights)
+        return {"torch.nn.GRU": Peer(lambda i: gru(pack(i["x"]))[0].data, list(gru.parameters()))}
+    if mode not in ("agru", "augru"):
+        return {}
+    dyn = peers.deepctr_attentional_gru_like(*weights, mode=mode)
+    return {"deepctr": Peer(lambda i: dyn(pack(i["x"]), pack(i["att"].unsqueeze(-1))).data,
+                            list(dyn.parameters()))}
+
+
 def _gru_floor(B: int, T: int, H: int, dtype: torch.dtype) -> Callable[[str], Floor]:
     s = _size(dtype)
 
@@ -153,12 +206,13 @@ def _gru_floor(B: int, T: int, H: int, dtype: torch.dtype) -> Callable[[str], Fl
 def gru_scan_cases(shape_set: str) -> Iterator[Case]:
     shapes = {
         "smoke": [(4, 5, 8)],
-        "cpu": [(512, 50, 36), (256, 100, 128)],
+        "cpu": [(512, 100, 36), (256, 100, 128)],
+        "sweep": [(256, T, 36) for T in (25, 50, 100, 200)] + [(B, 50, 36) for B in (64, 1024)],
         "realistic": [(2048, 100, 36), (2048, 100, 128)],
     }[shape_set]
     dtypes = (torch.float32, torch.bfloat16) if shape_set == "realistic" else (torch.float32,)
     for B, T, H in shapes:
-        for mode in ("augru", "gru"):
+        for mode in ("augru",) if shape_set == "sweep" else ("augru", "gru"):
             for dtype in dtypes:
                 yield Case(
                     op="gru_scan", label=f"{mode}_B{B}_T{T}_H{H}", dtype=dtype,
@@ -166,6 +220,7 @@ def gru_scan_cases(shape_set: str) -> Iterator[Case]:
                     make=_gru_make(B, T, H, mode), call=_gru_call, reference=_on_reference(_gru_call),
                     floor=_gru_floor(B, T, H, dtype),
                     grad_inputs=("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "att"),
+                    peers=_gru_peers,
                 )
 
 
@@ -192,7 +247,8 @@ def _dice_call(inp: dict[str, Any]) -> Any:
 
 
 def dice_cases(shape_set: str) -> Iterator[Case]:
-    shapes = {"smoke": [(64, 8)], "cpu": [(100_000, 80)], "realistic": [(4096 * 200, 80), (4096 * 200, 40)]}[shape_set]
+    shapes = {"smoke": [(64, 8)], "cpu": [(100_000, 80)], "sweep": [],
+              "realistic": [(4096 * 200, 80), (4096 * 200, 40)]}[shape_set]
     dtypes = (torch.float32, torch.bfloat16) if shape_set == "realistic" else (torch.float32,)
     for N, C in shapes:
         for dtype in dtypes:
@@ -236,8 +292,25 @@ def _mba_call(inp: dict[str, Any]) -> Any:
     return inp["weight"]
 
 
+def _mba_peers(inp: dict[str, Any]) -> dict[str, Peer]:
+    """torch's own sparse steps on the same rows, without the MBA term: SGD on a sparse
+    gradient (the sum of duplicates is its coalesce) and SparseAdam."""
+    weight = inp["weight"]
+    sgd = torch.optim.SGD([weight], lr=0.01)
+    adam = torch.optim.SparseAdam([weight], lr=0.01)
+
+    def step(opt: torch.optim.Optimizer) -> Any:
+        def run(i: dict[str, Any]) -> Any:
+            weight.grad = torch.sparse_coo_tensor(i["ids"].unsqueeze(0), i["grad_rows"], weight.shape)
+            opt.step()
+            return weight
+        return run
+
+    return {"torch.optim.SGD": Peer(step(sgd)), "torch.optim.SparseAdam": Peer(step(adam))}
+
+
 def mba_cases(shape_set: str) -> Iterator[Case]:
-    shapes = {"smoke": [(1000, 8, 64)], "cpu": [(1_000_000, 64, 4096), (1_000_000, 64, 65536)],
+    shapes = {"smoke": [(1000, 8, 64)], "cpu": [(1_000_000, 64, 4096), (1_000_000, 64, 65536)], "sweep": [],
               "realistic": [(10_000_000, 64, 65536), (10_000_000, 128, 262144)]}[shape_set]
     for N, D, n_ids in shapes:
         s = _size(torch.float32)
@@ -250,6 +323,7 @@ def mba_cases(shape_set: str) -> Iterator[Case]:
             op="mba_update", label=f"N{N}_D{D}_ids{n_ids}", dtype=torch.float32,
             shape={"rows": N, "D": D, "ids": n_ids}, make=_mba_make(N, D, n_ids), call=_mba_call,
             reference=_on_reference(_mba_call), floor=floor, stateful=True, modes=("step",),
+            peers=_mba_peers,
         )
 
 

@@ -127,6 +127,9 @@ class CTRModel(nn.Module):
         embedding: ``"mba"`` (:class:`MBAEmbedding`) or ``"torch"``
             (``nn.Embedding(sparse=True)``); both are trained by the MBA optimisers.
         aux_weight: alpha in ``L = L_target + alpha * L_aux`` (models with an auxiliary loss).
+
+    Subclasses implement ``forward(batch) -> ModelOutput(logits (B,), aux_loss)`` on a
+    :class:`interest_kernels.data.Batch` of B samples with histories (B, T).
     """
 
     def __init__(

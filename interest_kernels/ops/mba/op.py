@@ -311,7 +311,9 @@ def mba_sgd_update(
 ) -> None:
     """MBA SGD (DIN eq. 7) in place: ``w_j <- w_j - lr (g_j + lambda w_j / n_j)`` for j in S.
 
-    ``weight_decay`` is lambda (>= 0). Shapes and dtypes: see the module docstring.
+    ``weight`` (N, D), ``ids`` (K,) or any shape, ``grad_rows`` (K, D) (or ``ids.shape +
+    (D,)``), ``counts`` (N,); ``weight_decay`` is lambda (>= 0). Dtypes and the rest of
+    the conventions: see the module docstring.
     """
     lr = _check_nonnegative("lr", lr)
     weight_decay = _check_nonnegative("weight_decay", weight_decay)
