@@ -17,7 +17,7 @@ DOCS = os.path.join(ROOT, "docs")
 # A shape as the docstrings write it: "(B, T, D)", "(B,)", "(3H, I)", "(N, ...)".
 SHAPE = re.compile(r"\((?:\d*[A-Z]\w*|\d+|\.\.\.)(?:, ?(?:\d*[A-Z]\w*|\d+|\.\.\.))*,?\)")
 # Public names that take or return no tensor, so have no shape to state.
-NO_SHAPES = {"BackendUnavailableError", "use_backend", "value_checks", "BACKENDS", "MODELS", "__version__",
+NO_SHAPES = {"BackendUnavailableError", "BackendFallbackWarning", "use_backend", "value_checks", "BACKENDS", "MODELS", "__version__",
              "nn", "optim", "make_optimizers", "train_step", "models", "data"}
 
 
