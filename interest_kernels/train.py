@@ -33,7 +33,8 @@ import torch
 from torch.nn import functional as F
 
 from .data import BatchIterator, Dataset, generate_amazon, generate_taobao, load_amazon, load_taobao
-from .data.common import Samples, eval_batches
+from .data.common import Batch, Samples, eval_batches
+from .distributed.context import DistContext, init_from_env
 from .models import MODELS, CTRModel, make_optimizers, train_step
 
 __all__ = ["TrainConfig", "RunResult", "Trainer", "auc", "build_dataset", "run", "main"]
@@ -160,6 +161,10 @@ class Trainer:
         self.steps += 1
         return float(loss)
 
+    def samples_in(self, batch: Batch) -> int:
+        """Training samples that a step on ``batch`` covers (over all processes)."""
+        return batch.size
+
     @torch.no_grad()
     def evaluate(self, samples: Samples) -> tuple[float, float]:
         """(logloss, AUC) of the model on ``samples``."""
@@ -250,17 +255,31 @@ def run(
     resume: Optional[str] = None,
     quiet: bool = False,
     log=print,
+    dist_context: Optional[DistContext] = None,
 ) -> RunResult:
     """Train as ``config`` says; returns the per-step losses, per-epoch metrics and speed.
 
     ``resume`` restores a checkpoint first (its config must match ``config`` except for
     :attr:`TrainConfig.RESUMABLE`). ``checkpoint`` is written every ``checkpoint_every``
     steps and at the end.
+
+    ``dist_context``: this process's rank in a multi-process run (from
+    :func:`interest_kernels.distributed.init_from_env`); ``config.batch_size`` is then per
+    process, the losses are the global batches', and rank 0 alone logs, evaluates and
+    writes the checkpoint (the other ranks' results have no epoch metrics).
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}: CUDA is not available")
     dataset = dataset if dataset is not None else build_dataset(config)
-    trainer = Trainer(config, dataset)
+    # --- distributed hook: the trainer of a rank; rank 0 alone logs and evaluates ---
+    main_rank = dist_context is None or dist_context.is_main
+    if dist_context is None:
+        trainer = Trainer(config, dataset)
+    else:
+        from .distributed.trainer import DistributedTrainer
+
+        trainer = DistributedTrainer(config, dataset, dist_context)
+        quiet = quiet or not main_rank
     if resume is not None:
         trainer.load_state_dict(torch.load(resume, map_location="cpu", weights_only=True))
     losses: list[float] = []
@@ -276,7 +295,7 @@ def run(
             loss = trainer.step(batch)  # a float: the step has finished on the device
             elapsed = time.perf_counter() - start
             epoch_time += elapsed
-            epoch_samples += batch.size
+            epoch_samples += trainer.samples_in(batch)
             epoch_losses.append(loss)
             progress.update(loss)
             if not math.isfinite(loss):
@@ -292,6 +311,8 @@ def run(
         train_samples += epoch_samples
         if trainer.batches.epoch == epoch:
             break  # stopped inside the epoch: no evaluation
+        if not main_rank:
+            continue
         logloss, area = trainer.evaluate(dataset.test)
         speed = epoch_samples / epoch_time if epoch_time else float("nan")
         mean_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("nan")
@@ -359,6 +380,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    dist_context = init_from_env(args.device)  # distributed hook: None unless under torchrun
+    if dist_context is not None and args.compare:
+        raise SystemExit("--compare runs in one process; launch it without torchrun")
     settings = {
         "model": args.model, "data": args.data, "epochs": args.epochs, "batch_size": args.batch_size,
         "backend": args.backend, "device": args.device, "seed": args.seed, "max_len": args.max_len,
@@ -377,13 +401,22 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 k: v for k, v in settings.items()
                 if any(a == f"--{k.replace('_', '-')}" or a.startswith(f"--{k.replace('_', '-')}=") for a in given)
             }
-            config = load_checkpoint_config(args.resume, explicit)
+            from .distributed.trainer import resume_config
+
+            world = 1 if dist_context is None else dist_context.world_size
+            config = resume_config(args.resume, explicit, world)
         else:
             config = TrainConfig(**settings)
+        if dist_context is not None:
+            config = dataclasses.replace(config, device=str(dist_context.device))
         result = run(config, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                     resume=args.resume, quiet=args.quiet)
-        print(f"[{config.model}/{config.backend}] {result.steps} steps, {result.samples_per_s:,.0f} samples/s")
+                     resume=args.resume, quiet=args.quiet, dist_context=dist_context)
         results = {config.backend: result}
+        if dist_context is not None:
+            dist_context.close()
+            if not dist_context.is_main:
+                return 0
+        print(f"[{config.model}/{config.backend}] {result.steps} steps, {result.samples_per_s:,.0f} samples/s")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({k: dataclasses.asdict(v) for k, v in results.items()}, f, indent=1)
