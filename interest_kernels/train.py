@@ -15,6 +15,10 @@ run stopped: the next steps see the same batches, draws and losses.
 
 ``--compare`` trains the fused and the reference backends from the same seed and prints
 their losses, metrics and speeds side by side.
+
+``torchrun --nproc_per_node N -m interest_kernels.train ...`` trains on N processes
+(:mod:`interest_kernels.distributed`): ``--batch-size`` per process, the global batch's
+losses, rank 0 alone logging, evaluating and writing checkpoints.
 """
 from __future__ import annotations
 
