@@ -19,7 +19,8 @@ import torch
 import torch.multiprocessing as mp
 
 from interest_kernels.data import generate_amazon
-from interest_kernels.distributed import init_from_env
+from interest_kernels.data.common import BatchIterator
+from interest_kernels.distributed import ShardedBatches, init_from_env
 from interest_kernels.distributed.trainer import DistributedTrainer, resume_config
 from interest_kernels.train import Trainer, TrainConfig, build_dataset, main, run
 
@@ -164,3 +165,19 @@ def test_torchrun_cli_batch_size_is_per_process_and_json_has_the_global_loss(two
     one_losses = json.load(open(one))["fused"]["losses"]
     assert len(two_losses) == 4
     torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), atol=1e-5, rtol=0)
+
+
+def test_sharded_batches_split_each_global_batch_in_rank_order(two_process_run):
+    data, _ = two_process_run
+    samples = build_dataset(_config(data, "din", "mba", "sgd", 1)).train  # 117 samples
+    whole = list(BatchIterator(samples, 16, seed=3).epoch_batches())
+    ranks = [ShardedBatches(samples, 8, rank=r, world_size=2, seed=3) for r in range(2)]
+    slices = [list(r.epoch_batches()) for r in ranks]
+    assert len(whole) == len(slices[0]) == len(slices[1]) == 8
+    for full, first, second in zip(whole, *slices):
+        assert (first.size, second.size) == ((8, 8) if full.size == 16 else (3, 2))
+        for name, a, b, c in zip(full._fields, full, first, second):
+            assert torch.equal(a, torch.cat([b, c])), name  # same rows, same history width T
+    assert ranks[0].state_dict() == {"epoch": 1, "position": 0, "seed": 3, "batch_size": 16}
+    with pytest.raises(ValueError, match="rank must lie in"):
+        ShardedBatches(samples, 8, rank=2, world_size=2)

@@ -74,6 +74,8 @@ def exchange_rows(tables: Sequence[torch.Tensor]) -> None:
             "the ranks looked up their embedding tables differently in this step (lookups per table "
             f"{[lay[: len(tables)] for lay in layouts]}); every rank must run the same model code"
         )
+    if not entries:
+        return
     samples = [lay[len(tables) :: 2] for lay in layouts]  # samples[r][k]: rank r's rows of lookup k
 
     id_counts = [[n * w for n, w in zip(samples[r], widths)] for r in range(world)]
