@@ -18,7 +18,7 @@ their losses, metrics and speeds side by side.
 
 ``torchrun --nproc_per_node N -m interest_kernels.train ...`` trains on N processes
 (:mod:`interest_kernels.distributed`): ``--batch-size`` per process, the global batch's
-losses, rank 0 alone logging, evaluating and writing checkpoints.
+losses, rank 0 alone logging and writing checkpoints.
 """
 from __future__ import annotations
 
@@ -269,21 +269,20 @@ def run(
 
     ``dist_context``: this process's rank in a multi-process run (from
     :func:`interest_kernels.distributed.init_from_env`); ``config.batch_size`` is then per
-    process, the losses are the global batches', and rank 0 alone logs, evaluates and
-    writes the checkpoint (the other ranks' results have no epoch metrics).
+    process, the losses and metrics are the global ones on every rank (the ranks share
+    the evaluation), and rank 0 alone logs and writes the checkpoint.
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}: CUDA is not available")
     dataset = dataset if dataset is not None else build_dataset(config)
-    # --- distributed hook: the trainer of a rank; rank 0 alone logs and evaluates ---
-    main_rank = dist_context is None or dist_context.is_main
     if dist_context is None:
         trainer = Trainer(config, dataset)
-    else:
+    else:  # distributed hook: this rank's trainer; rank 0 alone logs
         from .distributed.trainer import DistributedTrainer
 
         trainer = DistributedTrainer(config, dataset, dist_context)
-        quiet = quiet or not main_rank
+        if not dist_context.is_main:
+            quiet, log = True, (lambda *_: None)
     if resume is not None:
         trainer.load_state_dict(torch.load(resume, map_location="cpu", weights_only=True))
     losses: list[float] = []
@@ -315,8 +314,6 @@ def run(
         train_samples += epoch_samples
         if trainer.batches.epoch == epoch:
             break  # stopped inside the epoch: no evaluation
-        if not main_rank:
-            continue
         logloss, area = trainer.evaluate(dataset.test)
         speed = epoch_samples / epoch_time if epoch_time else float("nan")
         mean_loss = sum(epoch_losses) / len(epoch_losses) if epoch_losses else float("nan")

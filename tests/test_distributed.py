@@ -8,6 +8,7 @@ nn.Embedding(sparse=True) tables; both replicas hold bit-identical state. A chec
 of the 2-process run resumes in one process, and the CLI, in torchrun's environment,
 keeps its contract (``--batch-size`` per process, the global batch's loss in ``--json``).
 """
+import dataclasses
 import json
 import os
 import socket
@@ -80,7 +81,8 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         losses = _train(trainer)
         torch.save({"losses": losses, **_state(trainer)}, os.path.join(out, f"{model}_{embedding}_{rank}.pt"))
     config = _config(data, "dien", "mba", "adam", PER_PROCESS, steps=RESUME_AT)
-    run(config, dataset=dataset, checkpoint=os.path.join(out, "resume.pt"), dist_context=context, **QUIET)
+    result = run(config, dataset=dataset, checkpoint=os.path.join(out, "resume.pt"), dist_context=context, **QUIET)
+    torch.save([dataclasses.asdict(e) for e in result.epochs], os.path.join(out, f"epochs_{rank}.pt"))
     # Last: the CLI as torchrun starts it (same environment); it leaves the process group.
     main(["--batch-size", str(PER_PROCESS), "--json", os.path.join(out, f"cli_{rank}.json"), *_cli_args(data)])
 
@@ -142,6 +144,14 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_pa
     config = _config(data, "dien", "mba", "adam", PER_PROCESS * WORLD)
     dataset = build_dataset(config)
     full = run(config, dataset=dataset, **QUIET)
+    # The ranks shared the evaluation of the run that wrote the checkpoint: all got its metrics.
+    epochs = [torch.load(out / f"epochs_{r}.pt", weights_only=True) for r in range(WORLD)]
+    first = run(dataclasses.replace(config, max_steps=RESUME_AT), dataset=dataset, **QUIET)
+    same = [[{k: v for k, v in e.items() if k != "samples_per_s"} for e in rank] for rank in epochs]
+    assert same[0] == same[1] and len(epochs[0]) == len(first.epochs) == RESUME_AT * 16 // 117
+    for got, want in zip(epochs[0], first.epochs):
+        assert got["test_auc"] == pytest.approx(want.test_auc, abs=1e-4)
+        assert got["test_logloss"] == pytest.approx(want.test_logloss, abs=1e-5)
     resumed_config = resume_config(str(out / "resume.pt"), {"max_steps": STEPS}, world_size=1)
     assert resumed_config.batch_size == PER_PROCESS * WORLD
     resumed = run(resumed_config, dataset=dataset, resume=str(out / "resume.pt"), **QUIET)

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from ..optim._rows import PendingRows, push_rows, take_rows
 
-__all__ = ["exchange_rows"]
+__all__ = ["all_gather_1d", "exchange_rows"]
 
 
 def _local_entries(table: torch.Tensor) -> list[PendingRows]:
@@ -39,7 +39,7 @@ def _local_entries(table: torch.Tensor) -> list[PendingRows]:
     return entries
 
 
-def _all_gather(tensor: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
+def all_gather_1d(tensor: torch.Tensor, sizes: Sequence[int]) -> list[torch.Tensor]:
     """Each rank's 1-D ``tensor`` (rank r holds ``sizes[r]`` elements), in rank order."""
     longest = max(sizes)
     padded = tensor
@@ -68,7 +68,7 @@ def exchange_rows(tables: Sequence[torch.Tensor]) -> None:
     # One small all-gather of the layout: lookups per table, then per lookup the number
     # of samples (the only thing the ranks' shapes may differ in) and the ids per sample.
     layout = [len(group) for group in local] + [v for e, w in zip(entries, widths) for v in (e.ids.shape[0], w)]
-    layouts = [x.tolist() for x in _all_gather(torch.tensor(layout, device=device), [len(layout)] * world)]
+    layouts = [x.tolist() for x in all_gather_1d(torch.tensor(layout, device=device), [len(layout)] * world)]
     if any(lay[: len(tables)] != layout[: len(tables)] or lay[len(tables) + 1 :: 2] != widths for lay in layouts):
         raise RuntimeError(
             "the ranks looked up their embedding tables differently in this step (lookups per table "
@@ -79,7 +79,7 @@ def exchange_rows(tables: Sequence[torch.Tensor]) -> None:
     samples = [lay[len(tables) :: 2] for lay in layouts]  # samples[r][k]: rank r's rows of lookup k
 
     id_counts = [[n * w for n, w in zip(samples[r], widths)] for r in range(world)]
-    ids = _all_gather(torch.cat([e.ids.reshape(-1).long() for e in entries]), [sum(c) for c in id_counts])
+    ids = all_gather_1d(torch.cat([e.ids.reshape(-1).long() for e in entries]), [sum(c) for c in id_counts])
     id_parts = [ids[r].split(id_counts[r]) for r in range(world)]
 
     rows: list[list[torch.Tensor]] = [[] for _ in entries]  # rows[k]: each rank's rows of lookup k
@@ -87,7 +87,7 @@ def exchange_rows(tables: Sequence[torch.Tensor]) -> None:
         keys = [k for k, t in enumerate(owners) if t.dtype == dtype]
         sizes = [[id_counts[r][k] * owners[k].shape[1] for k in keys] for r in range(world)]
         mine = torch.cat([entries[k].grad_rows.reshape(-1).to(dtype) for k in keys])
-        for r, part in enumerate(_all_gather(mine, [sum(s) for s in sizes])):
+        for r, part in enumerate(all_gather_1d(mine, [sum(s) for s in sizes])):
             for k, piece in zip(keys, part.split(sizes[r])):
                 rows[k].append(piece.reshape(-1, owners[k].shape[1]))
 

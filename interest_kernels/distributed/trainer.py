@@ -1,25 +1,29 @@
 """The training CLI's :class:`~interest_kernels.train.Trainer` across processes.
 
-Replicated tables (``--tables replicated``): see :mod:`.replicated`. Every rank builds
+Tables replicated on every rank (see :mod:`.replicated`). Every rank builds
 the same model from the same seed (rank 0's tables and dense weights are broadcast to
 make sure), trains on its slice of each global batch, and returns the global batch's
-loss from :meth:`step`. Rank 0 alone writes checkpoints; they hold the whole model and
-the global data position, so any world size (one process included) resumes them.
+loss from :meth:`step`. Evaluation is shared: every rank scores a slice of the held-out
+samples and all get the same metrics (so decisions taken on them agree). Rank 0 alone
+writes checkpoints; they hold the whole model and the global data position, so any
+world size (one process included) resumes them.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn import functional as F
 
 from ..data import Dataset
-from ..data.common import Batch
-from ..train import Trainer, TrainConfig, load_checkpoint_config
+from ..data.common import Batch, Samples, eval_batches
+from ..train import Trainer, TrainConfig, auc, load_checkpoint_config
 from .context import DistContext
 from .data import ShardedBatches
 from .replicated import broadcast_tables, shard_loss, wrap_dense
-from .rows import exchange_rows
+from .rows import all_gather_1d, exchange_rows
 from .sampler import convert_shard_samplers, set_shard
 from .sync_dice import convert_sync_dice
 
@@ -45,6 +49,21 @@ class DistributedTrainer(Trainer):
     def samples_in(self, batch: Batch) -> int:
         """Samples of the global batch that ``batch`` is this rank's slice of."""
         return self.batches.shard.global_rows
+
+    @torch.no_grad()
+    def evaluate(self, samples: Samples) -> tuple[float, float]:
+        """(logloss, AUC) of the model on ``samples``, the same on every rank: each rank
+        scores its contiguous share of the samples and the logits are all-gathered."""
+        self.model.eval()
+        parts = torch.arange(len(samples)).tensor_split(self.context.world_size)
+        rows = parts[self.context.rank]
+        lo = int(rows[0]) if rows.numel() else len(samples)
+        share = Samples(**{f.name: getattr(samples, f.name)[lo : lo + rows.numel()] for f in dataclasses.fields(samples)})
+        logits = [self.model(b.to(self.device)).logits.float() for b in eval_batches(share, self.config.eval_batch_size)]
+        mine = torch.cat(logits) if logits else torch.zeros(0, device=self.device)
+        logit = torch.cat(all_gather_1d(mine, [part.numel() for part in parts])).cpu()
+        logloss = float(F.binary_cross_entropy_with_logits(logit, samples.label))
+        return logloss, auc(samples.label, logit)
 
     def step(self, batch: Batch) -> float:
         """One step on this rank's slice of the global batch; returns the global batch's loss."""
