@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from interest_kernels.data import generate_amazon
 from interest_kernels.data.common import BatchIterator
-from interest_kernels.distributed import ShardedBatches, init_from_env
+from interest_kernels.distributed import ShardedBatches, exchange_rows, init_from_env
 from interest_kernels.distributed.trainer import DistributedTrainer, resume_config
 from interest_kernels.train import Trainer, TrainConfig, build_dataset, main, run
 
@@ -188,3 +188,43 @@ def test_sharded_batches_split_each_global_batch_in_rank_order(two_process_run):
     assert ranks[0].state_dict() == {"epoch": 1, "position": 0, "seed": 3, "batch_size": 16}
     with pytest.raises(ValueError, match="rank must lie in"):
         ShardedBatches(samples, 8, rank=2, world_size=2)
+
+
+def test_init_from_env_checks_the_launch(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert init_from_env("cpu") is None  # one process: no group
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="RANK is not"):
+        init_from_env("cpu")
+    for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "1")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="--device meta"):
+        init_from_env("meta")
+
+
+@pytest.fixture
+def one_rank_group():
+    torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_exchange_rows_keeps_each_lookups_ids_rows_and_padding(one_rank_group):
+    from interest_kernels.nn import MBAEmbedding
+    from interest_kernels.optim._rows import take_rows
+
+    tables = [MBAEmbedding(10, 3, padding_idx=0) for _ in range(2)]
+    ids = [torch.tensor([1, 2]), torch.tensor([[3, 0], [3, 4]])]
+    for table in tables:
+        sum(table(i).sum() * (k + 1) for k, i in enumerate(ids)).backward()
+    exchange_rows([tables[0].weight])  # one rank: every lookup comes back as it was
+    got, want = take_rows(tables[0].weight), take_rows(tables[1].weight)
+    assert len(got) == len(want) == 2
+    for g, w in zip(got, want):
+        assert torch.equal(g.ids, w.ids) and torch.equal(g.grad_rows, w.grad_rows) and g.padding_idx == w.padding_idx == 0
+
+    dense = torch.nn.Parameter(torch.zeros(10, 3))
+    dense.grad = torch.ones(10, 3)
+    with pytest.raises(TypeError, match="dense gradient"):
+        exchange_rows([dense])
