@@ -80,6 +80,7 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         trainer = DistributedTrainer(_config(data, model, embedding, sparse, PER_PROCESS), dataset, context)
         losses = _train(trainer)
         torch.save({"losses": losses, **_state(trainer)}, os.path.join(out, f"{model}_{embedding}_{rank}.pt"))
+        del trainer  # no DDP wrapper may outlive the process group (see DistContext.close)
     config = _config(data, "dien", "mba", "adam", PER_PROCESS, steps=RESUME_AT)
     result = run(config, dataset=dataset, checkpoint=os.path.join(out, "resume.pt"), dist_context=context, **QUIET)
     torch.save([dataclasses.asdict(e) for e in result.epochs], os.path.join(out, f"epochs_{rank}.pt"))

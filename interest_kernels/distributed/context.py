@@ -7,6 +7,7 @@ CUDA (one GPU per process, ``cuda:LOCAL_RANK``).
 """
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from typing import Optional
@@ -32,8 +33,11 @@ class DistContext:
 
     def close(self) -> None:
         """Leave the process group (after a barrier, so no rank leaves while another
-        still needs it)."""
+        still needs it). Call it once the trainers are gone: a DDP wrapper freed after
+        the group (the last owner of gloo's threads) can deadlock on the GIL in gloo's
+        shutdown, so unreachable ones (DDP's hooks make cycles) are collected first."""
         if dist.is_initialized():
+            gc.collect()
             dist.barrier()
             dist.destroy_process_group()
 

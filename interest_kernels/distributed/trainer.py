@@ -45,6 +45,17 @@ class DistributedTrainer(Trainer):
         self.batches = ShardedBatches(
             dataset.train, config.batch_size, rank=context.rank, world_size=context.world_size, seed=config.seed
         )
+        self._own_random_stream()
+
+    def _own_random_stream(self) -> None:
+        """Give each rank other than 0 its own torch random stream (dropout masks), derived
+        from the shared one, so the ranks' slices do not get the same masks."""
+        if self.context.rank:
+            torch.manual_seed(int(torch.randint(2**62, ())) + self.context.rank)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)  # rank 0's random state, on every rank
+        self._own_random_stream()
 
     def samples_in(self, batch: Batch) -> int:
         """Samples of the global batch that ``batch`` is this rank's slice of."""
