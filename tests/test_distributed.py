@@ -7,6 +7,7 @@ negatives and pair counts of the global batch), with MBAEmbedding and
 nn.Embedding(sparse=True) tables; both replicas hold bit-identical state. A checkpoint
 of the 2-process run resumes in one process, and the CLI, in torchrun's environment,
 keeps its contract (``--batch-size`` per process, the global batch's loss in ``--json``).
+Early stopping gets the same metrics on both ranks and stops where one process does.
 """
 import dataclasses
 import json
@@ -70,6 +71,16 @@ def _cli_args(data: str) -> list[str]:
             "--threads", "1"]
 
 
+def _early_stop_config(data: str, batch_size: int) -> TrainConfig:
+    return dataclasses.replace(_config(data, "din", "mba", "adam", batch_size, steps=40), valid_fraction=0.2,
+                               eval_every=2, early_stop="gauc", patience=2)
+
+
+def _stop_record(result) -> dict:
+    return {"steps": result.steps, "best": result.best, "test": result.test,
+            "evaluations": result.evaluations}
+
+
 def _worker(rank: int, port: int, data: str, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
@@ -84,8 +95,11 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
     config = _config(data, "dien", "mba", "adam", PER_PROCESS, steps=RESUME_AT)
     result = run(config, dataset=dataset, checkpoint=os.path.join(out, "resume.pt"), dist_context=context, **QUIET)
     torch.save([dataclasses.asdict(e) for e in result.epochs], os.path.join(out, f"epochs_{rank}.pt"))
+    stopped = run(_early_stop_config(data, PER_PROCESS), best_checkpoint=os.path.join(out, "best.pt"),
+                  dist_context=context, **QUIET)
+    torch.save(_stop_record(stopped), os.path.join(out, f"early_stop_{rank}.pt"))
     # Last: the CLI as torchrun starts it (same environment); it leaves the process group.
-    main(["--batch-size", str(PER_PROCESS), "--json", os.path.join(out, f"cli_{rank}.json"), *_cli_args(data)])
+    assert main(["--batch-size", str(PER_PROCESS), "--json", os.path.join(out, f"cli_{rank}.json"), *_cli_args(data)]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +163,7 @@ def test_a_two_process_checkpoint_resumes_in_one_process(two_process_run, tmp_pa
     epochs = [torch.load(out / f"epochs_{r}.pt", weights_only=True) for r in range(WORLD)]
     first = run(dataclasses.replace(config, max_steps=RESUME_AT), dataset=dataset, **QUIET)
     same = [[{k: v for k, v in e.items() if k != "samples_per_s"} for e in rank] for rank in epochs]
-    assert same[0] == same[1] and len(epochs[0]) == len(first.epochs) == RESUME_AT * 16 // 117
+    assert json.dumps(same[0]) == json.dumps(same[1]) and len(epochs[0]) == len(first.epochs) == RESUME_AT * 16 // 117
     for got, want in zip(epochs[0], first.epochs):
         assert got["test_auc"] == pytest.approx(want.test_auc, abs=1e-4)
         assert got["test_logloss"] == pytest.approx(want.test_logloss, abs=1e-5)
@@ -173,6 +187,20 @@ def test_cli_batch_size_is_per_process_and_json_has_the_global_loss(two_process_
     one_losses = json.load(open(one))["fused"]["losses"]
     assert len(two_losses) == 4
     torch.testing.assert_close(torch.tensor(two_losses), torch.tensor(one_losses), atol=1e-5, rtol=0)
+
+
+def test_two_process_early_stopping_decides_as_one_process(two_process_run):
+    data, out = two_process_run
+    ranks = [torch.load(out / f"early_stop_{r}.pt", weights_only=True) for r in range(WORLD)]
+    assert json.dumps(ranks[0]) == json.dumps(ranks[1])  # the same metrics (NaN included) on every rank
+    one = _stop_record(run(_early_stop_config(data, PER_PROCESS * WORLD), **QUIET))
+    assert ranks[0]["steps"] == one["steps"] < 40 and ranks[0]["best"]["step"] == one["best"]["step"]
+    assert len(ranks[0]["evaluations"]) == len(one["evaluations"])
+    for got, want in zip(ranks[0]["evaluations"] + [ranks[0]["test"]], one["evaluations"] + [one["test"]]):
+        assert got.keys() == want.keys()
+        for key in ("auc", "gauc", "logloss"):
+            assert got[key] == pytest.approx(want[key], abs=1e-4, nan_ok=True), key
+    assert (out / "best.pt").exists()  # rank 0 wrote it; every rank restored the best model from it
 
 
 def test_sharded_batches_split_each_global_batch_in_rank_order(two_process_run):
