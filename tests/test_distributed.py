@@ -232,6 +232,14 @@ def test_init_from_env_checks_the_launch(monkeypatch):
         init_from_env("meta")
 
 
+@pytest.mark.parametrize("flags", [["--compare"], ["--eval-only", "run.pt"], ["--predict", "run.pt", "--out", "x.csv"]])
+def test_cli_modes_of_one_process_are_refused_under_torchrun(monkeypatch, capsys, flags):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before the process group is joined
+    assert main(flags) == 2
+    flag = flags[0]
+    assert capsys.readouterr().err.startswith(f"error: {flag} runs in one process; launch it without torchrun")
+
+
 @pytest.fixture
 def one_rank_group():
     torch.distributed.init_process_group("gloo", rank=0, world_size=1, store=torch.distributed.HashStore())
