@@ -22,6 +22,12 @@ draws and losses) and runs to the new command's ``--epochs`` / ``--max-steps``.
 
 ``--compare`` trains the fused and the reference backends from the same seed and prints
 their losses, metrics and speeds side by side.
+
+``torchrun --nproc_per_node N -m interest_kernels.train ...`` trains on N processes
+(:mod:`interest_kernels.distributed`): ``--batch-size`` per process, the global batch's
+losses, the same metrics on every rank (early stopping decides alike), rank 0 alone
+logging and writing checkpoints. ``--compare``, ``--eval-only`` and ``--predict`` run in
+one process.
 """
 from __future__ import annotations
 
@@ -46,6 +52,7 @@ from .data import (
     load_taobao,
 )
 from .data.common import Batch, Samples, eval_batches
+from .distributed.context import DistContext, init_from_env, launched_by_torchrun
 from .metrics import METRICS, auc, better, ctr_metrics
 from .models import MODELS, CTRModel, make_optimizers, train_step
 
@@ -405,6 +412,7 @@ def run(
     resume: Optional[str] = None,
     quiet: bool = False,
     log: Callable[[str], Any] = print,
+    dist_context: Optional[DistContext] = None,
 ) -> RunResult:
     """Train as ``config`` says; returns the per-step losses, per-epoch metrics and speed.
 
@@ -413,13 +421,25 @@ def run(
     steps and at the end; with early stopping the best model is written to
     ``best_checkpoint`` (kept in memory when None) and restored at the end, and the
     final test metrics (``RunResult.test``) are those of that best model.
+
+    ``dist_context``: this process's rank in a multi-process run (from
+    :func:`interest_kernels.distributed.init_from_env`); ``config.batch_size`` is then per
+    process, the losses and metrics are the global ones on every rank (the ranks share
+    the evaluation), and rank 0 alone logs and writes the checkpoints.
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}: CUDA is not available")
+    if dist_context is not None and not dist_context.is_main:
+        quiet, log = True, (lambda *_: None)
     state = read_checkpoint(resume) if resume is not None else None
     if dataset is None:
         dataset = build_dataset(config, vocabs=checkpoint_vocabs(state) if state else None, log=log)
-    trainer = Trainer(config, dataset)
+    if dist_context is None:
+        trainer = Trainer(config, dataset)
+    else:
+        from .distributed.trainer import DistributedTrainer
+
+        trainer = DistributedTrainer(config, dataset, dist_context)
     if state is not None:
         trainer.load_state_dict(state)
     _check_run(config, trainer)
@@ -770,6 +790,11 @@ def _main(argv: list[str], parser: argparse.ArgumentParser) -> int:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if launched_by_torchrun():
+        for flag in ("compare", "eval_only", "predict"):
+            if getattr(args, flag):
+                raise ValueError(f"--{flag.replace('_', '-')} runs in one process; launch it without torchrun")
+    dist_context = init_from_env(args.device)  # None unless under torchrun
     settings = {key: getattr(args, key) for key in SETTINGS}
     settings.update(tables)
     if args.eval_only or args.predict:
@@ -792,15 +817,24 @@ def _main(argv: list[str], parser: argparse.ArgumentParser) -> int:
         results = compare(TrainConfig(**settings), quiet=args.quiet)
     else:
         if args.resume:
+            from .distributed.trainer import resume_config
+
             overrides = {k: v for k, v in settings.items() if k in TrainConfig.RESUMABLE or _given(argv, k)}
-            config = load_checkpoint_config(args.resume, overrides)
+            world = 1 if dist_context is None else dist_context.world_size
+            config = resume_config(args.resume, overrides, world)
         else:
             config = TrainConfig(**settings)
+        if dist_context is not None:
+            config = dataclasses.replace(config, device=str(dist_context.device))
         best = args.best_checkpoint
         if best is None and config.early_stop and args.checkpoint:
             best = os.path.splitext(args.checkpoint)[0] + ".best.pt"
         result = run(config, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-                     best_checkpoint=best, resume=args.resume, quiet=args.quiet)
+                     best_checkpoint=best, resume=args.resume, quiet=args.quiet, dist_context=dist_context)
+        if dist_context is not None:
+            dist_context.close()
+            if not dist_context.is_main:
+                return 0
         print(f"[{config.model}/{config.backend}] {result.steps} steps, {result.samples_per_s:,.0f} samples/s; "
               f"test {_format(result.test)}")
         results = {config.backend: result}
