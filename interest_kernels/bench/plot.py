@@ -78,13 +78,15 @@ def plot(csv_path: str, out_dir: str) -> list[str]:
         panels = {(axis, base): speedup_series(group, axis, base) for axis in AXES for base in BASELINES}
         if not any(panels.values()):
             continue
+        backends = sorted({backend for series in panels.values() for backend, _ in series})
+        colors = {b: f"C{i}" for i, b in enumerate(backends)}  # one colour per backend, a line style per mode
         fig, axes = plt.subplots(len(AXES), len(BASELINES), figsize=(11, 8), squeeze=False)
         for i, axis in enumerate(AXES):
             for j, base in enumerate(BASELINES):
                 ax = axes[i][j]
                 for (backend, mode), points in sorted(panels[(axis, base)].items()):
                     xs, ys = zip(*points)
-                    ax.plot(xs, ys, MODES[mode], marker="o", label=f"{backend} {mode}")
+                    ax.plot(xs, ys, MODES[mode], marker="o", label=f"{backend} {mode}", color=colors[backend])
                 ax.axhline(1.0, color="grey", linewidth=0.8)
                 ax.set_xscale("log", base=2)
                 ax.set_xlabel(axis)
