@@ -38,6 +38,9 @@ def value_checks_enabled(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether value checks run now for these tensors."""
     if torch.compiler.is_compiling():  # first: Dynamo cannot trace the ContextVar read
         return False
+    # A traced graph would bake the value read in as a constant; vmap cannot read one.
+    if torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+        return False
     flag = _value_checks.get()
     if flag is None:
         flag = os.environ.get("INTEREST_KERNELS_VALUE_CHECKS", "1") != "0"

@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._backend import use_backend
-from .._validation import check_choice
+from .._validation import INDEX_DTYPES, check_choice, check_in_range, check_shape, check_tensor
 from ..data.common import Batch, FeatureSpec
 from ..nn.dice import Dice
 from ..nn.mba_embedding import MBAEmbedding
@@ -182,6 +182,35 @@ class CTRModel(nn.Module):
 
     def compute(self, batch: Batch) -> ModelOutput:
         """The model proper (under the backend chosen by :meth:`forward`)."""
+        raise NotImplementedError
+
+    def score_candidates(
+        self, users: Batch, item: torch.Tensor, cat: torch.Tensor, user_index: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Logits (N,) of N candidates (``item``, ``cat`` (N,)) for U users, each user's
+        history read once (the shared-history attention, ``key_index = user_index``).
+
+        ``users``: a :class:`Batch` whose ``user``, ``hist_items``, ``hist_cats``,
+        ``lengths`` and ``context`` hold U rows (its ``item``, ``cat`` and ``label`` are
+        not read); ``user_index`` (N,) in [0, U): the user of each candidate, None when
+        U = 1. Equals ``forward`` of the batch that repeats user ``user_index[n]``'s row
+        for candidate n, without building it. Inference only: no auxiliary loss.
+        """
+        if user_index is None:
+            if users.user.shape[0] != 1:
+                raise ValueError(f"user_index is required for {users.user.shape[0]} users (it may be None for one)")
+            user_index = torch.zeros_like(item)
+        for name, t in (("item", item), ("cat", cat), ("user_index", user_index)):
+            check_tensor(name, t, ndim=1, dtypes=INDEX_DTYPES, device=users.user.device)
+            check_shape(name, t, item.shape, "one entry per candidate")
+        check_in_range("user_index", user_index, 0, users.user.shape[0], "the users' rows", high_inclusive=False)
+        with self.backend_context():
+            return self.compute_candidates(users, item, cat, user_index.long())
+
+    def compute_candidates(
+        self, users: Batch, item: torch.Tensor, cat: torch.Tensor, user_index: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`score_candidates` proper, arguments checked."""
         raise NotImplementedError
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
