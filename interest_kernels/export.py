@@ -175,16 +175,20 @@ def export_programs(model: CTRModel, device: str = "cpu") -> dict[str, torch.exp
         }
 
 
-def export_package(model: CTRModel, path: str, device: str = "cpu") -> str:
-    """Compile both entry points with AOTInductor into one package at ``path``."""
+def export_package(
+    model: CTRModel, path: str, device: str = "cpu", inductor_configs: Optional[dict[str, object]] = None
+) -> str:
+    """Compile both entry points with AOTInductor into one package at ``path``.
+    ``inductor_configs``: extra Inductor options (``torch._inductor.config`` names)."""
     from torch._inductor import aot_compile
     from torch._inductor.package import package_aoti
 
     programs = export_programs(model, device)
-    files = {}
-    for name, program in programs.items():
-        files[name] = aot_compile(program.module(), tuple(program.example_inputs[0]),
-                                  options={"aot_inductor.package": True})
+    options = {**(inductor_configs or {}), "aot_inductor.package": True}
+    files = {
+        name: aot_compile(program.module(), tuple(program.example_inputs[0]), options=options)
+        for name, program in programs.items()
+    }
     return package_aoti(path, files)
 
 
@@ -241,18 +245,37 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True, help="a checkpoint of python -m interest_kernels.train")
     p.add_argument("--out", required=True, help="the AOTInductor package to write (.pt2)")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    p.add_argument("--config", action="append", default=[], metavar="KEY=VALUE",
+                   help="an Inductor option, e.g. aot_inductor.compile_wrapper_opt_level=O0 (compiles "
+                        "about 3x faster; repeatable)")
     return p
+
+
+def _config_value(text: str) -> object:
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    try:
+        return int(text)
+    except ValueError:
+        return text
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    configs = {}
+    for item in args.config:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--config takes KEY=VALUE, got {item!r}")
+        configs[key] = _config_value(value)
     model = load_checkpoint_model(args.checkpoint, args.model)
     out_dir = os.path.dirname(os.path.abspath(args.out))
     os.makedirs(out_dir, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=out_dir, suffix=".pt2", delete=False) as tmp:
         pass
     try:
-        export_package(model, tmp.name, args.device)
+        export_package(model, tmp.name, args.device, configs)
         os.replace(tmp.name, args.out)
     finally:
         if os.path.exists(tmp.name):
