@@ -24,7 +24,7 @@ def _extensions():
     from torch.utils import cpp_extension
 
     csrc = "csrc"
-    sources = [os.path.join(csrc, f) for f in ("ops.cpp", "mba_cpu.cpp", "module.cpp")]
+    sources = sorted(glob.glob(os.path.join(csrc, "*.cpp")))
     # at::parallel_for expands to OpenMP pragmas in the headers when torch uses OpenMP.
     openmp = "OpenMP" in torch.__config__.parallel_info()
     cxx = ["-O3"] + (["-fopenmp"] if openmp else [])

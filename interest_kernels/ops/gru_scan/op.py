@@ -1,5 +1,8 @@
 """Public GRU-family scan: validation once, then the best backend for the device.
 
+On CPU the fused C++ kernels (``cpu.py``) run when the compiled extension is built;
+without it (``INTEREST_KERNELS_NO_EXTENSION=1``) the eager reference does.
+
 Backends receive the public keyword names, normalised: ``lengths`` int64 or None,
 ``mask`` bool or None (never both), ``att`` None for mode ``gru``, biases possibly
 None. Each returns ``(states or None, h_last)``.
@@ -10,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from ..._backend import define_op, triton_unavailable_reason
+from ..._backend import define_op, extension_unavailable_reason, triton_unavailable_reason
 from ..._validation import (
     FLOAT_DTYPES,
     check_choice,
@@ -19,6 +22,7 @@ from ..._validation import (
     check_tensor,
     check_valid_positions,
 )
+from . import cpu
 from .reference import MODES, VARIANTS, gru_scan_reference
 
 OP = define_op("gru_scan", preference={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")})
@@ -29,14 +33,17 @@ def _reference(**kw):
     return gru_scan_reference(**kw)
 
 
-@OP.register(
-    "cpu",
-    why_not=lambda device, **_: None if device.type == "cpu" else "the cpu backend takes CPU tensors only",
-)
-def _cpu(**kw):
-    from .cpu import gru_scan_cpu
+def _cpu_why_not(device: torch.device, **_: object) -> Optional[str]:
+    if device.type != "cpu":
+        return "the cpu backend takes CPU tensors only"
+    if not cpu.AVAILABLE:
+        return extension_unavailable_reason() or "interest_kernels._C has no gru_scan_forward (rebuild it)"
+    return None
 
-    return gru_scan_cpu(**kw)
+
+@OP.register("cpu", why_not=_cpu_why_not)
+def _cpu(**kw):
+    return cpu.gru_scan_cpu(**kw)
 
 
 def _triton_why_not(device: torch.device, dtype: Optional[torch.dtype] = None,
