@@ -1,6 +1,8 @@
 """``TargetAttention`` module: against the functional reference, checkpoints,
-converters from DeepCTR-Torch / FuxiCTR, torch.compile."""
+converters from DeepCTR-Torch / FuxiCTR, torch.compile, torch.export and torch.jit.trace."""
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
@@ -180,9 +182,92 @@ def test_compile_fullgraph(backend):
     lengths = torch.tensor([0, 5, 2])
     with use_backend(backend):
         eager_out, eager_a = mod(q, k, lengths=lengths)
-        compiled = torch.compile(mod, fullgraph=True)
+        compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")
         out, a = compiled(q, k, lengths=lengths)
     torch.testing.assert_close(out, eager_out)
     torch.testing.assert_close(a, eager_a)
     (out.sum() + a.sum()).backward()
     assert mod.layers[0].weight.grad is not None and torch.isfinite(mod.layers[0].weight.grad).all()
+
+
+# --- graph capture on CPU: nothing data-dependent in Python ------------------------------
+
+CAPTURE_CASES = {
+    "sigmoid-lengths": (dict(hidden_units=(8, 6)), "lengths"),
+    "dice-train-mask": (dict(hidden_units=(8, 6), activation="dice"), "mask"),
+    "prelu-heads-mask": (dict(hidden_units=(8,), activation="prelu", num_heads=2, per_head_mlp=True), "mask"),
+}
+
+
+def _capture_inputs(heads, valid, B=4, T=6, D=4):
+    q = torch.randn(B, D)
+    k = torch.randn(B, heads, T, D) if heads else torch.randn(B, T, D)
+    if valid == "lengths":
+        return q, k, dict(lengths=torch.tensor([0, T, 2, 1])[:B] if B == 4 else torch.randint(0, T + 1, (B,)))
+    mask = torch.rand(B, T) > 0.3
+    mask[0] = False
+    return q, k, dict(mask=mask)
+
+
+@pytest.mark.parametrize("case", list(CAPTURE_CASES))
+def test_compile_fullgraph_cpu_backend(case):
+    cfg, valid = CAPTURE_CASES[case]
+    torch._dynamo.reset()
+    mod = TargetAttention(4, return_scores=True, **cfg).eval()
+    _randomize(mod, 0.3)
+    mod.train(cfg.get("activation") == "dice")
+    q, k, kw = _capture_inputs(cfg.get("num_heads"), valid)
+    with use_backend("cpu"):
+        eager = mod(q, k, **kw)
+        compiled = torch.compile(mod, fullgraph=True, backend="aot_eager")(q, k, **kw)
+    for x, y in zip(compiled, eager):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("case", list(CAPTURE_CASES))
+def test_export_dynamic_batch_and_length(case):
+    cfg, valid = CAPTURE_CASES[case]
+    mod = TargetAttention(4, return_scores=True, **cfg).eval()
+    _randomize(mod, 0.3)
+    heads = cfg.get("num_heads")
+    q, k, kw = _capture_inputs(heads, valid, B=4, T=6)
+    batch, seq = torch.export.Dim("batch", min=2), torch.export.Dim("seq", min=2)
+    kdims = {0: batch, 2: seq} if heads else {0: batch, 1: seq}
+    vdims = {0: batch} if valid == "lengths" else {0: batch, 1: seq}
+    name = next(iter(kw))
+    with use_backend("cpu"):
+        ep = torch.export.export(mod, (q, k), kw,
+                                 dynamic_shapes={"query": {0: batch}, "keys": kdims, name: vdims})
+        q2, k2, kw2 = _capture_inputs(heads, valid, B=7, T=9)
+        got = ep.module()(q2, k2, **kw2)
+        want = mod(q2, k2, **kw2)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("case", list(CAPTURE_CASES))
+def test_jit_trace(case):
+    cfg, valid = CAPTURE_CASES[case]
+    mod = TargetAttention(4, return_scores=True, **cfg).eval()
+    _randomize(mod, 0.3)
+    q, k, kw = _capture_inputs(cfg.get("num_heads"), valid)
+    name = next(iter(kw))
+
+    class Positional(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = mod
+
+        def forward(self, q, k, v):
+            return self.inner(q, k, **{name: v})
+
+    wrapper = Positional()
+    with use_backend("cpu"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's notes on the value checks
+        traced = torch.jit.trace(wrapper, (q, k, kw[name]), check_trace=False)
+        q2, k2, kw2 = _capture_inputs(cfg.get("num_heads"), valid, B=6, T=8)
+        got = traced(q2, k2, kw2[name])
+        want = wrapper(q2, k2, kw2[name])
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y)
+

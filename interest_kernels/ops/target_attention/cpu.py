@@ -1,68 +1,159 @@
-"""CPU backend for target attention: plain torch, without the (B, T, 4D) concat.
+"""CPU backend for target attention: the fused C++ kernels of
+``csrc/target_attention_cpu.cpp`` as ``torch.library`` operators.
 
-SPEC's identity splits the first layer's weight by input block,
-``W_1 = [W_q | W_k | W_d | W_p]``, so that
+``torch.ops.interest_kernels.target_attention_cpu`` runs the whole layer for each
+(query, head) pair in one pass over its keys: SPEC's first-layer identity
+(``W_1 x = (W_q + W_d) q + (W_k - W_d) k + W_p (q * k)``, one (rows x D) x (D x H_1)
+GEMM per tile of keys), the hidden layers, the scores, the normalisation and the
+pooling, with the hidden activations in a per-thread workspace (nothing of size
+(B, T, H) is written). Its backward recomputes them tile by tile and saves only the
+attention weights (B, E, T).
 
-    W_1 x_bt = (W_q + W_d) q_b + (W_k - W_d) k_bt + W_p (q_b * k_bt)
-             = (W_q + W_d) q_b + M_b^T k_bt,     M_b = (W_k - W_d)^T + diag(q_b) W_p^T  (D, H_1)
+Dice in training normalises each layer with batch statistics over every position of
+the layer (padding included, as the reference does). Those come from
+``target_attention_cpu_stats`` (mean and biased variance of layer l's pre-activation,
+recomputing layers 1..l-1), an operator with its own backward; the layer then runs as
+``dice(z) = z * (alpha + (1 - alpha) * sigmoid(z * scale + shift))`` with
+``scale = gamma / sqrt(var + eps)`` and ``shift = beta - mean * scale`` computed here in
+torch, so autograd carries the statistics' gradient back through both operators.
 
-The q-term is one (B, D) x (D, H_1) matmul and the key term one batched matmul with
-a per-row (D, H_1) matrix: a quarter of the first layer's multiply-adds and none of
-its (B, T, 4D) input. Every activation applies after it unchanged; PReLU and Dice run
-through torch's fused kernels (``prelu``, ``batch_norm``). Autograd provides the backward.
+Nothing here reads tensor values on the host: ``torch.compile(fullgraph=True)``,
+``torch.export`` and ``torch.jit.trace`` see opaque operators with fake implementations.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from ..dice.reference import DiceParams
+from ..._extension import load as _load_extension
 from ..common import compute_dtype
-from .reference import apply_activation, normalize_scores, valid_positions
+from ..dice.reference import DiceParams, update_running_stats
+
+_NS = "interest_kernels"
 
 
-def _activate(
-    h: torch.Tensor,
-    activation: str,
+def unavailable_reason() -> Optional[str]:
+    """Why the fused CPU operators cannot run here (None when they can). Registers their
+    fake implementations and autograd the first time they can."""
+    if not _load_extension():
+        return "the compiled extension interest_kernels._C is not available"
+    if not hasattr(torch.ops.interest_kernels, "target_attention_cpu"):
+        return "the compiled extension predates the fused CPU target attention; rebuild it"
+    _register()
+    return None
+
+
+# --- fake implementations and autograd (registered once the extension is loaded) ------
+
+_registered = False
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+
+    @torch.library.register_fake(f"{_NS}::target_attention_cpu")
+    def _fwd_fake(query, keys, key_index, lengths, mask, weights, biases, out_weight, out_bias,
+                  act_params, activation, normalization):
+        batch, heads, seq_len, dim = query.shape[0], keys.shape[1], keys.shape[2], keys.shape[3]
+        return query.new_empty(batch, heads, dim), query.new_empty(batch, heads, seq_len)
+
+    @torch.library.register_fake(f"{_NS}::target_attention_cpu_backward")
+    def _bwd_fake(grad_out, grad_scores, scores, query, keys, key_index, lengths, mask, weights,
+                  biases, out_weight, out_bias, act_params, activation, normalization):
+        return (torch.empty_like(query), torch.empty_like(keys),
+                [torch.empty_like(w) for w in weights], [torch.empty_like(c) for c in biases],
+                torch.empty_like(out_weight), torch.empty_like(out_bias),
+                [torch.empty_like(a) for a in act_params])
+
+    @torch.library.register_fake(f"{_NS}::target_attention_cpu_stats")
+    def _stats_fake(query, keys, key_index, weights, biases, act_params):
+        return query.new_empty(weights[-1].shape[0], 2, weights[-1].shape[1])
+
+    @torch.library.register_fake(f"{_NS}::target_attention_cpu_stats_backward")
+    def _stats_bwd_fake(grad_stats, stats, query, keys, key_index, weights, biases, act_params):
+        return (torch.empty_like(query), torch.empty_like(keys),
+                [torch.empty_like(w) for w in weights], [torch.empty_like(c) for c in biases],
+                [torch.empty_like(a) for a in act_params])
+
+    def _fwd_setup(ctx, inputs, output):
+        (query, keys, key_index, lengths, mask, weights, biases, out_weight, out_bias,
+         act_params, activation, normalization) = inputs
+        ctx.num = (len(weights), len(biases), len(act_params))
+        ctx.save_for_backward(output[1], query, keys, key_index, lengths, mask, out_weight,
+                              out_bias, *weights, *biases, *act_params)
+        ctx.activation, ctx.normalization = activation, normalization
+
+    def _fwd_backward(ctx, grad_out, grad_scores):
+        (scores, query, keys, key_index, lengths, mask, out_weight, out_bias,
+         *rest) = ctx.saved_tensors
+        nw, nb, na = ctx.num
+        weights, biases, act_params = rest[:nw], rest[nw:nw + nb], rest[nw + nb:]
+        gq, gk, gw, gb, gwo, gbo, ga = torch.ops.interest_kernels.target_attention_cpu_backward(
+            grad_out, grad_scores, scores, query, keys, key_index, lengths, mask, weights,
+            biases, out_weight, out_bias, act_params, ctx.activation, ctx.normalization)
+        return gq, gk, None, None, None, gw, gb, gwo, gbo, ga, None, None
+
+    torch.library.register_autograd(
+        f"{_NS}::target_attention_cpu", _fwd_backward, setup_context=_fwd_setup)
+
+    def _stats_setup(ctx, inputs, output):
+        query, keys, key_index, weights, biases, act_params = inputs
+        ctx.num = (len(weights), len(biases), len(act_params))
+        ctx.save_for_backward(output, query, keys, key_index, *weights, *biases, *act_params)
+
+    def _stats_backward(ctx, grad_stats):
+        stats, query, keys, key_index, *rest = ctx.saved_tensors
+        nw, nb, _ = ctx.num
+        weights, biases, act_params = rest[:nw], rest[nw:nw + nb], rest[nw + nb:]
+        gq, gk, gw, gb, ga = torch.ops.interest_kernels.target_attention_cpu_stats_backward(
+            grad_stats, stats, query, keys, key_index, weights, biases, act_params)
+        return gq, gk, None, gw, gb, ga
+
+    torch.library.register_autograd(
+        f"{_NS}::target_attention_cpu_stats", _stats_backward, setup_context=_stats_setup)
+
+
+# --- the backend ---------------------------------------------------------------------
+
+
+def _dice_layer_params(
+    params: DiceParams,
     layer: int,
-    per_head: bool,
-    prelu_weights: Optional[Sequence[torch.Tensor]],
-    dice_params: Optional[Sequence[DiceParams]],
-) -> torch.Tensor:
-    """The reference's activations on ``h`` (B, E, T, H), PReLU and Dice through torch's
-    fused kernels (one pass each way instead of several elementwise ones)."""
-    units = h.shape[-1]
-    if activation == "prelu" and not per_head:
-        return F.prelu(h.reshape(-1, units), prelu_weights[layer].to(h.dtype)).reshape(h.shape)
-    if activation != "dice":
-        return apply_activation(h, activation, layer, prelu_weights, dice_params)
-    p = dice_params[layer]
-    # Per-head Dice keeps separate statistics per head: heads x units channels.
-    x = h.transpose(1, 2).reshape(-1, h.shape[1] * units) if per_head else h.reshape(-1, units)
-    if p.training and x.shape[0] < 2:
-        # One position: the running variance update needs the reference's n = 1 rule.
-        return apply_activation(h, activation, layer, prelu_weights, dice_params)
-    flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
-    stats = [flat(p.running_mean), flat(p.running_var)]
-    work = [None if t is None else t.to(x.dtype) for t in stats]
-    xhat = torch.batch_norm(
-        x, None if p.weight is None else flat(p.weight).to(x.dtype),
-        None if p.bias is None else flat(p.bias).to(x.dtype), work[0], work[1],
-        p.training, p.momentum, p.eps, False,
-    )
-    if p.training:
-        with torch.no_grad():
-            for buf, new in zip(stats, work):
-                if buf is not None and new is not buf:
-                    buf.copy_(new)
-    gate = torch.sigmoid(xhat)
-    alpha = flat(p.alpha).to(x.dtype)
-    y = x * (alpha + (1 - alpha) * gate)
-    if per_head:
-        return y.reshape(h.shape[0], h.shape[2], h.shape[1], units).transpose(1, 2)
-    return y.reshape(h.shape)
+    groups: int,
+    units: int,
+    dt: torch.dtype,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    key_index: Optional[torch.Tensor],
+    weights: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    act_params: list[torch.Tensor],
+) -> list[torch.Tensor]:
+    """[alpha, scale, shift] (G, H) of Dice layer ``layer``: batch statistics of the
+    layer's pre-activation in training (running statistics updated in place), the
+    running statistics in eval."""
+    grouped = lambda t: t.to(dt).reshape(groups, units)  # noqa: E731
+    if params.training:
+        stats = torch.ops.interest_kernels.target_attention_cpu_stats(
+            q, k, key_index, weights[: layer + 1], biases[: layer + 1], act_params)
+        mean, var = stats[:, 0], stats[:, 1]
+        if params.running_mean is not None and params.running_var is not None:
+            positions = q.shape[0] * k.shape[2] * (1 if groups > 1 else k.shape[1])
+            update_running_stats(params.running_mean, params.running_var, mean.detach(),
+                                 var.detach(), positions, params.momentum)
+    else:
+        mean, var = grouped(params.running_mean), grouped(params.running_var)
+    scale = torch.rsqrt(var + params.eps)
+    if params.weight is not None:
+        scale = scale * grouped(params.weight)
+    shift = -mean * scale
+    if params.bias is not None:
+        shift = shift + grouped(params.bias)
+    return [grouped(params.alpha), scale, shift]
 
 
 def target_attention_cpu(
@@ -92,63 +183,30 @@ def target_attention_cpu(
     dt = compute_dtype(out_dtype)
     multi_head = keys.dim() == 4
     per_head = weights[0].dim() == 3
-    seq_len, dim = keys.shape[-2], keys.shape[-1]
+    dim = keys.shape[-1]
+    k = keys.to(dt) if multi_head else keys.to(dt).unsqueeze(1)  # (R, E, T, D)
+    q = query.to(dt) if query.dim() == 3 else query.to(dt).unsqueeze(1)  # (B, E|1, D)
+    groups = k.shape[1] if per_head else 1
+    units = [w.shape[-2] for w in weights]
 
-    k = keys.to(dt)
-    if key_index is not None:
-        k = k.index_select(0, key_index)
+    ws = [w.to(dt).reshape(groups, *w.shape[-2:]) for w in weights]
+    cs = [
+        c.to(dt).reshape(groups, h) if c is not None else q.new_zeros(groups, h)
+        for c, h in zip(biases, units)
+    ]
+    w_o = out_weight.to(dt).reshape(groups, units[-1])
+    c_o = out_bias.to(dt).reshape(groups) if out_bias is not None else q.new_zeros(groups)
+
+    act_params: list[torch.Tensor] = []
+    if activation == "prelu":
+        act_params = [a.to(dt).reshape(groups, h) for a, h in zip(prelu_weights, units)]
+    elif activation == "dice":
+        for layer, (p, h) in enumerate(zip(dice_params, units)):
+            act_params += _dice_layer_params(p, layer, groups, h, dt, q, k, key_index, ws, cs,
+                                             act_params)
+
+    out, scores = torch.ops.interest_kernels.target_attention_cpu(
+        q, k, key_index, lengths, mask, ws, cs, w_o, c_o, act_params, activation, normalization)
     if not multi_head:
-        k = k.unsqueeze(1)  # (B, 1, T, D)
-    batch, heads = k.shape[0], k.shape[1]
-    q = query.to(dt).reshape(batch, -1, dim)  # (B, E, D) or (B, 1, D) shared by the heads
-
-    w1 = weights[0].to(dt)  # (H, 4D) or (E, H, 4D)
-    w_q, w_k, w_d, w_p = w1.split(dim, dim=-1)
-    w_qd = (w_q + w_d).transpose(-1, -2)  # (E|-, D, H)
-    w_kd = (w_k - w_d).transpose(-1, -2)
-    w_pt = w_p.transpose(-1, -2)
-    # (B, E|1, H): the query term and bias.
-    q_term = (q.unsqueeze(-2) @ w_qd).squeeze(-2)
-    if biases[0] is not None:
-        q_term = q_term + biases[0].to(dt)
-    # (B, E|1, D, H): the per-row matrix that maps each key to its hidden units.
-    m = w_kd + q.unsqueeze(-1) * w_pt
-    units = m.shape[-1]
-    if m.shape[1] == 1:
-        # One matrix per row for all heads: fold the heads into the sequence.
-        groups, rows_per_group = batch, heads * seq_len
-    else:
-        groups, rows_per_group = batch * heads, seq_len
-    h = torch.baddbmm(
-        q_term.reshape(groups, 1, units),
-        k.reshape(groups, rows_per_group, dim),
-        m.reshape(groups, dim, units),
-    ).reshape(batch, heads, seq_len, units)
-    h = _activate(h, activation, 0, per_head, prelu_weights, dice_params)
-
-    for layer in range(1, len(weights)):
-        w = weights[layer].to(dt)
-        c = biases[layer]
-        if per_head:
-            h = h @ w.transpose(-1, -2)
-            if c is not None:
-                h = h + c.to(dt).unsqueeze(1)
-        else:
-            h = F.linear(h, w, None if c is None else c.to(dt))
-        h = _activate(h, activation, layer, per_head, prelu_weights, dice_params)
-
-    w_o = out_weight.to(dt)
-    if per_head:
-        scores = (h @ w_o.unsqueeze(-1)).squeeze(-1)  # (B, E, T, H) @ (E, H, 1)
-    else:
-        scores = h @ w_o
-    if out_bias is not None:
-        scores = scores + out_bias.to(dt).reshape(-1, 1)
-
-    valid = valid_positions(lengths, mask, key_index, batch, seq_len, keys.device)
-    a = normalize_scores(scores, valid.unsqueeze(1).expand_as(scores), normalization)
-    out = (a.unsqueeze(-2) @ k).squeeze(-2)  # (B, E, D)
-
-    if not multi_head:
-        out, a = out.squeeze(1), a.squeeze(1)
-    return out.to(out_dtype), (a.to(out_dtype) if return_scores else None)
+        out, scores = out.squeeze(1), scores.squeeze(1)
+    return out.to(out_dtype), (scores.to(out_dtype) if return_scores else None)

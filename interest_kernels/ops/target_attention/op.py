@@ -27,7 +27,7 @@ from ..._validation import (
     check_valid_positions,
 )
 from ..dice.reference import DiceParams
-from .cpu import target_attention_cpu
+from .cpu import target_attention_cpu, unavailable_reason as cpu_unavailable_reason
 from .reference import target_attention_reference
 
 ACTIVATIONS = ("sigmoid", "relu", "prelu", "dice", "identity")
@@ -48,7 +48,7 @@ def _reference(**kw):
 
 @OP.register(
     "cpu",
-    why_not=lambda device, **_: None
+    why_not=lambda device, **_: cpu_unavailable_reason()
     if device.type == "cpu"
     else "the cpu backend takes CPU tensors only",
 )

@@ -1,0 +1,977 @@
+// Fused CPU target attention (SPEC section 1): forward, backward, and the Dice batch
+// statistics with their backward.
+//
+// Canonical shapes (interest_kernels/ops/target_attention/cpu.py builds them):
+//   query (B, Eq, D) with Eq in {1, E};  keys (R, E, T, D), R = B or the history rows
+//   named by key_index (B,);  lengths (R,) or mask (R, T) bool;  G = E for one MLP per
+//   head, else 1.  weights[0] (G, H1, 4D), weights[l] (G, H_l, H_{l-1});  biases[l]
+//   (G, H_l);  out_weight (G, H_L);  out_bias (G,);  act_params per layer: prelu
+//   [slope (G, H_l)], dice [alpha, scale, shift] (G, H_l) with
+//   dice(z) = z * (alpha + (1 - alpha) * sigmoid(z * scale + shift)).
+// All floating tensors in float32 or float64 (the Python side casts).
+//
+// One work item is a (query b, head e) pair. The first layer uses SPEC's identity,
+//   W_1 x_t = qterm + k_t M,  qterm = (W_q + W_d) q + c_1,  M = (W_k - W_d)^T + diag(q) W_p^T,
+// so a tile of keys needs one (rows x D) x (D x H1) GEMM. The keys are walked in tiles
+// of kTileRows rows; hidden activations live in a per-thread workspace only, so the
+// forward writes nothing of size (B, T, H). The backward recomputes them tile by tile.
+// Threads take contiguous blocks of queries (all heads of a query in one thread, so
+// query and key gradients have one writer); weight gradients and statistics gather in
+// per-block accumulators that are summed in block order (deterministic for a given
+// thread count).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace interest_kernels {
+namespace target_attention {
+namespace {
+
+constexpr int64_t kTileRows = 128;
+constexpr int kMaxLayers = 3;
+
+enum class Act { kIdentity, kSigmoid, kRelu, kPrelu, kDice };
+
+Act parse_activation(const std::string& name) {
+  if (name == "identity") return Act::kIdentity;
+  if (name == "sigmoid") return Act::kSigmoid;
+  if (name == "relu") return Act::kRelu;
+  if (name == "prelu") return Act::kPrelu;
+  if (name == "dice") return Act::kDice;
+  TORCH_CHECK_VALUE(false, "activation: unknown activation '", name, "'");
+}
+
+int act_param_count(Act act) { return act == Act::kPrelu ? 1 : act == Act::kDice ? 3 : 0; }
+
+// ---- elementwise math ------------------------------------------------------------
+// The float versions are compiled for AVX-512, AVX2 and the baseline and picked at
+// load time; exp is a polynomial the compiler vectorises (relative error ~1e-7).
+
+__attribute__((always_inline)) inline float exp_poly(float x) {
+  x = std::min(std::max(x, -87.0f), 88.0f);
+  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  const float r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
+  float p = 1.0f / 5040.0f;
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+__attribute__((always_inline)) inline float sigmoid_of(float x) { return 1.0f / (1.0f + exp_poly(-x)); }
+inline double sigmoid_of(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+#define IK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+// h = act(z) on rows x cols (row-major); params (cols,) each.
+template <typename T>
+__attribute__((always_inline)) inline void act_forward_impl(Act act, const T* z, T* h, int64_t rows, int64_t cols, const T* p0,
+                      const T* p1, const T* p2) {
+  const int64_t n = rows * cols;
+  switch (act) {
+    case Act::kIdentity:
+      std::copy(z, z + n, h);
+      return;
+    case Act::kSigmoid:
+      for (int64_t i = 0; i < n; ++i) h[i] = sigmoid_of(z[i]);
+      return;
+    case Act::kRelu:
+      for (int64_t i = 0; i < n; ++i) h[i] = z[i] > T(0) ? z[i] : T(0);
+      return;
+    case Act::kPrelu:
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* zr = z + r * cols;
+        T* hr = h + r * cols;
+        for (int64_t j = 0; j < cols; ++j) hr[j] = zr[j] >= T(0) ? zr[j] : p0[j] * zr[j];
+      }
+      return;
+    case Act::kDice:
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* zr = z + r * cols;
+        T* hr = h + r * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          const T p = sigmoid_of(zr[j] * p1[j] + p2[j]);
+          hr[j] = zr[j] * (p0[j] + (T(1) - p0[j]) * p);
+        }
+      }
+      return;
+  }
+}
+
+// dz = dh * act'(z); parameter gradients added to g0.. (cols,).
+template <typename T>
+__attribute__((always_inline)) inline void act_backward_impl(Act act, const T* z, const T* h, const T* dh, T* dz, int64_t rows,
+                       int64_t cols, const T* p0, const T* p1, const T* p2, T* g0, T* g1,
+                       T* g2) {
+  const int64_t n = rows * cols;
+  switch (act) {
+    case Act::kIdentity:
+      std::copy(dh, dh + n, dz);
+      return;
+    case Act::kSigmoid:
+      for (int64_t i = 0; i < n; ++i) dz[i] = dh[i] * h[i] * (T(1) - h[i]);
+      return;
+    case Act::kRelu:
+      for (int64_t i = 0; i < n; ++i) dz[i] = z[i] > T(0) ? dh[i] : T(0);
+      return;
+    case Act::kPrelu:
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* zr = z + r * cols;
+        const T* dhr = dh + r * cols;
+        T* dzr = dz + r * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          const bool pos = zr[j] >= T(0);
+          dzr[j] = pos ? dhr[j] : p0[j] * dhr[j];
+          g0[j] += pos ? T(0) : zr[j] * dhr[j];
+        }
+      }
+      return;
+    case Act::kDice:
+      for (int64_t r = 0; r < rows; ++r) {
+        const T* zr = z + r * cols;
+        const T* dhr = dh + r * cols;
+        T* dzr = dz + r * cols;
+        for (int64_t j = 0; j < cols; ++j) {
+          const T p = sigmoid_of(zr[j] * p1[j] + p2[j]);
+          const T gz = dhr[j] * zr[j];
+          const T dpre = gz * (T(1) - p0[j]) * p * (T(1) - p);
+          dzr[j] = dhr[j] * (p0[j] + (T(1) - p0[j]) * p) + dpre * p1[j];
+          g0[j] += gz * (T(1) - p);
+          g1[j] += dpre * zr[j];
+          g2[j] += dpre;
+        }
+      }
+      return;
+  }
+}
+
+IK_CLONES void act_forward(Act act, const float* z, float* h, int64_t rows, int64_t cols,
+                           const float* p0, const float* p1, const float* p2) {
+  act_forward_impl<float>(act, z, h, rows, cols, p0, p1, p2);
+}
+void act_forward(Act act, const double* z, double* h, int64_t rows, int64_t cols,
+                 const double* p0, const double* p1, const double* p2) {
+  act_forward_impl<double>(act, z, h, rows, cols, p0, p1, p2);
+}
+IK_CLONES void act_backward(Act act, const float* z, const float* h, const float* dh, float* dz,
+                            int64_t rows, int64_t cols, const float* p0, const float* p1,
+                            const float* p2, float* g0, float* g1, float* g2) {
+  act_backward_impl<float>(act, z, h, dh, dz, rows, cols, p0, p1, p2, g0, g1, g2);
+}
+void act_backward(Act act, const double* z, const double* h, const double* dh, double* dz,
+                  int64_t rows, int64_t cols, const double* p0, const double* p1,
+                  const double* p2, double* g0, double* g1, double* g2) {
+  act_backward_impl<double>(act, z, h, dh, dz, rows, cols, p0, p1, p2, g0, g1, g2);
+}
+
+// Fortran BLAS, which libtorch_cpu exports when torch is built with MKL or OpenBLAS
+// (weak: a torch without them falls back to at::mm on wrapped buffers).
+extern "C" {
+void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const float* alpha, const float* a, const int* lda, const float* b, const int* ldb,
+            const float* beta, float* c, const int* ldc) __attribute__((weak));
+void dgemm_(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+            const double* alpha, const double* a, const int* lda, const double* b,
+            const int* ldb, const double* beta, double* c, const int* ldc) __attribute__((weak));
+}
+
+template <typename T>
+void blas_gemm(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+               const T* alpha, const T* a, const int* lda, const T* b, const int* ldb,
+               const T* beta, T* c, const int* ldc);
+template <>
+void blas_gemm<float>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                      const float* alpha, const float* a, const int* lda, const float* b,
+                      const int* ldb, const float* beta, float* c, const int* ldc) {
+  sgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+template <>
+void blas_gemm<double>(const char* ta, const char* tb, const int* m, const int* n, const int* k,
+                       const double* alpha, const double* a, const int* lda, const double* b,
+                       const int* ldb, const double* beta, double* c, const int* ldc) {
+  dgemm_(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
+bool have_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }
+
+// Row-major C (m x n) = op(A) op(B) + beta C; A is m x k after op, B k x n after op,
+// lda/ldb/ldc the row strides of the stored matrices.
+template <typename T>
+void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a,
+             int64_t lda, const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0 || !have_blas()) {
+    auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+    at::Tensor cm = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+    if (beta == T(0)) cm.zero_();
+    if (k == 0) return;
+    at::Tensor am = at::from_blob(const_cast<T*>(a), trans_a ? at::IntArrayRef{k, m} : at::IntArrayRef{m, k},
+                                  {lda, 1}, opts);
+    at::Tensor bm = at::from_blob(const_cast<T*>(b), trans_b ? at::IntArrayRef{n, k} : at::IntArrayRef{k, n},
+                                  {ldb, 1}, opts);
+    cm.add_(at::mm(trans_a ? am.t() : am, trans_b ? bm.t() : bm));
+    return;
+  }
+  // Column-major view: C^T = op(B)^T op(A)^T.
+  const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+  const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(k);
+  const int la = static_cast<int>(ldb), lb = static_cast<int>(lda), lc = static_cast<int>(ldc);
+  const T one(1);
+  blas_gemm<T>(&ta, &tb, &mi, &ni, &ki, &one, b, &la, a, &lb, &beta, c, &lc);
+}
+
+// ---- the problem --------------------------------------------------------------------
+
+enum class Mode { kForward, kStats };
+
+template <typename T>
+struct Problem {
+  int64_t B = 0, R = 0, E = 1, Eq = 1, T_ = 0, D = 0, G = 1, L = 1;
+  int64_t H[kMaxLayers] = {0, 0, 0};
+  Act act = Act::kSigmoid;
+  bool softmax = true;
+  Mode mode = Mode::kForward;
+  const T* query = nullptr;
+  const T* keys = nullptr;
+  const int64_t* key_index = nullptr;
+  const int64_t* lengths = nullptr;
+  const bool* mask = nullptr;
+  // First layer split by SPEC's identity, (G, D, H1) each, and the bias (G, H1).
+  at::Tensor wqd_t, wkd_t, wp_t;
+  const T* c[kMaxLayers] = {};
+  const T* w[kMaxLayers] = {};  // layers 2.. (G, H_l, H_{l-1})
+  const T* wo = nullptr;        // (G, H_L)
+  const T* co = nullptr;        // (G,)
+  const T* ap[kMaxLayers][3] = {};  // activation parameters (G, H_l)
+
+  int64_t row_of(int64_t b) const { return key_index ? key_index[b] : b; }
+  bool valid(int64_t row, int64_t t) const {
+    if (mask) return mask[row * T_ + t];
+    if (lengths) return t < lengths[row];
+    return true;
+  }
+  // Rows of a history that need computing: the statistics see every position; otherwise
+  // positions from the length on are padding.
+  int64_t rows_needed(int64_t row) const {
+    if (mode == Mode::kStats || !lengths) return T_;
+    return std::min<int64_t>(std::max<int64_t>(lengths[row], 0), T_);
+  }
+  const T* ap_of(int l, int i, int64_t g) const {
+    return ap[l][i] ? ap[l][i] + g * H[l] : nullptr;
+  }
+  int64_t max_h() const { return *std::max_element(H, H + L); }
+  int64_t top_layer_units() const { return H[L - 1]; }
+};
+
+std::vector<at::Tensor> first_layer_parts(const at::Tensor& w1, int64_t D) {
+  // w1 (G, H1, 4D) = [W_q | W_k | W_d | W_p] -> (W_q + W_d)^T, (W_k - W_d)^T, W_p^T as (G, D, H1).
+  auto parts = w1.split(D, -1);
+  return {(parts[0] + parts[2]).transpose(-1, -2).contiguous(),
+          (parts[1] - parts[2]).transpose(-1, -2).contiguous(),
+          parts[3].transpose(-1, -2).contiguous()};
+}
+
+template <typename T>
+Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
+                        const std::optional<at::Tensor>& key_index,
+                        const std::optional<at::Tensor>& lengths,
+                        const std::optional<at::Tensor>& mask, at::TensorList weights,
+                        at::TensorList biases, const std::optional<at::Tensor>& out_weight,
+                        const std::optional<at::Tensor>& out_bias, at::TensorList act_params,
+                        Act act, Mode mode) {
+  Problem<T> p;
+  p.mode = mode;
+  p.act = act;
+  p.B = query.size(0);
+  p.Eq = query.size(1);
+  p.D = query.size(2);
+  p.R = keys.size(0);
+  p.E = keys.size(1);
+  p.T_ = keys.size(2);
+  p.L = static_cast<int64_t>(weights.size());
+  TORCH_CHECK(p.L >= 1 && p.L <= kMaxLayers, "weights: 1 to 3 layers");
+  p.G = weights[0].size(0);
+  for (int l = 0; l < p.L; ++l) p.H[l] = weights[l].size(1);
+  p.query = query.data_ptr<T>();
+  p.keys = keys.data_ptr<T>();
+  if (key_index) p.key_index = key_index->data_ptr<int64_t>();
+  if (lengths) p.lengths = lengths->data_ptr<int64_t>();
+  if (mask) p.mask = mask->data_ptr<bool>();
+  auto parts = first_layer_parts(weights[0], p.D);
+  p.wqd_t = parts[0];
+  p.wkd_t = parts[1];
+  p.wp_t = parts[2];
+  for (int l = 0; l < p.L; ++l) {
+    p.c[l] = biases[l].data_ptr<T>();
+    if (l > 0) p.w[l] = weights[l].data_ptr<T>();
+  }
+  if (out_weight) p.wo = out_weight->data_ptr<T>();
+  if (out_bias) p.co = out_bias->data_ptr<T>();
+  const int k = act_param_count(act);
+  // The statistics of layer L run layers 1..L-1 with their activation and stop before
+  // layer L's: they get parameters for L - 1 layers.
+  const int64_t act_layers = mode == Mode::kStats ? p.L - 1 : p.L;
+  TORCH_CHECK(static_cast<int64_t>(act_params.size()) == k * act_layers,
+              "act_params: expected ", k * act_layers, " tensors, got ", act_params.size());
+  for (int l = 0; l < act_layers; ++l)
+    for (int i = 0; i < k; ++i) p.ap[l][i] = act_params[l * k + i].data_ptr<T>();
+  return p;
+}
+
+// Per-thread scratch for one (query, head) item.
+template <typename T>
+struct Workspace {
+  std::vector<T> kbuf, m, qterm, s, ds, dm, dqterm, dk;
+  std::vector<T> z[kMaxLayers], h[kMaxLayers];
+  std::vector<T> gz, gh;
+  Workspace(const Problem<T>& p, bool backward) {
+    const int64_t tile = std::min(kTileRows, std::max<int64_t>(p.T_, 1));
+    kbuf.resize(tile * p.D);
+    m.resize(p.D * p.H[0]);
+    qterm.resize(p.H[0]);
+    s.resize(std::max<int64_t>(p.T_, 1));
+    ds.resize(std::max<int64_t>(p.T_, 1));
+    for (int l = 0; l < p.L; ++l) {
+      z[l].resize(tile * p.H[l]);
+      h[l].resize(tile * p.H[l]);
+    }
+    if (backward) {
+      dm.resize(p.D * p.H[0]);
+      dqterm.resize(p.H[0]);
+      dk.resize(tile * p.D);
+      gz.resize(tile * p.max_h());
+      gh.resize(tile * p.max_h());
+    }
+  }
+};
+
+// qterm and M of item (b, e), into the workspace.
+template <typename T>
+void first_layer_setup(const Problem<T>& p, Workspace<T>& ws, const T* q, int64_t g) {
+  const int64_t D = p.D, H1 = p.H[0];
+  const T* wqd = p.wqd_t.template data_ptr<T>() + g * D * H1;
+  const T* wkd = p.wkd_t.template data_ptr<T>() + g * D * H1;
+  const T* wp = p.wp_t.template data_ptr<T>() + g * D * H1;
+  const T* c1 = p.c[0] + g * H1;
+  T* qt = ws.qterm.data();
+  std::copy(c1, c1 + H1, qt);
+  T* m = ws.m.data();
+  for (int64_t d = 0; d < D; ++d) {
+    const T qd = q[d];
+    const T* a = wqd + d * H1;
+    const T* kd = wkd + d * H1;
+    const T* pd = wp + d * H1;
+    T* md = m + d * H1;
+    for (int64_t j = 0; j < H1; ++j) {
+      qt[j] += qd * a[j];
+      md[j] = kd[j] + qd * pd[j];
+    }
+  }
+}
+
+// Keys t0..t0+nt of the item into kbuf; with zero_invalid, padded positions become zero
+// rows (their contents, NaN included, never reach an output).
+template <typename T>
+void load_keys(const Problem<T>& p, Workspace<T>& ws, const T* k, int64_t row, int64_t t0,
+               int64_t nt, bool zero_invalid) {
+  const int64_t D = p.D;
+  for (int64_t i = 0; i < nt; ++i) {
+    T* dst = ws.kbuf.data() + i * D;
+    if (zero_invalid && !p.valid(row, t0 + i)) {
+      std::fill(dst, dst + D, T(0));
+    } else {
+      std::copy(k + (t0 + i) * D, k + (t0 + i + 1) * D, dst);
+    }
+  }
+}
+
+// Layers 1..L on the nt rows of kbuf: z[l] pre-activations, h[l] activations (the top
+// layer's activation is skipped in the statistics mode).
+template <typename T>
+void mlp_forward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t g, int64_t nt) {
+  const int64_t D = p.D;
+  for (int l = 0; l < p.L; ++l) {
+    const int64_t Hl = p.H[l];
+    T* z = ws.z[l].data();
+    const T* bias = l == 0 ? ws.qterm.data() : p.c[l] + g * Hl;
+    for (int64_t i = 0; i < nt; ++i) std::copy(bias, bias + Hl, z + i * Hl);
+    if (l == 0) {
+      gemm_rm<T>(false, false, nt, Hl, D, ws.kbuf.data(), D, ws.m.data(), Hl, T(1), z, Hl);
+    } else {
+      const int64_t Hp = p.H[l - 1];
+      gemm_rm<T>(false, true, nt, Hl, Hp, ws.h[l - 1].data(), Hp, p.w[l] + g * Hl * Hp, Hp, T(1),
+                 z, Hl);
+    }
+    if (p.mode == Mode::kStats && l == p.L - 1) break;
+    act_forward(p.act, z, ws.h[l].data(), nt, Hl, p.ap_of(l, 0, g), p.ap_of(l, 1, g),
+                p.ap_of(l, 2, g));
+  }
+}
+
+// Running (count, mean, M2) per channel, merged with Chan's formula (stable variance).
+struct Moments {
+  std::vector<double> n, mean, m2;
+  void init(int64_t size) {
+    n.assign(size, 0.0);
+    mean.assign(size, 0.0);
+    m2.assign(size, 0.0);
+  }
+  void merge(int64_t j, double nb, double mb, double m2b) {
+    if (nb == 0) return;
+    const double na = n[j], tot = na + nb, delta = mb - mean[j];
+    mean[j] += delta * nb / tot;
+    m2[j] += m2b + delta * delta * na * nb / tot;
+    n[j] = tot;
+  }
+};
+
+template <typename T>
+void accumulate_moments(Moments& mom, int64_t offset, const T* z, int64_t nt, int64_t H) {
+  for (int64_t j = 0; j < H; ++j) {
+    double sum = 0;
+    for (int64_t i = 0; i < nt; ++i) sum += z[i * H + j];
+    const double mean = sum / nt;
+    double m2 = 0;
+    for (int64_t i = 0; i < nt; ++i) {
+      const double d = z[i * H + j] - mean;
+      m2 += d * d;
+    }
+    mom.merge(offset + j, static_cast<double>(nt), mean, m2);
+  }
+}
+
+// Contiguous blocks of queries, one per thread; fn(block, b_begin, b_end).
+template <typename F>
+void for_each_block(int64_t B, int64_t blocks, const F& fn) {
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) fn(c, B * c / blocks, B * (c + 1) / blocks);
+  });
+}
+
+int64_t num_blocks(int64_t B) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+}
+
+// ---- forward ------------------------------------------------------------------------
+
+template <typename T>
+void forward_item(const Problem<T>& p, Workspace<T>& ws, int64_t b, int64_t e, T* out,
+                  T* scores) {
+  const int64_t D = p.D, T_ = p.T_, HL = p.H[p.L - 1];
+  const int64_t row = p.row_of(b);
+  const int64_t g = p.G > 1 ? e : 0;
+  const T* q = p.query + (b * p.Eq + (p.Eq > 1 ? e : 0)) * D;
+  const T* k = p.keys + (row * p.E + e) * T_ * D;
+  const int64_t n = p.rows_needed(row);
+  first_layer_setup(p, ws, q, g);
+  T* s = ws.s.data();
+  const T* wo = p.wo + g * HL;
+  const T co = p.co[g];
+  for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
+    const int64_t nt = std::min(kTileRows, n - t0);
+    load_keys(p, ws, k, row, t0, nt, true);
+    mlp_forward_tile(p, ws, g, nt);
+    const T* hL = ws.h[p.L - 1].data();
+    for (int64_t i = 0; i < nt; ++i) {
+      T acc = co;
+      for (int64_t j = 0; j < HL; ++j) acc += hL[i * HL + j] * wo[j];
+      s[t0 + i] = acc;
+    }
+  }
+  // Normalise over the valid positions; padding gets weight 0.
+  T* a = scores;
+  if (p.softmax) {
+    T mx = -std::numeric_limits<T>::infinity();
+    for (int64_t t = 0; t < n; ++t)
+      if (p.valid(row, t)) mx = std::max(mx, s[t]);
+    T sum = 0;
+    for (int64_t t = 0; t < T_; ++t) {
+      const bool v = t < n && p.valid(row, t);
+      a[t] = v ? std::exp(s[t] - mx) : T(0);
+      sum += a[t];
+    }
+    const T inv = sum > T(0) ? T(1) / sum : T(0);
+    for (int64_t t = 0; t < T_; ++t) a[t] *= inv;
+  } else {
+    for (int64_t t = 0; t < T_; ++t) a[t] = (t < n && p.valid(row, t)) ? s[t] : T(0);
+  }
+  std::fill(out, out + D, T(0));
+  for (int64_t t = 0; t < n; ++t) {
+    if (!p.valid(row, t)) continue;
+    const T at_ = a[t];
+    const T* kt = k + t * D;
+    for (int64_t d = 0; d < D; ++d) out[d] += at_ * kt[d];
+  }
+}
+
+// ---- statistics of a layer's pre-activation (Dice in training) -----------------------
+
+template <typename T>
+at::Tensor stats_impl(const Problem<T>& p, const at::TensorOptions& opts) {
+  const int64_t H = p.top_layer_units();
+  const int64_t blocks = num_blocks(p.B);
+  std::vector<Moments> moms(blocks);
+  for_each_block(p.B, blocks, [&](int64_t c, int64_t b0, int64_t b1) {
+    Workspace<T> ws(p, false);
+    moms[c].init(p.G * H);
+    for (int64_t b = b0; b < b1; ++b) {
+      for (int64_t e = 0; e < p.E; ++e) {
+        const int64_t row = p.row_of(b);
+        const int64_t g = p.G > 1 ? e : 0;
+        const T* q = p.query + (b * p.Eq + (p.Eq > 1 ? e : 0)) * p.D;
+        const T* k = p.keys + (row * p.E + e) * p.T_ * p.D;
+        first_layer_setup(p, ws, q, g);
+        for (int64_t t0 = 0; t0 < p.T_; t0 += kTileRows) {
+          const int64_t nt = std::min(kTileRows, p.T_ - t0);
+          load_keys(p, ws, k, row, t0, nt, false);
+          mlp_forward_tile(p, ws, g, nt);
+          accumulate_moments(moms[c], g * H, ws.z[p.L - 1].data(), nt, H);
+        }
+      }
+    }
+  });
+  Moments total;
+  total.init(p.G * H);
+  for (auto& m : moms)
+    for (int64_t j = 0; j < p.G * H; ++j) total.merge(j, m.n[j], m.mean[j], m.m2[j]);
+  // (G, 2, H): mean and biased variance; an empty batch gives NaN as torch's mean does.
+  at::Tensor out = at::empty({p.G, 2, H}, opts);
+  T* o = out.data_ptr<T>();
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  for (int64_t g = 0; g < p.G; ++g)
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t i = g * H + j;
+      o[(g * 2) * H + j] = static_cast<T>(total.n[i] > 0 ? total.mean[i] : nan);
+      o[(g * 2 + 1) * H + j] = static_cast<T>(total.n[i] > 0 ? total.m2[i] / total.n[i] : nan);
+    }
+  return out;
+}
+
+// ---- backward -----------------------------------------------------------------------
+
+// Gradient accumulators of one block of queries (all zero-initialised, summed later).
+template <typename T>
+struct Grads {
+  at::Tensor wqd_t, wkd_t, wp_t;              // (G, D, H1)
+  std::vector<at::Tensor> w, c;               // (G, H_l, H_{l-1}) (layer 0 unused), (G, H_l)
+  at::Tensor wo, co;                          // (G, H_L), (G,)
+  std::vector<at::Tensor> ap;                 // like the activation parameters
+  Grads(const Problem<T>& p, const at::TensorOptions& opts, int64_t act_layers) {
+    const int64_t G = p.G, D = p.D;
+    wqd_t = at::zeros({G, D, p.H[0]}, opts);
+    wkd_t = at::zeros({G, D, p.H[0]}, opts);
+    wp_t = at::zeros({G, D, p.H[0]}, opts);
+    for (int l = 0; l < p.L; ++l) {
+      w.push_back(l == 0 ? at::Tensor() : at::zeros({G, p.H[l], p.H[l - 1]}, opts));
+      c.push_back(at::zeros({G, p.H[l]}, opts));
+    }
+    wo = at::zeros({G, p.H[p.L - 1]}, opts);
+    co = at::zeros({G}, opts);
+    const int k = act_param_count(p.act);
+    for (int l = 0; l < act_layers; ++l)
+      for (int i = 0; i < k; ++i) ap.push_back(at::zeros({G, p.H[l]}, opts));
+  }
+  T* apg(const Problem<T>& p, int l, int i, int64_t g) {
+    const int k = act_param_count(p.act);
+    if (i >= k || l * k + i >= static_cast<int>(ap.size())) return nullptr;
+    return ap[l * k + i].template data_ptr<T>() + g * p.H[l];
+  }
+  void add(const Grads& o) {
+    wqd_t += o.wqd_t;
+    wkd_t += o.wkd_t;
+    wp_t += o.wp_t;
+    for (size_t l = 0; l < w.size(); ++l) {
+      if (w[l].defined()) w[l] += o.w[l];
+      c[l] += o.c[l];
+    }
+    wo += o.wo;
+    co += o.co;
+    for (size_t i = 0; i < ap.size(); ++i) ap[i] += o.ap[i];
+  }
+};
+
+// The upstream gradient at the top of one item: either the score gradient ds (per row)
+// through the output layer, or (statistics) the gradient of the batch mean and variance.
+template <typename T>
+struct TopGrad {
+  const T* ds = nullptr;       // (T,) score gradients of the item
+  const T* gstats = nullptr;   // (G, 2, H_L)
+  const T* stats = nullptr;    // (G, 2, H_L)
+  double count = 1;            // positions in the statistics
+};
+
+// Backward of the MLP over the nt rows of a recomputed tile; adds weight gradients
+// into gr, dM/dqterm into the workspace, and writes the keys' MLP gradient into ws.dk.
+template <typename T>
+void mlp_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t g,
+                       int64_t t0, int64_t nt, const TopGrad<T>& top) {
+  const int top_l = static_cast<int>(p.L) - 1;
+  const int64_t HL = p.H[top_l];
+  T* dz = ws.gz.data();
+  T* dh = ws.gh.data();
+  if (p.mode == Mode::kStats) {
+    const T* zL = ws.z[top_l].data();
+    const T* mean = top.stats + (g * 2) * HL;
+    const T* gm = top.gstats + (g * 2) * HL;
+    const T* gv = top.gstats + (g * 2 + 1) * HL;
+    const T inv_n = T(1.0 / top.count);
+    for (int64_t i = 0; i < nt; ++i)
+      for (int64_t j = 0; j < HL; ++j)
+        dz[i * HL + j] = (gm[j] + T(2) * gv[j] * (zL[i * HL + j] - mean[j])) * inv_n;
+  } else {
+    const T* hL = ws.h[top_l].data();
+    const T* wo = p.wo + g * HL;
+    T* gwo = gr.wo.template data_ptr<T>() + g * HL;
+    T* gco = gr.co.template data_ptr<T>() + g;
+    for (int64_t i = 0; i < nt; ++i) {
+      const T d = top.ds[t0 + i];
+      *gco += d;
+      for (int64_t j = 0; j < HL; ++j) {
+        dh[i * HL + j] = d * wo[j];
+        gwo[j] += d * hL[i * HL + j];
+      }
+    }
+    act_backward(p.act, ws.z[top_l].data(), ws.h[top_l].data(), dh, dz, nt, HL,
+                 p.ap_of(top_l, 0, g), p.ap_of(top_l, 1, g), p.ap_of(top_l, 2, g),
+                 gr.apg(p, top_l, 0, g), gr.apg(p, top_l, 1, g), gr.apg(p, top_l, 2, g));
+  }
+  for (int l = top_l; l >= 0; --l) {
+    const int64_t Hl = p.H[l];
+    T* gc = gr.c[l].template data_ptr<T>() + g * Hl;
+    if (l > 0) {
+      for (int64_t i = 0; i < nt; ++i)
+        for (int64_t j = 0; j < Hl; ++j) gc[j] += dz[i * Hl + j];
+      const int64_t Hp = p.H[l - 1];
+      const T* W = p.w[l] + g * Hl * Hp;
+      gemm_rm<T>(true, false, Hl, Hp, nt, dz, Hl, ws.h[l - 1].data(), Hp, T(1),
+                 gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp);
+      gemm_rm<T>(false, false, nt, Hp, Hl, dz, Hl, W, Hp, T(0), dh, Hp);
+      act_backward(p.act, ws.z[l - 1].data(), ws.h[l - 1].data(), dh, dz, nt, Hp,
+                   p.ap_of(l - 1, 0, g), p.ap_of(l - 1, 1, g), p.ap_of(l - 1, 2, g),
+                   gr.apg(p, l - 1, 0, g), gr.apg(p, l - 1, 1, g), gr.apg(p, l - 1, 2, g));
+    } else {
+      T* dq = ws.dqterm.data();
+      for (int64_t i = 0; i < nt; ++i)
+        for (int64_t j = 0; j < Hl; ++j) dq[j] += dz[i * Hl + j];
+      gemm_rm<T>(true, false, p.D, Hl, nt, ws.kbuf.data(), p.D, dz, Hl, T(1), ws.dm.data(), Hl);
+      gemm_rm<T>(false, true, nt, p.D, Hl, dz, Hl, ws.m.data(), Hl, T(0), ws.dk.data(), p.D);
+    }
+  }
+}
+
+// Gradients of the first-layer pieces of item (b, e) from dM and dqterm.
+template <typename T>
+void first_layer_backward(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, const T* q,
+                          T* gq, int64_t g) {
+  const int64_t D = p.D, H1 = p.H[0];
+  const T* wqd = p.wqd_t.template data_ptr<T>() + g * D * H1;
+  const T* wp = p.wp_t.template data_ptr<T>() + g * D * H1;
+  T* gwqd = gr.wqd_t.template data_ptr<T>() + g * D * H1;
+  T* gwkd = gr.wkd_t.template data_ptr<T>() + g * D * H1;
+  T* gwp = gr.wp_t.template data_ptr<T>() + g * D * H1;
+  T* gc1 = gr.c[0].template data_ptr<T>() + g * H1;
+  const T* dm = ws.dm.data();
+  const T* dqt = ws.dqterm.data();
+  for (int64_t j = 0; j < H1; ++j) gc1[j] += dqt[j];
+  for (int64_t d = 0; d < D; ++d) {
+    const T qd = q[d];
+    T acc = 0;
+    for (int64_t j = 0; j < H1; ++j) {
+      const int64_t i = d * H1 + j;
+      gwqd[i] += qd * dqt[j];
+      gwkd[i] += dm[i];
+      gwp[i] += qd * dm[i];
+      acc += wqd[i] * dqt[j] + wp[i] * dm[i];
+    }
+    gq[d] += acc;
+  }
+}
+
+template <typename T>
+void backward_item(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t b, int64_t e,
+                   const T* gout, const T* gscores, const T* scores, const T* gstats,
+                   const T* stats, double count, T* gq, T* gk) {
+  const int64_t D = p.D, T_ = p.T_, H1 = p.H[0];
+  const int64_t row = p.row_of(b);
+  const int64_t g = p.G > 1 ? e : 0;
+  const T* q = p.query + (b * p.Eq + (p.Eq > 1 ? e : 0)) * D;
+  const T* k = p.keys + (row * p.E + e) * T_ * D;
+  const bool stats_mode = p.mode == Mode::kStats;
+  const int64_t n = p.rows_needed(row);
+  TopGrad<T> top;
+  top.gstats = gstats;
+  top.stats = stats;
+  top.count = count;
+  if (!stats_mode) {
+    // Score gradients: pooling, then the normalisation (padding contributes nothing).
+    T* ds = ws.ds.data();
+    T dot = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      if (!p.valid(row, t)) {
+        ds[t] = 0;
+        continue;
+      }
+      T da = gscores ? gscores[t] : T(0);
+      const T* kt = k + t * D;
+      for (int64_t d = 0; d < D; ++d) da += gout[d] * kt[d];
+      ds[t] = da;
+      dot += da * scores[t];
+    }
+    if (p.softmax)
+      for (int64_t t = 0; t < n; ++t) ds[t] = scores[t] * (ds[t] - dot);
+    top.ds = ds;
+  }
+  first_layer_setup(p, ws, q, g);
+  std::fill(ws.dm.begin(), ws.dm.end(), T(0));
+  std::fill(ws.dqterm.begin(), ws.dqterm.end(), T(0));
+  for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
+    const int64_t nt = std::min(kTileRows, n - t0);
+    load_keys(p, ws, k, row, t0, nt, !stats_mode);
+    mlp_forward_tile(p, ws, g, nt);
+    mlp_backward_tile(p, ws, gr, g, t0, nt, top);
+    for (int64_t i = 0; i < nt; ++i) {
+      const int64_t t = t0 + i;
+      T* dst = gk + t * D;
+      const T* src = ws.dk.data() + i * D;
+      if (stats_mode) {
+        for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+      } else if (p.valid(row, t)) {  // padding's gradient stays zero
+        const T a = scores[t];
+        for (int64_t d = 0; d < D; ++d) dst[d] += src[d] + a * gout[d];
+      }
+    }
+  }
+  first_layer_backward(p, ws, gr, q, gq, g);
+  (void)H1;
+}
+
+// Every gradient: (grad_query, grad_keys, grad_weights, grad_biases, grad_out_weight,
+// grad_out_bias, grad_act_params).
+using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>,
+                                  std::vector<at::Tensor>, at::Tensor, at::Tensor,
+                                  std::vector<at::Tensor>>;
+
+template <typename T>
+BackwardResult backward_impl(const Problem<T>& p, const at::Tensor& weights0, const at::Tensor& key_index,
+              const T* gout, const T* gscores, const T* scores, const T* gstats, const T* stats,
+              const at::TensorOptions& opts) {
+  const int64_t act_layers = p.mode == Mode::kStats ? p.L - 1 : p.L;
+  at::Tensor gq = at::zeros({p.B, p.Eq, p.D}, opts);
+  // With a shared history, several queries read one key row: each query gets its own
+  // gradient rows, added into the history afterwards.
+  at::Tensor gk_items = at::zeros({p.B, p.E, p.T_, p.D}, opts);
+  const int64_t blocks = num_blocks(p.B);
+  std::vector<Grads<T>> grads;
+  grads.reserve(blocks);
+  for (int64_t c = 0; c < blocks; ++c) grads.emplace_back(p, opts, act_layers);
+  const double count = static_cast<double>(p.B) * p.T_ * (p.G > 1 ? 1 : p.E);
+  T* gq_ptr = gq.data_ptr<T>();
+  T* gk_ptr = gk_items.data_ptr<T>();
+  for_each_block(p.B, blocks, [&](int64_t c, int64_t b0, int64_t b1) {
+    Workspace<T> ws(p, true);
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t e = 0; e < p.E; ++e) {
+        const int64_t item = b * p.E + e;
+        backward_item(p, ws, grads[c], b, e, gout ? gout + item * p.D : nullptr,
+                      gscores ? gscores + item * p.T_ : nullptr,
+                      scores ? scores + item * p.T_ : nullptr, gstats, stats, count,
+                      gq_ptr + (b * p.Eq + (p.Eq > 1 ? e : 0)) * p.D,
+                      gk_ptr + item * p.T_ * p.D);
+      }
+  });
+  Grads<T>& gr = grads[0];
+  for (int64_t c = 1; c < blocks; ++c) gr.add(grads[c]);
+  at::Tensor gk = gk_items;
+  if (key_index.defined()) {
+    gk = at::zeros({p.R, p.E, p.T_, p.D}, opts).index_add_(0, key_index, gk_items);
+  }
+  // Back from the identity's pieces to W_1 = [W_q | W_k | W_d | W_p].
+  at::Tensor gqd = gr.wqd_t.transpose(-1, -2), gkd = gr.wkd_t.transpose(-1, -2);
+  at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, gr.wp_t.transpose(-1, -2)}, -1);
+  std::vector<at::Tensor> gw{gw1};
+  for (int l = 1; l < p.L; ++l) gw.push_back(gr.w[l]);
+  (void)weights0;
+  return {gq, gk, gw, gr.c, gr.wo, gr.co, gr.ap};
+}
+
+// ---- operator entry points --------------------------------------------------------------
+
+void check_inputs(const at::Tensor& query, const at::Tensor& keys,
+                  const std::optional<at::Tensor>& key_index,
+                  const std::optional<at::Tensor>& lengths,
+                  const std::optional<at::Tensor>& mask) {
+  TORCH_CHECK(query.dim() == 3 && keys.dim() == 4, "target_attention_cpu: query (B, Eq, D) and keys (R, E, T, D)");
+  TORCH_CHECK(query.device().is_cpu() && keys.device().is_cpu(), "target_attention_cpu: CPU tensors only");
+  TORCH_CHECK(query.scalar_type() == keys.scalar_type(), "target_attention_cpu: query and keys differ in dtype");
+  TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
+              "target_attention_cpu: float32 or float64 only");
+  if (key_index) TORCH_CHECK(key_index->scalar_type() == at::kLong, "key_index: int64");
+  if (lengths) TORCH_CHECK(lengths->scalar_type() == at::kLong, "lengths: int64");
+  if (mask) TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: bool");
+}
+
+std::optional<at::Tensor> contig(const std::optional<at::Tensor>& t) {
+  if (!t) return t;
+  return t->contiguous();
+}
+
+std::vector<at::Tensor> contig(at::TensorList ts) {
+  std::vector<at::Tensor> out;
+  for (const auto& t : ts) out.push_back(t.contiguous());
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> target_attention_cpu_forward(
+    const at::Tensor& query_, const at::Tensor& keys_, const std::optional<at::Tensor>& key_index_,
+    const std::optional<at::Tensor>& lengths_, const std::optional<at::Tensor>& mask_,
+    at::TensorList weights_, at::TensorList biases_, const at::Tensor& out_weight_,
+    const at::Tensor& out_bias_, at::TensorList act_params_, c10::string_view activation,
+    c10::string_view normalization) {
+  check_inputs(query_, keys_, key_index_, lengths_, mask_);
+  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
+  const auto key_index = contig(key_index_), lengths = contig(lengths_), mask = contig(mask_);
+  const auto weights = contig(weights_), biases = contig(biases_), act_params = contig(act_params_);
+  const at::Tensor out_weight = out_weight_.contiguous(), out_bias = out_bias_.contiguous();
+  const Act act = parse_activation(std::string(activation));
+  const int64_t B = query.size(0), E = keys.size(1), T_ = keys.size(2), D = query.size(2);
+  at::Tensor out = at::empty({B, E, D}, query.options());
+  at::Tensor scores = at::empty({B, E, T_}, query.options());
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "target_attention_cpu_forward", [&] {
+    auto p = make_problem<scalar_t>(query, keys, key_index, lengths, mask, weights, biases,
+                                    out_weight, out_bias, act_params, act, Mode::kForward);
+    p.softmax = normalization == "softmax";
+    scalar_t* o = out.data_ptr<scalar_t>();
+    scalar_t* s = scores.data_ptr<scalar_t>();
+    for_each_block(B, num_blocks(B), [&](int64_t, int64_t b0, int64_t b1) {
+      Workspace<scalar_t> ws(p, false);
+      for (int64_t b = b0; b < b1; ++b)
+        for (int64_t e = 0; e < E; ++e)
+          forward_item(p, ws, b, e, o + (b * E + e) * D, s + (b * E + e) * T_);
+    });
+  });
+  return {out, scores};
+}
+
+BackwardResult target_attention_cpu_backward(
+    const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_scores_,
+    const at::Tensor& scores_, const at::Tensor& query_, const at::Tensor& keys_,
+    const std::optional<at::Tensor>& key_index_, const std::optional<at::Tensor>& lengths_,
+    const std::optional<at::Tensor>& mask_, at::TensorList weights_, at::TensorList biases_,
+    const at::Tensor& out_weight_, const at::Tensor& out_bias_, at::TensorList act_params_,
+    c10::string_view activation, c10::string_view normalization) {
+  check_inputs(query_, keys_, key_index_, lengths_, mask_);
+  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
+  const auto key_index = contig(key_index_), lengths = contig(lengths_), mask = contig(mask_);
+  const auto weights = contig(weights_), biases = contig(biases_), act_params = contig(act_params_);
+  const at::Tensor out_weight = out_weight_.contiguous(), out_bias = out_bias_.contiguous();
+  const at::Tensor grad_out = grad_out_.contiguous(), scores = scores_.contiguous();
+  const auto grad_scores = contig(grad_scores_);
+  const Act act = parse_activation(std::string(activation));
+  BackwardResult result;
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "target_attention_cpu_backward", [&] {
+    auto p = make_problem<scalar_t>(query, keys, key_index, lengths, mask, weights, biases,
+                                    out_weight, out_bias, act_params, act, Mode::kForward);
+    p.softmax = normalization == "softmax";
+    result = backward_impl<scalar_t>(
+        p, weights[0], key_index ? *key_index : at::Tensor(), grad_out.data_ptr<scalar_t>(),
+        grad_scores ? grad_scores->data_ptr<scalar_t>() : nullptr, scores.data_ptr<scalar_t>(),
+        nullptr, nullptr, query.options());
+  });
+  return result;
+}
+
+at::Tensor target_attention_cpu_stats(const at::Tensor& query_, const at::Tensor& keys_,
+                                      const std::optional<at::Tensor>& key_index_,
+                                      at::TensorList weights_, at::TensorList biases_,
+                                      at::TensorList act_params_) {
+  check_inputs(query_, keys_, key_index_, std::nullopt, std::nullopt);
+  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
+  const auto key_index = contig(key_index_);
+  const auto weights = contig(weights_), biases = contig(biases_), act_params = contig(act_params_);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "target_attention_cpu_stats", [&] {
+    auto p = make_problem<scalar_t>(query, keys, key_index, std::nullopt, std::nullopt, weights,
+                                    biases, std::nullopt, std::nullopt, act_params, Act::kDice,
+                                    Mode::kStats);
+    out = stats_impl(p, query.options());
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+           std::vector<at::Tensor>>
+target_attention_cpu_stats_backward(const at::Tensor& grad_stats_, const at::Tensor& stats_,
+                                    const at::Tensor& query_, const at::Tensor& keys_,
+                                    const std::optional<at::Tensor>& key_index_,
+                                    at::TensorList weights_, at::TensorList biases_,
+                                    at::TensorList act_params_) {
+  check_inputs(query_, keys_, key_index_, std::nullopt, std::nullopt);
+  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
+  const auto key_index = contig(key_index_);
+  const auto weights = contig(weights_), biases = contig(biases_), act_params = contig(act_params_);
+  const at::Tensor grad_stats = grad_stats_.contiguous(), stats = stats_.contiguous();
+  std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
+             std::vector<at::Tensor>>
+      result;
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "target_attention_cpu_stats_backward", [&] {
+    auto p = make_problem<scalar_t>(query, keys, key_index, std::nullopt, std::nullopt, weights,
+                                    biases, std::nullopt, std::nullopt, act_params, Act::kDice,
+                                    Mode::kStats);
+    auto r = backward_impl<scalar_t>(p, weights[0], key_index ? *key_index : at::Tensor(),
+                                     nullptr, nullptr, nullptr, grad_stats.data_ptr<scalar_t>(),
+                                     stats.data_ptr<scalar_t>(), query.options());
+    result = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<6>(r)};
+  });
+  return result;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(interest_kernels, m) {
+  // Fused target attention on the canonical layout of the header comment; returns the
+  // pooled output (B, E, D) and the attention weights (B, E, T).
+  m.def(
+      "target_attention_cpu(Tensor query, Tensor keys, Tensor? key_index, Tensor? lengths, "
+      "Tensor? mask, Tensor[] weights, Tensor[] biases, Tensor out_weight, Tensor out_bias, "
+      "Tensor[] act_params, str activation, str normalization) -> (Tensor, Tensor)");
+  m.def(
+      "target_attention_cpu_backward(Tensor grad_out, Tensor? grad_scores, Tensor scores, "
+      "Tensor query, Tensor keys, Tensor? key_index, Tensor? lengths, Tensor? mask, "
+      "Tensor[] weights, Tensor[] biases, Tensor out_weight, Tensor out_bias, "
+      "Tensor[] act_params, str activation, str normalization) -> (Tensor, Tensor, Tensor[], "
+      "Tensor[], Tensor, Tensor, Tensor[])");
+  // Batch mean and biased variance (G, 2, H_L) of the last given layer's pre-activation
+  // over every position (padding included, as Dice's batch statistics are); the layers
+  // before it use Dice with the given [alpha, scale, shift] per layer.
+  m.def(
+      "target_attention_cpu_stats(Tensor query, Tensor keys, Tensor? key_index, "
+      "Tensor[] weights, Tensor[] biases, Tensor[] act_params) -> Tensor");
+  m.def(
+      "target_attention_cpu_stats_backward(Tensor grad_stats, Tensor stats, Tensor query, "
+      "Tensor keys, Tensor? key_index, Tensor[] weights, Tensor[] biases, "
+      "Tensor[] act_params) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
+}
+
+TORCH_LIBRARY_IMPL(interest_kernels, CPU, m) {
+  m.impl("target_attention_cpu", &target_attention_cpu_forward);
+  m.impl("target_attention_cpu_backward", &target_attention_cpu_backward);
+  m.impl("target_attention_cpu_stats", &target_attention_cpu_stats);
+  m.impl("target_attention_cpu_stats_backward", &target_attention_cpu_stats_backward);
+}
+
+}  // namespace target_attention
+}  // namespace interest_kernels

@@ -1,0 +1,246 @@
+"""The fused C++ CPU target attention (csrc/target_attention_cpu.cpp): its operator
+registrations (opcheck), float64 gradcheck through the operator, the awkward cases
+against the eager reference, padding that holds NaN/Inf, tiling past one tile of keys,
+and threads. The common forms are compared in test_target_attention_reference.py."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from interest_kernels import use_backend
+from interest_kernels.ops.target_attention import target_attention, target_attention_reference
+from interest_kernels.ops.target_attention.cpu import unavailable_reason
+from interest_kernels.testing import check_against_reference
+
+import target_attention_cases as cases
+from target_attention_cases import call, grad_names
+
+pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=str(unavailable_reason()))
+
+F64 = torch.float64
+OPS = torch.ops.interest_kernels
+
+
+def cpu_call(**kw):
+    with use_backend("cpu"):
+        return call(target_attention)(**kw)
+
+
+def check(inp: dict, **kw) -> None:
+    check_against_reference(cpu_call, call(target_attention_reference), inp, grad=grad_names(inp), **kw)
+
+
+# --- operator registration ----------------------------------------------------------------
+
+def _op_args(heads=2, per_head=False, activation="sigmoid", layers=2, rows=None, dtype=F64):
+    """Canonical arguments of target_attention_cpu: B 3, T 5, D 3, units (4, 3[, 2])."""
+    B, T, D, units = 3, 5, 3, (4, 3, 2)[:layers]
+    G = heads if per_head else 1
+    widths = (4 * D,) + units
+    R = rows or B
+    args = dict(
+        query=torch.randn(B, 1, D, dtype=dtype, requires_grad=True),
+        keys=torch.randn(R, heads, T, D, dtype=dtype, requires_grad=True),
+        key_index=torch.tensor([0, R - 1, R - 1]) if rows else None,
+        lengths=torch.tensor([0, T, 2])[:R] if not rows else torch.tensor([T, 1][:R]),
+        mask=None,
+        weights=[torch.randn(G, widths[i + 1], widths[i], dtype=dtype, requires_grad=True)
+                 for i in range(layers)],
+        biases=[torch.randn(G, h, dtype=dtype, requires_grad=True) for h in units],
+        out_weight=torch.randn(G, units[-1], dtype=dtype, requires_grad=True),
+        out_bias=torch.randn(G, dtype=dtype, requires_grad=True),
+        act_params=[],
+    )
+    if activation == "prelu":
+        args["act_params"] = [torch.rand(G, h, dtype=dtype, requires_grad=True) for h in units]
+    if activation == "dice":
+        args["act_params"] = [torch.rand(G, h, dtype=dtype, requires_grad=True)
+                              for h in units for _ in range(3)]
+    return args, units
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(), dict(activation="prelu", per_head=True, layers=3), dict(activation="dice", rows=2),
+])
+def test_opcheck_forward(cfg):
+    args, _ = _op_args(**cfg)
+    activation = cfg.get("activation", "sigmoid")
+    torch.library.opcheck(OPS.target_attention_cpu, tuple(args.values()) + (activation, "softmax"))
+
+
+def test_opcheck_stats():
+    args, units = _op_args(activation="dice", heads=1)
+    stats_args = (args["query"], args["keys"], None, args["weights"], args["biases"],
+                  args["act_params"][:3])
+    torch.library.opcheck(OPS.target_attention_cpu_stats, stats_args)
+
+
+@pytest.mark.parametrize("cfg", [
+    dict(), dict(activation="relu", rows=2), dict(activation="prelu", per_head=True, layers=3),
+    dict(activation="dice", layers=1),
+])
+@pytest.mark.parametrize("normalization", ["softmax", "none"])
+def test_gradcheck_through_the_op(cfg, normalization):
+    args, _ = _op_args(**cfg)
+    activation = cfg.get("activation", "sigmoid")
+    names = list(args)
+    flat, spec = [], []
+    for name in names:
+        v = args[name]
+        if isinstance(v, list):
+            spec.append((name, len(v)))
+            flat += v
+        else:
+            spec.append((name, None))
+            flat.append(v)
+
+    def fn(*tensors):
+        it = iter(tensors)
+        kw = {name: ([next(it) for _ in range(n)] if n is not None else next(it)) for name, n in spec}
+        return OPS.target_attention_cpu(*kw.values(), activation, normalization)
+
+    assert torch.autograd.gradcheck(fn, tuple(flat), atol=1e-7, rtol=1e-5)
+
+
+def test_gradcheck_stats():
+    args, _ = _op_args(activation="dice", layers=2, rows=2)
+    tensors = (args["query"], args["keys"], *args["weights"], *args["biases"], *args["act_params"][:3])
+
+    def fn(q, k, w0, w1, c0, c1, a, s, t):
+        return OPS.target_attention_cpu_stats(q, k, args["key_index"], [w0, w1], [c0, c1], [a, s, t])
+
+    assert torch.autograd.gradcheck(fn, tensors, atol=1e-7, rtol=1e-5)
+
+
+# --- awkward cases against the reference ----------------------------------------------------
+
+AWKWARD = {
+    "T0": dict(seq_len=0, valid="none"),
+    "T0-lengths": dict(seq_len=0, valid="lengths"),
+    "T1-mask": dict(seq_len=1, valid="mask"),
+    "all-masked-rows": dict(valid="mask", batch=4),
+    "lengths-0-and-T-none": dict(valid="lengths", normalization="none", batch=5),
+    "long-T-two-tiles": dict(seq_len=300, batch=2, dim=4, units=(6, 3)),
+    "long-T-dice-train": dict(seq_len=200, batch=2, dim=4, units=(6, 3), activation="dice",
+                              dice_training=True),
+    "heads-shared-dice-train-mask": dict(heads=3, activation="dice", dice_training=True, valid="mask"),
+    "per-head-shared-history-3-layers": dict(heads=2, per_head=True, rows=2, batch=4,
+                                             units=(5, 4, 3), activation="relu"),
+}
+
+
+@pytest.mark.parametrize("case", list(AWKWARD))
+def test_awkward_cases(case):
+    check(cases.make_case(**AWKWARD[case]))
+
+
+@pytest.mark.parametrize("cfg", [dict(), dict(rows=2), dict(heads=2, per_head=True),
+                                 dict(activation="dice", dice_training=True)])
+def test_empty_batch(cfg):
+    """B = 0 (the reference cannot reshape an empty query, so this compares shapes)."""
+    rows = cfg.pop("rows", None)
+    inp = cases.make_case(batch=0, valid="none", **cfg)
+    if rows:
+        inp["keys"] = torch.randn(rows, 4, 3)
+        inp["key_index"] = torch.zeros(0, dtype=torch.long)
+    q = inp["query"].requires_grad_(True)
+    w = inp["weights"][0].requires_grad_(True)
+    out, a = cpu_call(**inp)
+    heads = (2,) if "heads" in cfg else ()
+    assert out.shape == (0,) + heads + (3,) and a.shape == (0,) + heads + (4,)
+    gq, gw = torch.autograd.grad(out.sum() + a.sum(), [q, w])
+    assert gq.shape == q.shape and torch.equal(gw, torch.zeros_like(gw))
+
+
+def test_all_masked_rows_give_zeros():
+    inp = cases.make_case(valid="mask", batch=4)
+    inp["mask"][1] = False
+    out, a = cpu_call(**inp)
+    assert torch.equal(out[:2], torch.zeros_like(out[:2])) and torch.equal(a[:2], torch.zeros_like(a[:2]))
+
+
+@pytest.mark.parametrize("valid", ["lengths", "mask"])
+@pytest.mark.parametrize("rows", [None, 2])
+def test_non_contiguous_inputs(valid, rows):
+    inp = cases.make_case(valid=valid, rows=rows, batch=4)
+    q, k = inp["query"], inp["keys"]
+    inp["query"] = torch.cat([q, q], dim=1)[:, ::2]
+    inp["keys"] = torch.cat([k, k], dim=-1)[..., ::2].transpose(0, 1).contiguous().transpose(0, 1)
+    inp["weights"] = [w.t().contiguous().t() for w in inp["weights"]]
+    assert not inp["query"].is_contiguous() and not inp["weights"][0].is_contiguous()
+    check(inp)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
+@pytest.mark.parametrize("valid", ["lengths", "mask"])
+@pytest.mark.parametrize("rows", [None, 3])
+def test_padding_never_read(activation, valid, rows):
+    """NaN and Inf in padded keys and padded upstream score gradients reach no output and
+    no gradient; padded key positions get a zero gradient."""
+    inp = cases.make_case(activation=activation, valid=valid, rows=rows, batch=5, seq_len=6)
+    n_rows = rows or 5
+    if valid == "lengths":
+        pad = torch.arange(6) >= inp["lengths"].reshape(-1, 1)
+    else:
+        pad = ~inp["mask"]
+    clean = {k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+             for k, v in inp.items()}
+    dirty = dict(clean, keys=clean["keys"].detach().clone().requires_grad_(True))
+    with torch.no_grad():
+        poison = torch.tensor([float("nan"), float("inf"), -float("inf")]).repeat(n_rows * 6)[: n_rows * 6]
+        dirty["keys"][pad] = poison.reshape(n_rows, 6)[pad].unsqueeze(-1).expand(-1, 3)
+    results = []
+    for kw in (clean, dirty):
+        out, a = cpu_call(**kw)
+        key_index = kw.get("key_index")
+        a_pad = pad if key_index is None else pad[key_index]
+        ga = torch.ones_like(a).masked_fill(a_pad, float("nan"))
+        (gq, gk) = torch.autograd.grad((out.sum() + (a * ga).nan_to_num(0.0).sum()), [kw["query"], kw["keys"]])
+        results.append((out, a, gq, gk))
+    for x, y in zip(*results):
+        assert torch.isfinite(y).all()
+        torch.testing.assert_close(x, y)
+    assert torch.equal(results[1][3][pad], torch.zeros_like(results[1][3][pad]))
+
+
+def test_padded_score_gradient_is_ignored():
+    inp = cases.make_case(valid="lengths", batch=4)
+    pad = torch.arange(4) >= inp["lengths"].reshape(-1, 1)
+    q = inp["query"].clone().requires_grad_(True)
+    _, a = cpu_call(**dict(inp, query=q))
+    ga = torch.randn_like(a)
+    g1, = torch.autograd.grad(a, q, ga, retain_graph=True)
+    g2, = torch.autograd.grad(a, q, ga.masked_fill(pad, float("nan")))
+    torch.testing.assert_close(g1, g2)
+
+
+def test_two_threads_match_one():
+    inp = cases.make_case(batch=9, seq_len=7, activation="dice", dice_training=True, valid="mask")
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            kw = {k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+                  for k, v in inp.items()}
+            kw["weights"] = [w.clone().requires_grad_(True) for w in inp["weights"]]
+            out, a = cpu_call(**kw)
+            grads = torch.autograd.grad(out.sum() + a.sum(), [kw["query"], kw["keys"], *kw["weights"]])
+            results.append((out, a, *grads))
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y)
+
+
+def test_no_grad_forward_allocates_nothing_of_size_b_t_units():
+    """The fused forward keeps hidden activations in a per-thread workspace."""
+    B, T, D, H = 64, 50, 8, 200
+    inp = cases.make_case(batch=B, seq_len=T, dim=D, units=(H,), valid="lengths")
+    big = []
+    with torch.no_grad(), torch.profiler.profile(profile_memory=True) as prof:
+        cpu_call(**inp)
+    for ev in prof.key_averages():
+        if ev.cpu_memory_usage > 4 * B * T * H // 2:
+            big.append((ev.key, ev.cpu_memory_usage))
+    assert not big, big
