@@ -52,6 +52,7 @@ __all__ = [
     "load_checkpoint_model",
     "export_programs",
     "export_package",
+    "export_onnx",
     "write_tensors",
     "read_tensors",
     "main",
@@ -148,8 +149,13 @@ def _example_inputs(model: CTRModel, users: int, candidates: int, steps: int, de
     return score, cand
 
 
-def export_programs(model: CTRModel, device: str = "cpu") -> dict[str, torch.export.ExportedProgram]:
-    """``torch.export`` of both entry points, dynamic in B (or U), N and T."""
+def export_programs(
+    model: CTRModel, device: str = "cpu", backend: Optional[str] = None
+) -> dict[str, torch.export.ExportedProgram]:
+    """``torch.export`` of both entry points, dynamic in B (or U), N and T.
+
+    ``backend``: the op backend traced (``use_backend``); by default the fused CPU ops on
+    the CPU and the reference on CUDA (see the module docstring)."""
     device_ = torch.device(device)
     model = model.to(device_).eval()
     max_steps = model.positions.num_embeddings if hasattr(model, "positions") else None
@@ -167,8 +173,9 @@ def export_programs(model: CTRModel, device: str = "cpu") -> dict[str, torch.exp
         "lengths": {0: users}, "context": {0: users}, "item": {0: candidates}, "cat": {0: candidates},
         "user_index": {0: candidates},
     }
-    backend = use_backend("reference") if device_.type == "cuda" else use_backend(None)
-    with torch.no_grad(), backend:
+    if backend is None and device_.type == "cuda":
+        backend = "reference"
+    with torch.no_grad(), use_backend(backend):
         return {
             "score": torch.export.export(ScoringModule(model), score_args, dynamic_shapes=score_shapes),
             "candidates": torch.export.export(CandidateScoringModule(model), cand_args, dynamic_shapes=cand_shapes),
@@ -190,6 +197,22 @@ def export_package(
         for name, program in programs.items()
     }
     return package_aoti(path, files)
+
+
+def export_onnx(model: CTRModel, path: str) -> None:
+    """The ``"score"`` entry point as ONNX (dynamic B and T), for onnxruntime and the like.
+
+    Traced from the reference backend: the fused operators are opaque to ONNX. DIN and
+    DMIN export; DIEN does not, since its GRU scans (the attentional AUGRU/AGRU/AIGRU)
+    are one operator with no ONNX form, and their reference is a Python loop over T, which
+    would fix T. Needs the ``onnx`` extra (onnx, onnxscript; onnxruntime to run it)."""
+    if isinstance(model, MODELS["dien"]):
+        raise NotImplementedError(
+            "DIEN cannot be exported to ONNX: its GRU scans are one operator without an ONNX "
+            "form; serve it with the AOTInductor package (python -m interest_kernels.export)"
+        )
+    program = export_programs(model, "cpu", backend="reference")["score"]
+    torch.onnx.export(program, (), path, dynamo=True, input_names=list(SCORE_INPUTS), output_names=["scores"])
 
 
 # --- a tensor file format simple enough for any C++ reader ---------------------------
@@ -234,7 +257,11 @@ def read_tensors(path: str) -> dict[str, torch.Tensor]:
         for s in shape:
             numel *= s
         nbytes = numel * torch.empty((), dtype=dtype).element_size()
-        out[name] = torch.frombuffer(bytearray(data[pos : pos + nbytes]), dtype=dtype).reshape(shape)
+        if len(data) < pos + nbytes:
+            raise ValueError(f"{path}: truncated data of {name!r}")
+        flat = torch.frombuffer(bytearray(data[pos : pos + nbytes]), dtype=dtype) if nbytes else \
+            torch.empty(0, dtype=dtype)
+        out[name] = flat.reshape(shape)
         pos += nbytes
     return out
 

@@ -10,6 +10,8 @@ padding / unknown (``padding_idx=0``: never trained).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from typing import Any, ContextManager, Iterator, NamedTuple, Optional, Sequence
 
 import torch
@@ -82,6 +84,29 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+# Samplers by key, so that the registered op below finds a sampler's generator from an int.
+_SAMPLERS: "weakref.WeakValueDictionary[int, NegativeSampler]" = weakref.WeakValueDictionary()
+_sampler_keys = itertools.count()
+
+
+@torch.library.custom_op(
+    "interest_kernels::sample_negative_items", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _sample_negative_items(sampler: int, num_items: int, shape: list[int], device: torch.device) -> torch.Tensor:
+    """Item indices uniform in [1, num_items), drawn from the generator of sampler ``sampler``."""
+    items = torch.randint(1, num_items, tuple(shape), generator=_SAMPLERS[sampler].generator)
+    return items.to(device)
+
+
+@_sample_negative_items.register_fake
+def _sample_negative_items_fake(sampler: int, num_items: int, shape: list[int], device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int64, device=device)
+
+
+# Each call advances the generator: compiled graphs must neither drop, merge nor repeat it.
+torch.fx.node.has_side_effect(torch.ops.interest_kernels.sample_negative_items.default)
+
+
 class NegativeSampler(nn.Module):
     """Negative behaviours for the auxiliary loss: item indices drawn uniformly from
     [1, num_items) with this module's own seeded generator (on the CPU, so CPU and GPU
@@ -99,13 +124,22 @@ class NegativeSampler(nn.Module):
             )
         self.register_buffer("item_category", item_category.clone())
         self.generator = torch.Generator().manual_seed(seed)
+        # An op of the graph (torch.compile cannot trace a Generator argument).
+        self.key = next(_sampler_keys)
+        _SAMPLERS[self.key] = self
 
     def forward(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """(items, categories), both int64 of ``shape`` on the buffer's device."""
         num_items = self.item_category.shape[0]
-        items = torch.randint(1, num_items, tuple(shape), generator=self.generator)
-        items = items.to(self.item_category.device)
+        items = torch.ops.interest_kernels.sample_negative_items(
+            self.key, num_items, list(shape), self.item_category.device
+        )
         return items, self.item_category[items]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.key = next(_sampler_keys)  # a copy draws from its own generator
+        _SAMPLERS[self.key] = self
 
     def get_extra_state(self) -> torch.Tensor:
         return self.generator.get_state()
