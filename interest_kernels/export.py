@@ -20,9 +20,10 @@ positions ``t >= lengths[b]`` are padding and never read; ``1 <= T`` (a user wit
 history has length 0), and T <= the model's ``max_len`` for DMIN. K, the number of context
 fields, is fixed by the model.
 
-On the CPU the graph runs the same backends as eager inference (``backend="fused"``);
-operators of the compiled extension appear in the package as calls into
-``interest_kernels._C``, so a C++ process must load that library (or the CMake target
+On the CPU the graph runs the fused backends of eager inference (``backend="fused"``),
+except target attention, traced from its reference (see ``_target_attention_on_reference``);
+operators of the compiled extension (the GRU scans of DIEN) appear in the package as calls
+into ``interest_kernels._C``, so a C++ process must load that library (or the CMake target
 ``interest_kernels_ops``) before it loads the package: see ``csrc/serving/``. With
 ``--device cuda`` the graph is exported from the reference backend, whose plain aten ops
 Inductor compiles to its own kernels inside the package (the project's Triton kernels are
@@ -31,11 +32,12 @@ Python custom ops, which a package cannot call).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import struct
 import tempfile
 from types import SimpleNamespace
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch import nn
@@ -149,6 +151,22 @@ def _example_inputs(model: CTRModel, users: int, candidates: int, steps: int, de
     return score, cand
 
 
+@contextlib.contextmanager
+def _target_attention_on_reference() -> Iterator[None]:
+    """Route target attention to its reference (plain aten ops) while tracing for a CPU
+    package. Its fused CPU op takes ``Tensor[] act_params``, empty for sigmoid, relu and
+    identity, and AOTInductor's C++ proxy executor (torch 2.13) hands an empty ``Tensor[]``
+    to the op as None, which aborts the call; Inductor compiles the reference instead."""
+    from .ops.target_attention.op import OP
+
+    saved = OP.preference
+    OP.preference = {**saved, "cpu": ("reference",)}
+    try:
+        yield
+    finally:
+        OP.preference = saved
+
+
 def export_programs(
     model: CTRModel, device: str = "cpu", backend: Optional[str] = None
 ) -> dict[str, torch.export.ExportedProgram]:
@@ -175,7 +193,9 @@ def export_programs(
     }
     if backend is None and device_.type == "cuda":
         backend = "reference"
-    with torch.no_grad(), use_backend(backend):
+    packageable = _target_attention_on_reference() if device_.type == "cpu" and backend is None \
+        else contextlib.nullcontext()
+    with torch.no_grad(), use_backend(backend), packageable:
         return {
             "score": torch.export.export(ScoringModule(model), score_args, dynamic_shapes=score_shapes),
             "candidates": torch.export.export(CandidateScoringModule(model), cand_args, dynamic_shapes=cand_shapes),

@@ -1,10 +1,11 @@
 """End-to-end check of serving without Python (run by ctest, see CMakeLists.txt):
 
-1. train a small DIN for a few steps with ``python -m interest_kernels.train --checkpoint``;
+1. train a small DIEN for a few steps with ``python -m interest_kernels.train --checkpoint``;
 2. export it with ``python -m interest_kernels.export`` (both entry points);
 3. score one batch with the C++ runner ``ik_serve`` for each entry point (the project's
    operator library loaded with ``--ops``) and compare with the eager Python scores
-   (absolute difference at most 1e-5).
+   (absolute difference at most 1e-5); without ``--ops`` the runner must fail, naming
+   the GRU scan operator that DIEN's package calls.
 
     python csrc/serving/check_runner.py --runner build/cmake/ik_serve --ops build/cmake/libinterest_kernels_ops.so
 """
@@ -58,7 +59,7 @@ def _run(cmd, what):
     start = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
-        sys.exit(f"{what} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+        sys.exit(f"{what} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[:3000]}")
     print(f"{what}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
@@ -66,10 +67,13 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--runner", required=True)
     p.add_argument("--ops", required=True, help="the operator library the runner loads")
-    p.add_argument("--model", default="din", choices=("din", "dien", "dmin"))
+    p.add_argument("--model", default="dien", choices=("din", "dien", "dmin"))
+    p.add_argument("--keep", help="write the checkpoint, package and batch files here (kept)")
     args = p.parse_args()
     py = sys.executable
-    with tempfile.TemporaryDirectory(prefix="ik_serving_") as tmp:
+    with tempfile.TemporaryDirectory(prefix="ik_serving_") as scratch:
+        tmp = args.keep or scratch
+        os.makedirs(tmp, exist_ok=True)
         ck, pkg = os.path.join(tmp, "ck.pt"), os.path.join(tmp, "model.pt2")
         _run([py, "-m", "interest_kernels.train", "--model", args.model, "--epochs", "1", "--max-steps", "3",
               "--device", "cpu", "--checkpoint", ck, "--quiet"], "train")
@@ -92,6 +96,12 @@ def main() -> int:
             err = float((got - expected[entry]).abs().max())
             worst = max(worst, err)
             print(f"{entry}: {got.numel()} scores, max |runner - eager| = {err:.2e}")
+        if args.model == "dien":
+            done = subprocess.run([args.runner, pkg, "score", src, dst], capture_output=True, text=True)
+            if done.returncode == 0 or "interest_kernels::gru_scan_forward" not in done.stderr:
+                sys.exit(f"without --ops the runner should fail on interest_kernels::gru_scan_forward:\n"
+                         f"{done.stderr[:2000]}")
+            print("without --ops: fails as it should, naming interest_kernels::gru_scan_forward")
         if not worst <= 1e-5:
             sys.exit(f"runner and eager scores differ by {worst:.2e} > 1e-5")
     return 0
