@@ -20,11 +20,11 @@ positions ``t >= lengths[b]`` are padding and never read; ``1 <= T`` (a user wit
 history has length 0), and T <= the model's ``max_len`` for DMIN. K, the number of context
 fields, is fixed by the model.
 
-On the CPU the graph runs the fused backends of eager inference (``backend="fused"``),
-except target attention, traced from its reference (see ``_target_attention_on_reference``);
-operators of the compiled extension (the GRU scans of DIEN) appear in the package as calls
-into ``interest_kernels._C``, so a C++ process must load that library (or the CMake target
-``interest_kernels_ops``) before it loads the package: see ``csrc/serving/``. With
+On the CPU the graph runs the fused backends of eager inference (``backend="fused"``):
+the compiled extension's operators (fused target attention, GRU scans) appear in the
+package as calls into ``interest_kernels._C``, so a C++ process must load that library
+(or the CMake target ``interest_kernels_ops``) before it loads the package: see
+``csrc/serving/``. With
 ``--device cuda`` the graph is exported from the reference backend, whose plain aten ops
 Inductor compiles to its own kernels inside the package (the project's Triton kernels are
 Python custom ops, which a package cannot call).
@@ -32,16 +32,16 @@ Python custom ops, which a package cannot call).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import struct
 import tempfile
 from types import SimpleNamespace
-from typing import Iterator, Optional, Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
+from . import _extension
 from ._backend import use_backend
 from .data.common import Batch, FeatureSpec
 from .models import MODELS, CTRModel
@@ -151,20 +151,35 @@ def _example_inputs(model: CTRModel, users: int, candidates: int, steps: int, de
     return score, cand
 
 
-@contextlib.contextmanager
-def _target_attention_on_reference() -> Iterator[None]:
-    """Route target attention to its reference (plain aten ops) while tracing for a CPU
-    package. Its fused CPU op takes ``Tensor[] act_params``, empty for sigmoid, relu and
-    identity, and AOTInductor's C++ proxy executor (torch 2.13) hands an empty ``Tensor[]``
-    to the op as None, which aborts the call; Inductor compiles the reference instead."""
-    from .ops.target_attention.op import OP
+def _load_packaged_attention() -> bool:
+    """Whether the extension provides ``target_attention_cpu_packaged`` (``csrc/serving_ops.cpp``);
+    registers its fake implementation once."""
+    if not _extension.load() or not hasattr(torch.ops.interest_kernels, "target_attention_cpu_packaged"):
+        return False
+    if not torch._library.utils.has_fake_kernel(torch.ops.interest_kernels.target_attention_cpu_packaged.default):
+        @torch.library.register_fake("interest_kernels::target_attention_cpu_packaged")
+        def _fake(query, keys, key_index, lengths, mask, weights, biases, out_weight, out_bias, act_params,
+                  activation, normalization):
+            return torch.ops.interest_kernels.target_attention_cpu(
+                query, keys, key_index, lengths, mask, weights, biases, out_weight, out_bias, act_params or [],
+                activation, normalization)
+    return True
 
-    saved = OP.preference
-    OP.preference = {**saved, "cpu": ("reference",)}
-    try:
-        yield
-    finally:
-        OP.preference = saved
+
+def _packageable(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Calls of the fused target attention whose ``act_params`` list is empty (sigmoid,
+    relu, identity) become calls of ``target_attention_cpu_packaged`` with None:
+    AOTInductor's proxy executor (torch 2.13) passes an empty ``Tensor[]`` as None, which
+    aborts the call."""
+    if not _load_packaged_attention():
+        return gm
+    fused = torch.ops.interest_kernels.target_attention_cpu.default
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target is fused and len(node.args) > 9 and not node.args[9]:
+            node.target = torch.ops.interest_kernels.target_attention_cpu_packaged.default
+            node.args = node.args[:9] + (None,) + node.args[10:]
+    gm.recompile()
+    return gm
 
 
 def export_programs(
@@ -193,9 +208,7 @@ def export_programs(
     }
     if backend is None and device_.type == "cuda":
         backend = "reference"
-    packageable = _target_attention_on_reference() if device_.type == "cpu" and backend is None \
-        else contextlib.nullcontext()
-    with torch.no_grad(), use_backend(backend), packageable:
+    with torch.no_grad(), use_backend(backend):
         return {
             "score": torch.export.export(ScoringModule(model), score_args, dynamic_shapes=score_shapes),
             "candidates": torch.export.export(CandidateScoringModule(model), cand_args, dynamic_shapes=cand_shapes),
@@ -213,7 +226,7 @@ def export_package(
     programs = export_programs(model, device)
     options = {**(inductor_configs or {}), "aot_inductor.package": True}
     files = {
-        name: aot_compile(program.module(), tuple(program.example_inputs[0]), options=options)
+        name: aot_compile(_packageable(program.module()), tuple(program.example_inputs[0]), options=options)
         for name, program in programs.items()
     }
     return package_aoti(path, files)
