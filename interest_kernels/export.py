@@ -41,7 +41,6 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from . import _extension
 from ._backend import use_backend
 from .data.common import Batch, FeatureSpec
 from .models import MODELS, CTRModel
@@ -154,7 +153,9 @@ def _example_inputs(model: CTRModel, users: int, candidates: int, steps: int, de
 def _load_packaged_attention() -> bool:
     """Whether the extension provides ``target_attention_cpu_packaged`` (``csrc/serving_ops.cpp``);
     registers its fake implementation once."""
-    if not _extension.load() or not hasattr(torch.ops.interest_kernels, "target_attention_cpu_packaged"):
+    from .ops.target_attention.cpu import unavailable_reason
+
+    if unavailable_reason() is not None or not hasattr(torch.ops.interest_kernels, "target_attention_cpu_packaged"):
         return False
     if not torch._library.utils.has_fake_kernel(torch.ops.interest_kernels.target_attention_cpu_packaged.default):
         @torch.library.register_fake("interest_kernels::target_attention_cpu_packaged")

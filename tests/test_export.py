@@ -128,3 +128,23 @@ def test_tensor_file_round_trip(tmp_path):
         torch.testing.assert_close(back[name], t, rtol=0, atol=0)
     with pytest.raises(TypeError, match="half"):
         write_tensors(path, {"half": torch.zeros(2, dtype=torch.float16)})
+
+
+def test_packaged_target_attention_equals_the_fused_op():
+    from interest_kernels.export import _load_packaged_attention
+
+    if not _load_packaged_attention():
+        pytest.skip("the compiled extension (with csrc/serving_ops.cpp) is not built")
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 1, 4, generator=gen), torch.randn(2, 1, 5, 4, generator=gen)
+    weights = [torch.randn(1, 6, 16, generator=gen), torch.randn(1, 2, 6, generator=gen)]
+    biases = [torch.randn(1, 6, generator=gen), torch.randn(1, 2, generator=gen)]
+    args = (q, k, torch.tensor([1, 0, 1]), torch.tensor([5, 2]), None, weights, biases,
+            torch.randn(1, 2, generator=gen), torch.randn(1, generator=gen))
+    for normalization in ("softmax", "none"):
+        want = torch.ops.interest_kernels.target_attention_cpu(*args, [], "sigmoid", normalization)
+        got = torch.ops.interest_kernels.target_attention_cpu_packaged(*args, None, "sigmoid", normalization)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        torch.library.opcheck(torch.ops.interest_kernels.target_attention_cpu_packaged.default,
+                              args + (None, "sigmoid", normalization), test_utils=("test_schema", "test_faketensor"))

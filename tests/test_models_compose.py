@@ -152,3 +152,14 @@ def test_onnx_export_runs_in_onnxruntime(cls, tmp_path):
         got = session.run(None, {name: a.numpy() for name, a in zip(SCORE_INPUTS, args)})[0]
         with torch.no_grad():
             torch.testing.assert_close(torch.from_numpy(got), scoring(*args), rtol=1e-5, atol=1e-6)
+
+
+def test_registered_ops_pass_opcheck():
+    weight = torch.randn(7, 3, requires_grad=True)
+    ids = torch.tensor([[1, 0, 4], [6, 6, 2]])
+    torch.library.opcheck(torch.ops.interest_kernels.mba_embedding_lookup.default, (weight, ids, 0),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    take_rows(weight)  # forget the rows opcheck's backward passes recorded
+    sampler = DIEN(_spec(), **TINY[DIEN]).sampler
+    torch.library.opcheck(torch.ops.interest_kernels.sample_negative_items.default,
+                          (sampler.key, 30, [2, 3], torch.device("cpu")), test_utils=("test_schema", "test_faketensor"))
