@@ -1,7 +1,8 @@
 """CPU benchmark of the MBA sparse optimiser steps (SPEC section 5).
 
 One step = backward of a lookup into a (N, 64) float32 table + the optimiser update,
-timed per step (the forward runs outside the timer). Compared:
+timed per step (the forward runs outside the timer); the sparse SGD steps run in
+interleaved rounds, each on its own random batches. Compared:
 
 * SGD: ``MBAEmbedding`` + ``MBASGD`` (lambda > 0), ``nn.Embedding(sparse=True)`` +
   ``MBASGD``, torch's unregularised sparse SGD (``nn.Embedding(sparse=True)`` +
@@ -76,14 +77,28 @@ def _run_case(rows: int, ids_per_batch: int, iters: int, warmup: int, which: set
         gc.collect()
 
     if "sgd" in which:
-        opt = MBASGD([weight], lr=0.01, weight_decay=LAM)
-        record("sgd", "mba (MBAEmbedding)", _time_steps(lambda ids: opt.step(), batches, mba, warmup))
-        clear()
-        opt = MBASGD([weight], lr=0.01, weight_decay=LAM)
-        record("sgd", "mba (Embedding sparse=True)", _time_steps(lambda ids: (opt.step(), opt.zero_grad()), batches, sparse_lookup, warmup))
-        clear()
-        opt = torch.optim.SGD([weight], lr=0.01)
-        record("sgd", "torch sparse, no regularisation", _time_steps(lambda ids: (opt.step(), opt.zero_grad()), batches, sparse_lookup, warmup))
+        # The three sparse steps in interleaved rounds (order rotating, each method on its
+        # own batches, so no method finds rows another just brought into cache).
+        own = {m: [torch.randint(0, rows, (ids_per_batch,), generator=gen) for _ in range(iters + warmup)]
+               for m in ("mba (MBAEmbedding)", "mba (Embedding sparse=True)", "torch sparse, no regularisation")}
+        mba_opt = MBASGD([weight], lr=0.01, weight_decay=LAM)
+        sparse_opt = MBASGD([weight], lr=0.01, weight_decay=LAM)
+        torch_opt = torch.optim.SGD([weight], lr=0.01)
+        steps = {
+            "mba (MBAEmbedding)": (lambda ids: mba_opt.step(), mba),
+            "mba (Embedding sparse=True)": (lambda ids: (sparse_opt.step(), sparse_opt.zero_grad()), sparse_lookup),
+            "torch sparse, no regularisation": (lambda ids: (torch_opt.step(), torch_opt.zero_grad()), sparse_lookup),
+        }
+        times = {m: [] for m in steps}
+        names = list(steps)
+        for i in range(iters + warmup):
+            for j in range(len(names)):
+                m = names[(i + j) % len(names)]
+                step, lookup = steps[m]
+                times[m] += _time_steps(step, [own[m][i]], lookup, 1 if i < warmup else 0)
+        for m in names:
+            record("sgd", m, times[m])
+        del mba_opt, sparse_opt, torch_opt
         clear()
         opt = torch.optim.SGD([weight], lr=0.01, weight_decay=LAM)
         dense_batches = batches[: max(2, min(len(batches), 4))]

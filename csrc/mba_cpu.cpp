@@ -73,6 +73,23 @@ std::vector<acc_t> gather_counts(const at::Tensor& counts, const Segments& seg) 
   return n;
 }
 
+// The touched rows are scattered over a table far larger than the caches: each row's
+// update waits on memory unless its lines are requested a few rows ahead.
+constexpr int64_t kPrefetchRows = 8;
+
+template <typename T>
+inline void prefetch_row(const T* row, int64_t d, bool for_write) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t off = 0; off < bytes; off += 64) {
+    if (for_write) {
+      __builtin_prefetch(p + off, 1, 3);
+    } else {
+      __builtin_prefetch(p + off, 0, 3);
+    }
+  }
+}
+
 template <typename scalar_t, typename acc_t, typename Rule>
 void apply_rule(
     at::Tensor& weight, const Batch& b, const std::vector<acc_t>& n, const Rule& rule,
@@ -89,6 +106,13 @@ void apply_rule(
   at::parallel_for(0, num_unique, grain, [&](int64_t begin, int64_t end) {
     std::vector<acc_t> acc(static_cast<size_t>(d));
     for (int64_t u = begin; u < end; ++u) {
+      if (u + kPrefetchRows < end) {
+        const int64_t ahead = b.seg.unique_ids[u + kPrefetchRows] * d;
+        prefetch_row(w + ahead, d, true);
+        if (s0 != nullptr) prefetch_row(s0 + ahead, d, true);
+        if (s1 != nullptr) prefetch_row(s1 + ahead, d, true);
+        prefetch_row(g + b.seg.order[b.seg.starts[u + kPrefetchRows]] * d, d, false);
+      }
       std::fill(acc.begin(), acc.end(), acc_t(0));
       for (int64_t p = b.seg.starts[u]; p < b.seg.starts[u + 1]; ++p) {
         const scalar_t* row = g + b.seg.order[p] * d;

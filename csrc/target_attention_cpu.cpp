@@ -23,13 +23,19 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
+
+// Float compares and conversions may be vectorised (torch itself builds this way).
+#pragma GCC optimize("no-trapping-math", "no-math-errno")
 
 namespace interest_kernels {
 namespace target_attention {
@@ -56,8 +62,11 @@ int act_param_count(Act act) { return act == Act::kPrelu ? 1 : act == Act::kDice
 // load time; exp is a polynomial the compiler vectorises (relative error ~1e-7).
 
 __attribute__((always_inline)) inline float exp_poly(float x) {
-  x = std::min(std::max(x, -87.0f), 88.0f);
-  const float k = std::floor(x * 1.44269504088896341f + 0.5f);
+  x = x < -87.0f ? -87.0f : x;
+  x = x > 88.0f ? 88.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const int32_t ki = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const float k = static_cast<float>(ki);
   const float r = x - k * 0.693145751953125f - k * 1.428606765330187e-06f;
   float p = 1.0f / 5040.0f;
   p = p * r + 1.0f / 720.0f;
@@ -67,7 +76,7 @@ __attribute__((always_inline)) inline float exp_poly(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(k) + 127) << 23;
+  const int32_t bits = (ki + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
@@ -234,6 +243,104 @@ void gemm_rm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const 
   blas_gemm<T>(&ta, &tb, &mi, &ni, &ki, &one, b, &la, a, &lb, &beta, c, &lc);
 }
 
+// Row-major C (M x N) (+)= A (M x K) B (K x N) for the small, many GEMMs of a tile
+// (K and N are layer widths). BLAS pays packing and dispatch on every such call; this
+// AVX2/FMA kernel keeps a 4 x 24 block of C in registers and streams A and B once.
+// With kTransA, A is stored transposed (K x M, row stride lda).
+template <bool kTransA>
+__attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, int64_t K,
+                                                         const float* A, int64_t lda,
+                                                         const float* B, int64_t ldb, float* C,
+                                                         int64_t ldc, bool accumulate) {
+  const int64_t a_row = kTransA ? 1 : lda, a_col = kTransA ? lda : 1;
+  int64_t j0 = 0;
+  for (; j0 + 24 <= N; j0 += 24) {
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) {
+      __m256 c[4][3];
+      for (int r = 0; r < 4; ++r)
+        for (int v = 0; v < 3; ++v)
+          c[r][v] = accumulate ? _mm256_loadu_ps(C + (i + r) * ldc + j0 + 8 * v) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const float* bk = B + k * ldb + j0;
+        const __m256 b0 = _mm256_loadu_ps(bk), b1 = _mm256_loadu_ps(bk + 8), b2 = _mm256_loadu_ps(bk + 16);
+        for (int r = 0; r < 4; ++r) {
+          const __m256 a = _mm256_broadcast_ss(A + (i + r) * a_row + k * a_col);
+          c[r][0] = _mm256_fmadd_ps(a, b0, c[r][0]);
+          c[r][1] = _mm256_fmadd_ps(a, b1, c[r][1]);
+          c[r][2] = _mm256_fmadd_ps(a, b2, c[r][2]);
+        }
+      }
+      for (int r = 0; r < 4; ++r)
+        for (int v = 0; v < 3; ++v) _mm256_storeu_ps(C + (i + r) * ldc + j0 + 8 * v, c[r][v]);
+    }
+    for (; i < M; ++i) {
+      __m256 c0 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0) : _mm256_setzero_ps();
+      __m256 c1 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0 + 8) : _mm256_setzero_ps();
+      __m256 c2 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0 + 16) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const float* bk = B + k * ldb + j0;
+        const __m256 a = _mm256_broadcast_ss(A + i * a_row + k * a_col);
+        c0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk), c0);
+        c1 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk + 8), c1);
+        c2 = _mm256_fmadd_ps(a, _mm256_loadu_ps(bk + 16), c2);
+      }
+      _mm256_storeu_ps(C + i * ldc + j0, c0);
+      _mm256_storeu_ps(C + i * ldc + j0 + 8, c1);
+      _mm256_storeu_ps(C + i * ldc + j0 + 16, c2);
+    }
+  }
+  for (; j0 + 8 <= N; j0 += 8) {
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) {
+      __m256 c[4];
+      for (int r = 0; r < 4; ++r)
+        c[r] = accumulate ? _mm256_loadu_ps(C + (i + r) * ldc + j0) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 b0 = _mm256_loadu_ps(B + k * ldb + j0);
+        for (int r = 0; r < 4; ++r)
+          c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + (i + r) * a_row + k * a_col), b0, c[r]);
+      }
+      for (int r = 0; r < 4; ++r) _mm256_storeu_ps(C + (i + r) * ldc + j0, c[r]);
+    }
+    for (; i < M; ++i) {
+      __m256 c0 = accumulate ? _mm256_loadu_ps(C + i * ldc + j0) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k)
+        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + i * a_row + k * a_col), _mm256_loadu_ps(B + k * ldb + j0), c0);
+      _mm256_storeu_ps(C + i * ldc + j0, c0);
+    }
+  }
+  for (; j0 < N; ++j0) {
+    for (int64_t i = 0; i < M; ++i) {
+      float acc = accumulate ? C[i * ldc + j0] : 0.0f;
+      for (int64_t k = 0; k < K; ++k) acc += A[i * a_row + k * a_col] * B[k * ldb + j0];
+      C[i * ldc + j0] = acc;
+    }
+  }
+}
+
+bool cpu_has_avx2_fma() {
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+}
+
+// Row-major C (M x N) (+)= op(A) (M x K) B (K x N); op(A) = A^T with trans_a.
+template <typename T>
+void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
+               T* C, int64_t ldc, bool accumulate, bool trans_a = false) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (cpu_has_avx2_fma()) {
+      if (trans_a) {
+        sgemm_tile_avx2<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      } else {
+        sgemm_tile_avx2<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+      }
+      return;
+    }
+  }
+  gemm_rm<T>(trans_a, false, M, N, K, A, lda, B, ldb, accumulate ? T(1) : T(0), C, ldc);
+}
+
 // ---- the problem --------------------------------------------------------------------
 
 enum class Mode { kForward, kStats };
@@ -254,6 +361,8 @@ struct Problem {
   at::Tensor wqd_t, wkd_t, wp_t;
   const T* c[kMaxLayers] = {};
   const T* w[kMaxLayers] = {};  // layers 2.. (G, H_l, H_{l-1})
+  const T* w_t[kMaxLayers] = {};  // the same transposed, (G, H_{l-1}, H_l)
+  at::Tensor w_t_store[kMaxLayers];
   const T* wo = nullptr;        // (G, H_L)
   const T* co = nullptr;        // (G,)
   const T* ap[kMaxLayers][3] = {};  // activation parameters (G, H_l)
@@ -317,7 +426,11 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
   p.wp_t = parts[2];
   for (int l = 0; l < p.L; ++l) {
     p.c[l] = biases[l].data_ptr<T>();
-    if (l > 0) p.w[l] = weights[l].data_ptr<T>();
+    if (l > 0) {
+      p.w[l] = weights[l].data_ptr<T>();
+      p.w_t_store[l] = weights[l].transpose(-1, -2).contiguous();
+      p.w_t[l] = p.w_t_store[l].template data_ptr<T>();
+    }
   }
   if (out_weight) p.wo = out_weight->data_ptr<T>();
   if (out_bias) p.co = out_bias->data_ptr<T>();
@@ -335,7 +448,7 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
 // Per-thread scratch for one (query, head) item.
 template <typename T>
 struct Workspace {
-  std::vector<T> kbuf, m, qterm, s, ds, dm, dqterm, dk;
+  std::vector<T> kbuf, m, mt, qterm, s, ds, dm, dqterm, dk;
   std::vector<T> z[kMaxLayers], h[kMaxLayers];
   std::vector<T> gz, gh;
   Workspace(const Problem<T>& p, bool backward) {
@@ -351,6 +464,7 @@ struct Workspace {
     }
     if (backward) {
       dm.resize(p.D * p.H[0]);
+      mt.resize(p.D * p.H[0]);
       dqterm.resize(p.H[0]);
       dk.resize(tile * p.D);
       gz.resize(tile * p.max_h());
@@ -410,11 +524,10 @@ void mlp_forward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t g, int64_t 
     const T* bias = l == 0 ? ws.qterm.data() : p.c[l] + g * Hl;
     for (int64_t i = 0; i < nt; ++i) std::copy(bias, bias + Hl, z + i * Hl);
     if (l == 0) {
-      gemm_rm<T>(false, false, nt, Hl, D, ws.kbuf.data(), D, ws.m.data(), Hl, T(1), z, Hl);
+      tile_gemm<T>(nt, Hl, D, ws.kbuf.data(), D, ws.m.data(), Hl, z, Hl, true);
     } else {
       const int64_t Hp = p.H[l - 1];
-      gemm_rm<T>(false, true, nt, Hl, Hp, ws.h[l - 1].data(), Hp, p.w[l] + g * Hl * Hp, Hp, T(1),
-                 z, Hl);
+      tile_gemm<T>(nt, Hl, Hp, ws.h[l - 1].data(), Hp, p.w_t[l] + g * Hp * Hl, Hl, z, Hl, true);
     }
     if (p.mode == Mode::kStats && l == p.L - 1) break;
     act_forward(p.act, z, ws.h[l].data(), nt, Hl, p.ap_of(l, 0, g), p.ap_of(l, 1, g),
@@ -657,9 +770,9 @@ void mlp_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
         for (int64_t j = 0; j < Hl; ++j) gc[j] += dz[i * Hl + j];
       const int64_t Hp = p.H[l - 1];
       const T* W = p.w[l] + g * Hl * Hp;
-      gemm_rm<T>(true, false, Hl, Hp, nt, dz, Hl, ws.h[l - 1].data(), Hp, T(1),
-                 gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp);
-      gemm_rm<T>(false, false, nt, Hp, Hl, dz, Hl, W, Hp, T(0), dh, Hp);
+      tile_gemm<T>(Hl, Hp, nt, dz, Hl, ws.h[l - 1].data(), Hp,
+                   gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp, true, true);
+      tile_gemm<T>(nt, Hp, Hl, dz, Hl, W, Hp, dh, Hp, false);
       act_backward(p.act, ws.z[l - 1].data(), ws.h[l - 1].data(), dh, dz, nt, Hp,
                    p.ap_of(l - 1, 0, g), p.ap_of(l - 1, 1, g), p.ap_of(l - 1, 2, g),
                    gr.apg(p, l - 1, 0, g), gr.apg(p, l - 1, 1, g), gr.apg(p, l - 1, 2, g));
@@ -667,8 +780,8 @@ void mlp_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
       T* dq = ws.dqterm.data();
       for (int64_t i = 0; i < nt; ++i)
         for (int64_t j = 0; j < Hl; ++j) dq[j] += dz[i * Hl + j];
-      gemm_rm<T>(true, false, p.D, Hl, nt, ws.kbuf.data(), p.D, dz, Hl, T(1), ws.dm.data(), Hl);
-      gemm_rm<T>(false, true, nt, p.D, Hl, dz, Hl, ws.m.data(), Hl, T(0), ws.dk.data(), p.D);
+      tile_gemm<T>(p.D, Hl, nt, ws.kbuf.data(), p.D, dz, Hl, ws.dm.data(), Hl, true, true);
+      tile_gemm<T>(nt, p.D, Hl, dz, Hl, ws.mt.data(), p.D, ws.dk.data(), p.D, false);
     }
   }
 }
@@ -736,6 +849,8 @@ void backward_item(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t 
     top.ds = ds;
   }
   first_layer_setup(p, ws, q, g);
+  for (int64_t d = 0; d < D; ++d)
+    for (int64_t j = 0; j < H1; ++j) ws.mt[j * D + d] = ws.m[d * H1 + j];
   std::fill(ws.dm.begin(), ws.dm.end(), T(0));
   std::fill(ws.dqterm.begin(), ws.dqterm.end(), T(0));
   for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
@@ -756,7 +871,6 @@ void backward_item(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t 
     }
   }
   first_layer_backward(p, ws, gr, q, gq, g);
-  (void)H1;
 }
 
 // Every gradient: (grad_query, grad_keys, grad_weights, grad_biases, grad_out_weight,
@@ -766,7 +880,7 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor
                                   std::vector<at::Tensor>>;
 
 template <typename T>
-BackwardResult backward_impl(const Problem<T>& p, const at::Tensor& weights0, const at::Tensor& key_index,
+BackwardResult backward_impl(const Problem<T>& p, const at::Tensor& key_index,
               const T* gout, const T* gscores, const T* scores, const T* gstats, const T* stats,
               const at::TensorOptions& opts) {
   const int64_t act_layers = p.mode == Mode::kStats ? p.L - 1 : p.L;
@@ -804,7 +918,6 @@ BackwardResult backward_impl(const Problem<T>& p, const at::Tensor& weights0, co
   at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, gr.wp_t.transpose(-1, -2)}, -1);
   std::vector<at::Tensor> gw{gw1};
   for (int l = 1; l < p.L; ++l) gw.push_back(gr.w[l]);
-  (void)weights0;
   return {gq, gk, gw, gr.c, gr.wo, gr.co, gr.ap};
 }
 
@@ -887,7 +1000,7 @@ BackwardResult target_attention_cpu_backward(
                                     out_weight, out_bias, act_params, act, Mode::kForward);
     p.softmax = normalization == "softmax";
     result = backward_impl<scalar_t>(
-        p, weights[0], key_index ? *key_index : at::Tensor(), grad_out.data_ptr<scalar_t>(),
+        p, key_index ? *key_index : at::Tensor(), grad_out.data_ptr<scalar_t>(),
         grad_scores ? grad_scores->data_ptr<scalar_t>() : nullptr, scores.data_ptr<scalar_t>(),
         nullptr, nullptr, query.options());
   });
@@ -931,7 +1044,7 @@ target_attention_cpu_stats_backward(const at::Tensor& grad_stats_, const at::Ten
     auto p = make_problem<scalar_t>(query, keys, key_index, std::nullopt, std::nullopt, weights,
                                     biases, std::nullopt, std::nullopt, act_params, Act::kDice,
                                     Mode::kStats);
-    auto r = backward_impl<scalar_t>(p, weights[0], key_index ? *key_index : at::Tensor(),
+    auto r = backward_impl<scalar_t>(p, key_index ? *key_index : at::Tensor(),
                                      nullptr, nullptr, nullptr, grad_stats.data_ptr<scalar_t>(),
                                      stats.data_ptr<scalar_t>(), query.options());
     result = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<6>(r)};
