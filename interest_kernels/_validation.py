@@ -38,8 +38,9 @@ def value_checks_enabled(*tensors: Optional[torch.Tensor]) -> bool:
     """Whether value checks run now for these tensors."""
     if torch.compiler.is_compiling():  # first: Dynamo cannot trace the ContextVar read
         return False
-    # A traced graph would bake the value read in as a constant; vmap cannot read one.
-    if torch.jit.is_tracing() or torch._C._are_functorch_transforms_active():
+    if torch.jit.is_tracing():  # nor under torch.jit.trace: the graph would keep the reads
+        return False
+    if torch._C._are_functorch_transforms_active():  # vmap cannot read a value
         return False
     flag = _value_checks.get()
     if flag is None:

@@ -152,3 +152,73 @@ def test_auxiliary_loss_module():
     torch.testing.assert_close(copy(states, pos, neg, lengths=torch.tensor([5, 3])), loss)
     loss.backward()
     assert all(p.grad is not None for p in module.parameters())
+
+
+# --- torch.compile, torch.export and torch.jit.trace with lengths ------------------------------
+
+_D = 5
+
+
+def _traceable_cases():
+    """(name, module, inputs(B, T), dynamic_shapes(B, T)) for each GRU-family module."""
+    torch.manual_seed(3)
+
+    def lengths(batch, seq_len):
+        out = torch.randint(0, seq_len + 1, (batch,))
+        out[0], out[-1] = seq_len, 0
+        return out
+
+    return [
+        ("GRU", GRU(_D, 4),
+         lambda b, t: (torch.randn(b, t, _D), lengths(b, t)),
+         lambda B, T: ({0: B, 1: T}, {0: B})),
+        ("AttentionalGRU", AttentionalGRU(_D, 4, mode="augru"),
+         lambda b, t: (torch.randn(b, t, _D), torch.rand(b, t), lengths(b, t)),
+         lambda B, T: ({0: B, 1: T}, {0: B, 1: T}, {0: B})),
+        ("InterestEvolving", InterestEvolving(_D, gru_type="AUGRU", att_hidden_units=(8,)),
+         lambda b, t: (torch.randn(b, _D), torch.randn(b, t, _D), lengths(b, t)),
+         lambda B, T: ({0: B}, {0: B, 1: T}, {0: B})),
+    ]
+
+
+def _grads(module, out):
+    loss = sum(o.square().sum() for o in (out if isinstance(out, tuple) else (out,)))
+    return torch.autograd.grad(loss, list(module.parameters()))
+
+
+def _assert_close_outputs(got, want):
+    for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+        torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["GRU", "AttentionalGRU", "InterestEvolving"])
+def test_compile_fullgraph_with_lengths_matches_eager(case, one_thread):
+    _, module, make, _ = _traceable_cases()[case]
+    # One shape, new lengths on the second call: nothing depends on their values (dynamic B
+    # and T are covered by the export test).
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    for _ in range(2):
+        args = make(4, 6)
+        want, got = module(*args), compiled(*args)
+        _assert_close_outputs(got, want)
+        for g, w in zip(_grads(module, got), _grads(module, want)):
+            torch.testing.assert_close(g, w)
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["GRU", "AttentionalGRU", "InterestEvolving"])
+def test_export_with_dynamic_batch_and_length_matches_eager(case, one_thread):
+    _, module, make, dynamic = _traceable_cases()[case]
+    dims = dynamic(torch.export.Dim("B", min=2), torch.export.Dim("T", min=2))
+    program = torch.export.export(module, make(4, 6), dynamic_shapes=dims)
+    for batch, seq_len in ((4, 6), (7, 3)):
+        args = make(batch, seq_len)
+        _assert_close_outputs(program.module()(*args), module(*args))
+
+
+@pytest.mark.parametrize("case", [0, 1, 2], ids=["GRU", "AttentionalGRU", "InterestEvolving"])
+def test_jit_trace_with_lengths_matches_eager(case, one_thread):
+    _, module, make, _ = _traceable_cases()[case]
+    traced = torch.jit.trace(module, make(4, 6))  # also re-traces under no_grad and compares
+    for batch, seq_len in ((4, 6), (5, 8)):
+        args = make(batch, seq_len)  # other lengths, batch and length than at trace time
+        _assert_close_outputs(traced(*args), module(*args))

@@ -34,24 +34,21 @@ def _forward_fake(
     bias_ih: Optional[torch.Tensor], bias_hh: Optional[torch.Tensor], att: Optional[torch.Tensor],
     h0: Optional[torch.Tensor], lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor],
     mode: str, variant: str, return_states: bool, keep_for_backward: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, ...]:
     batch, seq_len, _ = x.shape
     hidden = weight_hh.shape[1]
     cdt = compute_dtype(x.dtype)
     states = x.new_empty((batch, seq_len, hidden)) if return_states else x.new_empty((0,))
-    workspace = (
-        x.new_empty((batch * seq_len, 5 * hidden), dtype=cdt)
-        if keep_for_backward
-        else x.new_empty((0,), dtype=cdt)
-    )
-    return states, x.new_empty((batch, hidden)), workspace
+    shape = (batch * seq_len, hidden) if keep_for_backward else (0,)
+    workspace = tuple(x.new_empty(shape, dtype=cdt) for _ in range(5))
+    return (states, x.new_empty((batch, hidden))) + workspace
 
 
 def _backward_fake(
     grad_states: Optional[torch.Tensor], grad_h_last: Optional[torch.Tensor], x: torch.Tensor,
     weight_ih: torch.Tensor, weight_hh: torch.Tensor, bias_ih: Optional[torch.Tensor],
     bias_hh: Optional[torch.Tensor], att: Optional[torch.Tensor], h0: Optional[torch.Tensor],
-    lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], workspace: torch.Tensor,
+    lengths: Optional[torch.Tensor], mask: Optional[torch.Tensor], workspace: Sequence[torch.Tensor],
     mode: str, variant: str, needs: Sequence[bool],
 ) -> tuple[torch.Tensor, ...]:
     batch, seq_len, _ = x.shape
@@ -68,14 +65,16 @@ def _backward_fake(
 def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
     (x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, mode, variant,
      _return_states, keep_for_backward) = inputs
-    ctx.mark_non_differentiable(output[2])
-    ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, output[2])
+    workspace = output[2:]
+    ctx.mark_non_differentiable(*workspace)
+    ctx.set_materialize_grads(False)  # no zeros for the workspace, nor for unused outputs
+    ctx.save_for_backward(x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, *workspace)
     ctx.config = (mode, variant, keep_for_backward)
 
 
 def _backward(ctx: Any, grad_states: Optional[torch.Tensor], grad_h_last: Optional[torch.Tensor],
-              _grad_workspace: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
-    x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, workspace = ctx.saved_tensors
+              *_grad_workspace: Optional[torch.Tensor]) -> tuple[Optional[torch.Tensor], ...]:
+    x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, *workspace = ctx.saved_tensors
     mode, variant, kept = ctx.config
     if not kept:
         raise RuntimeError(
@@ -120,13 +119,15 @@ def gru_scan_cpu(
     """The scan of ``reference.gru_scan_reference`` through the fused C++ op.
 
     Takes the normalised arguments of ``op.gru_scan``; returns ``(states or None, h_last)``.
-    The forward keeps a (B*T, 5H) workspace for the backward only when grad mode is on
-    and some input requires grad.
+    The forward keeps a workspace (five (B*T, H) tensors) for the backward only when grad
+    mode is on and some input requires grad.
     """
-    keep = torch.is_grad_enabled() and any(
+    # torch.jit.trace checks its graph by tracing again under no_grad: the graph must not
+    # depend on grad mode, so a traced scan keeps the workspace whenever inputs require grad.
+    keep = (torch.jit.is_tracing() or torch.is_grad_enabled()) and any(
         t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0)
     )
-    states, h_last, _ = torch.ops.interest_kernels.gru_scan_forward(
+    states, h_last, *_ = torch.ops.interest_kernels.gru_scan_forward(
         x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, mode, variant,
         return_states, keep,
     )
