@@ -50,7 +50,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["interest_kernels", "interest_kernels.*"]),
     install_requires=["torch>=2.4", "numpy"],
-    extras_require={"triton": ["triton"], "plots": ["matplotlib"]},
+    extras_require={"triton": ["triton"], "plots": ["matplotlib"],
+                    "onnx": ["onnx", "onnxscript", "onnxruntime"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -63,6 +63,8 @@ def value_checks_enabled(*tensors: Optional[torch.Tensor]) -> bool:
         return False
     if torch.jit.is_tracing():  # nor under torch.jit.trace: the graph would keep the reads
         return False
+    if torch._C._are_functorch_transforms_active():  # vmap cannot read a value
+        return False
     if not _value_check_setting():
         return False
     if any(t is not None and t.is_cuda for t in tensors):

@@ -10,6 +10,8 @@ padding / unknown (``padding_idx=0``: never trained).
 from __future__ import annotations
 
 import contextlib
+import itertools
+import weakref
 from typing import Any, ContextManager, Iterator, NamedTuple, Optional, Sequence
 
 import torch
@@ -17,7 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .._backend import use_backend
-from .._validation import check_choice
+from .._validation import INDEX_DTYPES, check_choice, check_in_range, check_shape, check_tensor
 from ..data.common import Batch, FeatureSpec
 from ..nn.dice import Dice
 from ..nn.mba_embedding import MBAEmbedding
@@ -82,6 +84,29 @@ class MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
+# Samplers by key, so that the registered op below finds a sampler's generator from an int.
+_SAMPLERS: "weakref.WeakValueDictionary[int, NegativeSampler]" = weakref.WeakValueDictionary()
+_sampler_keys = itertools.count()
+
+
+@torch.library.custom_op(
+    "interest_kernels::sample_negative_items", mutates_args=(), tags=(torch.Tag.nondeterministic_seeded,)
+)
+def _sample_negative_items(sampler: int, num_items: int, shape: list[int], device: torch.device) -> torch.Tensor:
+    """Item indices uniform in [1, num_items), drawn from the generator of sampler ``sampler``."""
+    items = torch.randint(1, num_items, tuple(shape), generator=_SAMPLERS[sampler].generator)
+    return items.to(device)
+
+
+@_sample_negative_items.register_fake
+def _sample_negative_items_fake(sampler: int, num_items: int, shape: list[int], device: torch.device) -> torch.Tensor:
+    return torch.empty(shape, dtype=torch.int64, device=device)
+
+
+# Each call advances the generator: compiled graphs must neither drop, merge nor repeat it.
+torch.fx.node.has_side_effect(torch.ops.interest_kernels.sample_negative_items.default)
+
+
 class NegativeSampler(nn.Module):
     """Negative behaviours for the auxiliary loss: item indices drawn uniformly from
     [1, num_items) with this module's own seeded generator (on the CPU, so CPU and GPU
@@ -99,13 +124,22 @@ class NegativeSampler(nn.Module):
             )
         self.register_buffer("item_category", item_category.clone())
         self.generator = torch.Generator().manual_seed(seed)
+        # An op of the graph (torch.compile cannot trace a Generator argument).
+        self.key = next(_sampler_keys)
+        _SAMPLERS[self.key] = self
 
     def forward(self, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
         """(items, categories), both int64 of ``shape`` on the buffer's device."""
         num_items = self.item_category.shape[0]
-        items = torch.randint(1, num_items, tuple(shape), generator=self.generator)
-        items = items.to(self.item_category.device)
+        items = torch.ops.interest_kernels.sample_negative_items(
+            self.key, num_items, list(shape), self.item_category.device
+        )
         return items, self.item_category[items]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.key = next(_sampler_keys)  # a copy draws from its own generator
+        _SAMPLERS[self.key] = self
 
     def get_extra_state(self) -> torch.Tensor:
         return self.generator.get_state()
@@ -185,6 +219,35 @@ class CTRModel(nn.Module):
 
     def compute(self, batch: Batch) -> ModelOutput:
         """The model proper (under the backend chosen by :meth:`forward`)."""
+        raise NotImplementedError
+
+    def score_candidates(
+        self, users: Batch, item: torch.Tensor, cat: torch.Tensor, user_index: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Logits (N,) of N candidates (``item``, ``cat`` (N,)) for U users, each user's
+        history read once (the shared-history attention, ``key_index = user_index``).
+
+        ``users``: a :class:`Batch` whose ``user``, ``hist_items``, ``hist_cats``,
+        ``lengths`` and ``context`` hold U rows (its ``item``, ``cat`` and ``label`` are
+        not read); ``user_index`` (N,) in [0, U): the user of each candidate, None when
+        U = 1. Equals ``forward`` of the batch that repeats user ``user_index[n]``'s row
+        for candidate n, without building it. Inference only: no auxiliary loss.
+        """
+        if user_index is None:
+            if users.user.shape[0] != 1:
+                raise ValueError(f"user_index is required for {users.user.shape[0]} users (it may be None for one)")
+            user_index = torch.zeros_like(item)
+        for name, t in (("item", item), ("cat", cat), ("user_index", user_index)):
+            check_tensor(name, t, ndim=1, dtypes=INDEX_DTYPES, device=users.user.device)
+            check_shape(name, t, item.shape, "one entry per candidate")
+        check_in_range("user_index", user_index, 0, users.user.shape[0], "the users' rows", high_inclusive=False)
+        with self.backend_context():
+            return self.compute_candidates(users, item, cat, user_index.long())
+
+    def compute_candidates(
+        self, users: Batch, item: torch.Tensor, cat: torch.Tensor, user_index: torch.Tensor
+    ) -> torch.Tensor:
+        """:meth:`score_candidates` proper, arguments checked."""
         raise NotImplementedError
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -8,6 +8,7 @@ import torch
 
 from ..data.common import Batch, FeatureSpec
 from ..nn.gru import GRU, AuxiliaryLoss, InterestEvolving
+from ..ops.gru_scan.op import gru_scan
 from .common import MLP, CTRModel, ModelOutput, NegativeSampler
 
 __all__ = ["DIEN"]
@@ -72,6 +73,41 @@ class DIEN(CTRModel):
             neg = self.behaviours(neg_items, neg_cats)
             aux = self.aux(states, hist, neg, lengths=batch.lengths)
         interest = self.evolving(target, states, batch.lengths)
-        hist_sum = hist.sum(dim=1)
-        x = torch.cat([self.profile(batch), target, hist_sum, target * hist_sum, interest], dim=-1)
-        return ModelOutput(self.mlp(x), aux)
+        return ModelOutput(self._head(self.profile(batch), target, hist.sum(dim=1), interest), aux)
+
+    def compute_candidates(
+        self, users: Batch, item: torch.Tensor, cat: torch.Tensor, user_index: torch.Tensor
+    ) -> torch.Tensor:
+        # The extractor runs once per user; the evolving layer once per candidate.
+        target = self.behaviours(item, cat)
+        hist = self.behaviours(users.hist_items, users.hist_cats)
+        states, _ = self.extractor(hist, users.lengths)
+        interest = self._evolve_candidates(target, states, users.lengths, user_index)
+        return self._head(self.profile(users)[user_index], target, hist.sum(dim=1)[user_index], interest)
+
+    def _evolve_candidates(
+        self, target: torch.Tensor, states: torch.Tensor, lengths: torch.Tensor, user_index: torch.Tensor
+    ) -> torch.Tensor:
+        """``self.evolving`` for candidates (N, D) over the states (U, T, D) of their users:
+        the attention reads each user's states once; the GRU runs per candidate."""
+        evolving = self.evolving
+        if evolving.gru_type == "GRU":  # the GRU does not depend on the candidate
+            interests, _ = evolving.interest_evolution(states, lengths)
+            return evolving.attention(target, interests, lengths=lengths, key_index=user_index)
+        _, scores = evolving.attention(target, states, lengths=lengths, key_index=user_index)
+        gru = evolving.interest_evolution
+        if evolving.gru_type == "AIGRU":
+            weights = (gru.weight_ih_l0, gru.weight_hh_l0, gru.bias_ih_l0, gru.bias_hh_l0)
+            mode, variant = "aigru", "paper"
+        else:
+            weights = (gru.weight_ih, gru.weight_hh, gru.bias_ih, gru.bias_hh)
+            mode, variant = gru.mode, gru.variant
+        _, h_last = gru_scan(
+            states[user_index], *weights, scores, mode=mode, variant=variant, lengths=lengths[user_index],
+            return_states=False,
+        )
+        return h_last
+
+    def _head(self, profile: torch.Tensor, target: torch.Tensor, hist_sum: torch.Tensor,
+              interest: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([profile, target, hist_sum, target * hist_sum, interest], dim=-1))

@@ -54,7 +54,18 @@ class DIN(CTRModel):
     def compute(self, batch: Batch) -> ModelOutput:
         target = self.behaviours(batch.item, batch.cat)
         hist = self.behaviours(batch.hist_items, batch.hist_cats)
-        hist_sum = hist.sum(dim=1)  # padding rows are zero (padding_idx 0)
         interest = self.attention(target, hist, lengths=batch.lengths)
-        x = torch.cat([self.profile(batch), target, hist_sum, interest], dim=-1)
-        return ModelOutput(self.mlp(x), None)
+        return ModelOutput(self._head(self.profile(batch), target, hist.sum(dim=1), interest), None)
+
+    def compute_candidates(
+        self, users: Batch, item: torch.Tensor, cat: torch.Tensor, user_index: torch.Tensor
+    ) -> torch.Tensor:
+        target = self.behaviours(item, cat)
+        hist = self.behaviours(users.hist_items, users.hist_cats)
+        interest = self.attention(target, hist, lengths=users.lengths, key_index=user_index)
+        return self._head(self.profile(users)[user_index], target, hist.sum(dim=1)[user_index], interest)
+
+    def _head(self, profile: torch.Tensor, target: torch.Tensor, hist_sum: torch.Tensor,
+              interest: torch.Tensor) -> torch.Tensor:
+        # hist_sum: padding rows are zero (padding_idx 0).
+        return self.mlp(torch.cat([profile, target, hist_sum, interest], dim=-1))

@@ -101,6 +101,26 @@ class DMIN(CTRModel):
 
     def compute(self, batch: Batch) -> ModelOutput:
         target = self.behaviours(batch.item, batch.cat)
+        hist, keys, refined = self._interest_keys(batch)
+        aux = None
+        if self.training:
+            neg_items, neg_cats = self.sampler(batch.hist_items.shape)
+            aux = self.aux(refined, hist, self.behaviours(neg_items, neg_cats), lengths=batch.lengths)
+        interests = self.attention(self._query(target, keys), keys, lengths=batch.lengths)  # (B, E, D + P)
+        return ModelOutput(self._head(self.profile(batch), target, interests), aux)
+
+    def compute_candidates(
+        self, users: Batch, item: torch.Tensor, cat: torch.Tensor, user_index: torch.Tensor
+    ) -> torch.Tensor:
+        # Refiner and extractor heads run once per user; each candidate pools its user's heads.
+        target = self.behaviours(item, cat)
+        _, keys, _ = self._interest_keys(users)
+        interests = self.attention(self._query(target, keys), keys, lengths=users.lengths, key_index=user_index)
+        return self._head(self.profile(users)[user_index], target, interests)
+
+    def _interest_keys(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(behaviours (B, T, D), the heads joined with the reversed positions, keys
+        (B, E, T, D + P), the refined sequence (B, T, D))."""
         hist = self.behaviours(batch.hist_items, batch.hist_cats)
         b, t, d = hist.shape
         if t > self.positions.num_embeddings:
@@ -122,19 +142,18 @@ class DMIN(CTRModel):
         refined = self.refiner_out(_attend(q, k, v, allowed).transpose(1, 2).reshape(b, t, d))
         refined = self.refiner_norm(x + F.dropout(refined, self.dropout, self.training)) * keep
 
-        aux = None
-        if self.training:
-            neg_items, neg_cats = self.sampler(batch.hist_items.shape)
-            aux = self.aux(refined, hist, self.behaviours(neg_items, neg_cats), lengths=batch.lengths)
-
         q, k, v = self.extract_qkv(refined).reshape(b, t, 3, e, d).permute(2, 0, 3, 1, 4)
         heads = F.dropout(_attend(q, k, v, attendable[:, None, None, :]), self.dropout, self.training)
 
         reversed_pos = (batch.lengths[:, None] - torch.arange(t, device=hist.device)).clamp(min=0)
         pos = self.reversed_positions(reversed_pos)  # (B, T, P), zero past the length
         keys = torch.cat([heads, pos[:, None].expand(b, e, t, pos.shape[-1])], dim=-1)
-        query = F.pad(target, (0, pos.shape[-1]))[:, None].expand(b, e, d + pos.shape[-1])
-        interests = self.attention(query, keys, lengths=batch.lengths)  # (B, E, D + P)
+        return hist, keys, refined
 
-        x = torch.cat([self.profile(batch), target, interests.reshape(b, -1)], dim=-1)
-        return ModelOutput(self.mlp(x), aux)
+    def _query(self, target: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """The target (N, D) padded with zeros to the key width, one copy per head: (N, E, D + P)."""
+        e, width = keys.shape[1], keys.shape[-1]
+        return F.pad(target, (0, width - target.shape[-1]))[:, None].expand(target.shape[0], e, width)
+
+    def _head(self, profile: torch.Tensor, target: torch.Tensor, interests: torch.Tensor) -> torch.Tensor:
+        return self.mlp(torch.cat([profile, target, interests.reshape(target.shape[0], -1)], dim=-1))

@@ -6,6 +6,14 @@ gradient rows for the table, and ``MBASGD`` / ``MBAAdagrad`` / ``MBAAdam`` consu
 ``step()``. No gradient tensor, sparse or dense, is ever built for the table, and
 ``weight.grad`` stays None. Use it only with the MBA optimisers (their ``zero_grad``
 drops recorded rows that were never stepped on).
+
+The lookup is the registered op ``interest_kernels::mba_embedding_lookup`` (fake
+implementation, ``register_autograd``); its backward calls
+``interest_kernels::mba_embedding_record_rows``, an op marked side-effectful, so
+``torch.compile(fullgraph=True)`` traces forward and backward into graphs that still
+record the rows. Without autograd (eval, ``torch.no_grad``, export) and under
+``torch.func`` transforms the module is a plain ``F.embedding``: there the table gets an
+ordinary dense gradient, which is what ``torch.func.grad`` asks for.
 """
 from __future__ import annotations
 
@@ -15,26 +23,60 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._validation import checks_on_device, value_checks_enabled
 from ..ops.mba.op import check_ids_in_range
 from ..optim._rows import PendingRows, push_rows
 
 __all__ = ["MBAEmbedding"]
 
 
-class _MBALookup(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
-        ctx.table = weight
-        ctx.ids = ids
-        ctx.padding_idx = padding_idx
-        return F.embedding(ids, weight)
+@torch.library.custom_op("interest_kernels::mba_embedding_lookup", mutates_args=())
+def _lookup(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
+    """``weight[ids]``: (N, D), ids of shape S -> S + (D,)."""
+    return F.embedding(ids, weight)
 
-    @staticmethod
-    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[None, None, None]:
-        table = ctx.table
-        rows = grad_out.reshape(-1, table.shape[1]).to(table.dtype)
-        push_rows(table, PendingRows(ctx.ids, rows, ctx.padding_idx))
-        return None, None, None
+
+@_lookup.register_fake
+def _lookup_fake(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
+    return weight.new_empty(ids.shape + (weight.shape[1],))
+
+
+@torch.library.custom_op("interest_kernels::mba_embedding_record_rows", mutates_args=())
+def _record_rows(weight: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor, padding_idx: Optional[int]) -> None:
+    """Record (ids, gradient rows) for the optimiser of ``weight``. The rows are copied:
+    a compiled backward may reuse ``grad``'s memory once this op has run."""
+    rows = grad.reshape(-1, weight.shape[1]).to(weight.dtype, copy=True)
+    push_rows(weight, PendingRows(ids, rows, padding_idx))
+
+
+@_record_rows.register_fake
+def _record_rows_fake(weight: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor, padding_idx: Optional[int]) -> None:
+    return None
+
+
+# Its only effect is the recording: keep graph passes from removing it as unused.
+torch.fx.node.has_side_effect(torch.ops.interest_kernels.mba_embedding_record_rows.default)
+
+
+def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    weight, ids, padding_idx = inputs
+    ctx.save_for_backward(weight, ids)
+    ctx.padding_idx = padding_idx
+
+
+def _backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
+    weight, ids = ctx.saved_tensors
+    torch.ops.interest_kernels.mba_embedding_record_rows(weight, ids, grad, ctx.padding_idx)
+    return None, None, None
+
+
+_lookup.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _under_functorch() -> bool:
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._are_functorch_transforms_active()
 
 
 class MBAEmbedding(nn.Module):
@@ -84,10 +126,15 @@ class MBAEmbedding(nn.Module):
             raise TypeError(f"ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
         if ids.device != self.weight.device:
             raise ValueError(f"ids are on {ids.device} but the table is on {self.weight.device}")
-        check_ids_in_range(ids, self.num_embeddings)
-        if not torch.is_grad_enabled() or not self.weight.requires_grad:
-            return F.embedding(ids, self.weight)
-        return _MBALookup.apply(self.weight, ids, self.padding_idx)
+        if ids.numel() and value_checks_enabled(ids) and checks_on_device(ids):
+            # CUDA: an asynchronous device-side assert, no host sync per lookup
+            torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(),
+                                f"ids must lie in [0, {self.num_embeddings})")
+        else:
+            check_ids_in_range(ids, self.num_embeddings)
+        if not torch.is_grad_enabled() or not self.weight.requires_grad or _under_functorch():
+            return F.embedding(ids, self.weight, self.padding_idx)
+        return torch.ops.interest_kernels.mba_embedding_lookup(self.weight, ids, self.padding_idx)
 
     @classmethod
     def from_embedding(cls, embedding: nn.Embedding) -> "MBAEmbedding":
