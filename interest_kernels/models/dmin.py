@@ -156,4 +156,4 @@ class DMIN(CTRModel):
         return F.pad(target, (0, width - target.shape[-1]))[:, None].expand(target.shape[0], e, width)
 
     def _head(self, profile: torch.Tensor, target: torch.Tensor, interests: torch.Tensor) -> torch.Tensor:
-        return self.mlp(torch.cat([profile, target, interests.reshape(target.shape[0], -1)], dim=-1))
+        return self.mlp(torch.cat([profile, target, interests.flatten(1)], dim=-1))
