@@ -36,7 +36,9 @@ _value_checks: contextvars.ContextVar[Optional[bool | str]] = contextvars.Contex
 def value_checks(enabled: bool | str) -> Iterator[None]:
     """Turn the checks that read tensor values on or off, or to ``"sync"``: host-side
     range checks with a ``ValueError`` on CUDA too (a debug mode that synchronises)."""
-    token = _value_checks.set(enabled if enabled == "sync" else bool(enabled))
+    if not isinstance(enabled, bool) and enabled != "sync":
+        raise ValueError(f"value_checks takes True, False or 'sync', got {enabled!r}")
+    token = _value_checks.set(enabled)
     try:
         yield
     finally:
@@ -47,7 +49,9 @@ def _value_check_setting() -> bool | str:
     flag = _value_checks.get()
     if flag is None:
         env = os.environ.get("INTEREST_KERNELS_VALUE_CHECKS", "1")
-        flag = "sync" if env == "sync" else env != "0"
+        if env not in ("0", "1", "sync"):
+            raise ValueError(f"INTEREST_KERNELS_VALUE_CHECKS must be 0, 1 or sync, got {env!r}")
+        flag = "sync" if env == "sync" else env == "1"
     return flag
 
 
@@ -182,6 +186,9 @@ def check_mask_values(mask: torch.Tensor) -> None:
     if mask.dtype == torch.bool or mask.numel() == 0 or not value_checks_enabled(mask):
         return
     bad = (mask != 0) & (mask != 1)
+    if checks_on_device(mask):  # CUDA: an asynchronous assert, no host sync
+        torch._assert_async(~bad.any(), "mask must hold bool or exactly 0/1 values")
+        return
     if bool(bad.any()):
         position = tuple(int(i) for i in bad.nonzero()[0])
         raise ValueError(

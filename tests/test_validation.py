@@ -43,3 +43,24 @@ def test_valid_positions():
 def test_value_checks_can_be_turned_off():
     with value_checks(False):
         check_valid_positions(torch.tensor([9, 1, 1]), None, 3, 5, torch.device("cpu"))
+
+
+def test_value_check_settings_are_exact(monkeypatch):
+    import interest_kernels as ik
+    from interest_kernels._validation import value_checks_enabled
+
+    for wrong in ("off", "0", 2):
+        with pytest.raises(ValueError, match="True, False or 'sync'"):
+            with ik.value_checks(wrong):
+                pass
+    monkeypatch.setenv("INTEREST_KERNELS_VALUE_CHECKS", "false")
+    with pytest.raises(ValueError, match="must be 0, 1 or sync"):
+        value_checks_enabled()
+    monkeypatch.setenv("INTEREST_KERNELS_VALUE_CHECKS", "0")
+    assert not value_checks_enabled()
+
+
+def test_mba_row_recorder_is_kept_out_of_cuda_graphs():
+    import interest_kernels  # noqa: F401  (registers the op)
+
+    assert torch.Tag.cudagraph_unsafe in torch.ops.interest_kernels.mba_embedding_record_rows.default.tags

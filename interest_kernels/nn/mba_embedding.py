@@ -41,7 +41,9 @@ def _lookup_fake(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[
     return weight.new_empty(ids.shape + (weight.shape[1],))
 
 
-@torch.library.custom_op("interest_kernels::mba_embedding_record_rows", mutates_args=())
+# cudagraph_unsafe: a CUDA-graph replay would skip this Python side effect and lose the rows.
+@torch.library.custom_op("interest_kernels::mba_embedding_record_rows", mutates_args=(),
+                         tags=(torch.Tag.cudagraph_unsafe,))
 def _record_rows(weight: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor, padding_idx: Optional[int]) -> None:
     """Record (ids, gradient rows) for the optimiser of ``weight``. The rows are copied:
     a compiled backward may reuse ``grad``'s memory once this op has run."""

@@ -29,7 +29,7 @@ import torch
 from ... import _extension
 from ..._backend import define_op, extension_unavailable_reason
 from ..common import compute_dtype
-from ..._validation import INDEX_DTYPES, check_float, check_tensor, value_checks_enabled
+from ..._validation import INDEX_DTYPES, checks_on_device, check_float, check_tensor, value_checks_enabled
 from .reference import (
     dedup_rows_reference,
     mba_adagrad_reference,
@@ -199,6 +199,9 @@ def _check_finite_rows(ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
     if grad_rows.numel() == 0 or not value_checks_enabled(grad_rows):
         return
     bad = ~torch.isfinite(grad_rows).all(dim=1)
+    if checks_on_device(grad_rows):  # CUDA: an asynchronous assert, no host sync per step
+        torch._assert_async(~bad.any(), "grad_rows hold NaN or Inf")
+        return
     if bool(bad.any()):
         position = int(bad.nonzero()[0, 0])
         raise ValueError(
