@@ -77,10 +77,6 @@ TA_CASES = {
 def test_target_attention_never_reads_padded_keys(backend, case, poison, request):
     if backend == "triton" and poison == float("inf"):
         pytest.skip("under the Triton interpreter NaN padding alone keeps the budget")
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "the Triton target-attention kernels load masked keys, so NaN/Inf there reaches "
-            "outputs and gradients; the kernels' rewrite is to mask those loads (then drop this)")))
     inp = ta_cases.make_case(seq_len=5, dim=3, **TA_CASES[case])
     fn = ta_cases.call(target_attention)
     rows = inp["keys"].shape[0]

@@ -138,14 +138,19 @@ def attention_bwd_kernel(
                 if HAS_DSC:
                     for t0 in range(0, T, BLOCK_T):
                         offs_t = t0 + offs_bt
-                        delta += tl.sum(load_vec(dsc_ptr + r * T, offs_t, T)
-                                        * load_vec(sc_ptr + r * T, offs_t, T), axis=0)
+                        valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
+                        delta += tl.sum(tl.where(valid, load_vec(dsc_ptr + r * T, offs_t, T)
+                                                 * load_vec(sc_ptr + r * T, offs_t, T), 0.0), axis=0)
         dq = tl.zeros([BD], tl.float32)
         dqt = tl.zeros([BH1], tl.float32)
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + offs_bt
             tm = offs_t < T
-            kmask = tm[:, None] & dm[None, :]
+            if STATS:  # Dice's batch statistics cover every position, padded ones too (SPEC 1)
+                kmask = tm[:, None] & dm[None, :]
+            else:  # elsewhere padding is never read: a masked key loads as zeros
+                valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
+                kmask = valid[:, None] & dm[None, :]
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
             z1, a1, z2, a2, z3, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
                                               pa2, ps2, pb2, pa3, ps3, pb3, LAYERS, ACT,
@@ -161,10 +166,9 @@ def attention_bwd_kernel(
                 dk = tl.zeros([BLOCK_T, BD], tl.float32)
             else:
                 s = tl.sum(at * wo[None, :], axis=1) + bo
-                valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                 da = tl.sum(k.to(tl.float32) * dout[None, :], axis=1)
-                if HAS_DSC:
-                    da += load_vec(dsc_ptr + r * T, offs_t, T)
+                if HAS_DSC:  # a padded score's upstream gradient is never read either
+                    da += tl.where(valid, load_vec(dsc_ptr + r * T, offs_t, T), 0.0)
                 if SOFTMAX:
                     p = tl.where(valid, tl.exp(tl.where(valid, s - lse, 0.0)), 0.0)
                     ds = p * (da - delta)
@@ -216,8 +220,10 @@ def attention_bwd_kernel(
             # (folded per tile), and q's, sum_t k_t * (dz1 W_p)_t.
             dqt += tl.sum(dz1, axis=0)
             dk += mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
+            if not STATS:  # a padded key gets a zero gradient
+                dk = tl.where(valid[:, None], dk, 0.0)
             tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
-                     dk.to(dk_ptr.dtype.element_ty), mask=kmask)
+                     dk.to(dk_ptr.dtype.element_ty), mask=tm[:, None] & dm[None, :])
             dq += tl.sum(k.to(tl.float32) * mm(dz1, wp, LOWP_BWD, DT, PREC), axis=0)
             gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (BH1, BD)
             gwkd += gm

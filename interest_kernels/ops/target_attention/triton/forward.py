@@ -72,8 +72,10 @@ def attention_fwd_kernel(
         for t0 in range(0, T, BLOCK_T):
             offs_t = t0 + offs_bt
             tm = offs_t < T
+            valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
+            # Padding is never read: a masked key loads as zeros.
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :],
-                        mask=tm[:, None] & dm[None, :], other=0.0)
+                        mask=valid[:, None] & dm[None, :], other=0.0)
             _, a1, _, a2, _, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
                                            pa2, ps2, pb2, pa3, ps3, pb3, LAYERS, ACT, True,
                                            LOWP, DT, PREC)
@@ -83,7 +85,6 @@ def attention_fwd_kernel(
                 s = tl.sum(a2 * wo[None, :], axis=1) + bo
             else:
                 s = tl.sum(a3 * wo[None, :], axis=1) + bo
-            valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
             if WRITE_SCORES:
                 tl.store(sc_ptr + r * T + offs_t, s, mask=tm)
             kf = k.to(tl.float32)
