@@ -11,21 +11,10 @@ from interest_kernels.ops.gru_scan.op import gru_scan
 from interest_kernels.ops.gru_scan.reference import MODES, VARIANTS, gru_scan_reference
 from interest_kernels.testing import check_against_reference
 
+from gru_scan_cases import gru_inputs as _inputs
 from peers import load_deepctr
 
 MODE_VARIANTS = list(itertools.product(MODES, VARIANTS))
-
-
-def _inputs(mode, batch=4, seq_len=5, input_size=3, hidden=6, dtype=torch.float32, h0=True, bias=True):
-    return dict(
-        x=torch.randn(batch, seq_len, input_size, dtype=dtype),
-        weight_ih=torch.randn(3 * hidden, input_size, dtype=dtype) * 0.6,
-        weight_hh=torch.randn(3 * hidden, hidden, dtype=dtype) * 0.6,
-        bias_ih=torch.randn(3 * hidden, dtype=dtype) if bias else None,
-        bias_hh=torch.randn(3 * hidden, dtype=dtype) if bias else None,
-        att=None if mode == "gru" else torch.rand(batch, seq_len, dtype=dtype),
-        h0=torch.randn(batch, hidden, dtype=dtype) if h0 else None,
-    )
 
 
 def _float_names(inputs):
