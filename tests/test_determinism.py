@@ -10,9 +10,9 @@ import interest_kernels as ik
 from interest_kernels import BackendUnavailableError, use_backend
 from interest_kernels import nn as iknn
 from interest_kernels import optim as ikoptim
-from interest_kernels._backend import registered_ops
 
 import target_attention_cases as ta_cases
+from backend_runs import backends, outputs_and_leaves
 
 
 @pytest.fixture(params=[False, True], ids=["default", "deterministic_algorithms"])
@@ -23,29 +23,11 @@ def deterministic(request):
     torch.use_deterministic_algorithms(before)
 
 
-def _backends(op_name: str) -> list[str]:
-    return sorted(registered_ops()[op_name].implementations)
-
-
 def _outputs_and_grads(backend: str, fn, inputs: dict, seed: int = 7) -> list[torch.Tensor]:
     """Every output and the gradient of every floating leaf, as one flat list."""
-    kw, leaves = {}, []
-    for name, v in inputs.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            v = v.detach().clone().requires_grad_(True)
-            leaves.append(v)
-        elif isinstance(v, list) and v and all(isinstance(t, torch.Tensor) for t in v):
-            v = [t.detach().clone().requires_grad_(True) for t in v]
-            leaves.extend(v)
-        kw[name] = v
-    try:
-        with use_backend(backend):
-            outs = fn(**kw)
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-    outs = [outs] if isinstance(outs, torch.Tensor) else [o for o in outs if o is not None]
+    outs, leaves = outputs_and_leaves(backend, fn, inputs)
     gen = torch.Generator().manual_seed(seed)
-    grads = torch.autograd.grad(outs, leaves, [torch.randn(o.shape, generator=gen) for o in outs],
+    grads = torch.autograd.grad(outs, list(leaves.values()), [torch.randn(o.shape, generator=gen) for o in outs],
                                 allow_unused=True)
     return [o.detach() for o in outs] + [g for g in grads if g is not None]
 
@@ -58,7 +40,7 @@ def _assert_bitwise(first: list[torch.Tensor], second: list[torch.Tensor]) -> No
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "dice"])
-@pytest.mark.parametrize("backend", _backends("target_attention"))
+@pytest.mark.parametrize("backend", backends("target_attention"))
 def test_target_attention_twice(backend, activation, deterministic):
     inp = ta_cases.make_case(seq_len=6, dim=5, valid="mask", activation=activation, dice_training=True,
                              rows=2, batch=4)
@@ -66,7 +48,7 @@ def test_target_attention_twice(backend, activation, deterministic):
     _assert_bitwise(_outputs_and_grads(backend, fn, inp), _outputs_and_grads(backend, fn, inp))
 
 
-@pytest.mark.parametrize("backend", _backends("gru_scan"))
+@pytest.mark.parametrize("backend", backends("gru_scan"))
 def test_gru_scan_twice(backend, deterministic):
     kw = dict(x=torch.randn(3, 5, 4), weight_ih=torch.randn(15, 4), weight_hh=torch.randn(15, 5),
               bias_ih=torch.randn(15), bias_hh=torch.randn(15), att=torch.rand(3, 5), mode="augru",
@@ -74,7 +56,7 @@ def test_gru_scan_twice(backend, deterministic):
     _assert_bitwise(_outputs_and_grads(backend, ik.gru_scan, kw), _outputs_and_grads(backend, ik.gru_scan, kw))
 
 
-@pytest.mark.parametrize("backend", _backends("dice"))
+@pytest.mark.parametrize("backend", backends("dice"))
 def test_dice_twice(backend, deterministic):
     def run():
         stats = dict(running_mean=torch.zeros(5), running_var=torch.ones(5))
@@ -90,13 +72,13 @@ def test_aux_loss_twice(deterministic):
     kw = dict(states=torch.randn(3, 5, 4), pos=torch.randn(3, 5, 2), neg=torch.randn(3, 5, 2),
               weights=[torch.randn(6, 6)], biases=[torch.randn(6)], out_weight=torch.randn(6),
               lengths=torch.tensor([5, 1, 3]))
-    for backend in _backends("dien_aux_loss"):
+    for backend in backends("dien_aux_loss"):
         _assert_bitwise(_outputs_and_grads(backend, ik.dien_aux_loss, kw),
                         _outputs_and_grads(backend, ik.dien_aux_loss, kw))
 
 
 @pytest.mark.parametrize("opt", ["MBASGD", "MBAAdagrad", "MBAAdam"])
-@pytest.mark.parametrize("backend", _backends("mba_update"))
+@pytest.mark.parametrize("backend", backends("mba_update"))
 def test_mba_training_twice(backend, opt, deterministic):
     """Three steps of an MBAEmbedding + optimiser, duplicate ids in every batch, and a
     sparse nn.Embedding table beside it: tables, counts and optimiser state bitwise equal."""
@@ -123,7 +105,7 @@ def test_mba_training_twice(backend, opt, deterministic):
     _assert_bitwise(train(), train())
 
 
-@pytest.mark.parametrize("backend", _backends("mba_update"))
+@pytest.mark.parametrize("backend", backends("mba_update"))
 def test_dedup_rows_twice(backend, deterministic):
     ids = torch.randint(0, 9, (300,))
     rows = torch.randn(300, 6)

@@ -10,39 +10,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from interest_kernels import BackendUnavailableError, use_backend
-from interest_kernels._backend import registered_ops
 from interest_kernels.ops.aux_loss.op import dien_aux_loss
 from interest_kernels.ops.gru_scan.op import gru_scan
 from interest_kernels.ops.target_attention.op import target_attention
 
 import target_attention_cases as ta_cases
+from backend_runs import backends, outputs_and_leaves
 
 POISONS = [float("nan"), float("inf")]
 
 
-def _backends(op_name: str) -> list[str]:
-    return sorted(registered_ops()[op_name].implementations)
-
-
 def _run(backend, fn, inputs: dict, grad_outs: list) -> tuple[list, dict]:
     """Outputs and the gradients of every floating leaf (lists flattened by name)."""
-    leaves = {}
-    kw = {}
-    for name, v in inputs.items():
-        if isinstance(v, torch.Tensor) and v.is_floating_point():
-            v = v.detach().clone().requires_grad_(True)
-            leaves[name] = v
-        elif isinstance(v, list) and all(isinstance(t, torch.Tensor) for t in v):
-            v = [t.detach().clone().requires_grad_(True) for t in v]
-            leaves.update({f"{name}[{i}]": t for i, t in enumerate(v)})
-        kw[name] = v
-    try:
-        with use_backend(backend):
-            outs = fn(**kw)
-    except BackendUnavailableError as exc:
-        pytest.skip(str(exc))
-    outs = [outs] if isinstance(outs, torch.Tensor) else [o for o in outs if o is not None]
+    outs, leaves = outputs_and_leaves(backend, fn, inputs)
     pairs = [(o, g) for o, g in zip(outs, grad_outs) if g is not None and o.requires_grad]
     grads = torch.autograd.grad([o for o, _ in pairs], list(leaves.values()), [g for _, g in pairs],
                                 allow_unused=True)
@@ -73,7 +53,7 @@ TA_CASES = {
 
 @pytest.mark.parametrize("poison", POISONS)
 @pytest.mark.parametrize("case", list(TA_CASES))
-@pytest.mark.parametrize("backend", _backends("target_attention"))
+@pytest.mark.parametrize("backend", backends("target_attention"))
 def test_target_attention_never_reads_padded_keys(backend, case, poison, request):
     if backend == "triton" and poison == float("inf"):
         pytest.skip("under the Triton interpreter NaN padding alone keeps the budget")
@@ -120,7 +100,7 @@ def _gru_case(mode: str, valid: str) -> dict:
 @pytest.mark.parametrize("poison", POISONS)
 @pytest.mark.parametrize("mode,valid", [("gru", "lengths"), ("augru", "mask"), ("aigru", "lengths"),
                                         ("agru", "mask")])
-@pytest.mark.parametrize("backend", _backends("gru_scan"))
+@pytest.mark.parametrize("backend", backends("gru_scan"))
 def test_gru_scan_never_reads_padded_steps(backend, mode, valid, poison):
     kw = _gru_case(mode, valid)
     steps = (torch.arange(6) < kw["lengths"][:, None]) if valid == "lengths" else kw["mask"]
@@ -134,7 +114,7 @@ def test_gru_scan_never_reads_padded_steps(backend, mode, valid, poison):
 
 
 @pytest.mark.parametrize("poison", POISONS)
-@pytest.mark.parametrize("backend", _backends("dien_aux_loss"))
+@pytest.mark.parametrize("backend", backends("dien_aux_loss"))
 def test_aux_loss_never_reads_padded_steps(backend, poison):
     batch, seq_len = 3, 5
     kw = dict(
