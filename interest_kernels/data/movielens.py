@@ -31,7 +31,7 @@ from typing import Iterator, Optional
 import torch
 
 from .common import DataFormatError, Dataset, FeatureSpec, LoadStats, Samples, Vocab, read_lines
-from .sequences import SequenceTable, remap
+from .sequences import SequenceTable, id_maps
 
 __all__ = ["LAYOUTS", "TEST_USER_SHARE", "POSITIVE_RATING", "load_movielens"]
 
@@ -151,13 +151,11 @@ def load_movielens(directory: str, max_len: int = 50, seed: int = 0,
     target = torch.nonzero(~first).flatten()
     stats.note("histories cut to max_len", int((seq.position[target] > max_len).sum()))
 
-    fixed = vocabs if vocabs is not None else {"user": users, "item": movies, "cat": genres}
-    user_map = remap(users, fixed["user"], stats, "user")
-    item_map = remap(movies, fixed["item"], stats, "movie")
-    cat_map = remap(genres, fixed["cat"], stats, "genre")
-    item_category = torch.zeros(len(fixed["item"]), dtype=torch.int64)
-    item_category[item_map] = cat_map[torch.frombuffer(table.item_cat, dtype=torch.int32).long()]
-    item_category[0] = 0
+    fixed, maps, item_category = id_maps(
+        {"user": users, "item": movies, "cat": genres}, vocabs,
+        torch.frombuffer(table.item_cat, dtype=torch.int32).long(), stats,
+        {"user": "user", "item": "movie", "cat": "genre"})
+    user_map, item_map, cat_map = maps["user"], maps["item"], maps["cat"]
 
     lengths = seq.position[target].clamp(max=max_len)
     samples = Samples(

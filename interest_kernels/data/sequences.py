@@ -3,13 +3,13 @@ from event logs (Taobao, MovieLens): streamed in, then sorted into time order by
 from __future__ import annotations
 
 from array import array
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 
 from .common import LoadStats, Vocab
 
-__all__ = ["SequenceTable", "Sequences", "remap"]
+__all__ = ["SequenceTable", "Sequences", "id_maps", "remap"]
 
 
 class Sequences(NamedTuple):
@@ -79,3 +79,18 @@ def remap(local: Vocab, fixed: Vocab, stats: LoadStats, what: str) -> torch.Tens
     table = torch.tensor([fixed.get(token) for token in local.tokens()], dtype=torch.int64)
     stats.note(f"unknown {what} ids (not in the given vocabulary)", int((table[1:] == 0).sum()))
     return table
+
+
+def id_maps(local: dict[str, Vocab], vocabs: Optional[dict[str, Vocab]], item_cat: torch.Tensor,
+            stats: LoadStats, what: dict[str, str]) -> tuple[dict[str, Vocab], dict[str, torch.Tensor], torch.Tensor]:
+    """The vocabularies in force (``vocabs``, e.g. a checkpoint's, else the file's own
+    ``local`` ones, both keyed ``"user"``, ``"item"``, ``"cat"``), the map of each local
+    index into them (:func:`remap`, unknown ids counted in ``stats`` under ``what[key]``),
+    and the item -> category table (num_items,) int64 from ``item_cat``, the category of
+    each local item (index 0, the unknown item, has category 0)."""
+    fixed = vocabs if vocabs is not None else local
+    maps = {key: remap(local[key], fixed[key], stats, what[key]) for key in ("user", "item", "cat")}
+    item_category = torch.zeros(len(fixed["item"]), dtype=torch.int64)
+    item_category[maps["item"]] = maps["cat"][item_cat]
+    item_category[0] = 0
+    return fixed, maps, item_category

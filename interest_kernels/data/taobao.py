@@ -26,7 +26,7 @@ from typing import Optional
 import torch
 
 from .common import DataFormatError, Dataset, FeatureSpec, LoadStats, Samples, Vocab, read_lines
-from .sequences import SequenceTable, remap
+from .sequences import SequenceTable, id_maps
 
 __all__ = ["BEHAVIOURS", "HEADER", "load_taobao"]
 
@@ -84,13 +84,10 @@ def load_taobao(path: str, max_len: int = 50, seed: int = 0, vocabs: Optional[di
     target = torch.nonzero(~first).flatten()
     stats.note("histories cut to max_len", int((seq.position[target] > max_len).sum()))
 
-    fixed = vocabs if vocabs is not None else {"user": users, "item": items, "cat": cats}
-    user_map = remap(users, fixed["user"], stats, "user")
-    item_map = remap(items, fixed["item"], stats, "item")
-    cat_map = remap(cats, fixed["cat"], stats, "category")
-    item_category = torch.zeros(len(fixed["item"]), dtype=torch.int64)
-    item_category[item_map] = cat_map[item_cat]
-    item_category[0] = 0
+    fixed, maps, item_category = id_maps(
+        {"user": users, "item": items, "cat": cats}, vocabs, item_cat, stats,
+        {"user": "user", "item": "item", "cat": "category"})
+    user_map, item_map, cat_map = maps["user"], maps["item"], maps["cat"]
 
     # Everything the samples need, per target (int32) and per click; then the sorted
     # columns go, so that they and the samples are never all held at once.
