@@ -240,25 +240,20 @@ class TrafficMeter:
         previous, self._launch = self._launch, _Launch(record, arg_names, args, kwargs)
         return previous
 
-    def _on_load(self, ptrs, mask) -> None:
+    def _on_access(self, ptrs, mask, store: bool) -> None:
         launch = self._launch
         if launch is None:
             return
         addrs = _active(ptrs, mask)
         nbytes = _element_bytes(ptrs)
-        launch.record.bytes_loaded += int(addrs.size) * nbytes
-        launch.record._loaded.add(np.unique(addrs // SECTOR_BYTES))
-        launch.attribute(addrs, nbytes, 0)
-
-    def _on_store(self, ptrs, mask) -> None:
-        launch = self._launch
-        if launch is None:
-            return
-        addrs = _active(ptrs, mask)
-        nbytes = _element_bytes(ptrs)
-        launch.record.bytes_stored += int(addrs.size) * nbytes
-        launch.record._stored.add(np.unique(addrs // SECTOR_BYTES))
-        launch.attribute(addrs, nbytes, 1)
+        record = launch.record
+        if store:
+            record.bytes_stored += int(addrs.size) * nbytes
+            record._stored.add(np.unique(addrs // SECTOR_BYTES))
+        else:
+            record.bytes_loaded += int(addrs.size) * nbytes
+            record._loaded.add(np.unique(addrs // SECTOR_BYTES))
+        launch.attribute(addrs, nbytes, int(store))
 
     def _on_dot(self, a, b, input_precision) -> None:
         launch = self._launch
@@ -287,16 +282,16 @@ class TrafficMeter:
         run = interpreter.InterpretedFunction.run
 
         def masked_load(self, ptrs, mask, other, cache_policy, is_volatile):
-            meter._on_load(ptrs, mask)
+            meter._on_access(ptrs, mask, store=False)
             return load(self, ptrs, mask, other, cache_policy, is_volatile)
 
         def masked_store(self, ptrs, value, mask, cache_policy):
-            meter._on_store(ptrs, mask)
+            meter._on_access(ptrs, mask, store=True)
             return store(self, ptrs, value, mask, cache_policy)
 
         def atomic_rmw(self, rmw_op, ptr, val, mask, sem, scope):
-            meter._on_load(ptr, mask)
-            meter._on_store(ptr, mask)
+            meter._on_access(ptr, mask, store=False)
+            meter._on_access(ptr, mask, store=True)
             return rmw(self, rmw_op, ptr, val, mask, sem, scope)
 
         def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
