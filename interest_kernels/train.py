@@ -81,6 +81,7 @@ class TrainConfig:
     dense_lr: float = 1e-3
     mba_lambda: float = 1e-4
     embedding: str = "mba"
+    tables: str = "replicated"
     gru_type: str = "AUGRU"
     max_steps: Optional[int] = None
     eval_batch_size: int = 1024
@@ -95,7 +96,8 @@ class TrainConfig:
     data_kwargs: dict[str, Any] = field(default_factory=dict)
 
     # Settings a resumed run takes from its own command line, not from the checkpoint.
-    RESUMABLE = ("epochs", "max_steps", "device", "eval_batch_size", "eval_every", "early_stop", "patience")
+    RESUMABLE = ("epochs", "max_steps", "device", "eval_batch_size", "eval_every", "early_stop", "patience",
+                 "tables")
 
 
 @dataclass
@@ -284,13 +286,20 @@ class Trainer:
         """``{"auc", "gauc", "logloss"}`` of the model on ``samples``."""
         return ctr_metrics(*self.predict(samples))
 
+    def model_state(self) -> dict[str, Any]:
+        """The model's state_dict (whole tables included)."""
+        return self.model.state_dict()
+
+    def load_model_state(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
     def state_dict(self) -> dict[str, Any]:
         rng: dict[str, Any] = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         return {
             "config": dataclasses.asdict(self.config),
-            "model": self.model.state_dict(),
+            "model": self.model_state(),
             "sparse_opt": self.sparse_opt.state_dict(),
             "dense_opt": self.dense_opt.state_dict(),
             "data": self.batches.state_dict(),
@@ -301,7 +310,7 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.load_model_state(state["model"])
         self.sparse_opt.load_state_dict(state["sparse_opt"])
         self.dense_opt.load_state_dict(state["dense_opt"])
         self.batches.load_state_dict(state["data"])
@@ -313,8 +322,11 @@ class Trainer:
             self.stopper.load_state_dict(state["early_stop"])
 
     def save(self, path: str) -> None:
+        self.write_checkpoint(self.state_dict(), path)
+
+    def write_checkpoint(self, state: dict[str, Any], path: str) -> None:
         tmp = path + ".tmp"
-        torch.save(self.state_dict(), tmp)
+        torch.save(state, tmp)
         os.replace(tmp, path)
         write_config_file(self.config, config_path_beside(path))
 
@@ -435,6 +447,8 @@ def run(
     if dataset is None:
         dataset = build_dataset(config, vocabs=checkpoint_vocabs(state) if state else None, log=log)
     if dist_context is None:
+        if config.tables != "replicated":
+            raise ValueError(f"--tables {config.tables}: tables are sharded over processes; launch with torchrun")
         trainer = Trainer(config, dataset)
     else:
         from .distributed.trainer import DistributedTrainer
@@ -462,7 +476,7 @@ def run(
             if best_checkpoint:
                 trainer.save(best_checkpoint)
             else:
-                best_state = copy.deepcopy(trainer.model.state_dict())
+                best_state = copy.deepcopy(trainer.model_state())
         return scores
 
     train_time, train_samples = 0.0, 0
@@ -514,9 +528,9 @@ def run(
     stopper = trainer.stopper
     if stopper is not None and stopper.best is not None:
         if best_checkpoint and os.path.exists(best_checkpoint):
-            trainer.model.load_state_dict(read_checkpoint(best_checkpoint)["model"])
+            trainer.load_model_state(read_checkpoint(best_checkpoint)["model"])
         elif best_state is not None:
-            trainer.model.load_state_dict(best_state)
+            trainer.load_model_state(best_state)
         else:  # the best came before a resume and was held in memory only
             log(f"{tag} the best model (step {stopper.best_step}) was not saved (no --best-checkpoint); "
                 f"keeping the last one")
@@ -739,6 +753,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dense-lr", type=float, default=d.dense_lr, help="base learning rate of Adam (all other weights)")
     p.add_argument("--mba-lambda", type=float, default=d.mba_lambda, help="MBA regularisation strength (SPEC 5)")
     p.add_argument("--embedding", choices=("mba", "torch"), default=d.embedding, help="embedding table implementation")
+    p.add_argument("--tables", choices=("replicated", "sharded"), default=d.tables,
+                   help="under torchrun: every rank holds the tables, or each holds its rows (torchrec)")
     p.add_argument("--gru-type", choices=("AUGRU", "AGRU", "AIGRU", "GRU"), default=d.gru_type,
                    help="DIEN's interest-evolving layer")
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear learning-rate warm-up")
