@@ -51,7 +51,9 @@ setup(
     packages=find_packages(include=["interest_kernels", "interest_kernels.*"]),
     install_requires=["torch>=2.4", "numpy"],
     extras_require={"triton": ["triton"], "plots": ["matplotlib"],
-                    "onnx": ["onnx", "onnxscript", "onnxruntime"]},
+                    "onnx": ["onnx", "onnxscript", "onnxruntime"],
+                    # GPU machines (CUDA fbgemm-gpu); CPU: pip install --no-deps -r requirements-distributed.txt
+                    "distributed": ["torchrec==1.8.0", "fbgemm-gpu==1.8.0"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )

@@ -30,7 +30,7 @@ fi
 VPY="$VENV/bin/python"
 PIP=("$VPY" -m pip install --disable-pip-version-check -q)
 
-stamp="$( { cat requirements-test.txt setup.py; if [ -d csrc ]; then find csrc -type f | sort | xargs -r cat; fi; } | sha256sum | cut -d' ' -f1 )"
+stamp="$( { cat requirements-test.txt requirements-distributed.txt setup.py; if [ -d csrc ]; then find csrc -type f | sort | xargs -r cat; fi; } | sha256sum | cut -d' ' -f1 )"
 if [ -f "$VENV/.setup-stamp" ] && [ "$(cat "$VENV/.setup-stamp")" = "$stamp" ] \
    && "$VPY" -c "import interest_kernels, torch" >/dev/null 2>&1; then
   exit 0
@@ -50,6 +50,9 @@ echo "setup: installing build and test tools"
 # Peer libraries, compared against in tests only. --no-deps: their pinned extras would
 # pull another torch (DeepCTR-Torch) or ray (FuxiCTR); tests load only their layer files.
 "${PIP[@]}" --no-deps "deepctr-torch==0.3.0" "fuxictr==2.3.10"
+# torchrec for sharded tables (--tables sharded). --no-deps: torchrec would pull the CUDA
+# fbgemm-gpu and tensordict an unpinned torch; the file pins the CPU build and each need.
+"${PIP[@]}" --no-deps -r requirements-distributed.txt
 echo "setup: building interest_kernels (and its extension)"
 "${PIP[@]}" --no-build-isolation --no-deps -e .
 echo "$stamp" > "$VENV/.setup-stamp"

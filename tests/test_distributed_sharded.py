@@ -1,0 +1,185 @@
+"""Tables sharded over 2 processes by torchrec (gloo, CPU), trained by exact MBA steps.
+
+Two processes on the halves of each global batch, each holding only its rows of every
+table, train the same model as one process on the whole batch: the same losses (1e-5
+over 50 steps, odd-sized last batches included) and the same tables and MBA optimiser
+state (counts n_j exactly), for DIN and DIEN with the SGD and the Adam form. A sharded
+run's checkpoint holds the whole tables: it resumes sharded (same losses as the run
+that went on) and in one process. The evaluation's shares differ in batch count by
+rank. A last global batch of 1 row on 2 ranks (one rank gets none) trains in both
+table modes.
+"""
+import dataclasses
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from interest_kernels.data import generate_amazon
+from interest_kernels.distributed.sharded import torchrec_unavailable_reason
+from interest_kernels.train import Trainer, TrainConfig, build_dataset
+
+_REASON = torchrec_unavailable_reason()
+pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
+    pytest.mark.skipif(_REASON is not None, reason=str(_REASON)),
+]
+
+WORLD = 2
+STEPS = 50
+RESUME_AT = 25
+PER_PROCESS = 8
+CASES = [("din", "sgd"), ("din", "adam"), ("dien", "sgd"), ("dien", "adam")]
+# 117 training samples: a global batch of 58 leaves 1 row (rank 1 gets none).
+ONE_ROW_PER_PROCESS = 29
+ONE_ROW_STEPS = 6
+EVAL_BATCH = 19  # the 39 test samples split 20 / 19: rank 0 scores 2 batches, rank 1 one
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _config(data: str, model: str, sparse: str, batch_size: int, tables: str = "replicated",
+            steps: int = STEPS) -> TrainConfig:
+    return TrainConfig(
+        model=model, data=data, sparse_optim=sparse, batch_size=batch_size, epochs=100, max_steps=steps,
+        max_len=6, device="cpu", mba_lambda=0.05, sparse_lr=0.05, dense_lr=0.01, tables=tables,
+        eval_batch_size=EVAL_BATCH,
+        model_kwargs=dict(embedding_dim=4, att_hidden_units=(8, 4), mlp_hidden_units=(8,)),
+    )
+
+
+def _train(trainer: Trainer, steps: int, at_step=None) -> list[float]:
+    losses = []
+    while len(losses) < steps:
+        for batch in trainer.batches.epoch_batches():
+            losses.append(trainer.step(batch))
+            if at_step is not None:
+                at_step(trainer.steps)
+            if len(losses) == steps:
+                break
+    return losses
+
+
+def _worker(rank: int, port: int, data: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD))
+    torch.set_num_threads(1)
+    from interest_kernels.distributed import init_from_env
+    from interest_kernels.distributed.trainer import DistributedTrainer
+
+    context = init_from_env("cpu")
+    dataset = build_dataset(_config(data, "din", "sgd", PER_PROCESS))
+
+    def save(name: str, record: dict) -> None:
+        if rank == 0:
+            torch.save(record, os.path.join(out, name))
+
+    for model, sparse in CASES:
+        config = _config(data, model, sparse, PER_PROCESS, "sharded")
+        trainer = DistributedTrainer(config, dataset, context)
+        checkpoint = os.path.join(out, f"{model}_{sparse}.ckpt")
+        losses = _train(trainer, STEPS, lambda step: step == RESUME_AT and trainer.save(checkpoint))
+        state = trainer.state_dict()  # gathered whole: a collective
+        rows = trainer.sharded.tables["item_embedding"].local.shape[0]
+        save(f"{model}_{sparse}.pt", {"losses": losses, "model": state["model"], "sparse": state["sparse_opt"],
+                                      "test": trainer.evaluate(dataset.test), "item_rows_here": rows})
+        if (model, sparse) == ("din", "adam"):
+            resumed = DistributedTrainer(config, dataset, context)
+            resumed.load_state_dict(torch.load(checkpoint, weights_only=True))
+            save("resumed.pt", {"losses": _train(resumed, STEPS - RESUME_AT)})
+            del resumed
+        del trainer  # no DDP wrapper may outlive the process group
+    for tables in ("replicated", "sharded"):
+        config = _config(data, "dien", "adam", ONE_ROW_PER_PROCESS, tables, steps=ONE_ROW_STEPS)
+        trainer = DistributedTrainer(config, dataset, context)
+        save(f"one_row_{tables}.pt", {"losses": _train(trainer, ONE_ROW_STEPS)})
+        del trainer
+    context.close()
+
+
+@pytest.fixture(scope="module")
+def sharded_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sharded")
+    # 39 users x 3 = 117 training samples: each epoch ends with a global batch of 5 (3 + 2 rows).
+    data = generate_amazon(str(root / "data"), num_users=39, num_items=50, num_cats=5, train_per_user=3,
+                           test_per_user=1, min_len=1, max_len=6, seed=0)
+    out = root / "out"
+    out.mkdir()
+    mp.spawn(_worker, args=(_free_port(), f"amazon:{data}", str(out)), nprocs=WORLD, join=True)
+    return f"amazon:{data}", out
+
+
+def _single(data: str, model: str, sparse: str, batch_size: int, steps: int = STEPS) -> Trainer:
+    return Trainer(_config(data, model, sparse, batch_size, steps=steps), build_dataset(_config(data, model, sparse, 1)))
+
+
+# DIEN's evolving attention normalises its scores with a softmax: its score bias has a zero
+# gradient in exact arithmetic, which the dense Adam turns from rounding noise into steps.
+ROUNDING_NOISE = ("evolving.attention.",)
+
+
+@pytest.mark.parametrize("model, sparse", CASES)
+def test_sharded_tables_train_the_model_of_one_process(sharded_run, model, sparse):
+    data, out = sharded_run
+    single = _single(data, model, sparse, PER_PROCESS * WORLD)
+    losses = _train(single, STEPS)
+    got = torch.load(out / f"{model}_{sparse}.pt", weights_only=True)
+    torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), atol=1e-5, rtol=0)
+    assert got["item_rows_here"] < single.model.item_embedding.weight.shape[0]  # rank 0 holds a part
+
+    expected = single.model.state_dict()
+    assert got["model"].keys() == expected.keys()
+    for key, value in expected.items():
+        if value.dtype.is_floating_point:
+            atol = 1e-2 if key.startswith(ROUNDING_NOISE) else 1e-5
+            torch.testing.assert_close(got["model"][key], value, atol=atol, rtol=0, msg=lambda m: f"{key}: {m}")
+        else:
+            assert torch.equal(got["model"][key], value), key
+
+    state = single.sparse_opt.state_dict()
+    assert got["sparse"]["param_groups"] == state["param_groups"]
+    assert got["sparse"]["state"].keys() == state["state"].keys()
+    for index, entry in state["state"].items():
+        assert got["sparse"]["state"][index].keys() == entry.keys()
+        for key, value in entry.items():
+            mine = got["sparse"]["state"][index][key]
+            if key == "counts":
+                assert torch.equal(mine, value)  # n_j of the global batches, exactly
+            elif isinstance(value, torch.Tensor):
+                torch.testing.assert_close(mine, value, atol=1e-5, rtol=0)
+            else:
+                assert mine == value, key
+
+    expected_test = single.evaluate(single.dataset.test)  # GAUC is NaN here (one-class users) on both
+    torch.testing.assert_close(torch.tensor([got["test"][k] for k in expected_test]),
+                               torch.tensor(list(expected_test.values())), atol=1e-5, rtol=0, equal_nan=True)
+
+
+def test_sharded_checkpoint_resumes_sharded_and_in_one_process(sharded_run):
+    data, out = sharded_run
+    full = torch.load(out / "din_adam.pt", weights_only=True)["losses"]
+    resumed = torch.load(out / "resumed.pt", weights_only=True)["losses"]
+    torch.testing.assert_close(torch.tensor(resumed), torch.tensor(full[RESUME_AT:]), atol=1e-6, rtol=0)
+
+    state = torch.load(out / "din_adam.ckpt", weights_only=True)
+    one = _single(data, "din", "adam", PER_PROCESS * WORLD)
+    assert state["model"]["item_embedding.weight"].shape == one.model.item_embedding.weight.shape  # whole
+    one.load_state_dict(state)
+    torch.testing.assert_close(torch.tensor(_train(one, STEPS - RESUME_AT)), torch.tensor(full[RESUME_AT:]),
+                               atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("tables", ["replicated", "sharded"])
+def test_last_global_batch_of_one_row_on_two_ranks(sharded_run, tables):
+    data, out = sharded_run
+    single = _single(data, "dien", "adam", ONE_ROW_PER_PROCESS * WORLD, steps=ONE_ROW_STEPS)
+    assert len(single.batches) == 3  # 58, 58 and 1 rows
+    losses = _train(single, ONE_ROW_STEPS)
+    got = torch.load(out / f"one_row_{tables}.pt", weights_only=True)["losses"]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(losses), atol=1e-5, rtol=0)
