@@ -1,4 +1,4 @@
-"""Training throughput on 1 and 2 processes (CPU, gloo): replicated tables, DDP.
+"""Training throughput on 1 and 2 processes (CPU, gloo): replicated or sharded tables, DDP.
 
     python bench/bench_distributed.py [--models din dien] [--batch-size 256] [--history 50]
         [--steps 30] [--rounds 2] [--out FILE.json]
@@ -11,7 +11,9 @@ steps take the same time). Configurations:
 
 * ``1 proc, 1 thread``: one process, batch B;
 * ``1 proc, 2 threads``: one process on the same two cores as two processes, batch 2B;
-* ``2 procs``: two processes of batch B each (global batch 2B).
+* ``2 procs``: two processes of batch B each (global batch 2B), tables replicated;
+* ``2 procs, sharded``: the same with the tables sharded row-wise by torchrec
+  (``--tables sharded``; skipped when torchrec is not installed).
 
 Rounds alternate the configurations, so load changes on a shared machine bias none.
 Writes long-form rows and the machine to JSON and a markdown table beside it.
@@ -33,6 +35,7 @@ import torch.multiprocessing as mp
 from interest_kernels.bench.harness import environment
 from interest_kernels.data import Dataset, FeatureSpec, Samples
 from interest_kernels.distributed import init_from_env
+from interest_kernels.distributed.sharded import torchrec_unavailable_reason
 from interest_kernels.train import Trainer, TrainConfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -104,7 +107,7 @@ def measure(config: TrainConfig, world: int, threads: int, history: int, steps: 
 
 def markdown(rows: list[dict], command: str, machine: dict) -> str:
     lines = [
-        "# Distributed training throughput (CPU, gloo, replicated tables)", "",
+        "# Distributed training throughput (CPU, gloo, replicated and sharded tables)", "",
         f"Command: `{command}`", "",
         f"Machine: {machine['device_name']}, {machine['cpus']} cores shared with other jobs (load average "
         f"{machine['load_before']:.1f} at the start), torch {machine['torch']}, git {machine['git_sha']}. "
@@ -130,21 +133,24 @@ def main() -> None:
                    help="JSON rows; the markdown table goes beside it (.md)")
     args = p.parse_args()
     machine = {**environment(torch.device("cpu")), "cpus": os.cpu_count(), "load_before": os.getloadavg()[0]}
-    # (name, processes, threads per process, global batch in units of --batch-size)
-    configurations = [("1 proc, 1 thread", 1, 1, 1), ("1 proc, 2 threads", 1, 2, 2), ("2 procs", 2, 1, 2)]
+    # (name, processes, threads per process, global batch in units of --batch-size, tables)
+    configurations = [("1 proc, 1 thread", 1, 1, 1, "replicated"), ("1 proc, 2 threads", 1, 2, 2, "replicated"),
+                      ("2 procs", 2, 1, 2, "replicated")]
+    if torchrec_unavailable_reason() is None:
+        configurations.append(("2 procs, sharded", 2, 1, 2, "sharded"))
     rows = []
     for model in args.models:
         base = TrainConfig(model=model, device="cpu", max_len=args.history)
         times: dict[str, list[float]] = {name: [] for name, *_ in configurations}
         for _ in range(args.rounds):
-            for name, world, threads, scale in configurations:
-                config = dataclasses.replace(base, batch_size=args.batch_size * scale // world)
+            for name, world, threads, scale, tables in configurations:
+                config = dataclasses.replace(base, batch_size=args.batch_size * scale // world, tables=tables)
                 times[name] += measure(config, world, threads, args.history, args.steps)
                 print(f"{model} {name}: {statistics.median(times[name]) * 1e3:.1f} ms", flush=True)
-        for name, world, threads, scale in configurations:
+        for name, world, threads, scale, tables in configurations:
             p50 = statistics.median(times[name])
             global_batch = args.batch_size * scale
-            rows.append({"model": model, "configuration": name, "processes": world, "threads_per_process": threads,
+            rows.append({"model": model, "configuration": name, "processes": world, "threads_per_process": threads, "tables": tables,
                          "global_batch": global_batch, "history": args.history, "step_ms_p50": p50 * 1e3,
                          "samples_per_s": global_batch / p50})
         first = rows[-len(configurations)]["samples_per_s"]

@@ -441,14 +441,14 @@ def run(
     """
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {config.device}: CUDA is not available")
+    if dist_context is None and config.tables != "replicated":
+        raise ValueError(f"--tables {config.tables}: tables are sharded over processes; launch with torchrun")
     if dist_context is not None and not dist_context.is_main:
         quiet, log = True, (lambda *_: None)
     state = read_checkpoint(resume) if resume is not None else None
     if dataset is None:
         dataset = build_dataset(config, vocabs=checkpoint_vocabs(state) if state else None, log=log)
     if dist_context is None:
-        if config.tables != "replicated":
-            raise ValueError(f"--tables {config.tables}: tables are sharded over processes; launch with torchrun")
         trainer = Trainer(config, dataset)
     else:
         from .distributed.trainer import DistributedTrainer

@@ -19,7 +19,7 @@ import torch.multiprocessing as mp
 
 from interest_kernels.data import generate_amazon
 from interest_kernels.distributed.sharded import torchrec_unavailable_reason
-from interest_kernels.train import Trainer, TrainConfig, build_dataset
+from interest_kernels.train import Trainer, TrainConfig, build_dataset, main, run
 
 _REASON = torchrec_unavailable_reason()
 pytestmark = [
@@ -29,12 +29,12 @@ pytestmark = [
 
 WORLD = 2
 STEPS = 50
-RESUME_AT = 25
+RESUME_AT = 40
 PER_PROCESS = 8
 CASES = [("din", "sgd"), ("din", "adam"), ("dien", "sgd"), ("dien", "adam")]
 # 117 training samples: a global batch of 58 leaves 1 row (rank 1 gets none).
 ONE_ROW_PER_PROCESS = 29
-ONE_ROW_STEPS = 6
+ONE_ROW_STEPS = 3  # the third is the 1-row batch
 EVAL_BATCH = 19  # the 39 test samples split 20 / 19: rank 0 scores 2 batches, rank 1 one
 
 
@@ -50,8 +50,12 @@ def _config(data: str, model: str, sparse: str, batch_size: int, tables: str = "
         model=model, data=data, sparse_optim=sparse, batch_size=batch_size, epochs=100, max_steps=steps,
         max_len=6, device="cpu", mba_lambda=0.05, sparse_lr=0.05, dense_lr=0.01, tables=tables,
         eval_batch_size=EVAL_BATCH,
-        model_kwargs=dict(embedding_dim=4, att_hidden_units=(8, 4), mlp_hidden_units=(8,)),
+        model_kwargs=dict(embedding_dim=5, att_hidden_units=(8, 4), mlp_hidden_units=(8,)),  # stored 8 wide
     )
+
+
+def _cli_args(data: str) -> list[str]:
+    return ["--model", "din", "--data", data, "--max-len", "6", "--quiet", "--threads", "1"]
 
 
 def _train(trainer: Trainer, steps: int, at_step=None) -> list[float]:
@@ -100,7 +104,9 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         trainer = DistributedTrainer(config, dataset, context)
         save(f"one_row_{tables}.pt", {"losses": _train(trainer, ONE_ROW_STEPS)})
         del trainer
-    context.close()
+    # Last: the CLI as torchrun starts it (it leaves the process group).
+    assert main([*_cli_args(data), "--batch-size", str(PER_PROCESS), "--tables", "sharded", "--max-steps", "2",
+                 "--checkpoint", os.path.join(out, "cli.ckpt")]) == 0
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +189,16 @@ def test_last_global_batch_of_one_row_on_two_ranks(sharded_run, tables):
     losses = _train(single, ONE_ROW_STEPS)
     got = torch.load(out / f"one_row_{tables}.pt", weights_only=True)["losses"]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(losses), atol=1e-5, rtol=0)
+
+
+def test_cli_trains_sharded_and_its_checkpoint_resumes_in_one_process(sharded_run, tmp_path):
+    data, out = sharded_run
+    assert main([*_cli_args(data), "--max-steps", "4", "--batch-size", str(PER_PROCESS * WORLD),
+                 "--resume", str(out / "cli.ckpt"), "--checkpoint", str(tmp_path / "one.ckpt")]) == 0
+    assert torch.load(tmp_path / "one.ckpt", weights_only=True)["steps"] == 4
+
+
+def test_sharded_tables_need_torchrun(tmp_path):
+    config = dataclasses.replace(_config("generated", "din", "sgd", 4, "sharded"), max_steps=1)
+    with pytest.raises(ValueError, match="--tables sharded: .* torchrun"):
+        run(config, quiet=True, log=lambda *_: None)

@@ -25,8 +25,11 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn import functional as F
 
+from .._validation import checks_on_device, value_checks_enabled
 from ..models.common import CTRModel
+from ..ops.mba.op import check_ids_in_range
 from ..optim._rows import PendingRows, push_rows
 
 __all__ = [
@@ -66,10 +69,15 @@ def counted_ids(ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
 @dataclass
 class _Lookup:
     """One forward lookup of a table: its ids, and the gradient of its rows once the
-    backward has run (None if it did not reach them: a zero gradient)."""
+    backward has run (None if no backward reached them: then, as for ``MBAEmbedding``,
+    the lookup neither counts nor updates)."""
 
     ids: torch.Tensor
     grad: Optional[torch.Tensor] = None
+
+    def add_grad(self, grad: torch.Tensor) -> None:
+        """The backward's hook (several backward passes before a step add up)."""
+        self.grad = grad if self.grad is None else self.grad + grad
 
 
 @dataclass
@@ -82,6 +90,7 @@ class _Table:
     key: str  # the table's key in the unsharded model's state_dict
     num_rows: int
     dim: int
+    width: int  # the stored width: dim rounded up to FBGEMM's multiple of 4, the rest zeros
     padding_idx: Optional[int]
     starts: list[int]
     stops: list[int]
@@ -150,19 +159,20 @@ class ShardedTables:
         if ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
         flat = ids.reshape(-1).long()
-        if flat.numel() and bool(((flat < 0) | (flat >= table.num_rows)).any()):
-            bad = flat[(flat < 0) | (flat >= table.num_rows)][0]
-            raise ValueError(f"ids: id {int(bad)} is outside the table {name}'s rows [0, {table.num_rows})")
+        if flat.numel() and value_checks_enabled(flat) and checks_on_device(flat):
+            torch._assert_async(((flat >= 0) & (flat < table.num_rows)).all(), f"ids must lie in [0, {table.num_rows})")
+        else:
+            check_ids_in_range(flat, table.num_rows)
         lengths = torch.zeros(len(self.names), dtype=torch.int32)
         lengths[self.names.index(name)] = flat.numel()
         features = KeyedJaggedTensor(keys=self.names, values=flat, lengths=lengths.to(flat.device))
         with torch.no_grad():
-            rows = self.collection(features)[name].values()
+            rows = self.collection(features)[name].values()[:, : table.dim]
         if torch.is_grad_enabled():
             rows = rows.detach().requires_grad_()
             record = _Lookup(ids)
             table.lookups.append(record)
-            rows.register_hook(lambda grad: setattr(record, "grad", grad))
+            rows.register_hook(record.add_grad)
         return rows.reshape(*ids.shape, table.dim)
 
     # --- the update -------------------------------------------------------------------------
@@ -189,15 +199,19 @@ class ShardedTables:
                 continue
             grad_ids, grad_rows, count_ids = [], [], []
             for record in table.lookups:
+                if record.grad is None:
+                    continue
                 flat = record.ids.reshape(-1).long()
-                rows = (record.grad.reshape(-1, table.dim) if record.grad is not None
-                        else torch.zeros(flat.numel(), table.dim, device=flat.device))
+                rows = F.pad(record.grad.reshape(-1, table.dim), (0, table.width - table.dim))
                 keep = flat != table.padding_idx if table.padding_idx is not None else slice(None)
                 grad_ids.append(flat[keep])
                 grad_rows.append(rows[keep].to(table.local.dtype))
                 count_ids.append(counted_ids(record.ids, table.padding_idx))
             table.lookups.clear()
-            ids, rows, counted = torch.cat(grad_ids), torch.cat(grad_rows), torch.cat(count_ids)
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            ids = torch.cat([empty, *grad_ids])
+            rows = torch.cat([empty.new_zeros(0, table.width, dtype=table.local.dtype), *grad_rows])
+            counted = torch.cat([empty, *count_ids])
 
             # Sort by owner (stably: each owner receives its rows in the global batch order).
             grad_owner, count_owner = table.owners(ids), table.owners(counted)
@@ -212,7 +226,7 @@ class ShardedTables:
                                   for part in pair])
             recv_ids = send_ids.new_empty(int(received.sum()))
             dist.all_to_all_single(recv_ids, send_ids, received.sum(1).tolist(), sizes.sum(1).tolist())
-            recv_rows = rows.new_empty(int(received[:, 0].sum()), table.dim)
+            recv_rows = rows.new_empty(int(received[:, 0].sum()), table.width)
             dist.all_to_all_single(recv_rows, rows[grad_order].contiguous(),
                                    received[:, 0].tolist(), sizes[:, 0].tolist())
 
@@ -225,9 +239,8 @@ class ShardedTables:
 
     # --- whole tables (checkpoints) ------------------------------------------------------------
 
-    def gather(self, name: str, local: torch.Tensor) -> torch.Tensor:
-        """The whole table-shaped tensor (N, ...) from every rank's ``local`` rows (its
-        shard of a table, or of an optimiser state of the table), on every rank."""
+    def _gather_rows(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The rows (N, ...) of every rank's ``local`` rows, on every rank."""
         table = self.tables[name]
         sizes = [stop - start for start, stop in zip(table.starts, table.stops)]
         longest = max(sizes)
@@ -247,6 +260,21 @@ class ShardedTables:
         """Every table whole, under its key in the unsharded model's state_dict."""
         return {t.key: self.gather(name, t.local) for name, t in self.tables.items()}
 
+    def gather(self, name: str, local: torch.Tensor) -> torch.Tensor:
+        """The whole tensor of one table (N, D) or (N,) from every rank's rows of it (a
+        shard of the table, of its counts or of an optimiser state; the padding columns
+        dropped), on every rank."""
+        table = self.tables[name]
+        whole = self._gather_rows(name, local)
+        return whole[:, : table.dim].contiguous() if whole.dim() == 2 else whole
+
+    def local_part(self, name: str, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's rows of a whole tensor (N, D) or (N,) of one table, with the
+        stored width (zero padding columns)."""
+        table = self.tables[name]
+        part = self.local_slice(name, whole)
+        return F.pad(part, (0, table.width - table.dim)) if part.dim() == 2 else part.clone()
+
     @torch.no_grad()
     def load_whole_tables(self, state: dict[str, Any]) -> dict[str, Any]:
         """Copy this rank's rows of the whole tables in ``state`` (an unsharded model's
@@ -257,7 +285,7 @@ class ShardedTables:
             whole = state[table.key]
             if tuple(whole.shape) != (table.num_rows, table.dim):
                 raise ValueError(f"{table.key}: shape {tuple(whole.shape)}, the model's is {(table.num_rows, table.dim)}")
-            table.local.copy_(self.local_slice(name, whole))
+            table.local.copy_(self.local_part(name, whole.to(table.local)))
         keys = {t.key for t in self.tables.values()}
         return {k: v for k, v in state.items() if k not in keys}
 
@@ -287,8 +315,7 @@ def local_optimizer_state(tables: ShardedTables, whole: dict[str, Any]) -> dict[
             rows = tables.tables[name].local.shape[0]
             entry = {"counts": torch.zeros(rows, dtype=torch.int64, device=tables.device)}
         else:
-            entry = {k: tables.local_slice(name, v).clone() if isinstance(v, torch.Tensor) else v
-                     for k, v in entry.items()}
+            entry = {k: tables.local_part(name, v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
         entry["online_counts"] = False
         state[index] = entry
     return {"state": state, "param_groups": whole["param_groups"]}
@@ -300,6 +327,12 @@ def _model_tables(model: CTRModel) -> Iterator[tuple[str, str, nn.Module, Any, A
         yield attr, f"{attr}.weight", getattr(model, attr), model, attr
     for k, table in enumerate(model.context_embeddings):
         yield f"context_embedding_{k}", f"context_embeddings.{k}.weight", table, model.context_embeddings, k
+
+
+def _stored_width(dim: int) -> int:
+    """FBGEMM's tables are a multiple of 4 wide: the columns past ``dim`` stay zero (their
+    gradient is zero, and so is every MBA step of a zero row with zero state)."""
+    return -(-dim // 4) * 4
 
 
 def shard_tables(model: CTRModel, device: torch.device) -> ShardedTables:
@@ -319,7 +352,7 @@ def shard_tables(model: CTRModel, device: torch.device) -> ShardedTables:
     for name, key, module, _, _ in found:
         if module.weight.dtype != torch.float32:
             raise ValueError(f"sharded tables are float32; the table {name} is {module.weight.dtype}")
-    configs = [EmbeddingConfig(name=name, embedding_dim=m.weight.shape[1], num_embeddings=m.weight.shape[0],
+    configs = [EmbeddingConfig(name=name, embedding_dim=_stored_width(m.weight.shape[1]), num_embeddings=m.weight.shape[0],
                                feature_names=[name]) for name, _, m, _, _ in found]
 
     class _Holder(nn.Module):  # shard_modules shards the collections under a module
@@ -355,10 +388,10 @@ def shard_tables(model: CTRModel, device: torch.device) -> ShardedTables:
             raise RuntimeError(f"torchrec did not shard the table {name} into row ranges: {by_rank}")
         shards = sharded.local_shards()
         local = shards[0].tensor if shards else torch.zeros(0, module.weight.shape[1], device=device)
+        num_rows, dim = module.weight.shape
         with torch.no_grad():
-            local.copy_(module.weight[starts[rank] : stops[rank]])
-        tables[name] = _Table(name, key, module.weight.shape[0], module.weight.shape[1], module.padding_idx,
-                              starts, stops, local)
+            local.copy_(F.pad(module.weight[starts[rank] : stops[rank]], (0, _stored_width(dim) - dim)))
+        tables[name] = _Table(name, key, num_rows, dim, _stored_width(dim), module.padding_idx, starts, stops, local)
     sharded_tables = ShardedTables(collection, tables, device)
     for name, _, _, parent, key in found:
         stand_in = ShardedTable(sharded_tables, name)
