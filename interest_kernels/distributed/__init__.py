@@ -3,6 +3,9 @@
 * :mod:`.context`: the process group from torchrun's environment (gloo on CPU, NCCL on GPU).
 * :mod:`.data`: each rank's slice of every global batch.
 * :mod:`.replicated`: tables replicated on every rank, dense layers under DDP.
+* :mod:`.sharded`: tables sharded row-wise over the ranks by torchrec (``--tables
+  sharded``), each shard updated by the MBA optimisers with the global batch's counts
+  (imported on use: it needs torchrec).
 * :mod:`.rows`: the all-gather of the tables' gradient rows before the MBA step.
 * :mod:`.sync_dice`, :mod:`.sampler`: Dice statistics and auxiliary-loss negatives of the
   global batch, so W processes train the same model as one process on the whole batch.
