@@ -7,7 +7,8 @@ state (counts n_j exactly), for DIN and DIEN with the SGD and the Adam form. A s
 run's checkpoint holds the whole tables: it resumes sharded (same losses as the run
 that went on) and in one process. The evaluation's shares differ in batch count by
 rank. A last global batch of 1 row on 2 ranks (one rank gets none) trains in both
-table modes.
+table modes. The CLI under torchrun (default widths: 18, stored 20 wide) with MBA Adagrad
+writes the checkpoint of one process.
 """
 import dataclasses
 import os
@@ -55,7 +56,8 @@ def _config(data: str, model: str, sparse: str, batch_size: int, tables: str = "
 
 
 def _cli_args(data: str) -> list[str]:
-    return ["--model", "din", "--data", data, "--max-len", "6", "--quiet", "--threads", "1"]
+    return ["--model", "din", "--data", data, "--max-len", "6", "--quiet", "--threads", "1", "--sparse-optim", "adagrad",
+            "--mba-lambda", "0.05"]
 
 
 def _train(trainer: Trainer, steps: int, at_step=None) -> list[float]:
@@ -192,7 +194,22 @@ def test_last_global_batch_of_one_row_on_two_ranks(sharded_run, tables):
 
 
 def test_cli_trains_sharded_and_its_checkpoint_resumes_in_one_process(sharded_run, tmp_path):
+    """The CLI's defaults (tables 18 wide, stored 20 wide) with MBA Adagrad: the sharded
+    run's checkpoint equals one process's, then resumes in one process."""
     data, out = sharded_run
+    assert main([*_cli_args(data), "--max-steps", "2", "--batch-size", str(PER_PROCESS * WORLD),
+                 "--checkpoint", str(tmp_path / "single.ckpt")]) == 0
+    sharded = torch.load(out / "cli.ckpt", weights_only=True)
+    single = torch.load(tmp_path / "single.ckpt", weights_only=True)
+    for key, value in single["model"].items():
+        torch.testing.assert_close(sharded["model"][key], value, atol=1e-5, rtol=0, msg=lambda m: f"{key}: {m}")
+    for index, entry in single["sparse_opt"]["state"].items():
+        for key, value in entry.items():
+            mine = sharded["sparse_opt"]["state"][index][key]
+            if isinstance(value, torch.Tensor):
+                torch.testing.assert_close(mine, value, atol=1e-5, rtol=0, msg=lambda m: f"{index} {key}: {m}")
+            else:
+                assert mine == value, (index, key)
     assert main([*_cli_args(data), "--max-steps", "4", "--batch-size", str(PER_PROCESS * WORLD),
                  "--resume", str(out / "cli.ckpt"), "--checkpoint", str(tmp_path / "one.ckpt")]) == 0
     assert torch.load(tmp_path / "one.ckpt", weights_only=True)["steps"] == 4

@@ -192,50 +192,56 @@ class ShardedTables:
         optimiser's n_j) and record the rows (local ids, in global batch order) for the
         optimiser over :meth:`local_weights`. A table looked up in this step gets an
         entry on every rank (perhaps empty), so the optimisers' step counts stay global."""
-        world = dist.get_world_size()
         for name, table_counts in zip(self.names, counts):
             table = self.tables[name]
             if not table.lookups:
                 continue
-            grad_ids, grad_rows, count_ids = [], [], []
-            for record in table.lookups:
-                if record.grad is None:
-                    continue
-                flat = record.ids.reshape(-1).long()
-                rows = F.pad(record.grad.reshape(-1, table.dim), (0, table.width - table.dim))
-                keep = flat != table.padding_idx if table.padding_idx is not None else slice(None)
-                grad_ids.append(flat[keep])
-                grad_rows.append(rows[keep].to(table.local.dtype))
-                count_ids.append(counted_ids(record.ids, table.padding_idx))
-            table.lookups.clear()
-            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
-            ids = torch.cat([empty, *grad_ids])
-            rows = torch.cat([empty.new_zeros(0, table.width, dtype=table.local.dtype), *grad_rows])
-            counted = torch.cat([empty, *count_ids])
-
-            # Sort by owner (stably: each owner receives its rows in the global batch order).
-            grad_owner, count_owner = table.owners(ids), table.owners(counted)
-            grad_order = torch.sort(grad_owner, stable=True).indices
-            count_order = torch.sort(count_owner, stable=True).indices
-            sizes = torch.stack([torch.bincount(grad_owner, minlength=world),
-                                 torch.bincount(count_owner, minlength=world)], dim=1)
-            received = torch.empty_like(sizes)
-            dist.all_to_all_single(received, sizes)
-            send_ids = torch.cat([part for pair in zip(ids[grad_order].split(sizes[:, 0].tolist()),
-                                                       counted[count_order].split(sizes[:, 1].tolist()))
-                                  for part in pair])
-            recv_ids = send_ids.new_empty(int(received.sum()))
-            dist.all_to_all_single(recv_ids, send_ids, received.sum(1).tolist(), sizes.sum(1).tolist())
-            recv_rows = rows.new_empty(int(received[:, 0].sum()), table.width)
-            dist.all_to_all_single(recv_rows, rows[grad_order].contiguous(),
-                                   received[:, 0].tolist(), sizes[:, 0].tolist())
-
-            parts = recv_ids.split(received.reshape(-1).tolist())
+            ids, rows, counted = self._step_rows(table)
+            ids, rows, counted = self._to_owners(table, ids, rows, counted)
             offset = table.starts[dist.get_rank()]
-            mine_grad = torch.cat(parts[0::2]) - offset
-            mine_counted = torch.cat(parts[1::2]) - offset
-            table_counts.index_add_(0, mine_counted, torch.ones_like(mine_counted, dtype=table_counts.dtype))
-            push_rows(table.local, PendingRows(mine_grad, recv_rows, None))
+            table_counts.index_add_(0, counted - offset, torch.ones_like(counted, dtype=table_counts.dtype))
+            push_rows(table.local, PendingRows(ids - offset, rows, None))
+
+    def _step_rows(self, table: _Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's (ids (K,), gradient rows (K, width), counted ids (C,)) of ``table``
+        since the last step, padding lookups dropped; forgets the lookups."""
+        ids = [torch.zeros(0, dtype=torch.int64, device=self.device)]
+        rows = [torch.zeros(0, table.width, dtype=table.local.dtype, device=self.device)]
+        counted = ids[:]
+        for record in table.lookups:
+            if record.grad is None:
+                continue
+            flat = record.ids.reshape(-1).long()
+            grad = F.pad(record.grad.reshape(-1, table.dim), (0, table.width - table.dim))
+            keep = flat != table.padding_idx if table.padding_idx is not None else slice(None)
+            ids.append(flat[keep])
+            rows.append(grad[keep].to(table.local.dtype))
+            counted.append(counted_ids(record.ids, table.padding_idx))
+        table.lookups.clear()
+        return torch.cat(ids), torch.cat(rows), torch.cat(counted)
+
+    def _to_owners(self, table: _Table, ids: torch.Tensor, rows: torch.Tensor,
+                   counted: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every rank's (ids, rows, counted ids) of ``table`` whose ids this rank owns,
+        in rank order (so in the global batch's order): three all-to-alls."""
+        world = dist.get_world_size()
+        grad_owner, count_owner = table.owners(ids), table.owners(counted)
+        grad_order = torch.sort(grad_owner, stable=True).indices
+        count_order = torch.sort(count_owner, stable=True).indices
+        sizes = torch.stack([torch.bincount(grad_owner, minlength=world),
+                             torch.bincount(count_owner, minlength=world)], dim=1)  # (W, 2) sent
+        received = torch.empty_like(sizes)
+        dist.all_to_all_single(received, sizes)
+        send_ids = torch.cat([part for pair in zip(ids[grad_order].split(sizes[:, 0].tolist()),
+                                                   counted[count_order].split(sizes[:, 1].tolist()))
+                              for part in pair])
+        recv_ids = send_ids.new_empty(int(received.sum()))
+        dist.all_to_all_single(recv_ids, send_ids, received.sum(1).tolist(), sizes.sum(1).tolist())
+        recv_rows = rows.new_empty(int(received[:, 0].sum()), table.width)
+        dist.all_to_all_single(recv_rows, rows[grad_order].contiguous(), received[:, 0].tolist(),
+                               sizes[:, 0].tolist())
+        parts = recv_ids.split(received.reshape(-1).tolist())
+        return torch.cat(parts[0::2]), recv_rows, torch.cat(parts[1::2])
 
     # --- whole tables (checkpoints) ------------------------------------------------------------
 
