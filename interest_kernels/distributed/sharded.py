@@ -350,7 +350,8 @@ def shard_tables(model: CTRModel, device: torch.device) -> ShardedTables:
     from torchrec import EmbeddingCollection, EmbeddingConfig
     from torchrec.distributed.embedding import EmbeddingCollectionSharder
     from torchrec.distributed.embedding_types import EmbeddingComputeKernel
-    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints, Topology
+    from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+    from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
     from torchrec.distributed.shard import shard_modules
     from torchrec.distributed.types import ShardingEnv, ShardingType
 
@@ -373,7 +374,10 @@ def shard_tables(model: CTRModel, device: torch.device) -> ShardedTables:
     # The fused optimiser's settings never matter: the lookup runs without autograd.
     sharder = EmbeddingCollectionSharder(fused_params={"learning_rate": 0.0})
     group = dist.group.WORLD
-    topology = Topology(world_size=dist.get_world_size(), compute_device=device.type)
+    topology = TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=dist.get_world_size()),
+        kernel_config=KernelConfig(compute_device=device.type),
+    )
     plan = EmbeddingShardingPlanner(topology=topology, constraints=constraints).collective_plan(
         holder, [sharder], group)
     shard_modules(holder, env=ShardingEnv.from_process_group(group), device=device, plan=plan, sharders=[sharder])
