@@ -20,8 +20,8 @@ import torch.distributed as dist
 
 from ..data import Dataset
 from ..data.common import Batch, Samples
-from ..train import Trainer, TrainConfig, load_checkpoint_config
 from ..models.common import SPARSE_OPTIMIZERS
+from ..train import Trainer, TrainConfig, load_checkpoint_config
 from .context import DistContext
 from .data import ShardedBatches
 from .replicated import broadcast_tables, shard_loss, wrap_dense
@@ -126,25 +126,21 @@ class DistributedTrainer(Trainer):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.sharded is None:
-            super().load_state_dict(state)
-        else:
-            sparse = state["sparse_opt"]
-            super().load_state_dict({**state, "sparse_opt": local_optimizer_state(self.sharded, sparse)})
+        if self.sharded is not None:  # this rank's rows of the whole optimiser state
+            state = {**state, "sparse_opt": local_optimizer_state(self.sharded, state["sparse_opt"])}
+        super().load_state_dict(state)  # rank 0's random state, on every rank
         self._own_random_stream()
 
     def model_state(self) -> dict[str, Any]:
-        state = self.model.state_dict()
+        state = super().model_state()
         if self.sharded is not None:
             state.update(self.sharded.whole_tables())  # a collective
         return state
 
     def load_model_state(self, state: dict[str, Any]) -> None:
-        if self.sharded is None:
-            self.model.load_state_dict(state)
-            return
-        rest = self.sharded.load_whole_tables(state)
-        self.model.load_state_dict(rest)
+        if self.sharded is not None:
+            state = self.sharded.load_whole_tables(state)  # the rest of the state
+        super().load_model_state(state)
 
     def save(self, path: str) -> None:
         """Rank 0 writes the checkpoint (every replica holds the same state; sharded
