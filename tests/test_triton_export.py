@@ -1,0 +1,159 @@
+"""The Triton kernels as ``torch.library.triton_op``: graphs trace into their launches.
+
+``torch.export`` of the modules on the triton backend keeps each kernel op as one node;
+``run_decompositions(decompose_custom_triton_ops=True)`` (what AOTInductor does) turns
+them into ``triton_kernel_wrapper`` launches with no opaque ``interest_kernels`` op left,
+and that graph runs equal to eager at other batch sizes and lengths. ``torch.compile``
+sees the launches in the forward and the backward graph. On CPU the kernels run in the
+interpreter (``ops/traceable_triton.py``); a CUDA AOTInductor package of the models is
+checked in ``test_export.py`` when a GPU is present.
+"""
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from interest_kernels import nn as ik_nn
+from interest_kernels import use_backend
+
+pytest.importorskip("triton")
+
+HOP = "triton_kernel_wrapper"
+
+
+@pytest.fixture(autouse=True)
+def quiet_mutation_analysis():
+    """Without a GPU driver Triton cannot lower a kernel to find the tensors it writes, and
+    torch then assumes every tensor argument is written (correct, with copies): it warns
+    at each launch."""
+    log = logging.getLogger("torch._higher_order_ops.triton_kernel_wrap")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    yield
+    log.setLevel(level)
+
+
+def _targets(gm: torch.fx.GraphModule) -> list[str]:
+    return [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def _interest_ops(gm: torch.fx.GraphModule) -> set[str]:
+    return {t for t in _targets(gm) if t.startswith("interest_kernels.")}
+
+
+def _launches(gm: torch.fx.GraphModule) -> int:
+    return sum(HOP in t for t in _targets(gm))
+
+
+def _trained_dice(module: torch.nn.Module) -> torch.nn.Module:
+    """Running statistics away from (0, 1), so eval-mode Dice is not the identity."""
+    for name, buf in module.named_buffers():
+        if name.endswith("running_mean"):
+            buf.uniform_(-0.5, 0.5)
+        elif name.endswith("running_var"):
+            buf.uniform_(0.5, 2.0)
+    for name, p in module.named_parameters():
+        if name.endswith("alpha"):
+            p.data.uniform_(0.1, 0.9)
+    return module
+
+
+def _inputs(kind: str, batch: int, steps: int, dim: int = 8):
+    gen = torch.Generator().manual_seed(batch * 100 + steps)
+    query = torch.randn(batch, dim, generator=gen)
+    keys = torch.randn(batch, steps, dim, generator=gen)
+    lengths = torch.randint(1, steps + 1, (batch,), generator=gen)
+    lengths[0] = steps
+    if kind == "dice":
+        return (keys,)
+    if kind == "gru":
+        return keys, lengths
+    return query, keys, lengths
+
+
+def _module(kind: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if kind == "target_attention":
+        module = ik_nn.TargetAttention(8, (16, 8), activation="dice", return_scores=True)
+    elif kind == "interest_evolving":
+        module = ik_nn.InterestEvolving(8, "AUGRU", att_hidden_units=(16, 8))
+    elif kind == "gru":
+        module = ik_nn.GRU(8, 12)
+    else:
+        module = ik_nn.Dice(8)
+    return _trained_dice(module).eval()
+
+
+def _shapes(kind: str):
+    batch, steps = torch.export.Dim("batch", min=1), torch.export.Dim("steps", min=1)
+    seq = {0: batch, 1: steps}
+    if kind == "dice":
+        return (seq,)
+    if kind == "gru":
+        return seq, {0: batch}
+    return {0: batch}, seq, {0: batch}
+
+
+# kind -> the kernel ops its export holds
+EXPORTS = {
+    "target_attention": {"interest_kernels.target_attention_fwd.default"},
+    "interest_evolving": {"interest_kernels.target_attention_fwd.default",
+                          "interest_kernels.gru_scan_fwd.default"},
+    "gru": {"interest_kernels.gru_scan_fwd.default"},
+    "dice": {"interest_kernels.dice_apply.default"},
+}
+
+
+@pytest.mark.parametrize("kind", list(EXPORTS))
+def test_export_decomposes_into_kernel_launches(kind):
+    module = _module(kind)
+    with torch.no_grad(), use_backend("triton"):
+        program = torch.export.export(module, _inputs(kind, 3, 5), dynamic_shapes=_shapes(kind))
+        assert _interest_ops(program.graph_module) == EXPORTS[kind]
+        launches = program.run_decompositions(decompose_custom_triton_ops=True)
+        assert _interest_ops(launches.graph_module) == set()
+        assert _launches(launches.graph_module) == len(EXPORTS[kind])
+        for batch, steps in ((4, 7), (1, 2)):
+            args = _inputs(kind, batch, steps)
+            want = module(*args)
+            got = launches.module()(*args)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_compile_traces_forward_and_backward_launches():
+    """torch.compile (AOT autograd) of InterestEvolving's loss: the forward and the
+    backward graph launch the kernels themselves; values and gradients equal eager."""
+    from torch._dynamo.backends.debugging import aot_eager, boxed_nop
+
+    graphs = {}
+
+    def keep(name):
+        def compiler(gm, inputs):
+            graphs[name] = gm
+            return boxed_nop(gm, inputs)
+        return compiler
+
+    def backend(gm, inputs):
+        return aot_eager(gm, inputs, fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+
+    module = _module("interest_evolving")
+    args = _inputs("interest_evolving", 3, 6)
+    params = list(module.parameters())
+
+    def loss(query, keys, lengths):
+        return (module(query, keys, lengths) ** 2).sum()
+
+    torch._dynamo.reset()
+    with use_backend("triton"):
+        compiled = torch.compile(loss, fullgraph=True, backend=backend)(*args)
+        got = torch.autograd.grad(compiled, params)
+        want_loss = loss(*args)
+    want = torch.autograd.grad(want_loss, params)
+    torch.testing.assert_close(compiled, want_loss, rtol=1e-5, atol=1e-6)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+    for name in ("forward", "backward"):
+        assert _interest_ops(graphs[name]) == set(), name
+        assert _launches(graphs[name]) >= 2, name  # target attention and the GRU scan
