@@ -5,12 +5,14 @@ An operator's autograd registered with ``torch.library.register_autograd`` is an
 operators have no batching rule. While a transform is active, :func:`call` runs the
 operator through :class:`_TransformableCall` instead: an ``autograd.Function`` with
 ``setup_context`` (reusing the operator's registered setup and backward) and a ``vmap``
-rule. Outside transforms, and while compiling, it calls the operator directly.
+rule. Outside transforms, and while compiling, it calls the operator directly. The
+backward operators get a batching rule (:func:`register_sliced_vmap`), which
+``vmap(grad(...))`` (per-sample gradients) needs.
 
 ``Tensor[]`` arguments are flattened into separate inputs (an ``autograd.Function`` only
 differentiates its direct tensor inputs) and the backward's list gradients flattened
-to match. The ``vmap`` rule runs the operator once per slice of the mapped dimension and
-stacks the results: correct for every operator, one call per mapped element.
+to match. The ``vmap`` rules run the operator once per slice of the mapped dimension and
+stack the results: correct for every operator, one call per mapped element.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-__all__ = ["TransformableOp", "call"]
+__all__ = ["TransformableOp", "call", "register_sliced_vmap"]
 
 
 @dataclass(frozen=True)
@@ -88,6 +90,38 @@ def _per_argument(spec: tuple, flags: Sequence[bool]) -> tuple[bool, ...]:
     return tuple(out)
 
 
+def _slice(args: Sequence[Any], in_dims: Sequence[Any], i: int) -> list[Any]:
+    """Element ``i`` of the mapped dimension of every mapped tensor (in lists too)."""
+    def one(arg: Any, dim: Any) -> Any:
+        if isinstance(arg, (list, tuple)) and isinstance(dim, (list, tuple)):
+            return type(arg)(one(a, d) for a, d in zip(arg, dim))
+        return arg.select(dim, i) if dim is not None else arg
+    return [one(a, d) for a, d in zip(args, in_dims)]
+
+
+def _stack(parts: Sequence[Any]) -> tuple[Any, Any]:
+    """(outputs, out_dims) of per-slice results of one structure, stacked along dim 0."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.stack(list(parts)), 0
+    stacked = [_stack(group) for group in zip(*parts)]
+    return type(first)(o for o, _ in stacked), type(first)(d for _, d in stacked)
+
+
+def _map_slices(fn: Callable[..., Any], batch_size: int, args: Sequence[Any], in_dims: Sequence[Any]) -> tuple:
+    return _stack([fn(*_slice(args, in_dims, i)) for i in range(batch_size)])
+
+
+def register_sliced_vmap(qualname: str) -> None:
+    """A ``vmap`` rule for operator ``qualname``: one call per slice, results stacked."""
+    op = torch._library.utils.lookup_op(qualname)
+
+    def rule(info: Any, in_dims: tuple, *args: Any) -> tuple:
+        return _map_slices(op, info.batch_size, args, in_dims)
+
+    torch.library.register_vmap(qualname, rule)
+
+
 class _TransformableCall(torch.autograd.Function):
     @staticmethod
     def forward(target: TransformableOp, spec: tuple, *tensors: torch.Tensor) -> Any:
@@ -111,15 +145,8 @@ class _TransformableCall(torch.autograd.Function):
 
     @staticmethod
     def vmap(info: Any, in_dims: tuple, target: TransformableOp, spec: tuple, *tensors: torch.Tensor) -> tuple:
-        dims = in_dims[2:]
-        results = []
-        for i in range(info.batch_size):
-            sliced = [t.select(d, i) if d is not None else t for t, d in zip(tensors, dims)]
-            results.append(call(target, *_unflatten(spec, sliced)))
-        if isinstance(results[0], torch.Tensor):
-            return torch.stack(results), 0
-        stacked = tuple(torch.stack(parts) for parts in zip(*results))
-        return stacked, (0,) * len(stacked)
+        return _map_slices(lambda *t: call(target, *_unflatten(spec, t)), info.batch_size, tensors,
+                           in_dims[2:])
 
 
 def call(target: TransformableOp, *args: Any) -> Any:

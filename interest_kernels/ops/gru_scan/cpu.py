@@ -20,7 +20,7 @@ import torch
 
 from ... import _extension
 from ..common import compute_dtype
-from ..func_transforms import TransformableOp, call
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
 
 FORWARD = "interest_kernels::gru_scan_forward"
 BACKWARD = "interest_kernels::gru_scan_backward"
@@ -102,6 +102,7 @@ AVAILABLE = _extension.load() and hasattr(torch.ops.interest_kernels, "gru_scan_
 if AVAILABLE:
     _register()
     _FORWARD = TransformableOp(torch.ops.interest_kernels.gru_scan_forward.default, _setup_context, _backward)
+    register_sliced_vmap(BACKWARD)
 
 
 def gru_scan_cpu(

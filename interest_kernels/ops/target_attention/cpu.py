@@ -29,7 +29,7 @@ import torch
 
 from ..._extension import load as _load_extension
 from ..common import compute_dtype
-from ..func_transforms import TransformableOp, call
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
 from ..dice.reference import DiceParams, update_running_stats
 
 _NS = "interest_kernels"
@@ -124,6 +124,8 @@ def _register() -> None:
         f"{_NS}::target_attention_cpu_stats", _stats_backward, setup_context=_stats_setup)
     _STATS = TransformableOp(torch.ops.interest_kernels.target_attention_cpu_stats.default,
                              _stats_setup, _stats_backward)
+    register_sliced_vmap(f"{_NS}::target_attention_cpu_backward")
+    register_sliced_vmap(f"{_NS}::target_attention_cpu_stats_backward")
 
 
 # --- the backend ---------------------------------------------------------------------
