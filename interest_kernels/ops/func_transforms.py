@@ -9,6 +9,10 @@ rule. Outside transforms, and while compiling, it calls the operator directly. T
 backward operators get a batching rule (:func:`register_sliced_vmap`), which
 ``vmap(grad(...))`` (per-sample gradients) needs.
 
+The backward operators have no derivative themselves: the backward runs without autograd
+and a nested ``grad`` (second derivatives) raises ``NotImplementedError`` rather than
+returning zeros; the reference backend differentiates twice.
+
 ``Tensor[]`` arguments are flattened into separate inputs (an ``autograd.Function`` only
 differentiates its direct tensor inputs) and the backward's list gradients flattened
 to match. The ``vmap`` rules run the operator once per slice of the mapped dimension and
@@ -20,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
+from torch._functorch.pyfunctorch import GradInterpreter, JvpInterpreter, retrieve_all_functorch_interpreters
 
 __all__ = ["TransformableOp", "call", "register_sliced_vmap"]
 
@@ -135,10 +140,16 @@ class _TransformableCall(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, *grads: Any) -> tuple:
+        levels = [i for i in retrieve_all_functorch_interpreters() if isinstance(i, (GradInterpreter, JvpInterpreter))]
+        if len(levels) > 1:
+            raise NotImplementedError(
+                f"{ctx.target.op}: second derivatives through the fused operators are not "
+                "supported; run the model on the reference backend (use_backend('reference'))")
         flat_needs = ctx.needs_input_grad
         ctx.needs_input_grad = _per_argument(ctx.spec, flat_needs[2:])
         try:
-            result = ctx.target.backward(ctx, *grads)
+            with torch.no_grad():  # the backward operators have no derivative
+                result = ctx.target.backward(ctx, *grads)
         finally:
             ctx.needs_input_grad = flat_needs
         return (None, None, *_flatten_grads(ctx.spec, result))

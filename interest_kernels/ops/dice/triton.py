@@ -36,6 +36,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
 from ..traceable_triton import wrap_triton
 
 __all__ = ["dice_triton"]
@@ -405,6 +406,9 @@ def _backward(ctx, grad_out):
 
 
 dice_apply.register_autograd(_backward, setup_context=_setup_context)
+# The op with its autograd for torch.func transforms (ops/func_transforms.py).
+_APPLY = TransformableOp(dice_apply, _setup_context, _backward)
+register_sliced_vmap("interest_kernels::dice_apply_backward")
 
 
 def dice_triton(
@@ -436,8 +440,8 @@ def dice_triton(
             running_var.copy_(rv)
     else:
         mean, var = running_mean.contiguous(), running_var.contiguous()
-    out = dice_apply(
-        flat, alpha.contiguous(),
+    out = call(
+        _APPLY, flat, alpha.contiguous(),
         weight.contiguous() if weight is not None else None,
         bias.contiguous() if bias is not None else None,
         mean, var, eps, training,

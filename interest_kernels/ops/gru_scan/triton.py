@@ -51,6 +51,7 @@ from triton.runtime.errors import OutOfResources
 from torch import Tensor
 
 from ..common import valid_mask
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
 from ..traceable_triton import wrap_triton
 
 __all__ = ["gru_scan_triton"]
@@ -770,6 +771,9 @@ def _backward(ctx, dstates: Optional[Tensor], dh_last: Optional[Tensor]):
 
 
 gru_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+# The op with its autograd for torch.func transforms (ops/func_transforms.py).
+_FORWARD = TransformableOp(gru_scan_fwd, _setup_context, _backward)
+register_sliced_vmap("interest_kernels::gru_scan_bwd")
 
 
 # --- backend entry point ---------------------------------------------------------------
@@ -815,8 +819,8 @@ def gru_scan_triton(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (gi, weight_hh, bias_hh, scan_att, h0)
     )
-    states, h_last = gru_scan_fwd(
-        gi, weight_hh, bias_hh, scan_att, h0, lengths, mask, mode, variant,
+    states, h_last = call(
+        _FORWARD, gi, weight_hh, bias_hh, scan_att, h0, lengths, mask, mode, variant,
         return_states or needs_grad,
     )
     return (states if return_states else None), h_last

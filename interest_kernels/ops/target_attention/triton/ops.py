@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ...func_transforms import TransformableOp, register_sliced_vmap
 from ...traceable_triton import wrap_triton
 from .backward import attention_bwd_kernel
 from .config import ACTIVATIONS, launch_config, num_sms
@@ -309,3 +310,9 @@ def _stats_backward(ctx, gstats):
 
 
 stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+# The ops with their autograd for torch.func transforms (ops/func_transforms.py).
+FORWARD = TransformableOp(fwd_op, _fwd_setup_context, _fwd_backward)
+STATS = TransformableOp(stats_op, _stats_setup_context, _stats_backward)
+register_sliced_vmap("interest_kernels::target_attention_bwd")
+register_sliced_vmap("interest_kernels::target_attention_stats_bwd")
