@@ -171,3 +171,41 @@ def test_model_export_for_cuda_traces_the_kernels():
                                         users.hist_cats, users.lengths, users.context))
     with torch.no_grad(), use_backend("triton"):
         torch.testing.assert_close(launches(*args), ScoringModule(model)(*args), rtol=1e-5, atol=1e-6)
+
+
+KERNELS = {
+    "target_attention_fwd": ["attention_fwd_kernel"],
+    "target_attention_stats": ["dice_stats_kernel"],
+    "target_attention_bwd": ["attention_bwd_kernel", "_segment_sum_kernel"],
+    "target_attention_stats_bwd": ["attention_bwd_kernel", "_segment_sum_kernel"],
+    "gru_scan_fwd": ["_gru_scan_fwd_kernel"],
+    "gru_scan_bwd": ["_gru_scan_bwd_kernel"],
+    "dice_batch_stats": ["_stats_partial_kernel", "_stats_finalize_kernel"],
+    "dice_apply": ["_dice_fwd_kernel"],
+    "dice_apply_backward": ["_dice_bwd_reduce_kernel", "_dice_bwd_dx_kernel"],
+}
+
+
+def test_compile_caches_see_every_kernel_of_each_op():
+    """torch.compile's caches key a graph that calls a triton_op by the kernels its body
+    launches, which torch finds by reading the body for ``wrap_triton(kernel)``: a kernel
+    launched some other way would let a cached graph outlive an edit of that kernel.
+    Checked in a process without the interpreter (torch finds only compiled kernels)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, torch\n"
+        "from interest_kernels.ops.target_attention.triton import ops\n"
+        "from interest_kernels.ops.gru_scan import triton as gru\n"
+        "from interest_kernels.ops.dice import triton as dice\n"
+        "from torch._library.triton import get_triton_kernels_for_op as kernels\n"
+        f"names = {sorted(KERNELS)!r}\n"
+        "print(json.dumps({n: [k.fn.__name__ for k in kernels('interest_kernels::' + n)] for n in names}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == KERNELS

@@ -22,7 +22,7 @@ import torch
 from torch._library.triton import is_wrap_triton_enabled
 from triton.runtime.jit import JITFunction
 
-__all__ = ["wrap_triton"]
+__all__ = ["kernel_name", "wrap_triton"]
 
 try:
     from triton.runtime.interpreter import InterpretedFunction
@@ -49,6 +49,15 @@ class _InterpretedKernel(JITFunction):
 
 
 _INTERPRETED: dict[int, _InterpretedKernel] = {}
+
+
+def kernel_name(launcher: Any) -> str:
+    """The name of the ``@triton.jit`` function behind ``launcher``, a kernel or what
+    :func:`wrap_triton` returned for one."""
+    from torch._higher_order_ops.triton_kernel_wrap import TraceableTritonKernelWrapper
+
+    kernel = launcher.kernel if isinstance(launcher, TraceableTritonKernelWrapper) else launcher
+    return kernel.fn.__name__
 
 
 def wrap_triton(kernel: Any) -> Any:

@@ -23,9 +23,10 @@ the path through the batch mean and variance); in eval mode it writes the gradie
 Each pass is a ``torch.library.triton_op`` with a fake implementation whose launches go
 through ``wrap_triton``, and the elementwise op has a registered autograd formula:
 ``torch.compile(fullgraph=True)`` traces into the launches and AOTInductor compiles them
-into a package (``ops/traceable_triton.py``). The statistics op mutates the running statistics (declared in
-``mutates_args``) and so cannot carry autograd itself: it runs on a detached ``x`` and
-the apply op's backward includes the gradient through the batch statistics.
+into a package (``ops/traceable_triton.py``). The statistics op mutates the running
+statistics (declared in ``mutates_args``) and so cannot carry autograd itself: it runs on
+a detached ``x`` and the apply op's backward includes the gradient through the batch
+statistics.
 """
 from __future__ import annotations
 
@@ -255,6 +256,14 @@ def _row_split(rows: int, col_blocks: int, block_m: int, device: torch.device) -
     return triton.cdiv(rows, rows_per_prog), rows_per_prog
 
 
+def _partials_block(programs: int) -> int:
+    """BLOCK_P of the finalize kernel, which loops over the partials in blocks: up to 64,
+    and 64 for a symbolic (dynamic) number of partials."""
+    if not isinstance(programs, int):
+        return 64
+    return max(16, min(64, triton.next_power_of_2(programs)))
+
+
 # --- custom ops ---------------------------------------------------------------------------
 
 
@@ -286,7 +295,7 @@ def dice_batch_stats(
         mean_part, m2_part, mean, var,
         running_mean if has_running else mean, running_var if has_running else var,
         rows, channels, programs, rows_per_prog, momentum,
-        HAS_RUNNING=has_running, BLOCK_P=max(16, min(64, triton.next_power_of_2(programs))),
+        HAS_RUNNING=has_running, BLOCK_P=_partials_block(programs),
         BLOCK_C=block_c,
     )
     return mean, var

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from ..common import valid_mask
 from ..func_transforms import TransformableOp, call, register_sliced_vmap
-from ..traceable_triton import wrap_triton
+from ..traceable_triton import kernel_name, wrap_triton
 
 __all__ = ["gru_scan_triton"]
 
@@ -494,7 +494,7 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
     """Launch ``kernel`` with ``args`` and this configuration's scratch rows; if its
     resident W_hh tiles exceed shared memory, read the weights in slabs instead
     (remembered per configuration); if that does not fit either, say so."""
-    key = (getattr(kernel, "kernel", kernel).fn.__name__, device.index, tuple(sorted(cfg.items())),
+    key = (kernel_name(kernel), device.index, tuple(sorted(cfg.items())),
            tuple(sorted(constexprs.items())))
     attempts = [cfg]
     if cfg["W_RESIDENT"]:
