@@ -1,7 +1,7 @@
-"""The fused C++ operators under ``torch.func`` transforms (``grad``, ``vmap``, ``jacrev``...).
+"""The fused operators (C++ and Triton) under ``torch.func`` transforms (``grad``, ``vmap``...).
 
 An operator's autograd registered with ``torch.library.register_autograd`` is an
-``autograd.Function`` without ``setup_context``, which functorch refuses, and the C++
+``autograd.Function`` without ``setup_context``, which functorch refuses, and the fused
 operators have no batching rule. While a transform is active, :func:`call` runs the
 operator through :class:`_TransformableCall` instead: an ``autograd.Function`` with
 ``setup_context`` (reusing the operator's registered setup and backward) and a ``vmap``
