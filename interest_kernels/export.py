@@ -24,10 +24,10 @@ On the CPU the graph runs the fused backends of eager inference (``backend="fuse
 the compiled extension's operators (fused target attention, GRU scans) appear in the
 package as calls into ``interest_kernels._C``, so a C++ process must load that library
 (or the CMake target ``interest_kernels_ops``) before it loads the package: see
-``csrc/serving/``. With
-``--device cuda`` the graph is exported from the reference backend, whose plain aten ops
-Inductor compiles to its own kernels inside the package (the project's Triton kernels are
-Python custom ops, which a package cannot call).
+``csrc/serving/``. With ``--device cuda`` the graph runs the project's Triton kernels
+(target attention, GRU scans, Dice), which are ``torch.library.triton_op`` s: AOTInductor
+traces into their launches and compiles the kernels into the package with the rest of the
+graph, so serving needs neither Python nor Triton (nor the project's operator library).
 """
 from __future__ import annotations
 
@@ -188,8 +188,10 @@ def export_programs(
 ) -> dict[str, torch.export.ExportedProgram]:
     """``torch.export`` of both entry points, dynamic in B (or U), N and T.
 
-    ``backend``: the op backend traced (``use_backend``); by default the fused CPU ops on
-    the CPU and the reference on CUDA (see the module docstring)."""
+    ``backend``: the op backend traced (``use_backend``); by default each op's preferred
+    one: the fused C++ ops on the CPU, the Triton kernels on CUDA (see the module
+    docstring). ``backend="triton"`` on the CPU (under the Triton interpreter) traces the
+    graph a CUDA export compiles."""
     device_ = torch.device(device)
     model = model.to(device_).eval()
     max_steps = model.positions.num_embeddings if hasattr(model, "positions") else None
@@ -207,8 +209,6 @@ def export_programs(
         "lengths": {0: users}, "context": {0: users}, "item": {0: candidates}, "cat": {0: candidates},
         "user_index": {0: candidates},
     }
-    if backend is None and device_.type == "cuda":
-        backend = "reference"
     with torch.no_grad(), use_backend(backend):
         return {
             "score": torch.export.export(ScoringModule(model), score_args, dynamic_shapes=score_shapes),

@@ -148,3 +148,36 @@ def test_packaged_target_attention_equals_the_fused_op():
             torch.testing.assert_close(g, w, rtol=0, atol=0)
         torch.library.opcheck(torch.ops.interest_kernels.target_attention_cpu_packaged.default,
                               args + (None, "sigmoid", normalization), test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA package needs a GPU")
+@pytest.mark.parametrize("cls", [DIN, DIEN, DMIN])
+def test_cuda_package_embeds_the_triton_kernels_and_matches_eager(cls, tmp_path):
+    """``--device cuda``: the package holds the Triton kernels (no call into this project's
+    operators is left in it) and both entry points equal eager on other shapes."""
+    import zipfile
+
+    from torch._inductor.package import load_package
+
+    from interest_kernels.export import export_package
+
+    model = _model(cls, {"att_activation": "dice"} if cls is not DMIN else None).cuda()
+    path = export_package(model, str(tmp_path / "model.pt2"), "cuda",
+                          {"aot_inductor.compile_wrapper_opt_level": "O0"})
+    with zipfile.ZipFile(path) as package:
+        for name in package.namelist():
+            if name.endswith((".cpp", ".h", ".json")):
+                assert b"interest_kernels" not in package.read(name), name
+    score, candidates = load_package(path, "score"), load_package(path, "candidates")
+    for rows, steps in ((1, 1), (6, 7)):
+        users = Batch(*(t[:rows].cuda() for t in _batch(_spec(), b=max(rows, 2), t=steps)))
+        score_args = (users.user, users.item, users.cat, users.hist_items, users.hist_cats, users.lengths,
+                      users.context)
+        item, cat, user_index = (t.cuda() for t in _candidates(users, 2 * rows + 1))
+        cand_args = (users.user, users.hist_items, users.hist_cats, users.lengths, users.context, item, cat,
+                     user_index)
+        with torch.no_grad():
+            torch.testing.assert_close(score(*score_args), ScoringModule(model)(*score_args), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(candidates(*cand_args), CandidateScoringModule(model)(*cand_args),
+                                       rtol=1e-4, atol=1e-5)

@@ -4,13 +4,15 @@
   runs the compiled backward graph: the dense gradients and the rows MBAEmbedding hands
   to the MBA optimisers equal eager's (backend ``aot_eager``: it traces exactly what
   Inductor would receive; Inductor itself takes minutes per model on this machine);
-* ``torch.func.grad`` (dense gradients everywhere, tables included) and ``vmap``;
+* ``torch.func.grad`` (dense gradients everywhere, tables included) and ``vmap``, on the
+  fused C++ operators (``ops/func_transforms.py``) against the reference backend;
 * ``torch.jit.trace`` of the plain-tensor scoring module, checked on other shapes;
 * ``torch.onnx.export`` with onnxruntime (the ``onnx`` extra), when installed.
 
-Models with ``embedding="torch"`` (``nn.Embedding(sparse=True)``) do not compile for
-training nor take ``torch.func.grad``: sparse gradients are not supported there by
-PyTorch; their inference compiles like the default's.
+Models with ``embedding="torch"`` (``nn.Embedding(sparse=True)`` tables) compile for
+training too: under compilation their lookups accumulate the sparse gradient outside the
+graph (``nn/sparse_embedding.py``), equal to eager's. They do not take
+``torch.func.grad``: PyTorch's transforms do not support sparse gradients.
 """
 import pytest
 import torch
@@ -28,10 +30,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 MODELS = [pytest.param(DIN, id="din"), pytest.param(DIEN, id="dien"), pytest.param(DMIN, id="dmin")]
 
 
-def _model(cls, backend="fused"):
+def _model(cls, backend="fused", **kwargs):
     torch.manual_seed(0)
     extra = {"dropout": 0.0} if cls is DMIN else {}  # compiled and eager dropout draw differently
-    return cls(_spec(), backend=backend, **TINY[cls], **extra)
+    return cls(_spec(), backend=backend, **TINY[cls], **extra, **kwargs)
 
 
 def _score_args(batch: Batch) -> tuple:
@@ -87,15 +89,61 @@ def test_compiled_loss_backward_matches_eager(cls):
         torch.testing.assert_close(compiled_rows[name][1], rows, rtol=1e-5, atol=1e-6, msg=name)
 
 
-# torch.func over the fused CPU ops fails inside torch: their autograd, registered on ops with
-# Tensor[] arguments, is an autograd.Function without setup_context, and they have no
-# batching rule. The models themselves compose: these run the reference backend.
+@pytest.mark.parametrize("cls", [DIEN])
+def test_compiled_training_with_torch_embeddings_matches_eager(cls):
+    """embedding="torch": the compiled loss's backward leaves the sparse table gradients
+    eager leaves (same rows, uncoalesced), and equal dense gradients. DIEN: its tables
+    also feed the negative sampler and the auxiliary loss (DIN and DMIN pass too, ~4 s
+    each)."""
+    grads = []
+    for compile_ in (False, True):
+        torch._dynamo.reset()
+        model = _model(cls, embedding="torch").train()
+        loss = lambda b: model.loss(b)[0]  # noqa: E731
+        _restart_sampler(model)
+        (torch.compile(loss, fullgraph=True, backend="aot_eager") if compile_ else loss)(_batch(_spec())).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    eager, compiled = grads
+    assert set(compiled) == set(eager)
+    assert any(g.is_sparse for g in eager.values())
+    for name, g in eager.items():
+        assert compiled[name].is_sparse == g.is_sparse, name
+        if g.is_sparse:
+            assert compiled[name]._nnz() == g._nnz(), name
+            g, compiled[name] = g.to_dense(), compiled[name].to_dense()
+        torch.testing.assert_close(compiled[name], g, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """The operators run under torch.func through ops/func_transforms.py, by name."""
+    from interest_kernels.ops import func_transforms
+
+    names = []
+    apply = func_transforms._TransformableCall.apply
+
+    def counting(target, *args):
+        names.append(target.op.name())
+        return apply(target, *args)
+
+    monkeypatch.setattr(func_transforms._TransformableCall, "apply", counting)
+    return names
+
+
+def _fused_ops(cls) -> set:
+    ops = {"interest_kernels::target_attention_cpu"}
+    return ops | {"interest_kernels::gru_scan_forward"} if cls is DIEN else ops
+
+
 @pytest.mark.parametrize("cls", MODELS)
-def test_func_grad_equals_autograd(cls):
-    model = _model(cls, backend="reference").train()
+def test_func_grad_equals_autograd_of_the_reference(cls, fused_calls):
+    """torch.func.grad through the fused C++ operators (the default CPU backend) equals
+    autograd of the same model on the reference backend."""
+    model = _model(cls).train()
+    reference = _model(cls, backend="reference").train()
     batch = _batch(_spec())
     target_loss = lambda out: F.binary_cross_entropy_with_logits(out.logits, batch.label)  # noqa: E731
-    dense, rows = _dense_grads_and_rows(model, lambda b: target_loss(model(b)), batch)
+    dense, rows = _dense_grads_and_rows(reference, lambda b: target_loss(reference(b)), batch)
 
     params = {name: p.detach() for name, p in model.named_parameters()}
     buffers = {name: b.clone() for name, b in model.named_buffers()}  # Dice updates its statistics
@@ -105,6 +153,7 @@ def test_func_grad_equals_autograd(cls):
 
     _restart_sampler(model)
     grads = torch.func.grad(loss)(params, buffers)
+    assert set(fused_calls) >= _fused_ops(cls)
     for name, p in model.named_parameters():
         if name in rows:  # an MBA table: dense gradient = recorded rows summed by id
             ids, grad_rows = rows[name]
@@ -116,12 +165,15 @@ def test_func_grad_equals_autograd(cls):
 
 
 @pytest.mark.parametrize("cls", MODELS)
-def test_vmap_over_requests_equals_the_batch(cls):
-    model = _model(cls, backend="reference").eval()
+def test_vmap_over_requests_equals_the_batch(cls, fused_calls):
+    """vmap of one request through the fused C++ operators equals the reference batch."""
+    model = _model(cls).eval()
     batch = _batch(_spec())
     one = lambda *row: model(Batch(*(t[None] for t in row))).logits[0]  # noqa: E731
     with torch.no_grad():
-        torch.testing.assert_close(torch.func.vmap(one)(*batch), model(batch).logits, rtol=1e-5, atol=1e-6)
+        want = _model(cls, backend="reference").eval()(batch).logits
+        torch.testing.assert_close(torch.func.vmap(one)(*batch), want, rtol=1e-5, atol=1e-6)
+    assert set(fused_calls) >= _fused_ops(cls)
 
 
 @pytest.mark.parametrize("cls", MODELS)

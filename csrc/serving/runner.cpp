@@ -1,6 +1,6 @@
 // ik_serve: score a batch with an AOTInductor package of interest_kernels, no Python.
 //
-//   ik_serve PACKAGE ENTRY INPUT OUTPUT [--ops LIBRARY] [--repeat N]
+//   ik_serve PACKAGE ENTRY INPUT OUTPUT [--ops LIBRARY] [--repeat N] [--device cpu|cuda]
 //
 // PACKAGE is written by `python -m interest_kernels.export`; ENTRY is "score" or
 // "candidates" (the package's model names). INPUT holds that entry point's tensors, in
@@ -10,6 +10,8 @@
 // (libinterest_kernels_ops.so, or the Python extension's _C*.so), which registers the
 // interest_kernels:: operators that a package may call. --repeat runs the batch N times
 // and prints the latency of each run in microseconds (the first includes warm-up).
+// --device cuda moves the inputs to the GPU, for a package exported with --device cuda
+// (which embeds its kernels and needs no --ops).
 #include <dlfcn.h>
 
 #include <chrono>
@@ -96,7 +98,7 @@ void write_tensors(const std::string& path, const std::vector<Named>& tensors) {
 }
 
 int usage() {
-  std::cerr << "usage: ik_serve PACKAGE ENTRY INPUT OUTPUT [--ops LIBRARY] [--repeat N]\n";
+  std::cerr << "usage: ik_serve PACKAGE ENTRY INPUT OUTPUT [--ops LIBRARY] [--repeat N] [--device cpu|cuda]\n";
   return 2;
 }
 
@@ -106,6 +108,7 @@ int main(int argc, char** argv) {
   if (argc < 5) return usage();
   const std::string package = argv[1], entry = argv[2], input = argv[3], output = argv[4];
   int repeat = 1;
+  std::string device = "cpu";  // where the package's inputs live: a CUDA package takes CUDA tensors
   for (int i = 5; i < argc; i += 2) {
     const std::string flag = argv[i];
     if (i + 1 >= argc) return usage();
@@ -114,6 +117,9 @@ int main(int argc, char** argv) {
         std::cerr << "ik_serve: cannot load the operator library " << argv[i + 1] << ": " << dlerror() << "\n";
         return 1;
       }
+    } else if (flag == "--device") {
+      device = argv[i + 1];
+      if (device != "cpu" && device != "cuda") return usage();
     } else if (flag == "--repeat") {
       repeat = std::stoi(argv[i + 1]);
       if (repeat < 1) return usage();
@@ -125,7 +131,7 @@ int main(int argc, char** argv) {
     torch::NoGradGuard no_grad;
     torch::inductor::AOTIModelPackageLoader loader(package, entry);
     std::vector<at::Tensor> inputs;
-    for (auto& named : read_tensors(input)) inputs.push_back(named.tensor);
+    for (auto& named : read_tensors(input)) inputs.push_back(named.tensor.to(torch::Device(device)));
     std::vector<at::Tensor> outputs;
     for (int r = 0; r < repeat; ++r) {
       const auto start = std::chrono::steady_clock::now();

@@ -23,6 +23,7 @@ from .._validation import INDEX_DTYPES, check_choice, check_in_range, check_shap
 from ..data.common import Batch, FeatureSpec
 from ..nn.dice import Dice
 from ..nn.mba_embedding import MBAEmbedding
+from ..nn.sparse_embedding import SparseGradEmbedding
 from ..optim import MBAAdagrad, MBAAdam, MBASGD
 
 __all__ = [
@@ -52,7 +53,7 @@ def _table(num: int, dim: int, kind: str) -> nn.Module:
     # Both start N(0, 1) with a zero padding row.
     if kind == "mba":
         return MBAEmbedding(num, dim, padding_idx=0)
-    return nn.Embedding(num, dim, padding_idx=0, sparse=True)
+    return SparseGradEmbedding(num, dim, padding_idx=0, sparse=True)  # compiles for training
 
 
 class MLP(nn.Module):

@@ -20,11 +20,13 @@ the path through the batch mean and variance); in eval mode it writes the gradie
 ``x`` in the same pass. In training ``_dice_bwd_dx_kernel`` then writes the gradient of
 ``x`` with the summed terms.
 
-Each pass is a ``torch.library`` custom op with a fake implementation, and the
-elementwise op has a registered autograd formula, so ``torch.compile(fullgraph=True)``
-sees opaque nodes. The statistics op mutates the running statistics (declared in
-``mutates_args``) and so cannot carry autograd itself: it runs on a detached ``x`` and
-the apply op's backward includes the gradient through the batch statistics.
+Each pass is a ``torch.library.triton_op`` with a fake implementation whose launches go
+through ``wrap_triton``, and the elementwise op has a registered autograd formula:
+``torch.compile(fullgraph=True)`` traces into the launches and AOTInductor compiles them
+into a package (``ops/traceable_triton.py``). The statistics op mutates the running
+statistics (declared in ``mutates_args``) and so cannot carry autograd itself: it runs on
+a detached ``x`` and the apply op's backward includes the gradient through the batch
+statistics.
 """
 from __future__ import annotations
 
@@ -34,6 +36,9 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
+from ..traceable_triton import wrap_triton
 
 __all__ = ["dice_triton"]
 
@@ -251,10 +256,18 @@ def _row_split(rows: int, col_blocks: int, block_m: int, device: torch.device) -
     return triton.cdiv(rows, rows_per_prog), rows_per_prog
 
 
+def _partials_block(programs: int) -> int:
+    """BLOCK_P of the finalize kernel, which loops over the partials in blocks: up to 64,
+    and 64 for a symbolic (dynamic) number of partials."""
+    if not isinstance(programs, int):
+        return 64
+    return max(16, min(64, triton.next_power_of_2(programs)))
+
+
 # --- custom ops ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op(
+@torch.library.triton_op(
     "interest_kernels::dice_batch_stats", mutates_args=("running_mean", "running_var")
 )
 def dice_batch_stats(
@@ -271,18 +284,18 @@ def dice_batch_stats(
     programs, rows_per_prog = _row_split(rows, col_blocks, block_m, x.device)
     mean_part = torch.empty((programs, channels), device=x.device, dtype=torch.float32)
     m2_part = torch.empty((programs, channels), device=x.device, dtype=torch.float32)
-    _stats_partial_kernel[(programs, col_blocks)](
+    wrap_triton(_stats_partial_kernel)[(programs, col_blocks)](
         x, mean_part, m2_part, rows, channels, rows_per_prog,
         BLOCK_M=block_m, BLOCK_C=block_c, num_warps=_REDUCE_WARPS,
     )
     mean = torch.empty(channels, device=x.device, dtype=torch.float32)
     var = torch.empty(channels, device=x.device, dtype=torch.float32)
     has_running = running_mean is not None
-    _stats_finalize_kernel[(col_blocks,)](
+    wrap_triton(_stats_finalize_kernel)[(col_blocks,)](
         mean_part, m2_part, mean, var,
         running_mean if has_running else mean, running_var if has_running else var,
         rows, channels, programs, rows_per_prog, momentum,
-        HAS_RUNNING=has_running, BLOCK_P=max(16, min(64, triton.next_power_of_2(programs))),
+        HAS_RUNNING=has_running, BLOCK_P=_partials_block(programs),
         BLOCK_C=block_c,
     )
     return mean, var
@@ -294,7 +307,7 @@ def _(x, running_mean, running_var, momentum):
     return x.new_empty(channels, dtype=torch.float32), x.new_empty(channels, dtype=torch.float32)
 
 
-@torch.library.custom_op("interest_kernels::dice_apply", mutates_args=())
+@torch.library.triton_op("interest_kernels::dice_apply", mutates_args=())
 def dice_apply(
     x: torch.Tensor,
     alpha: torch.Tensor,
@@ -315,7 +328,7 @@ def dice_apply(
     if rows == 0:
         return out
     block_m, block_c = _blocks(channels)
-    _dice_fwd_kernel[(triton.cdiv(rows, block_m), triton.cdiv(channels, block_c))](
+    wrap_triton(_dice_fwd_kernel)[(triton.cdiv(rows, block_m), triton.cdiv(channels, block_c))](
         x, out, alpha, weight if weight is not None else alpha, bias if bias is not None else alpha,
         mean, var, rows, channels, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -329,7 +342,7 @@ def _(x, alpha, weight, bias, mean, var, eps, batch_stats):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("interest_kernels::dice_apply_backward", mutates_args=())
+@torch.library.triton_op("interest_kernels::dice_apply_backward", mutates_args=())
 def dice_apply_backward(
     grad_out: torch.Tensor,
     x: torch.Tensor,
@@ -354,7 +367,7 @@ def dice_apply_backward(
     partials = torch.empty((3, programs, channels), device=x.device, dtype=torch.float32)
     w_ptr = weight if weight is not None else alpha
     b_ptr = bias if bias is not None else alpha
-    _dice_bwd_reduce_kernel[(programs, col_blocks)](
+    wrap_triton(_dice_bwd_reduce_kernel)[(programs, col_blocks)](
         grad_out, x, alpha, w_ptr, b_ptr, mean, var, partials, grad_x,
         rows, channels, programs, rows_per_prog, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, WRITE_GRAD_X=not batch_stats,
@@ -362,7 +375,7 @@ def dice_apply_backward(
     )
     sums = partials.sum(dim=1)
     if batch_stats:
-        _dice_bwd_dx_kernel[(triton.cdiv(rows, block_m), col_blocks)](
+        wrap_triton(_dice_bwd_dx_kernel)[(triton.cdiv(rows, block_m), col_blocks)](
             grad_out, x, alpha, w_ptr, b_ptr, mean, var, sums[1], sums[2], grad_x,
             rows, channels, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
@@ -402,6 +415,9 @@ def _backward(ctx, grad_out):
 
 
 dice_apply.register_autograd(_backward, setup_context=_setup_context)
+# The op with its autograd for torch.func transforms (ops/func_transforms.py).
+_APPLY = TransformableOp(dice_apply, _setup_context, _backward)
+register_sliced_vmap("interest_kernels::dice_apply_backward")
 
 
 def dice_triton(
@@ -433,8 +449,8 @@ def dice_triton(
             running_var.copy_(rv)
     else:
         mean, var = running_mean.contiguous(), running_var.contiguous()
-    out = dice_apply(
-        flat, alpha.contiguous(),
+    out = call(
+        _APPLY, flat, alpha.contiguous(),
         weight.contiguous() if weight is not None else None,
         bias.contiguous() if bias is not None else None,
         mean, var, eps, training,

@@ -9,7 +9,8 @@ by their number of valid steps inside C++, so nothing in Python reads the values
 
 This module registers the ops' fake implementations (shapes for tracing) and their
 autograd formula when the compiled extension loads; without the extension the ``cpu``
-backend is unavailable and the scan falls back to the reference (``op.py``).
+backend is unavailable and the scan falls back to the reference (``op.py``). Under
+``torch.func`` transforms the forward op runs through ``ops/func_transforms.py``.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 
 from ... import _extension
 from ..common import compute_dtype
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
 
 FORWARD = "interest_kernels::gru_scan_forward"
 BACKWARD = "interest_kernels::gru_scan_backward"
@@ -99,6 +101,8 @@ def _register() -> None:
 AVAILABLE = _extension.load() and hasattr(torch.ops.interest_kernels, "gru_scan_forward")
 if AVAILABLE:
     _register()
+    _FORWARD = TransformableOp(torch.ops.interest_kernels.gru_scan_forward.default, _setup_context, _backward)
+    register_sliced_vmap(BACKWARD)
 
 
 def gru_scan_cpu(
@@ -127,8 +131,8 @@ def gru_scan_cpu(
     keep = (torch.jit.is_tracing() or torch.is_grad_enabled()) and any(
         t is not None and t.requires_grad for t in (x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0)
     )
-    states, h_last, *_ = torch.ops.interest_kernels.gru_scan_forward(
-        x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, mode, variant,
+    states, h_last, *_ = call(
+        _FORWARD, x, weight_ih, weight_hh, bias_ih, bias_hh, att, h0, lengths, mask, mode, variant,
         return_states, keep,
     )
     return (states if return_states else None), h_last

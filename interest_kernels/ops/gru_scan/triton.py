@@ -15,9 +15,10 @@ the hidden-side operands of the weight gradient and d(att); the weight and bias
 gradients of ``W_hh`` are then two GEMMs and sums in torch, and autograd's own
 ``linear`` backward gives dx, dW_ih, db_ih (and AIGRU's attention gradient).
 
-Both kernels are ``torch.library`` custom ops (``interest_kernels::gru_scan_fwd`` /
-``interest_kernels::gru_scan_bwd``) with fake implementations and a registered
-autograd formula, so ``torch.compile(fullgraph=True)`` sees one opaque node each.
+Both kernels are ``torch.library.triton_op`` custom ops (``interest_kernels::gru_scan_fwd``
+/ ``interest_kernels::gru_scan_bwd``) with fake implementations and a registered autograd
+formula, launched through ``wrap_triton``: ``torch.compile(fullgraph=True)`` traces into
+the launches and AOTInductor compiles them into a package (``ops/traceable_triton.py``).
 
 Cost per call, B rows, T steps, hidden H padded to HP = next power of two >= max(H, 16)
 inside registers only, 2-byte dtype: the forward reads gi (6·BTH bytes), writes the
@@ -50,6 +51,8 @@ from triton.runtime.errors import OutOfResources
 from torch import Tensor
 
 from ..common import valid_mask
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
+from ..traceable_triton import kernel_name, wrap_triton
 
 __all__ = ["gru_scan_triton"]
 
@@ -491,7 +494,7 @@ def _launch(kernel, grid: tuple, args: tuple, constexprs: dict, cfg: dict,
     """Launch ``kernel`` with ``args`` and this configuration's scratch rows; if its
     resident W_hh tiles exceed shared memory, read the weights in slabs instead
     (remembered per configuration); if that does not fit either, say so."""
-    key = (kernel.fn.__name__, device.index, tuple(sorted(cfg.items())),
+    key = (kernel_name(kernel), device.index, tuple(sorted(cfg.items())),
            tuple(sorted(constexprs.items())))
     attempts = [cfg]
     if cfg["W_RESIDENT"]:
@@ -544,9 +547,18 @@ def _valid_kind(lengths: Optional[Tensor], mask: Optional[Tensor]) -> int:
 
 
 # --- custom ops ------------------------------------------------------------------------
+# triton_ops: their bodies are what torch.compile and AOTInductor trace, so every launch
+# goes through wrap_triton and a symbolic batch (a dynamic dimension) picks its launch
+# configuration without a guard on its value.
 
 
-@torch.library.custom_op("interest_kernels::gru_scan_fwd", mutates_args=())
+def _config_batch(batch: int) -> int:
+    """The batch size the launch configuration is chosen for: a symbolic (dynamic) batch
+    gets the configuration of batches up to 16 rows per SM (BLOCK_B = 16)."""
+    return batch if isinstance(batch, int) else 1
+
+
+@torch.library.triton_op("interest_kernels::gru_scan_fwd", mutates_args=())
 def gru_scan_fwd(
     gi: Tensor,
     weight_hh: Tensor,
@@ -575,7 +587,7 @@ def gru_scan_fwd(
         return states, h_last
     gi = gi.contiguous()
     dummy = gi
-    cfg = _launch_config("fwd", batch, hidden, gi.dtype, gi.device)
+    cfg = _launch_config("fwd", _config_batch(batch), hidden, gi.dtype, gi.device)
     args = (
         gi,
         weight_hh.contiguous(),
@@ -599,7 +611,7 @@ def gru_scan_fwd(
         WRITE_STATES=write_states,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
-    _launch(_gru_scan_fwd_kernel, grid, args, constexprs, cfg, gi.device, hidden)
+    _launch(wrap_triton(_gru_scan_fwd_kernel), grid, args, constexprs, cfg, gi.device, hidden)
     return states, h_last
 
 
@@ -611,7 +623,7 @@ def _gru_scan_fwd_fake(gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, var
     return states, gi.new_empty((batch, hidden))
 
 
-@torch.library.custom_op("interest_kernels::gru_scan_bwd", mutates_args=())
+@torch.library.triton_op("interest_kernels::gru_scan_bwd", mutates_args=())
 def gru_scan_bwd(
     gi: Tensor,
     weight_hh: Tensor,
@@ -660,7 +672,7 @@ def gru_scan_bwd(
         prev = prev.to(torch.int32).contiguous()
     gi = gi.contiguous()
     dummy = gi
-    cfg = _launch_config("bwd", batch, hidden, gi.dtype, gi.device)
+    cfg = _launch_config("bwd", _config_batch(batch), hidden, gi.dtype, gi.device)
     args = (
         gi,
         weight_hh.contiguous(),
@@ -692,7 +704,7 @@ def gru_scan_bwd(
         HAS_DHLAST=dh_last is not None,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
-    _launch(_gru_scan_bwd_kernel, grid, args, constexprs, cfg, gi.device, hidden)
+    _launch(wrap_triton(_gru_scan_bwd_kernel), grid, args, constexprs, cfg, gi.device, hidden)
     return dgi, aux, hprev, datt, dh0
 
 
@@ -759,6 +771,9 @@ def _backward(ctx, dstates: Optional[Tensor], dh_last: Optional[Tensor]):
 
 
 gru_scan_fwd.register_autograd(_backward, setup_context=_setup_context)
+# The op with its autograd for torch.func transforms (ops/func_transforms.py).
+_FORWARD = TransformableOp(gru_scan_fwd, _setup_context, _backward)
+register_sliced_vmap("interest_kernels::gru_scan_bwd")
 
 
 # --- backend entry point ---------------------------------------------------------------
@@ -804,8 +819,8 @@ def gru_scan_triton(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (gi, weight_hh, bias_hh, scan_att, h0)
     )
-    states, h_last = gru_scan_fwd(
-        gi, weight_hh, bias_hh, scan_att, h0, lengths, mask, mode, variant,
+    states, h_last = call(
+        _FORWARD, gi, weight_hh, bias_hh, scan_att, h0, lengths, mask, mode, variant,
         return_states or needs_grad,
     )
     return (states if return_states else None), h_last

@@ -19,6 +19,7 @@ torch, so autograd carries the statistics' gradient back through both operators.
 
 Nothing here reads tensor values on the host: ``torch.compile(fullgraph=True)``,
 ``torch.export`` and ``torch.jit.trace`` see opaque operators with fake implementations.
+Under ``torch.func`` transforms the operators run through ``ops/func_transforms.py``.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ import torch
 
 from ..._extension import load as _load_extension
 from ..common import compute_dtype
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
 from ..dice.reference import DiceParams, update_running_stats
 
 _NS = "interest_kernels"
@@ -47,10 +49,13 @@ def unavailable_reason() -> Optional[str]:
 # --- fake implementations and autograd (registered once the extension is loaded) ------
 
 _registered = False
+# The operators with their autograd, for torch.func transforms (set by _register).
+_FORWARD: Optional[TransformableOp] = None
+_STATS: Optional[TransformableOp] = None
 
 
 def _register() -> None:
-    global _registered
+    global _registered, _FORWARD, _STATS
     if _registered:
         return
     _registered = True
@@ -99,6 +104,8 @@ def _register() -> None:
 
     torch.library.register_autograd(
         f"{_NS}::target_attention_cpu", _fwd_backward, setup_context=_fwd_setup)
+    _FORWARD = TransformableOp(torch.ops.interest_kernels.target_attention_cpu.default, _fwd_setup,
+                               _fwd_backward)
 
     def _stats_setup(ctx, inputs, output):
         query, keys, key_index, weights, biases, act_params = inputs
@@ -115,6 +122,10 @@ def _register() -> None:
 
     torch.library.register_autograd(
         f"{_NS}::target_attention_cpu_stats", _stats_backward, setup_context=_stats_setup)
+    _STATS = TransformableOp(torch.ops.interest_kernels.target_attention_cpu_stats.default,
+                             _stats_setup, _stats_backward)
+    register_sliced_vmap(f"{_NS}::target_attention_cpu_backward")
+    register_sliced_vmap(f"{_NS}::target_attention_cpu_stats_backward")
 
 
 # --- the backend ---------------------------------------------------------------------
@@ -142,8 +153,7 @@ def _dice_layer_params(
         # No positions (B or T is 0): no batch statistics, the running ones stay as they are.
         mean, var = q.new_zeros(groups, units, dtype=dt), q.new_ones(groups, units, dtype=dt)
     elif params.training:
-        stats = torch.ops.interest_kernels.target_attention_cpu_stats(
-            q, k, key_index, weights[: layer + 1], biases[: layer + 1], act_params)
+        stats = call(_STATS, q, k, key_index, weights[: layer + 1], biases[: layer + 1], act_params)
         mean, var = stats[:, 0], stats[:, 1]
         if params.running_mean is not None and params.running_var is not None:
             update_running_stats(params.running_mean, params.running_var, mean.detach(),
@@ -208,8 +218,8 @@ def target_attention_cpu(
             act_params += _dice_layer_params(p, layer, groups, h, dt, q, k, key_index, ws, cs,
                                              act_params)
 
-    out, scores = torch.ops.interest_kernels.target_attention_cpu(
-        q, k, key_index, lengths, mask, ws, cs, w_o, c_o, act_params, activation, normalization)
+    out, scores = call(_FORWARD, q, k, key_index, lengths, mask, ws, cs, w_o, c_o, act_params,
+                       activation, normalization)
     if not multi_head:
         out, scores = out.squeeze(1), scores.squeeze(1)
     return out.to(out_dtype), (scores.to(out_dtype) if return_scores else None)

@@ -15,7 +15,8 @@ from typing import Optional, Sequence
 import torch
 
 from ...dice.reference import DiceParams, update_running_stats
-from .ops import fwd_op, stats_op
+from ...func_transforms import call
+from .ops import FORWARD, STATS
 from .pack import pack_act_params, pack_weights
 
 
@@ -120,8 +121,8 @@ def target_attention_triton(
         if a is not None:
             acts.append(a)
 
-    out, scores, _ = fwd_op(
-        qterm, q, k, key_index, lengths, mask, wpack, pack_act_params(acts), units, heads,
+    out, scores, _ = call(
+        FORWARD, qterm, q, k, key_index, lengths, mask, wpack, pack_act_params(acts), units, heads,
         activation, normalization == "softmax", bool(return_scores))
     out = out.reshape((batch, heads, dim) if multi_head else (batch, dim))
     if not return_scores:
@@ -134,7 +135,7 @@ def _dice_batch_stats(qterm, q, k, key_index, wpack, apack, units, layer, heads,
     """Batch mean and biased variance (G, H) of layer ``layer``'s (1-based) pre-activation
     over all positions (per head for per-head MLPs), differentiable; updates the running
     statistics."""
-    sums = stats_op(qterm, q, k, key_index, wpack, apack, units, layer, heads, "dice")
+    sums = call(STATS, qterm, q, k, key_index, wpack, apack, units, layer, heads, "dice")
     n = positions
     if groups == 1:
         sums = sums.sum(dim=0, keepdim=True)

@@ -11,7 +11,11 @@ its backward op; ``target_attention_stats`` -> (E, 2, H_l) fp32 Dice statistics 
 ``layer`` and its backward op. The backward ops return the gradients of
 (qterm, query, keys, wpack, apack), apack's empty when absent.
 
-No launcher reads a tensor value back to the host.
+Each op is a ``torch.library.triton_op`` whose body is tensor ops and kernel launches
+through ``wrap_triton`` (``ops/traceable_triton.py``): ``torch.compile`` traces into the
+launches and AOTInductor compiles them into a package. So the bodies keep symbolic sizes
+symbolic (``torch.sym_min``/``sym_max``, no Python ``min`` on a size), and no launcher
+reads a tensor value back to the host.
 """
 from __future__ import annotations
 
@@ -19,8 +23,10 @@ from typing import Optional
 
 import torch
 
+from ...func_transforms import TransformableOp, register_sliced_vmap
+from ...traceable_triton import wrap_triton
 from .backward import attention_bwd_kernel
-from .config import ACTIVATIONS, launch_config, programs_per_head
+from .config import ACTIVATIONS, launch_config, num_sms
 from .forward import attention_fwd_kernel
 from .pack import act_prefix, weight_prefix
 from .segment import sum_rows_by_history
@@ -40,7 +46,12 @@ def _shape_args(query, keys, wpack, apack, units, heads):
     n_hist = keys.shape[0] // heads
     h = list(units) + [0] * (3 - len(units))
     a_row = apack.shape[1] if apack is not None else 0
-    return [batch, keys.shape[1], max(n_hist, 1), heads, dim, *h, wpack.shape[1], a_row]
+    return [batch, keys.shape[1], torch.sym_max(n_hist, 1), heads, dim, *h, wpack.shape[1], a_row]
+
+
+def _programs(rows: int, heads: int, device: torch.device) -> int:
+    """``config.programs_per_head`` for the R = B*E rows, symbolic sizes kept symbolic."""
+    return torch.sym_max(1, torch.sym_min(rows // heads, num_sms(device) // heads))
 
 
 def _flags(keys, key_index, wpack, units, activation):
@@ -56,7 +67,7 @@ def _or(t: Optional[torch.Tensor], dummy: torch.Tensor) -> torch.Tensor:
 # --- forward ---------------------------------------------------------------------------
 
 
-@torch.library.custom_op("interest_kernels::target_attention_fwd", mutates_args=())
+@torch.library.triton_op("interest_kernels::target_attention_fwd", mutates_args=())
 def fwd_op(
     qterm: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
     key_index: Optional[torch.Tensor], lengths: Optional[torch.Tensor],
@@ -74,8 +85,8 @@ def fwd_op(
     if rows == 0 or seq_len == 0:
         return out.zero_(), scores.zero_().to(query.dtype), lse.zero_()
     dummy = qterm.new_empty(1)  # stands in for absent inputs; never read
-    grid = (programs_per_head(rows // heads, heads, dev), heads)
-    attention_fwd_kernel[grid](
+    grid = (_programs(rows, heads, dev), heads)
+    wrap_triton(attention_fwd_kernel)[grid](
         qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
         mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
         out, scores if return_scores else dummy, lse,
@@ -96,7 +107,7 @@ def _(qterm, query, keys, key_index, lengths, mask, wpack, apack, units, heads, 
             query.new_empty(rows, dtype=torch.float32))
 
 
-@torch.library.custom_op("interest_kernels::target_attention_stats", mutates_args=())
+@torch.library.triton_op("interest_kernels::target_attention_stats", mutates_args=())
 def stats_op(
     qterm: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
     key_index: Optional[torch.Tensor], wpack: torch.Tensor, apack: Optional[torch.Tensor],
@@ -108,12 +119,12 @@ def stats_op(
     rows, _ = query.shape
     seq_len = keys.shape[1]
     dev = query.device
-    n_prog = programs_per_head(rows // heads, heads, dev)
+    n_prog = _programs(rows, heads, dev)
     st = torch.empty(heads, n_prog, 2, units[layer - 1], device=dev, dtype=torch.float32)
     if rows == 0 or seq_len == 0:
         return st.zero_().sum(dim=1)
     dummy = qterm.new_empty(1)  # stands in for absent inputs; never read
-    dice_stats_kernel[(n_prog, heads)](
+    wrap_triton(dice_stats_kernel)[(n_prog, heads)](
         qterm, query, keys, _or(key_index, dummy), wpack, _or(apack, dummy), st,
         *_shape_args(query, keys, wpack, apack, units, heads),
         LAYERS=layer, PACK_LAYERS=len(units), ACT_LAYERS=_act_layers(activation, layer - 1),
@@ -142,7 +153,7 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
     seq_len = keys.shape[1]
     dev = query.device
     f32 = dict(device=dev, dtype=torch.float32)
-    n_prog = programs_per_head(rows // heads, heads, dev)
+    n_prog = _programs(rows, heads, dev)
     slots = heads * n_prog
     groups = wpack.shape[0]
     dqt = torch.empty(rows, units[0], **f32)
@@ -159,7 +170,7 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
                 t.zero_()
     else:
         dummy = qterm.new_empty(1)  # stands in for absent inputs; never read
-        attention_bwd_kernel[(n_prog, heads)](
+        wrap_triton(attention_bwd_kernel)[(n_prog, heads)](
             qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
             mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
             _or(out, dummy), _or(scores, dummy), _or(dout, dummy), _or(dscores, dummy),
@@ -197,7 +208,7 @@ def _fake_grads(qterm, query, keys, wpack, apack):
             torch.empty_like(apack) if apack is not None else qterm.new_empty(0)]
 
 
-@torch.library.custom_op("interest_kernels::target_attention_bwd", mutates_args=())
+@torch.library.triton_op("interest_kernels::target_attention_bwd", mutates_args=())
 def bwd_op(
     dout: torch.Tensor, dscores: Optional[torch.Tensor], out: torch.Tensor,
     scores: torch.Tensor, lse: torch.Tensor, qterm: torch.Tensor, query: torch.Tensor,
@@ -218,7 +229,7 @@ def _(dout, dscores, out, scores, lse, qterm, query, keys, key_index, lengths, m
     return _fake_grads(qterm, query, keys, wpack, apack)
 
 
-@torch.library.custom_op("interest_kernels::target_attention_stats_bwd", mutates_args=())
+@torch.library.triton_op("interest_kernels::target_attention_stats_bwd", mutates_args=())
 def stats_bwd_op(
     gstats: torch.Tensor, qterm: torch.Tensor, query: torch.Tensor, keys: torch.Tensor,
     key_index: Optional[torch.Tensor], wpack: torch.Tensor, apack: Optional[torch.Tensor],
@@ -299,3 +310,9 @@ def _stats_backward(ctx, gstats):
 
 
 stats_op.register_autograd(_stats_backward, setup_context=_stats_setup_context)
+
+# The ops with their autograd for torch.func transforms (ops/func_transforms.py).
+FORWARD = TransformableOp(fwd_op, _fwd_setup_context, _fwd_backward)
+STATS = TransformableOp(stats_op, _stats_setup_context, _stats_backward)
+register_sliced_vmap("interest_kernels::target_attention_bwd")
+register_sliced_vmap("interest_kernels::target_attention_stats_bwd")

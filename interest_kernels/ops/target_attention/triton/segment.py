@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ...traceable_triton import wrap_triton
+
 
 @triton.jit(do_not_specialize=["TD"])
 def _segment_sum_kernel(src_ptr, order_ptr, start_ptr, dst_ptr, TD, BLOCK: tl.constexpr):
@@ -45,6 +47,6 @@ def sum_rows_by_history(dk_rows: torch.Tensor, key_index: torch.Tensor, heads: i
     if n_keys == 0 or td == 0:
         return dst.zero_()
     block = min(1024, triton.next_power_of_2(td))
-    _segment_sum_kernel[(n_keys, triton.cdiv(td, block))](dk_rows, order, start, dst, td,
-                                                          BLOCK=block)
+    wrap_triton(_segment_sum_kernel)[(n_keys, triton.cdiv(td, block))](
+        dk_rows, order, start, dst, td, BLOCK=block)
     return dst
