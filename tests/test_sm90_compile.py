@@ -60,6 +60,11 @@ def test_family_compiles_within_sm90_limits(report, family):
         assert k["registers"] > 0 and k["shared_bytes"] <= sm90.SM90_SHARED_LIMIT_BYTES
 
 
+def test_every_family_is_reported_under_its_name(report):
+    # a kernel filed under the wrong family would let that family's check pass unseen
+    assert {k["family"] for k in report["kernels"]} == set(sm90.FAMILY_CALLS)
+
+
 def test_limits_catch_shared_memory_spills_and_errors():
     ok = sm90.CompiledKernel("f", "k", "c", {}, 4, 1, registers=32, spill_stores=0, spill_loads=0,
                              stack_frame=0, shared_bytes=1024)
