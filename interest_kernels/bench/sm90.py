@@ -193,7 +193,9 @@ class _Compiler:
             result.wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
             result.mma = len(re.findall(r"\bmma\.sync", ptx))
         except Exception as err:  # a kernel that does not compile is a finding, not a crash
-            result.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            lines = str(err).strip().splitlines() or [""]
+            where = f"{lines[0]} " if len(lines) > 1 else ""  # Triton's "at line:col:"
+            result.error = f"{type(err).__name__}: {where}{lines[-1]}"
         result.seconds = round(time.perf_counter() - start, 2)
         self.results.append(result)
 
