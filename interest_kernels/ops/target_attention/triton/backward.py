@@ -184,7 +184,6 @@ def attention_bwd_kernel(
             qt, b2, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3 = tile_vectors(
                 qt_ptr + r * H1, w_g + o_b2, w_g + o_b3, a_g, H1, H2, H3, offs_h1, offs_h2,
                 offs_h3, t0, T, LAYERS, ACT_LAYERS)
-            qv = tile_vec(q_ptr + r * D, offs_d, D, t0, T)
             z1, a1, z2, a2, z3, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
                                               pa2, ps2, pb2, pa3, ps3, pb3, LAYERS, ACT,
                                               not STATS, LOWP, DT, PREC)
@@ -204,7 +203,6 @@ def attention_bwd_kernel(
                 gs1 = tile_vec(gst_g, offs_top, HT, t0, T)
                 gs2 = tile_vec(gst_g + HT, offs_top, HT, t0, T)
                 dtop = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * zt, 0.0)
-                dk = tl.zeros([BLOCK_T, BD], tl.float32)
             else:
                 wo = tile_vec(w_g + o_wo, offs_top, HT, t0, T)
                 dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)
@@ -218,7 +216,6 @@ def attention_bwd_kernel(
                 else:
                     p = tl.where(valid, s, 0.0)
                     ds = tl.where(valid, da, 0.0)
-                dk = p[:, None] * dout[None, :]
                 add_to_vec(gw_s + o_wo, offs_top, HT, tl.sum(ds[:, None] * at, axis=0))
                 gbo += tl.sum(ds, axis=0)
                 dtop, x0, x1, x2 = act_bwd(zt, at, ds[:, None] * wo[None, :], pat, pst, pbt,
@@ -255,16 +252,20 @@ def attention_bwd_kernel(
             # M_r = W_kd + W_p diag(q): its gradient dz1^T k splits into W_kd's and W_p's
             # (folded per tile), and q's, sum_t k_t * (dz1 W_p)_t.
             add_to_vec(dqt_r, offs_h1, H1, tl.sum(dz1, axis=0))
-            dk += mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
-            if not STATS:  # a padded key gets a zero gradient
-                dk = tl.where(valid[:, None], dk, 0.0)
+            dk = mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
+            if not STATS:  # the attention's own term (dout reloaded: it is not held
+                # through the chain); a padded key gets a zero gradient
+                dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)
+                dk = tl.where(valid[:, None], dk + p[:, None] * dout[None, :], 0.0)
             tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
                      dk.to(dk_ptr.dtype.element_ty), mask=tm[:, None] & dm[None, :])
+            # the key tile again (an L1/L2 hit), rather than held through the chain
+            k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
             add_to_vec(dq_r, offs_d, D,
                        tl.sum(k.to(tl.float32) * mm(dz1, wp, LOWP_BWD, DT, PREC), axis=0))
             gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (BH1, BD)
             gwkd += gm
-            gwp += gm * qv[None, :]
+            gwp += gm * tile_vec(q_ptr + r * D, offs_d, D, t0, T)[None, :]
 
     store_mat(gw_s, gwkd, offs_h1, offs_d, H1, D, False)
     store_mat(gw_s + o_wp, gwp, offs_h1, offs_d, H1, D, False)
