@@ -172,7 +172,7 @@ class _Compiler:
         options, signature, constexprs, attrs = jit_fn._pack_args(self.backend, kwargs, bound, specialization, options)
         names = [p.name for p in jit_fn.params]
         result = CompiledKernel(
-            family=jit_fn.fn.__module__.split(".")[-2], kernel=jit_fn.fn.__name__, call=self.call,
+            family=_family_of(jit_fn.fn.__module__), kernel=jit_fn.fn.__name__, call=self.call,
             constexprs={names[path[0]]: _plain(v) for path, v in constexprs.items() if len(path) == 1},
             num_warps=options.num_warps, num_stages=options.num_stages,
         )
@@ -193,9 +193,18 @@ class _Compiler:
             result.wgmma = len(re.findall(r"\bwgmma\.mma_async", ptx))
             result.mma = len(re.findall(r"\bmma\.sync", ptx))
         except Exception as err:  # a kernel that does not compile is a finding, not a crash
-            result.error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+            lines = str(err).strip().splitlines() or [""]
+            where = f"{lines[0]} " if len(lines) > 1 else ""  # Triton's "at line:col:"
+            result.error = f"{type(err).__name__}: {where}{lines[-1]}"
         result.seconds = round(time.perf_counter() - start, 2)
         self.results.append(result)
+
+
+def _family_of(module: str) -> str:
+    """The op family of a kernel module: the package under ``interest_kernels.ops``
+    (``...ops.target_attention.triton.backward`` -> ``target_attention``)."""
+    parts = module.split(".")
+    return parts[parts.index("ops") + 1] if "ops" in parts[:-1] else parts[-2]
 
 
 def _plain(v: Any) -> Any:

@@ -90,13 +90,24 @@ def target_attention_case(B: int, T: int, D: int, units: tuple[int, ...], dtype:
     """Target attention with full lengths, softmax, the given hidden activation."""
     from interest_kernels.ops.target_attention.op import target_attention
 
+    from interest_kernels.ops.dice.reference import DiceParams
+
     make = cases._ta_make(B, T, D, units)
     shape = {"B": B, "T": T, "D": D, "units": list(units), "activation": activation}
+
+    def call(inp: dict[str, Any]) -> Any:
+        extra = {}
+        if activation == "dice":  # training mode: the batch-statistics kernels run too
+            extra["dice_params"] = [
+                DiceParams(alpha=torch.full((h,), 0.25, dtype=dtype), running_mean=torch.zeros(h),
+                           running_var=torch.ones(h)) for h in units]
+        return target_attention(**inp, activation=activation, normalization="softmax", **extra)
+
     return MeterCase(
         op="target_attention", label=f"B{B}_T{T}_D{D}_u{'x'.join(map(str, units))}_{activation}",
         dtype=dtype, shape=shape,
         make=lambda: _full_lengths(make(torch.device("cpu"), dtype), T),
-        call=lambda inp: target_attention(**inp, activation=activation, normalization="softmax"),
+        call=call,
         grad_inputs=("query", "keys", "weights", "biases", "out_weight", "out_bias"),
         floors=cases.meter_floors("target_attention", shape, dtype),
     )

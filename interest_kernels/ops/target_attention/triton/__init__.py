@@ -17,7 +17,7 @@ FLOPs (the first layer's 4D inputs folded into D by ``M_r``); the backward reads
 keys again, writes dkeys, reads the parameters and writes one gradient partial per
 program (2 x 132 P s), and runs about twice the forward's FLOPs on top of recomputing
 it. At B 256, T 64, D 64, units (80, 40) fp32 that is 16.8 MB forward and 37.8 MB
-backward; the kernels move 11.6 MB and 28.2 MB (counted by
+backward; the kernels move 11.6 MB and 33.1 MB (counted by
 ``python -m interest_kernels.bench.traffic``; ``bench/results/target_attention_triton.md``
 has the figures and the sm_90 compile report).
 """

@@ -6,7 +6,12 @@ gradient gives each position's score gradient, and the chain runs down the MLP. 
 parameter gradient (weights, biases, score layer, PReLU/Dice parameters) is a register
 accumulator of the program, added to per tile and written
 once, at the end, into this program's row of a (programs, ...) partial buffer that the
-caller sums (deterministic, no atomics). The key gradient of a tile is stored as soon as
+caller sums (deterministic, no atomics); the per-unit ones (biases, score layer,
+activation parameters, and each row's q-term gradient) are summed in place in that row
+across the program's tiles instead, and the per-unit inputs (q-term, biases, score
+weights, activation parameters) are loaded per tile: a per-unit vector held in
+registers across the tile loop costs a quarter of its length per thread in the MMA
+layout, and they would take half the registers (bench/results/sm90_target_attention_spills.md). The key gradient of a tile is stored as soon as
 it is known; dq and the q-term's gradient once per row. The deeper layers' weights stay
 on chip for the whole program; W_kd and W_p are read once per row (from L2), since
 beside the accumulators they do not fit the registers (even so the kernel spills on
@@ -20,16 +25,37 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, history_row, load_mat, load_score_layer, load_vec, load_weights,
-                     mlp_tile, mm, store_mat, valid_positions, weight_offsets)
+from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec, load_weights,
+                     mlp_tile, mm, store_mat, tile_act_params, tile_vec, tile_vectors, valid_positions,
+                     weight_offsets)
 
 
 @triton.jit
-def _store_act_grads(ptr, ga, gs, gb, offs, n):
-    m = offs < n
-    tl.store(ptr + offs, ga, mask=m)
-    tl.store(ptr + n + offs, gs, mask=m)
-    tl.store(ptr + 2 * n + offs, gb, mask=m)
+def _zero_vec(ptr, offs, n):
+    tl.store(ptr + offs, tl.zeros(offs.shape, tl.float32), mask=offs < n)
+
+
+@triton.jit
+def _act_again(z, a, pa, ps, pb, ACT: tl.constexpr):
+    """The activation a = act(z) for the backward: recomputed from z where act_bwd
+    reads z anyway (PReLU, Dice), else a itself (then z need not stay live)."""
+    if ACT == 3 or ACT == 4:
+        return act_fwd(z, pa, ps, pb, ACT)
+    return a
+
+
+@triton.jit
+def _zero_act(ptr, offs, n):
+    _zero_vec(ptr, offs, n)
+    _zero_vec(ptr + n, offs, n)
+    _zero_vec(ptr + 2 * n, offs, n)
+
+
+@triton.jit
+def _add_act_grads(ptr, ga, gs, gb, offs, n):
+    add_to_vec(ptr, offs, n, ga)
+    add_to_vec(ptr + n, offs, n, gs)
+    add_to_vec(ptr + 2 * n, offs, n, gb)
 
 
 @triton.jit(do_not_specialize=["B", "T", "N"])
@@ -65,50 +91,49 @@ def attention_bwd_kernel(
     w_g = w_ptr + g * W_ROW
     a_g = act_ptr + g * A_ROW
 
-    # W_kd and W_p are read per row from L2 instead (see below); the rest stays on chip.
-    (_, _, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3) = load_weights(
+    # W_kd and W_p are read per row from L2 instead (see below); the per-unit vectors
+    # per tile; the weight matrices stay on chip.
+    (_, _, w2t, _, w3t, _, _, _, _, _, _, _, _, _, _) = load_weights(
         w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS, PACK_LAYERS,
         ACT_LAYERS, False)
+    o_wp, o_w2, o_b2, o_w3, o_b3, o_wo, o_bo, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
     if LOWP:
         w2t = w2t.to(DT)
         w3t = w3t.to(DT)
     if LAYERS == 1:
         HT = H1
         offs_top = offs_h1
-        pat, pst, pbt = pa1, ps1, pb1
     elif LAYERS == 2:
         HT = H2
         offs_top = offs_h2
-        pat, pst, pbt = pa2, ps2, pb2
     else:
         HT = H3
         offs_top = offs_h3
-        pat, pst, pbt = pa3, ps3, pb3
-    if STATS:
-        gst_g = gst_ptr + g * 2 * HT
-        gs1 = load_vec(gst_g, offs_top, HT)
-        gs2 = load_vec(gst_g + HT, offs_top, HT)
-    else:
-        wo, bo = load_score_layer(w_g, D, H1, H2, H3, offs_top, LAYERS)
+    gst_g = gst_ptr + g * 2 * HT
+    if not STATS:
+        bo = tl.load(w_g + o_bo).to(tl.float32)
 
-    # parameter-gradient accumulators (on chip for the whole program)
+    # Parameter-gradient accumulators: the matrices on chip for the whole program, the
+    # per-unit vectors in place in this program's partial rows (zeroed here).
     gwkd = tl.zeros([BH1, BD], tl.float32)
     gwp = tl.zeros([BH1, BD], tl.float32)
     gw2t = tl.zeros([BH1, BH2], tl.float32)
-    gb2 = tl.zeros([BH2], tl.float32)
     gw3t = tl.zeros([BH2, BH3], tl.float32)
-    gb3 = tl.zeros([BH3], tl.float32)
-    ga1 = tl.zeros([BH1], tl.float32)
-    gs1a = tl.zeros([BH1], tl.float32)
-    gb1a = tl.zeros([BH1], tl.float32)
-    ga2 = tl.zeros([BH2], tl.float32)
-    gs2a = tl.zeros([BH2], tl.float32)
-    gb2a = tl.zeros([BH2], tl.float32)
-    ga3 = tl.zeros([BH3], tl.float32)
-    gs3a = tl.zeros([BH3], tl.float32)
-    gb3a = tl.zeros([BH3], tl.float32)
-    gwo = tl.zeros(offs_top.shape, tl.float32)
     gbo = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
+    gw_s = gw_ptr + slot * W_ROW
+    ga_s = ga_ptr + slot * A_ROW
+    if LAYERS >= 2:
+        _zero_vec(gw_s + o_b2, offs_h2, H2)
+    if LAYERS >= 3:
+        _zero_vec(gw_s + o_b3, offs_h3, H3)
+    if not STATS:
+        _zero_vec(gw_s + o_wo, offs_top, HT)
+    if ACT_LAYERS >= 1:
+        _zero_act(ga_s, offs_h1, H1)
+    if ACT_LAYERS >= 2:
+        _zero_act(ga_s + 3 * H1, offs_h2, H2)
+    if ACT_LAYERS >= 3:
+        _zero_act(ga_s + 3 * (H1 + H2), offs_h3, H3)
 
     for b in range(pid, B, n_prog):
         r = b * E + e
@@ -120,7 +145,6 @@ def attention_bwd_kernel(
         else:
             dk_base = dk_ptr + krow * T * D
         q = load_vec(q_ptr + r * D, offs_d, D)
-        qt = load_vec(qt_ptr + r * H1, offs_h1, H1)
         # M_r^T (BD, BH1), once per row. W_kd and W_p are not held through the program:
         # with the gradient accumulators they would not fit the registers.
         wp = load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False)
@@ -141,9 +165,13 @@ def attention_bwd_kernel(
                         valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                         delta += tl.sum(tl.where(valid, load_vec(dsc_ptr + r * T, offs_t, T)
                                                  * load_vec(sc_ptr + r * T, offs_t, T), 0.0), axis=0)
-        dq = tl.zeros([BD], tl.float32)
-        dqt = tl.zeros([BH1], tl.float32)
+        dqt_r = dqt_ptr + r * H1  # summed in place across the row's tiles, as dq
+        dq_r = dq_ptr + r * D
+        _zero_vec(dqt_r, offs_h1, H1)
+        _zero_vec(dq_r, offs_d, D)
         for t0 in range(0, T, BLOCK_T):
+            # the previous tile's in-place sums are visible to every thread from here on
+            tl.debug_barrier()
             offs_t = t0 + offs_bt
             tm = offs_t < T
             if STATS:  # Dice's batch statistics cover every position, padded ones too (SPEC 1)
@@ -152,19 +180,32 @@ def attention_bwd_kernel(
                 valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                 kmask = valid[:, None] & dm[None, :]
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            # the per-unit inputs, loaded per tile (see the module docstring)
+            qt, b2, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3 = tile_vectors(
+                qt_ptr + r * H1, w_g + o_b2, w_g + o_b3, a_g, H1, H2, H3, offs_h1, offs_h2,
+                offs_h3, t0, T, LAYERS, ACT_LAYERS)
             z1, a1, z2, a2, z3, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
                                               pa2, ps2, pb2, pa3, ps3, pb3, LAYERS, ACT,
                                               not STATS, LOWP, DT, PREC)
             if LAYERS == 1:
                 zt, at = z1, a1
+                pat, pst, pbt = pa1, ps1, pb1
+                ga_top = ga_s
             elif LAYERS == 2:
                 zt, at = z2, a2
+                pat, pst, pbt = pa2, ps2, pb2
+                ga_top = ga_s + 3 * H1
             else:
                 zt, at = z3, a3
+                pat, pst, pbt = pa3, ps3, pb3
+                ga_top = ga_s + 3 * (H1 + H2)
             if STATS:
+                gs1 = tile_vec(gst_g, offs_top, HT, t0, T)
+                gs2 = tile_vec(gst_g + HT, offs_top, HT, t0, T)
                 dtop = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * zt, 0.0)
-                dk = tl.zeros([BLOCK_T, BD], tl.float32)
             else:
+                wo = tile_vec(w_g + o_wo, offs_top, HT, t0, T)
+                dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)
                 s = tl.sum(at * wo[None, :], axis=1) + bo
                 da = tl.sum(k.to(tl.float32) * dout[None, :], axis=1)
                 if HAS_DSC:  # a padded score's upstream gradient is never read either
@@ -175,79 +216,62 @@ def attention_bwd_kernel(
                 else:
                     p = tl.where(valid, s, 0.0)
                     ds = tl.where(valid, da, 0.0)
-                dk = p[:, None] * dout[None, :]
-                gwo += tl.sum(ds[:, None] * at, axis=0)
+                add_to_vec(gw_s + o_wo, offs_top, HT, tl.sum(ds[:, None] * at, axis=0))
                 gbo += tl.sum(ds, axis=0)
                 dtop, x0, x1, x2 = act_bwd(zt, at, ds[:, None] * wo[None, :], pat, pst, pbt,
                                            ACT)
                 if ACT_LAYERS >= LAYERS:
-                    if LAYERS == 1:
-                        ga1 += x0
-                        gs1a += x1
-                        gb1a += x2
-                    elif LAYERS == 2:
-                        ga2 += x0
-                        gs2a += x1
-                        gb2a += x2
-                    else:
-                        ga3 += x0
-                        gs3a += x1
-                        gb3a += x2
+                    _add_act_grads(ga_top, x0, x1, x2, offs_top, HT)
+            # Below the top, a layer's activation parameters are loaded again and, where
+            # the activation reads z (PReLU, Dice), a = act(z) is recomputed, so that
+            # neither stays live through the layers above.
             if LAYERS == 3:
                 dz3 = dtop
+                pa2, ps2, pb2 = tile_act_params(a_g + 3 * H1, offs_h2, H2, t0, T,
+                                                ACT_LAYERS >= 2)
+                a2 = _act_again(z2, a2, pa2, ps2, pb2, ACT)
                 gw3t += mm(tl.trans(a2), dz3, LOWP_BWD, DT, PREC)
-                gb3 += tl.sum(dz3, axis=0)
+                add_to_vec(gw_s + o_b3, offs_h3, H3, tl.sum(dz3, axis=0))
                 dz2, x0, x1, x2 = act_bwd(z2, a2, mm(dz3, tl.trans(w3t), LOWP_BWD, DT, PREC),
                                           pa2, ps2, pb2, ACT)
                 if ACT_LAYERS >= 2:
-                    ga2 += x0
-                    gs2a += x1
-                    gb2a += x2
+                    _add_act_grads(ga_s + 3 * H1, x0, x1, x2, offs_h2, H2)
             elif LAYERS == 2:
                 dz2 = dtop
             if LAYERS >= 2:
+                pa1, ps1, pb1 = tile_act_params(a_g, offs_h1, H1, t0, T, ACT_LAYERS >= 1)
+                a1 = _act_again(z1, a1, pa1, ps1, pb1, ACT)
                 gw2t += mm(tl.trans(a1), dz2, LOWP_BWD, DT, PREC)
-                gb2 += tl.sum(dz2, axis=0)
+                add_to_vec(gw_s + o_b2, offs_h2, H2, tl.sum(dz2, axis=0))
                 dz1, x0, x1, x2 = act_bwd(z1, a1, mm(dz2, tl.trans(w2t), LOWP_BWD, DT, PREC),
                                           pa1, ps1, pb1, ACT)
                 if ACT_LAYERS >= 1:
-                    ga1 += x0
-                    gs1a += x1
-                    gb1a += x2
+                    _add_act_grads(ga_s, x0, x1, x2, offs_h1, H1)
             else:
                 dz1 = dtop
             # M_r = W_kd + W_p diag(q): its gradient dz1^T k splits into W_kd's and W_p's
             # (folded per tile), and q's, sum_t k_t * (dz1 W_p)_t.
-            dqt += tl.sum(dz1, axis=0)
-            dk += mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
-            if not STATS:  # a padded key gets a zero gradient
-                dk = tl.where(valid[:, None], dk, 0.0)
+            add_to_vec(dqt_r, offs_h1, H1, tl.sum(dz1, axis=0))
+            dk = mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
+            if not STATS:  # the attention's own term (dout reloaded: it is not held
+                # through the chain); a padded key gets a zero gradient
+                dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)
+                dk = tl.where(valid[:, None], dk + p[:, None] * dout[None, :], 0.0)
             tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
                      dk.to(dk_ptr.dtype.element_ty), mask=tm[:, None] & dm[None, :])
-            dq += tl.sum(k.to(tl.float32) * mm(dz1, wp, LOWP_BWD, DT, PREC), axis=0)
+            # the key tile again (an L1/L2 hit), rather than held through the chain
+            k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            add_to_vec(dq_r, offs_d, D,
+                       tl.sum(k.to(tl.float32) * mm(dz1, wp, LOWP_BWD, DT, PREC), axis=0))
             gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (BH1, BD)
             gwkd += gm
-            gwp += gm * q[None, :]
-        tl.store(dq_ptr + r * D + offs_d, dq, mask=dm)
-        tl.store(dqt_ptr + r * H1 + offs_h1, dqt, mask=offs_h1 < H1)
+            gwp += gm * tile_vec(q_ptr + r * D, offs_d, D, t0, T)[None, :]
 
-    o_wp, o_w2, o_b2, o_w3, o_b3, o_wo, o_bo, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
-    gw_s = gw_ptr + slot * W_ROW
     store_mat(gw_s, gwkd, offs_h1, offs_d, H1, D, False)
     store_mat(gw_s + o_wp, gwp, offs_h1, offs_d, H1, D, False)
     if LAYERS >= 2:
         store_mat(gw_s + o_w2, gw2t, offs_h1, offs_h2, H2, H1, True)
-        tl.store(gw_s + o_b2 + offs_h2, gb2, mask=offs_h2 < H2)
     if LAYERS >= 3:
         store_mat(gw_s + o_w3, gw3t, offs_h2, offs_h3, H3, H2, True)
-        tl.store(gw_s + o_b3 + offs_h3, gb3, mask=offs_h3 < H3)
     if not STATS:
-        tl.store(gw_s + o_wo + offs_top, gwo, mask=offs_top < HT)
         tl.store(gw_s + o_bo, gbo)
-    ga_s = ga_ptr + slot * A_ROW
-    if ACT_LAYERS >= 1:
-        _store_act_grads(ga_s, ga1, gs1a, gb1a, offs_h1, H1)
-    if ACT_LAYERS >= 2:
-        _store_act_grads(ga_s + 3 * H1, ga2, gs2a, gb2a, offs_h2, H2)
-    if ACT_LAYERS >= 3:
-        _store_act_grads(ga_s + 3 * (H1 + H2), ga3, gs3a, gb3a, offs_h3, H3)

@@ -10,10 +10,13 @@ interpreter computes every dot exactly).
 * Tiles: ``BLOCK_T`` = 64 key positions, so every ``tl.dot`` whose rows are positions has
   M = 64 (Hopper's warpgroup MMA size); every width (D, each layer) is padded to a power
   of two, at least 16. A row shorter than 64 positions leaves lanes of its tile masked.
-* Everything a program needs stays on chip: the MLP's weights (loaded once per program),
-  the per-row first-layer matrix, and in the backward the parameter-gradient
-  accumulators. That bounds the widths; :func:`unsupported_reason` declines the rest,
-  which then run on the next backend.
+* The matrices a program needs stay on chip: the MLP's weight matrices (loaded once per
+  program), the per-row first-layer matrix, and in the backward the weight-matrix
+  gradient accumulators. Per-unit vectors (q-term, biases, score weights, activation
+  parameters) are loaded per tile and per-unit gradients summed in place in the
+  program's partial row (L1/L2 traffic instead of registers: ``layers.tile_vec``).
+  That bounds the widths; :func:`unsupported_reason` declines the rest, which then
+  run on the next backend.
 * Dot precision: float16/bfloat16 inputs multiply in their dtype with float32
   accumulation (the backward's gradient dots in bfloat16 for bfloat16 only: float16
   would flush small gradients); float32 inputs use TF32 by default, or IEEE float32

@@ -12,8 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (history_row, load_score_layer, load_vec, load_weights, mlp_tile,
-                     valid_positions)
+from .layers import (history_row, load_vec, load_weights, mlp_tile, tile_vec, tile_vectors,
+                     valid_positions, weight_offsets)
 
 
 @triton.jit(do_not_specialize=["B", "T", "N"])
@@ -45,14 +45,21 @@ def attention_fwd_kernel(
     w_g = w_ptr + g * W_ROW
     a_g = act_ptr + g * A_ROW
 
-    (wkd, wp, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3) = load_weights(
+    # The weight matrices stay on chip; the per-unit vectors are loaded per tile
+    # (layers.tile_vec).
+    (wkd, wp, w2t, _, w3t, _, _, _, _, _, _, _, _, _, _) = load_weights(
         w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS, LAYERS, ACT_LAYERS)
+    o_wp, o_w2, o_b2, o_w3, o_b3, o_wo, o_bo, w_row = weight_offsets(D, H1, H2, H3, LAYERS)
+    bo = tl.load(w_g + o_bo).to(tl.float32)
     if LAYERS == 1:
-        wo, bo = load_score_layer(w_g, D, H1, H2, H3, offs_h1, LAYERS)
+        HT = H1
+        offs_top = offs_h1
     elif LAYERS == 2:
-        wo, bo = load_score_layer(w_g, D, H1, H2, H3, offs_h2, LAYERS)
+        HT = H2
+        offs_top = offs_h2
     else:
-        wo, bo = load_score_layer(w_g, D, H1, H2, H3, offs_h3, LAYERS)
+        HT = H3
+        offs_top = offs_h3
     if LOWP:
         w2t = w2t.to(DT)
         w3t = w3t.to(DT)
@@ -62,7 +69,6 @@ def attention_fwd_kernel(
         kb = history_row(kidx_ptr, b, N, HAS_KIDX)
         k_base = k_ptr + (kb * E + e) * T * D
         q = load_vec(q_ptr + r * D, offs_d, D)
-        qt = load_vec(qt_ptr + r * H1, offs_h1, H1)
         mt = tl.trans(wkd + wp * q[None, :])  # M_r^T (BD, BH1), once per row
         if LOWP:
             mt = mt.to(DT)
@@ -76,7 +82,11 @@ def attention_fwd_kernel(
             # Padding is never read: a masked key loads as zeros.
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :],
                         mask=valid[:, None] & dm[None, :], other=0.0)
-            _, a1, _, a2, _, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
+            qt, b2, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3 = tile_vectors(
+                qt_ptr + r * H1, w_g + o_b2, w_g + o_b3, a_g, H1, H2, H3, offs_h1, offs_h2,
+                offs_h3, t0, T, LAYERS, ACT_LAYERS)
+            wo = tile_vec(w_g + o_wo, offs_top, HT, t0, T)
+            z1, a1, z2, a2, z3, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
                                            pa2, ps2, pb2, pa3, ps3, pb3, LAYERS, ACT, True,
                                            LOWP, DT, PREC)
             if LAYERS == 1:

@@ -74,6 +74,56 @@ def mm(a, b, LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def tile_vec(ptr, offs, n, t0, T):
+    """A loop-invariant (H,) vector loaded inside the tile loop of ``t0`` < T (the mask
+    names t0 so that the load stays in the loop): held across the loop, a vector
+    broadcast over an MMA tile costs H/4 registers per thread; reloaded it costs an L1
+    hit per tile."""
+    return tl.load(ptr + offs, mask=(offs < n) & (offs * 0 + t0 < T), other=0.0).to(tl.float32)
+
+
+@triton.jit
+def add_to_vec(ptr, offs, n, x):
+    """ptr[offs] += x (fp32, offs < n): a program's own partial of a per-unit gradient,
+    summed in place across its tiles instead of in registers (see ``tile_vec``). The
+    caller puts a barrier between one tile's update and the next."""
+    m = offs < n
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=m, other=0.0) + x, mask=m)
+
+
+@triton.jit
+def tile_act_params(ptr, offs, n, t0, T, LOAD: tl.constexpr):
+    """``act_params`` loaded per tile (see ``tile_vec``)."""
+    if LOAD:
+        pa = tile_vec(ptr, offs, n, t0, T)
+        ps = tile_vec(ptr + n, offs, n, t0, T)
+        pb = tile_vec(ptr + 2 * n, offs, n, t0, T)
+    else:
+        pa = tl.zeros(offs.shape, tl.float32)
+        ps = pa
+        pb = pa
+    return pa, ps, pb
+
+
+@triton.jit
+def tile_vectors(qt_ptr, b2_ptr, b3_ptr, a_g, H1, H2, H3, offs_h1, offs_h2, offs_h3, t0, T,
+                 LAYERS: tl.constexpr, ACT_LAYERS: tl.constexpr):
+    """A tile's per-unit inputs of the MLP (see ``tile_vec``): the row's q-term, the
+    biases c_2, c_3 and the activation parameters, zeros where absent."""
+    qt = tile_vec(qt_ptr, offs_h1, H1, t0, T)
+    b2 = tl.zeros(offs_h2.shape, tl.float32)
+    b3 = tl.zeros(offs_h3.shape, tl.float32)
+    if LAYERS >= 2:
+        b2 = tile_vec(b2_ptr, offs_h2, H2, t0, T)
+    if LAYERS >= 3:
+        b3 = tile_vec(b3_ptr, offs_h3, H3, t0, T)
+    pa1, ps1, pb1 = tile_act_params(a_g, offs_h1, H1, t0, T, ACT_LAYERS >= 1)
+    pa2, ps2, pb2 = tile_act_params(a_g + 3 * H1, offs_h2, H2, t0, T, ACT_LAYERS >= 2)
+    pa3, ps3, pb3 = tile_act_params(a_g + 3 * (H1 + H2), offs_h3, H3, t0, T, ACT_LAYERS >= 3)
+    return qt, b2, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3
+
+
+@triton.jit
 def act_params(ptr, offs, n, LOAD: tl.constexpr):
     """One layer's per-unit (slope or alpha, scale, shift) rows, zeros when unused."""
     if LOAD:

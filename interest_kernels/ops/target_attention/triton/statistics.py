@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import history_row, load_vec, load_weights, mlp_tile
+from .layers import history_row, load_vec, load_weights, mlp_tile, tile_vectors, weight_offsets
 
 
 @triton.jit(do_not_specialize=["B", "T", "N"])
@@ -40,9 +40,11 @@ def dice_stats_kernel(
     w_g = w_ptr + g * W_ROW
     a_g = act_ptr + g * A_ROW
 
-    (wkd, wp, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3) = load_weights(
+    # the weight matrices on chip, the per-unit vectors per tile (layers.tile_vec)
+    (wkd, wp, w2t, _, w3t, _, _, _, _, _, _, _, _, _, _) = load_weights(
         w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS, PACK_LAYERS,
         ACT_LAYERS)
+    o_wp, o_w2, o_b2, o_w3, o_b3, o_wo, o_bo, w_row = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
     if LOWP:
         w2t = w2t.to(DT)
         w3t = w3t.to(DT)
@@ -61,7 +63,6 @@ def dice_stats_kernel(
         kb = history_row(kidx_ptr, b, N, HAS_KIDX)
         k_base = k_ptr + (kb * E + e) * T * D
         q = load_vec(q_ptr + r * D, offs_d, D)
-        qt = load_vec(qt_ptr + r * H1, offs_h1, H1)
         mt = tl.trans(wkd + wp * q[None, :])
         if LOWP:
             mt = mt.to(DT)
@@ -70,7 +71,10 @@ def dice_stats_kernel(
             tm = offs_t < T
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :],
                         mask=tm[:, None] & dm[None, :], other=0.0)
-            z1, _, z2, _, z3, _ = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
+            qt, b2, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3 = tile_vectors(
+                qt_ptr + r * H1, w_g + o_b2, w_g + o_b3, a_g, H1, H2, H3, offs_h1, offs_h2,
+                offs_h3, t0, T, LAYERS, ACT_LAYERS)
+            z1, a1, z2, a2, z3, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
                                            pa2, ps2, pb2, pa3, ps3, pb3, LAYERS, ACT, False,
                                            LOWP, DT, PREC)
             if LAYERS == 1:
