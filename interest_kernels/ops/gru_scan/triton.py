@@ -152,6 +152,26 @@ def _load_bias(b_ptr, GATE: tl.constexpr, H, cols, HAS_B: tl.constexpr, HP: tl.c
 
 
 @triton.jit
+def _block_rows(order_ptr, slots, row_ok, VALID: tl.constexpr):
+    """The rows a program owns: under lengths, its slots of the rows sorted by decreasing
+    length (``order``), so that a block's rows end close together; else the slots."""
+    if VALID == 1:
+        return tl.load(order_ptr + slots, mask=row_ok, other=0)
+    else:
+        return slots
+
+
+@triton.jit
+def _block_steps(seq_len, T, VALID: tl.constexpr):
+    """Steps the block's longest row takes (T unless lengths are given): later steps
+    change no state and only write zeros."""
+    if VALID == 1:
+        return tl.max(seq_len, axis=0).to(tl.int32)
+    else:
+        return T
+
+
+@triton.jit
 def _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
     if VALID == 1:
         return row_ok & (t < seq_len)
@@ -163,7 +183,7 @@ def _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T"])
 def _gru_scan_fwd_kernel(
-    gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, h0_ptr, states_ptr, hlast_ptr,
+    gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, order_ptr, mask_ptr, h0_ptr, states_ptr, hlast_ptr,
     B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr,
@@ -172,9 +192,10 @@ def _gru_scan_fwd_kernel(
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    slots = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, HP)
-    row_ok = rows < B
+    row_ok = slots < B
+    rows = _block_rows(order_ptr, slots, row_ok, VALID)
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
@@ -197,7 +218,8 @@ def _gru_scan_fwd_kernel(
         w_z = None
         w_n = None
 
-    for t in range(T):
+    n_steps = _block_steps(seq_len, T, VALID)
+    for t in range(n_steps):
         step = rows64 * T + t
         g_offs = step[:, None] * (3 * H) + cols[None, :]
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
@@ -238,13 +260,18 @@ def _gru_scan_fwd_kernel(
                 mask=ok2,
             )
         h = tl.where(valid, h_new, h)
+    if WRITE_STATES:
+        for t in range(n_steps, T):
+            step = rows64 * T + t
+            tl.store(states_ptr + step[:, None] * H + cols[None, :],
+                     tl.zeros([BLOCK_B, HP], dtype=states_ptr.dtype.element_ty), mask=ok2)
 
     tl.store(hlast_ptr + h_offs, h.to(hlast_ptr.dtype.element_ty), mask=ok2)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _gru_scan_bwd_kernel(
-    gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, prev_ptr, h0_ptr, states_ptr,
+    gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, order_ptr, mask_ptr, prev_ptr, h0_ptr, states_ptr,
     dstates_ptr, dhlast_ptr,
     dgi_ptr, aux_ptr, hprev_ptr, datt_ptr, dh0_ptr,
     B, T, H, scr_ptr,
@@ -256,9 +283,10 @@ def _gru_scan_bwd_kernel(
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    slots = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, HP)
-    row_ok = rows < B
+    row_ok = slots < B
+    rows = _block_rows(order_ptr, slots, row_ok, VALID)
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
@@ -285,8 +313,23 @@ def _gru_scan_bwd_kernel(
         w_z = None
         w_n = None
 
-    for i in range(T):
-        t = T - 1 - i
+    n_steps = _block_steps(seq_len, T, VALID)
+    out_ty = dgi_ptr.dtype.element_ty
+    for t in range(n_steps, T):
+        step = rows64 * T + t
+        zeros = tl.zeros([BLOCK_B, HP], dtype=out_ty)
+        s_offs = step[:, None] * H + cols[None, :]
+        g_offs = step[:, None] * (3 * H) + cols[None, :]
+        tl.store(hprev_ptr + s_offs, zeros, mask=ok2)
+        tl.store(aux_ptr + s_offs, zeros, mask=ok2)
+        tl.store(dgi_ptr + g_offs, zeros, mask=ok2)
+        tl.store(dgi_ptr + g_offs + H, zeros, mask=ok2)
+        tl.store(dgi_ptr + g_offs + 2 * H, zeros, mask=ok2)
+        if MODE != _GRU:
+            tl.store(datt_ptr + step, tl.zeros([BLOCK_B], dtype=datt_ptr.dtype.element_ty),
+                     mask=row_ok)
+    for i in range(n_steps):
+        t = n_steps - 1 - i
         step = rows64 * T + t
         valid_row = _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID)
         valid = valid_row[:, None]
@@ -342,7 +385,6 @@ def _gru_scan_bwd_kernel(
         # h_t = n + keep * (h_{t-1} - n), differentiated. Each output is stored as soon
         # as it is known and each dot runs right after its operand: fewer (BLOCK_B, HP)
         # tensors live across the dots (the wide-H kernels are register bound).
-        out_ty = dgi_ptr.dtype.element_ty
         s_offs = step[:, None] * H + cols[None, :]
         tl.store(hprev_ptr + s_offs, tl.where(valid, h_prev, 0.0).to(out_ty), mask=ok2)
         dh_t = dh
@@ -403,7 +445,8 @@ _INTERPRETED_SMS = 132
 
 
 def _launch_config(
-    kind: str, batch: int, hidden: int, dtype: torch.dtype, device: torch.device
+    kind: str, batch: int, hidden: int, dtype: torch.dtype, device: torch.device,
+    variant: str = "paper",
 ) -> dict:
     """Block sizes, warps, weight placement and dot types of the ``kind`` ("fwd"/"bwd")
     scan kernel.
@@ -434,7 +477,8 @@ def _launch_config(
     block_b = min(32 if hp <= 32 else 16, max(16, want))
     half = dtype in (torch.float16, torch.bfloat16)
     fp32_bwd = kind == "bwd" and not half
-    resident = hp <= 32 or (half and (hp == 64 or (hp == 128 and kind == "fwd")))
+    resident = hp <= 32 or (half and hp <= 128) or (
+        dtype == torch.float32 and hp == 64 and variant == "paper")
     if not resident:
         num_warps = min(32, hp // 4) if hp >= 256 or fp32_bwd else 8
     elif kind == "fwd":
@@ -458,9 +502,19 @@ def _launch_config(
         F64=dtype == torch.float64,
         PREC=_precision(dtype, device),
         num_warps=num_warps,
-        # More stages would multi-buffer the per-use weight slabs of the T loop.
-        num_stages=3 if resident else 1,
+        num_stages=_stages(kind, hp, dtype, resident),
     )
+
+
+def _stages(kind: str, hp: int, dtype: torch.dtype, resident: bool) -> int:
+    """Pipeline stages of the T loop: one for the slab kernels (more would multi-buffer
+    the per-use weight slabs) and for resident tiles of 256-byte rows (float32 at
+    HP = 64, whose dots run on FMA units; the 16-bit backward at HP = 128, whose six
+    tiles take 196 KB and 3 stages 220 KB of shared memory)."""
+    if not resident:
+        return 1
+    wide_rows = hp * dtype.itemsize > 128
+    return 1 if wide_rows and (kind == "bwd" or dtype in (torch.float32, torch.float64)) else 3
 
 
 def _slabs(hp: int, hidden: int, resident: bool) -> dict:
@@ -535,6 +589,12 @@ def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _longest_first(lengths: Tensor) -> Tensor:
+    """(B,) int32: the rows by decreasing length, ties in row order (deterministic), so
+    that each program's block of rows stops at its first row's length."""
+    return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+
+
 def _valid_kind(lengths: Optional[Tensor], mask: Optional[Tensor]) -> int:
     if lengths is not None:
         return _BY_LENGTHS
@@ -575,13 +635,14 @@ def gru_scan_fwd(
         return states, h_last
     gi = gi.contiguous()
     dummy = gi
-    cfg = _launch_config("fwd", batch, hidden, gi.dtype, gi.device)
+    cfg = _launch_config("fwd", batch, hidden, gi.dtype, gi.device, variant)
     args = (
         gi,
         weight_hh.contiguous(),
         bias_hh.contiguous() if bias_hh is not None else dummy,
         att.contiguous() if att is not None else dummy,
         lengths.contiguous() if lengths is not None else dummy,
+        _longest_first(lengths) if lengths is not None else dummy,
         mask.contiguous().view(torch.uint8) if mask is not None else dummy,
         h0.contiguous() if h0 is not None else dummy,
         states if write_states else dummy,
@@ -660,13 +721,14 @@ def gru_scan_bwd(
         prev = prev.to(torch.int32).contiguous()
     gi = gi.contiguous()
     dummy = gi
-    cfg = _launch_config("bwd", batch, hidden, gi.dtype, gi.device)
+    cfg = _launch_config("bwd", batch, hidden, gi.dtype, gi.device, variant)
     args = (
         gi,
         weight_hh.contiguous(),
         bias_hh.contiguous() if bias_hh is not None else dummy,
         att.contiguous() if att is not None else dummy,
         lengths.contiguous() if lengths is not None else dummy,
+        _longest_first(lengths) if lengths is not None else dummy,
         mask.contiguous().view(torch.uint8) if mask is not None else dummy,
         prev if prev is not None else dummy,
         h0.contiguous() if h0 is not None else dummy,
