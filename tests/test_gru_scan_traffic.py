@@ -60,14 +60,21 @@ def test_resident_weights_are_read_once_per_program(H, dtype):
         assert "scr_ptr" not in rec.by_argument or rec.by_argument["scr_ptr"] == [0, 0]
 
 
-def test_blocks_of_sorted_rows_stop_at_their_longest_row():
-    """Rows go to programs longest first; a program walks only the steps of its longest
-    row and then writes the zeros of the remaining steps (states, gate gradients)."""
+@pytest.mark.parametrize("valid", ["lengths", "mask"])
+def test_blocks_of_sorted_rows_stop_at_their_longest_row(valid):
+    """Rows go to programs by decreasing end (last valid step + 1); a program walks only
+    the steps up to its rows' last valid one and then writes the zeros of the remaining
+    steps (states, gate gradients)."""
     B, T, H = 20, 6, 8
-    lengths = torch.tensor([1, 6, 0, 2, 3, 1, 1, 2, 5, 6, 4, 1, 0, 2, 2, 3, 1, 2, 1, 2])
-    records = _metered(_inputs(B, T, H, torch.float32, lengths))
-    by_length = lengths.sort(descending=True).values
-    blocks = [by_length[:16], by_length[16:]]  # BLOCK_B = 16
+    ends = torch.tensor([1, 6, 0, 2, 3, 1, 1, 2, 5, 6, 4, 1, 0, 2, 2, 3, 1, 2, 1, 2])
+    kw = _inputs(B, T, H, torch.float32, ends)
+    if valid == "mask":
+        mask = torch.arange(T) < ends[:, None]
+        mask[1, 2] = mask[9, 0] = mask[8, 3] = False  # holes before a row's end
+        kw = dict(kw, lengths=None, mask=mask)
+    records = _metered(kw)
+    by_end = ends.sort(descending=True).values
+    blocks = [by_end[:16], by_end[16:]]  # BLOCK_B = 16
     walked = sum(len(b) * int(b.max()) for b in blocks)
     assert walked < B * T
     gi_row_step = 3 * H * 4
@@ -78,13 +85,18 @@ def test_blocks_of_sorted_rows_stop_at_their_longest_row():
     assert bwd.by_argument["dgi_ptr"] == [0, B * T * gi_row_step]
 
 
-@pytest.mark.parametrize("mode", ["gru", "agru"])
-def test_rows_sorted_across_blocks_match_the_reference(mode):
-    """Three blocks of permuted rows, lengths 0 to T, every output and gradient."""
+@pytest.mark.parametrize("mode, valid", [("gru", "lengths"), ("agru", "mask")])
+def test_rows_sorted_across_blocks_match_the_reference(mode, valid):
+    """Three blocks of permuted rows, lengths 0 to T (or a mask with all-masked rows and
+    holes), every output and gradient."""
     B, T = 40, 4
     g = torch.Generator().manual_seed(1)
     kw = _inputs(B, T, 8, torch.float32, torch.randint(0, T + 1, (B,), generator=g), mode)
     kw = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
+    if valid == "mask":
+        mask = torch.rand(B, T, generator=g) > 0.4
+        mask[:3] = False
+        kw = dict(kw, lengths=None, mask=mask)
     if mode == "gru":
         kw.pop("att")
     grads = tuple(n for n in ("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "att", "h0")

@@ -24,16 +24,23 @@ inside registers only, 2-byte dtype: the forward reads gi (6·BTH bytes), writes
 states (2·BTH) and runs 3 dots of (BLOCK_B, HP) x (HP, HP) per step, 6·B·T·HP² FLOPs;
 the backward reads gi, the states and d(states) (10·BTH), writes d(gi), h_{t-1} and
 the n-block operand (10·BTH) and runs 6 dots per step (recompute and dh), 12·B·T·HP²
-FLOPs. W_hh stays in shared memory for the whole scan up to HP = 32 for float32,
-64 for 16-bit inputs (128 in their forward); wider kernels read it at each use in
-(16, HP) slabs from L1/L2 (a float32 HP = 128 backward would need 240 KB of an sm_90
-block's 227 KB, and resident float32 tiles at HP = 64 spill), skipping the slabs past
-H that hold only padding (H = 36: 3 of 4), and their dots re-read the left operand
-from a (BLOCK_B, HP) float32 scratch row block per program, written once per distinct
-operand (the "paper" forward: once per step for its three dots; the backward: four
-times for six; float32 at HP >= 128 writes it for every dot, which spills less), cached.
-Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU), backward the scan
-plus about 8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
+FLOPs. W_hh is read once per program and stays on chip for the whole scan up to
+HP = 64 for float32 (the "paper" variant; "tensorflow" up to 32: its two distinct dot
+operands spill 300-700 B at 64), 128 for 16-bit inputs (the backward's six tiles take
+196 KB of an sm_90 block's 227 KB); wider kernels (float32 at HP >= 128: the FMA dots
+hold both operands in registers, resident tiles spill 2-15 KB) read it at each use in
+(16, HP) slabs from L1/L2, skipping the slabs past H that hold only padding, and their
+dots re-read the left operand from a (BLOCK_B, HP) float32 scratch row block per
+program, written once per distinct operand (the "paper" forward: once per step for its
+three dots; the backward: four times for six; float32 at HP >= 128 writes it for every
+dot, which spills less), cached.
+With lengths or a mask, the rows are handed to programs by decreasing end (last valid
+step + 1; one argsort on the device), and a program walks only the steps up to its
+rows' last valid one, then writes the zero outputs of the remaining steps: short rows
+cost no dots and no gi reads past their block's longest row.
+Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU; with lengths or a
+mask also the argsort and the row ends), backward the scan (and its argsort) plus about
+8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
 """
 from __future__ import annotations
 
@@ -153,22 +160,22 @@ def _load_bias(b_ptr, GATE: tl.constexpr, H, cols, HAS_B: tl.constexpr, HP: tl.c
 
 @triton.jit
 def _block_rows(order_ptr, slots, row_ok, VALID: tl.constexpr):
-    """The rows a program owns: under lengths, its slots of the rows sorted by decreasing
-    length (``order``), so that a block's rows end close together; else the slots."""
-    if VALID == 1:
-        return tl.load(order_ptr + slots, mask=row_ok, other=0)
-    else:
+    """The rows a program owns: under lengths or a mask, its slots of the rows sorted by
+    decreasing end (``order``), so that a block's rows end close together; else the slots."""
+    if VALID == 0:
         return slots
+    else:
+        return tl.load(order_ptr + slots, mask=row_ok, other=0)
 
 
 @triton.jit
-def _block_steps(seq_len, T, VALID: tl.constexpr):
-    """Steps the block's longest row takes (T unless lengths are given): later steps
-    change no state and only write zeros."""
-    if VALID == 1:
-        return tl.max(seq_len, axis=0).to(tl.int32)
-    else:
+def _block_steps(ends, T, VALID: tl.constexpr):
+    """Steps up to the block's last valid one (T when all are valid); ``ends`` (BLOCK_B,)
+    is each row's last valid step + 1. Later steps change no state and only write zeros."""
+    if VALID == 0:
         return T
+    else:
+        return tl.max(ends, axis=0).to(tl.int32)
 
 
 @triton.jit
@@ -208,7 +215,8 @@ def _gru_scan_fwd_kernel(
     b_r = _load_bias(b_ptr, 0, H, cols, HAS_B, HP, F64)[None, :]
     b_z = _load_bias(b_ptr, 1, H, cols, HAS_B, HP, F64)[None, :]
     b_n = _load_bias(b_ptr, 2, H, cols, HAS_B, HP, F64)[None, :]
-    seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID == 1 else 0
+    # Under lengths, a row's end is its length; under a mask, the launcher's row ends.
+    seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID != 0 else 0
     if W_RESIDENT:
         w_r = _load_w(w_ptr, 0, H, cols, cols, True, DOT_IN_ACC, F64)
         w_z = _load_w(w_ptr, 1, H, cols, cols, True, DOT_IN_ACC, F64)
@@ -303,7 +311,8 @@ def _gru_scan_bwd_kernel(
     b_r = _load_bias(b_ptr, 0, H, cols, HAS_B, HP, F64)[None, :]
     b_z = _load_bias(b_ptr, 1, H, cols, HAS_B, HP, F64)[None, :]
     b_n = _load_bias(b_ptr, 2, H, cols, HAS_B, HP, F64)[None, :]
-    seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID == 1 else 0
+    # Under lengths, a row's end is its length; under a mask, the launcher's row ends.
+    seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID != 0 else 0
     if W_RESIDENT:
         w_r = _load_w(w_ptr, 0, H, cols, cols, True, DOT_IN_ACC, F64)
         w_z = _load_w(w_ptr, 1, H, cols, cols, True, DOT_IN_ACC, F64)
@@ -456,14 +465,16 @@ def _launch_config(
     HP <= 32 only: wider 32-row kernels spill 0.5-4 KB) only while there are still
     about as many programs as SMs: the scan is latency bound, so programs in flight
     beat bigger tiles. The rest follows sm_90 compiles (ptxas shared-memory, register
-    and spill reports): W_hh stays in shared memory, 3 (forward) or 6 (backward, both
-    layouts) (HP, HP) tiles, up to HP = 32 for float32, 64 for 16-bit inputs and for
-    the 16-bit forward at HP = 128. Wider kernels read W_hh per use in (16, HP) slabs
-    (from L1/L2; W_hh is at most 768 KB) with one pipeline stage: shared memory stays
-    under 20 KB, and the resident or whole-tile alternatives either do not fit
-    (float32: 240 KB at HP = 128) or spill more. Warps grow with the tile and for the
-    float32 backward: each thread holds a share of the dozen (BLOCK_B, HP) float32
-    tensors live in a step, and fewer warps spill them.
+    and spill reports, ``python -m interest_kernels.bench.sm90``): W_hh stays on chip,
+    3 (forward) or 6 (backward, both layouts) (HP, HP) tiles, up to HP = 64 for float32
+    (32 for the "tensorflow" variant and float64) and 128 for 16-bit inputs. Wider
+    kernels read W_hh per use in (16, HP) slabs (from L1/L2; W_hh is at most 768 KB)
+    with one pipeline stage: shared memory stays under 20 KB, and the resident or
+    whole-tile alternatives either do not fit (float32: 240 KB at HP = 128) or spill
+    more. Row blocks of 64 (M = 64, Hopper's wgmma) spill 3-3.6 KB per thread in the
+    backward, so the blocks stay at 16-32 rows (mma.sync). Warps grow with the tile and
+    for the float32 backward: each thread holds a share of the dozen (BLOCK_B, HP)
+    float32 tensors live in a step, and fewer warps spill them.
     ``_launch`` falls back to the slabs if resident tiles do not fit. CPU tensors (the
     interpreter) get the configuration of an H200 (132 SMs), so that what the tests
     run is what the GPU runs, except that bfloat16 dots run in float32 there.
@@ -589,10 +600,23 @@ def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
-def _longest_first(lengths: Tensor) -> Tensor:
-    """(B,) int32: the rows by decreasing length, ties in row order (deterministic), so
-    that each program's block of rows stops at its first row's length."""
-    return torch.argsort(lengths, descending=True, stable=True).to(torch.int32)
+def _row_ends(lengths: Optional[Tensor], mask: Optional[Tensor], steps: int) -> Optional[Tensor]:
+    """(B,) int64: each row's last valid step + 1 (its length; under a mask, 0 for an
+    all-masked row), or None when every step is valid."""
+    if lengths is not None:
+        return lengths.contiguous()
+    if mask is None:
+        return None
+    if steps == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
+    pos = torch.arange(1, steps + 1, device=mask.device, dtype=torch.int64)
+    return torch.where(mask, pos, 0).amax(dim=1)
+
+
+def _longest_first(ends: Tensor) -> Tensor:
+    """(B,) int32: the rows by decreasing end, ties in row order (deterministic), so
+    that each program's block of rows stops at its first row's end."""
+    return torch.argsort(ends, descending=True, stable=True).to(torch.int32)
 
 
 def _valid_kind(lengths: Optional[Tensor], mask: Optional[Tensor]) -> int:
@@ -635,14 +659,15 @@ def gru_scan_fwd(
         return states, h_last
     gi = gi.contiguous()
     dummy = gi
+    ends = _row_ends(lengths, mask, steps)
     cfg = _launch_config("fwd", batch, hidden, gi.dtype, gi.device, variant)
     args = (
         gi,
         weight_hh.contiguous(),
         bias_hh.contiguous() if bias_hh is not None else dummy,
         att.contiguous() if att is not None else dummy,
-        lengths.contiguous() if lengths is not None else dummy,
-        _longest_first(lengths) if lengths is not None else dummy,
+        ends if ends is not None else dummy,
+        _longest_first(ends) if ends is not None else dummy,
         mask.contiguous().view(torch.uint8) if mask is not None else dummy,
         h0.contiguous() if h0 is not None else dummy,
         states if write_states else dummy,
@@ -721,14 +746,15 @@ def gru_scan_bwd(
         prev = prev.to(torch.int32).contiguous()
     gi = gi.contiguous()
     dummy = gi
+    ends = _row_ends(lengths, mask, steps)
     cfg = _launch_config("bwd", batch, hidden, gi.dtype, gi.device, variant)
     args = (
         gi,
         weight_hh.contiguous(),
         bias_hh.contiguous() if bias_hh is not None else dummy,
         att.contiguous() if att is not None else dummy,
-        lengths.contiguous() if lengths is not None else dummy,
-        _longest_first(lengths) if lengths is not None else dummy,
+        ends if ends is not None else dummy,
+        _longest_first(ends) if ends is not None else dummy,
         mask.contiguous().view(torch.uint8) if mask is not None else dummy,
         prev if prev is not None else dummy,
         h0.contiguous() if h0 is not None else dummy,
