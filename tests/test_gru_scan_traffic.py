@@ -107,3 +107,20 @@ def test_rows_sorted_across_blocks_match_the_reference(mode, valid):
             return gru_scan(**args)
 
     check_against_reference(triton_scan, gru_scan_reference, kw, grad=grads)
+
+
+def test_slab_kernels_save_the_hidden_projections_for_the_backward():
+    """Where W_hh is read in slabs at every use (here float32 "tensorflow" at H 40), the
+    forward saves gh = W_hh h_{t-1} and the backward reads it instead of a second pass
+    over W_hh per step: both kernels read W_hh the same number of times."""
+    B, T, H = 20, 3, 40
+    kw = dict(_inputs(B, T, H, torch.float32, torch.full((B,), T)), variant="tensorflow")
+    assert not gru_triton._launch_config("bwd", B, H, torch.float32, torch.device("cpu"),
+                                         "tensorflow")["W_RESIDENT"]
+    records = _metered(kw)
+    fwd, bwd = records["fwd", "fwd"], records["bwd", "bwd"]
+    programs = 2
+    assert fwd.by_argument["w_ptr"] == [programs * T * 3 * H * H * 4, 0]
+    assert bwd.by_argument["w_ptr"] == fwd.by_argument["w_ptr"]
+    assert fwd.by_argument["gh_ptr"] == [0, B * T * 3 * H * 4]
+    assert bwd.by_argument["gh_ptr"] == [B * T * 3 * H * 4, 0]

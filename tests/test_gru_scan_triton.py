@@ -255,14 +255,17 @@ def test_custom_ops_opcheck(device):
     mask = torch.tensor([[True, False, True], [False, False, True]], device=device)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
     torch.library.opcheck(gru_triton.gru_scan_fwd,
-                          (gi, w, b, att, h0, None, mask, "augru", "paper", True), test_utils=tests)
+                          (gi, w, b, att, h0, None, mask, "augru", "paper", True, False), test_utils=tests)
+    torch.library.opcheck(gru_triton.gru_scan_fwd,
+                          (gi, w, b, att, h0, None, mask, "gru", "tensorflow", True, True), test_utils=tests)
     states = torch.randn(batch, seq_len, hidden, **f)
-    torch.library.opcheck(
-        gru_triton.gru_scan_bwd,
-        (gi.detach(), w.detach(), None, att.detach(), None, torch.tensor([3, 1], **f), None,
-         states, torch.randn_like(states), None, "agru", "tensorflow"),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    for gh in (None, torch.randn(batch, seq_len, 3 * hidden, **f)):
+        torch.library.opcheck(
+            gru_triton.gru_scan_bwd,
+            (gi.detach(), w.detach(), None, att.detach(), None, torch.tensor([3, 1], **f), None,
+             states, gh, torch.randn_like(states), None, "agru", "tensorflow"),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -191,9 +191,9 @@ def _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
 @triton.jit(do_not_specialize=["T"])
 def _gru_scan_fwd_kernel(
     gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, order_ptr, mask_ptr, h0_ptr, states_ptr, hlast_ptr,
-    B, T, H, scr_ptr,
+    gh_ptr, B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
-    HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr, SAVE_GH: tl.constexpr,
     BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
     KP: tl.constexpr, RESTAGE: tl.constexpr,
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
@@ -244,6 +244,9 @@ def _gru_scan_fwd_kernel(
             gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
                              RESTAGE, DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + r * (gh_n + b_n))
+        if SAVE_GH:
+            tl.store(gh_ptr + g_offs, gh_r, mask=ok2)
+            tl.store(gh_ptr + g_offs + 2 * H, gh_n, mask=ok2)
 
         if MODE == _AGRU:
             a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -252,6 +255,8 @@ def _gru_scan_fwd_kernel(
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
             gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
                              TF or RESTAGE, DOT_IN_ACC, F64, PREC)
+            if SAVE_GH:
+                tl.store(gh_ptr + g_offs + H, gh_z, mask=ok2)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -281,11 +286,11 @@ def _gru_scan_fwd_kernel(
 def _gru_scan_bwd_kernel(
     gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, order_ptr, mask_ptr, prev_ptr, h0_ptr, states_ptr,
     dstates_ptr, dhlast_ptr,
-    dgi_ptr, aux_ptr, hprev_ptr, datt_ptr, dh0_ptr,
+    gh_ptr, dgi_ptr, aux_ptr, hprev_ptr, datt_ptr, dh0_ptr,
     B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, HAS_DSTATES: tl.constexpr,
-    HAS_DHLAST: tl.constexpr,
+    HAS_DHLAST: tl.constexpr, SAVED_GH: tl.constexpr,
     BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
     KP: tl.constexpr, RESTAGE: tl.constexpr,
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
@@ -359,25 +364,38 @@ def _gru_scan_bwd_kernel(
         g_offs = step[:, None] * (3 * H) + cols[None, :]
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
-        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                         True, DOT_IN_ACC, F64, PREC)
+        # The forward's hidden projections when it saved them, else recomputed.
+        if SAVED_GH:
+            gh_r = tl.load(gh_ptr + g_offs, mask=ok2, other=0.0)
+        else:
+            gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             True, DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
             rh = r * h_prev
-            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             True, DOT_IN_ACC, F64, PREC) + b_n
+            if SAVED_GH:
+                gh_n = tl.load(gh_ptr + g_offs + 2 * H, mask=ok2, other=0.0) + b_n
+            else:
+                gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                                 True, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + gh_n)
         else:
-            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             RESTAGE, DOT_IN_ACC, F64, PREC) + b_n
+            if SAVED_GH:
+                gh_n = tl.load(gh_ptr + g_offs + 2 * H, mask=ok2, other=0.0) + b_n
+            else:
+                gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP,
+                                 scr, RESTAGE, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + r * gh_n)
         if MODE == _AGRU:
             a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             TF or RESTAGE, DOT_IN_ACC, F64, PREC)
+            if SAVED_GH:
+                gh_z = tl.load(gh_ptr + g_offs + H, mask=ok2, other=0.0)
+            else:
+                gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP,
+                                 scr, TF or RESTAGE, DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -488,8 +506,7 @@ def _launch_config(
     block_b = min(32 if hp <= 32 else 16, max(16, want))
     half = dtype in (torch.float16, torch.bfloat16)
     fp32_bwd = kind == "bwd" and not half
-    resident = hp <= 32 or (half and hp <= 128) or (
-        dtype == torch.float32 and hp == 64 and variant == "paper")
+    resident = _resident(hp, dtype, variant)
     if not resident:
         num_warps = min(32, hp // 4) if hp >= 256 or fp32_bwd else 8
     elif kind == "fwd":
@@ -517,6 +534,22 @@ def _launch_config(
         num_warps=num_warps,
         num_stages=_stages(kind, hp, dtype, resident),
     )
+
+
+def _resident(hp: int, dtype: torch.dtype, variant: str) -> bool:
+    """Whether W_hh stays on chip (see ``_launch_config``)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return hp <= 32 or (half and hp <= 128) or (
+        dtype == torch.float32 and hp == 64 and variant == "paper")
+
+
+def _saves_hidden_projections(hidden: int, dtype: torch.dtype, variant: str) -> bool:
+    """Whether the forward saves gh = W_hh h_{t-1} for the backward: where W_hh is read
+    in slabs at every use (float32/float64; 16-bit kernels would need 4-byte copies),
+    (B, T, 3H) more written and read once costs less than a second pass over W_hh per
+    step."""
+    hp = max(16, triton.next_power_of_2(hidden))
+    return dtype in (torch.float32, torch.float64) and not _resident(hp, dtype, variant)
 
 
 def _stages(kind: str, hp: int, dtype: torch.dtype, resident: bool) -> int:
@@ -644,21 +677,26 @@ def gru_scan_fwd(
     mode: str,
     variant: str,
     write_states: bool,
-) -> tuple[Tensor, Tensor]:
+    save_gh: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The recurrence over precomputed input projections.
 
     gi (B, T, 3H) the input projections ``W_ih x_t + b_ih``; weight_hh (3H, H); bias_hh
     (3H,) or None; att (B, T) for modes "agru"/"augru", else None; h0 (B, H) or None;
     lengths (B,) int64 or mask (B, T) bool or neither; mode "gru" | "agru" | "augru";
-    variant "paper" | "tensorflow". Returns ``(states, h_last)``: states (B, T, H) in
-    gi's dtype (an empty (0,) tensor when ``write_states`` is False), h_last (B, H).
+    variant "paper" | "tensorflow". Returns ``(states, h_last, gh)``: states (B, T, H) in
+    gi's dtype (an empty (0,) tensor when ``write_states`` is False), h_last (B, H), and
+    when ``save_gh`` the hidden projections without bias (B, T, 3H) in the accumulation
+    dtype at the steps the backward walks (else an empty (0,) tensor), which the backward
+    then reads instead of recomputing them.
     """
     batch, steps, _ = gi.shape
     hidden = weight_hh.shape[1]
     states = gi.new_empty((batch, steps, hidden) if write_states else (0,))
     h_last = gi.new_empty((batch, hidden))
+    gh = _gh_buffer(gi, save_gh)
     if batch == 0:
-        return states, h_last
+        return states, h_last, gh
     gi = gi.contiguous()
     dummy = gi
     ends = _row_ends(lengths, mask, steps)
@@ -674,6 +712,7 @@ def gru_scan_fwd(
         h0.contiguous() if h0 is not None else dummy,
         states if write_states else dummy,
         h_last,
+        gh if save_gh else dummy,
         batch,
         steps,
         hidden,
@@ -685,18 +724,25 @@ def gru_scan_fwd(
         HAS_B=bias_hh is not None,
         HAS_H0=h0 is not None,
         WRITE_STATES=write_states,
+        SAVE_GH=save_gh,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
     _launch(_gru_scan_fwd_kernel, grid, args, constexprs, cfg, gi.device, hidden)
-    return states, h_last
+    return states, h_last, gh
 
 
 @gru_scan_fwd.register_fake
-def _gru_scan_fwd_fake(gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, variant, write_states):
+def _gru_scan_fwd_fake(gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, variant, write_states,
+                       save_gh):
     batch, steps, _ = gi.shape
     hidden = weight_hh.shape[1]
     states = gi.new_empty((batch, steps, hidden) if write_states else (0,))
-    return states, gi.new_empty((batch, hidden))
+    return states, gi.new_empty((batch, hidden)), _gh_buffer(gi, save_gh)
+
+
+def _gh_buffer(gi: Tensor, save_gh: bool) -> Tensor:
+    dtype = torch.float64 if gi.dtype == torch.float64 else torch.float32
+    return gi.new_empty(gi.shape if save_gh else (0,), dtype=dtype)
 
 
 @torch.library.custom_op("interest_kernels::gru_scan_bwd", mutates_args=())
@@ -709,6 +755,7 @@ def gru_scan_bwd(
     lengths: Optional[Tensor],
     mask: Optional[Tensor],
     states: Tensor,
+    gh: Optional[Tensor],
     dstates: Optional[Tensor],
     dh_last: Optional[Tensor],
     mode: str,
@@ -716,7 +763,8 @@ def gru_scan_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reverse scan: the gradients of :func:`gru_scan_fwd` that need the recurrence.
 
-    Inputs as for the forward, plus its states (B, T, H) and the upstream gradients
+    Inputs as for the forward, plus its states (B, T, H), its saved hidden projections
+    gh (B, T, 3H) (None or empty: recomputed) and the upstream gradients
     d(states) (B, T, H) and d(h_last) (B, H) (None when unused). Returns, in gi's dtype
     unless noted:
 
@@ -748,6 +796,7 @@ def gru_scan_bwd(
         prev = prev.to(torch.int32).contiguous()
     gi = gi.contiguous()
     dummy = gi
+    saved_gh = gh is not None and gh.numel() > 0
     ends = _row_ends(lengths, mask, steps)
     cfg = _launch_config("bwd", batch, hidden, gi.dtype, gi.device, variant)
     args = (
@@ -763,6 +812,7 @@ def gru_scan_bwd(
         states.contiguous(),
         dstates.contiguous() if dstates is not None else dummy,
         dh_last.contiguous() if dh_last is not None else dummy,
+        gh.contiguous() if saved_gh else dummy,
         dgi,
         aux,
         hprev,
@@ -780,6 +830,7 @@ def gru_scan_bwd(
         HAS_H0=h0 is not None,
         HAS_DSTATES=dstates is not None,
         HAS_DHLAST=dh_last is not None,
+        SAVED_GH=saved_gh,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
     _launch(_gru_scan_bwd_kernel, grid, args, constexprs, cfg, gi.device, hidden)
@@ -788,7 +839,7 @@ def gru_scan_bwd(
 
 @gru_scan_bwd.register_fake
 def _gru_scan_bwd_fake(
-    gi, weight_hh, bias_hh, att, h0, lengths, mask, states, dstates, dh_last, mode, variant
+    gi, weight_hh, bias_hh, att, h0, lengths, mask, states, gh, dstates, dh_last, mode, variant
 ):
     batch, steps, _ = gi.shape
     hidden = weight_hh.shape[1]
@@ -804,9 +855,9 @@ def _gru_scan_bwd_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, variant, _ = inputs
-    states, _ = output
-    ctx.save_for_backward(gi, weight_hh, bias_hh, att, h0, lengths, mask, states)
+    gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, variant, _, _ = inputs
+    states, _, gh = output
+    ctx.save_for_backward(gi, weight_hh, bias_hh, att, h0, lengths, mask, states, gh)
     ctx.mode = mode
     ctx.variant = variant
     # An unused output (the states when only h_last is wanted) then arrives as None
@@ -814,11 +865,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dstates: Optional[Tensor], dh_last: Optional[Tensor]):
-    gi, weight_hh, bias_hh, att, h0, lengths, mask, states = ctx.saved_tensors
+def _backward(ctx, dstates: Optional[Tensor], dh_last: Optional[Tensor], _dgh: Optional[Tensor]):
+    gi, weight_hh, bias_hh, att, h0, lengths, mask, states, gh = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dgi, aux, hprev, datt, dh0 = gru_scan_bwd(
-        gi, weight_hh, bias_hh, att, h0, lengths, mask, states, dstates, dh_last,
+        gi, weight_hh, bias_hh, att, h0, lengths, mask, states, gh, dstates, dh_last,
         ctx.mode, ctx.variant,
     )
     hidden = weight_hh.shape[1]
@@ -840,6 +891,7 @@ def _backward(ctx, dstates: Optional[Tensor], dh_last: Optional[Tensor]):
         d_bias_hh,
         datt if att is not None and needs[3] else None,
         dh0 if h0 is not None and needs[4] else None,
+        None,
         None,
         None,
         None,
@@ -894,8 +946,9 @@ def gru_scan_triton(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (gi, weight_hh, bias_hh, scan_att, h0)
     )
-    states, h_last = gru_scan_fwd(
+    hidden = weight_hh.shape[1]
+    states, h_last, _ = gru_scan_fwd(
         gi, weight_hh, bias_hh, scan_att, h0, lengths, mask, mode, variant,
-        return_states or needs_grad,
+        return_states or needs_grad, needs_grad and _saves_hidden_projections(hidden, gi.dtype, variant),
     )
     return (states if return_states else None), h_last
