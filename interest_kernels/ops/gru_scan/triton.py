@@ -33,7 +33,9 @@ hold both operands in registers, resident tiles spill 2-15 KB) read it at each u
 dots re-read the left operand from a (BLOCK_B, HP) float32 scratch row block per
 program, written once per distinct operand (the "paper" forward: once per step for its
 three dots; the backward: four times for six; float32 at HP >= 128 writes it for every
-dot, which spills less), cached.
+dot, which spills less), cached. There (float32/float64), a forward that needs a
+backward also writes gh = W_hh h_{t-1} (B, T, 3H, no bias) and the backward reads it
+instead of recomputing it: half the backward's passes over W_hh and its dots.
 With lengths or a mask, the rows are handed to programs by decreasing end (last valid
 step + 1; one argsort on the device), and a program walks only the steps up to its
 rows' last valid one, then writes the zero outputs of the remaining steps: short rows
