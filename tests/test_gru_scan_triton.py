@@ -254,10 +254,10 @@ def test_custom_ops_opcheck(device):
     h0 = torch.randn(batch, hidden, **f, requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, True]], device=device)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(gru_triton.gru_scan_fwd,
-                          (gi, w, b, att, h0, None, mask, "augru", "paper", True, False), test_utils=tests)
-    torch.library.opcheck(gru_triton.gru_scan_fwd,
-                          (gi, w, b, att, h0, None, mask, "gru", "tensorflow", True, True), test_utils=tests)
+    for mode, variant, save_gh in (("augru", "paper", False), ("agru", "tensorflow", True)):
+        torch.library.opcheck(gru_triton.gru_scan_fwd,
+                              (gi, w, b, att, h0, None, mask, mode, variant, True, save_gh),
+                              test_utils=tests)
     states = torch.randn(batch, seq_len, hidden, **f)
     for gh in (None, torch.randn(batch, seq_len, 3 * hidden, **f)):
         torch.library.opcheck(

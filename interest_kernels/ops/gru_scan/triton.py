@@ -948,9 +948,9 @@ def gru_scan_triton(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (gi, weight_hh, bias_hh, scan_att, h0)
     )
-    hidden = weight_hh.shape[1]
+    save_gh = needs_grad and _saves_hidden_projections(weight_hh.shape[1], gi.dtype, variant)
     states, h_last, _ = gru_scan_fwd(
         gi, weight_hh, bias_hh, scan_att, h0, lengths, mask, mode, variant,
-        return_states or needs_grad, needs_grad and _saves_hidden_projections(hidden, gi.dtype, variant),
+        return_states or needs_grad, save_gh,
     )
     return (states if return_states else None), h_last
