@@ -254,15 +254,18 @@ def test_custom_ops_opcheck(device):
     h0 = torch.randn(batch, hidden, **f, requires_grad=True)
     mask = torch.tensor([[True, False, True], [False, False, True]], device=device)
     tests = ("test_schema", "test_faketensor", "test_autograd_registration")
-    torch.library.opcheck(gru_triton.gru_scan_fwd,
-                          (gi, w, b, att, h0, None, mask, "augru", "paper", True), test_utils=tests)
+    for mode, variant, save_gh in (("augru", "paper", False), ("agru", "tensorflow", True)):
+        torch.library.opcheck(gru_triton.gru_scan_fwd,
+                              (gi, w, b, att, h0, None, mask, mode, variant, True, save_gh),
+                              test_utils=tests)
     states = torch.randn(batch, seq_len, hidden, **f)
-    torch.library.opcheck(
-        gru_triton.gru_scan_bwd,
-        (gi.detach(), w.detach(), None, att.detach(), None, torch.tensor([3, 1], **f), None,
-         states, torch.randn_like(states), None, "agru", "tensorflow"),
-        test_utils=("test_schema", "test_faketensor"),
-    )
+    for gh in (None, torch.randn(batch, seq_len, 3 * hidden, **f)):
+        torch.library.opcheck(
+            gru_triton.gru_scan_bwd,
+            (gi.detach(), w.detach(), None, att.detach(), None, torch.tensor([3, 1], **f), None,
+             states, gh, torch.randn_like(states), None, "agru", "tensorflow"),
+            test_utils=("test_schema", "test_faketensor"),
+        )
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -113,13 +113,18 @@ def target_attention_case(B: int, T: int, D: int, units: tuple[int, ...], dtype:
     )
 
 
-def gru_scan_case(B: int, T: int, H: int, mode: str, dtype: torch.dtype) -> MeterCase:
-    """GRU-family scan over full lengths, input size H."""
+def gru_scan_case(B: int, T: int, H: int, mode: str, dtype: torch.dtype,
+                  lengths: str = "full") -> MeterCase:
+    """GRU-family scan, input size H, over full lengths or ("random") the benchmark
+    cases' lengths, uniform in 1..T."""
     make = cases._gru_make(B, T, H, mode)
     shape = {"B": B, "T": T, "H": H, "mode": mode}
+    full = lengths == "full"
     return MeterCase(
-        op="gru_scan", label=f"{mode}_B{B}_T{T}_H{H}", dtype=dtype, shape=shape,
-        make=lambda: _full_lengths(make(torch.device("cpu"), dtype), T),
+        op="gru_scan", label=f"{mode}_B{B}_T{T}_H{H}" + ("" if full else f"_{lengths}_lengths"),
+        dtype=dtype, shape=shape,
+        make=lambda: _full_lengths(make(torch.device("cpu"), dtype), T) if full
+        else make(torch.device("cpu"), dtype),
         call=cases._gru_call,
         grad_inputs=("x", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "att"),
         floors=cases.meter_floors("gru_scan", shape, dtype),
@@ -282,7 +287,8 @@ def build_cases(args: argparse.Namespace) -> list[MeterCase]:
         for H in args.hidden:
             for mode in args.modes:
                 for dtype in dtypes:
-                    out.append(gru_scan_case(B, T, H, mode, dtype))
+                    for lengths in args.gru_lengths:
+                        out.append(gru_scan_case(B, T, H, mode, dtype, lengths))
     if "dice" in args.ops:
         for N, C in args.dice:
             for dtype in dtypes:
@@ -309,6 +315,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         choices=["sigmoid", "relu", "prelu", "dice", "identity"])
     parser.add_argument("--gru", nargs=2, type=int, default=[256, 64], metavar=("B", "T"))
     parser.add_argument("--hidden", nargs="+", type=int, default=[36, 128], help="GRU hidden sizes")
+    parser.add_argument("--gru-lengths", nargs="+", default=["full"], choices=["full", "random"],
+                        help="GRU row lengths: all T, or uniform in 1..T")
     parser.add_argument("--modes", nargs="+", default=["augru", "gru"], choices=["gru", "aigru", "agru", "augru"])
     parser.add_argument("--dice", nargs="+", type=_pair, default=[(16384, 80), (16384, 40)], metavar="NxC")
     parser.add_argument("--l2-tbps", type=float, default=DEFAULT_L2_TBPS, help="assumed L2 bandwidth")

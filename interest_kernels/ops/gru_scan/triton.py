@@ -25,16 +25,25 @@ inside registers only, 2-byte dtype: the forward reads gi (6·BTH bytes), writes
 states (2·BTH) and runs 3 dots of (BLOCK_B, HP) x (HP, HP) per step, 6·B·T·HP² FLOPs;
 the backward reads gi, the states and d(states) (10·BTH), writes d(gi), h_{t-1} and
 the n-block operand (10·BTH) and runs 6 dots per step (recompute and dh), 12·B·T·HP²
-FLOPs. W_hh stays in shared memory for the whole scan up to HP = 32 for float32,
-64 for 16-bit inputs (128 in their forward); wider kernels read it at each use in
-(16, HP) slabs from L1/L2 (a float32 HP = 128 backward would need 240 KB of an sm_90
-block's 227 KB, and resident float32 tiles at HP = 64 spill), skipping the slabs past
-H that hold only padding (H = 36: 3 of 4), and their dots re-read the left operand
-from a (BLOCK_B, HP) float32 scratch row block per program, written once per distinct
-operand (the "paper" forward: once per step for its three dots; the backward: four
-times for six; float32 at HP >= 128 writes it for every dot, which spills less), cached.
-Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU), backward the scan
-plus about 8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
+FLOPs. W_hh is read once per program and stays on chip for the whole scan up to
+HP = 64 for float32 (the "paper" variant; "tensorflow" up to 32: its two distinct dot
+operands spill 300-700 B at 64), 128 for 16-bit inputs (the backward's six tiles take
+196 KB of an sm_90 block's 227 KB); wider kernels (float32 at HP >= 128: the FMA dots
+hold both operands in registers, resident tiles spill 2-15 KB) read it at each use in
+(16, HP) slabs from L1/L2, skipping the slabs past H that hold only padding, and their
+dots re-read the left operand from a (BLOCK_B, HP) float32 scratch row block per
+program, written once per distinct operand (the "paper" forward: once per step for its
+three dots; the backward: four times for six; float32 at HP >= 128 writes it for every
+dot, which spills less), cached. There (float32/float64), a forward that needs a
+backward also writes gh = W_hh h_{t-1} (B, T, 3H, no bias) and the backward reads it
+instead of recomputing it: half the backward's passes over W_hh and its dots.
+With lengths or a mask, the rows are handed to programs by decreasing end (last valid
+step + 1; one argsort on the device), and a program walks only the steps up to its
+rows' last valid one, then writes the zero outputs of the remaining steps: short rows
+cost no dots and no gi reads past their block's longest row.
+Launches: forward 2 (the projection GEMM, the scan; 3 for AIGRU; with lengths or a
+mask also the argsort and the row ends), backward the scan (and its argsort) plus about
+8 small torch ops (GEMMs, bias sums) and autograd's linear backward.
 """
 from __future__ import annotations
 
@@ -155,6 +164,26 @@ def _load_bias(b_ptr, GATE: tl.constexpr, H, cols, HAS_B: tl.constexpr, HP: tl.c
 
 
 @triton.jit
+def _block_rows(order_ptr, slots, row_ok, VALID: tl.constexpr):
+    """The rows a program owns: under lengths or a mask, its slots of the rows sorted by
+    decreasing end (``order``), so that a block's rows end close together; else the slots."""
+    if VALID == 0:
+        return slots
+    else:
+        return tl.load(order_ptr + slots, mask=row_ok, other=0)
+
+
+@triton.jit
+def _block_steps(ends, T, VALID: tl.constexpr):
+    """Steps up to the block's last valid one (T when all are valid); ``ends`` (BLOCK_B,)
+    is each row's last valid step + 1. Later steps change no state and only write zeros."""
+    if VALID == 0:
+        return T
+    else:
+        return tl.max(ends, axis=0).to(tl.int32)
+
+
+@triton.jit
 def _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
     if VALID == 1:
         return row_ok & (t < seq_len)
@@ -166,18 +195,19 @@ def _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID: tl.constexpr):
 
 @triton.jit(do_not_specialize=["T"])
 def _gru_scan_fwd_kernel(
-    gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, h0_ptr, states_ptr, hlast_ptr,
-    B, T, H, scr_ptr,
+    gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, order_ptr, mask_ptr, h0_ptr, states_ptr, hlast_ptr,
+    gh_ptr, B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
-    HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr,
+    HAS_B: tl.constexpr, HAS_H0: tl.constexpr, WRITE_STATES: tl.constexpr, SAVE_GH: tl.constexpr,
     BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
     KP: tl.constexpr, RESTAGE: tl.constexpr,
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    slots = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, HP)
-    row_ok = rows < B
+    row_ok = slots < B
+    rows = _block_rows(order_ptr, slots, row_ok, VALID)
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
@@ -190,7 +220,8 @@ def _gru_scan_fwd_kernel(
     b_r = _load_bias(b_ptr, 0, H, cols, HAS_B, HP, F64)[None, :]
     b_z = _load_bias(b_ptr, 1, H, cols, HAS_B, HP, F64)[None, :]
     b_n = _load_bias(b_ptr, 2, H, cols, HAS_B, HP, F64)[None, :]
-    seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID == 1 else 0
+    # Under lengths, a row's end is its length; under a mask, the launcher's row ends.
+    seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID != 0 else 0
     if W_RESIDENT:
         w_r = _load_w(w_ptr, 0, H, cols, cols, True, DOT_IN_ACC, F64)
         w_z = _load_w(w_ptr, 1, H, cols, cols, True, DOT_IN_ACC, F64)
@@ -200,7 +231,8 @@ def _gru_scan_fwd_kernel(
         w_z = None
         w_n = None
 
-    for t in range(T):
+    n_steps = _block_steps(seq_len, T, VALID)
+    for t in range(n_steps):
         step = rows64 * T + t
         g_offs = step[:, None] * (3 * H) + cols[None, :]
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
@@ -217,6 +249,9 @@ def _gru_scan_fwd_kernel(
             gh_n = _matmul_w(h, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
                              RESTAGE, DOT_IN_ACC, F64, PREC)
             n = _tanh(g_n + r * (gh_n + b_n))
+        if SAVE_GH:
+            tl.store(gh_ptr + g_offs, gh_r, mask=ok2)
+            tl.store(gh_ptr + g_offs + 2 * H, gh_n, mask=ok2)
 
         if MODE == _AGRU:
             a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -225,6 +260,8 @@ def _gru_scan_fwd_kernel(
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
             gh_z = _matmul_w(h, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
                              TF or RESTAGE, DOT_IN_ACC, F64, PREC)
+            if SAVE_GH:
+                tl.store(gh_ptr + g_offs + H, gh_z, mask=ok2)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -241,27 +278,33 @@ def _gru_scan_fwd_kernel(
                 mask=ok2,
             )
         h = tl.where(valid, h_new, h)
+    if WRITE_STATES:
+        for t in range(n_steps, T):
+            step = rows64 * T + t
+            tl.store(states_ptr + step[:, None] * H + cols[None, :],
+                     tl.zeros([BLOCK_B, HP], dtype=states_ptr.dtype.element_ty), mask=ok2)
 
     tl.store(hlast_ptr + h_offs, h.to(hlast_ptr.dtype.element_ty), mask=ok2)
 
 
 @triton.jit(do_not_specialize=["T"])
 def _gru_scan_bwd_kernel(
-    gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, mask_ptr, prev_ptr, h0_ptr, states_ptr,
+    gi_ptr, w_ptr, b_ptr, att_ptr, len_ptr, order_ptr, mask_ptr, prev_ptr, h0_ptr, states_ptr,
     dstates_ptr, dhlast_ptr,
-    dgi_ptr, aux_ptr, hprev_ptr, datt_ptr, dh0_ptr,
+    gh_ptr, dgi_ptr, aux_ptr, hprev_ptr, datt_ptr, dh0_ptr,
     B, T, H, scr_ptr,
     MODE: tl.constexpr, TF: tl.constexpr, VALID: tl.constexpr,
     HAS_B: tl.constexpr, HAS_H0: tl.constexpr, HAS_DSTATES: tl.constexpr,
-    HAS_DHLAST: tl.constexpr,
+    HAS_DHLAST: tl.constexpr, SAVED_GH: tl.constexpr,
     BLOCK_B: tl.constexpr, HP: tl.constexpr, W_RESIDENT: tl.constexpr, CHUNK: tl.constexpr,
     KP: tl.constexpr, RESTAGE: tl.constexpr,
     DOT_IN_ACC: tl.constexpr, F64: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    rows = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    slots = pid * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.arange(0, HP)
-    row_ok = rows < B
+    row_ok = slots < B
+    rows = _block_rows(order_ptr, slots, row_ok, VALID)
     ok2 = row_ok[:, None] & (cols < H)[None, :]
     rows64 = rows.to(tl.int64)
     h_offs = rows64[:, None] * H + cols[None, :]
@@ -278,7 +321,8 @@ def _gru_scan_bwd_kernel(
     b_r = _load_bias(b_ptr, 0, H, cols, HAS_B, HP, F64)[None, :]
     b_z = _load_bias(b_ptr, 1, H, cols, HAS_B, HP, F64)[None, :]
     b_n = _load_bias(b_ptr, 2, H, cols, HAS_B, HP, F64)[None, :]
-    seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID == 1 else 0
+    # Under lengths, a row's end is its length; under a mask, the launcher's row ends.
+    seq_len = tl.load(len_ptr + rows, mask=row_ok, other=0) if VALID != 0 else 0
     if W_RESIDENT:
         w_r = _load_w(w_ptr, 0, H, cols, cols, True, DOT_IN_ACC, F64)
         w_z = _load_w(w_ptr, 1, H, cols, cols, True, DOT_IN_ACC, F64)
@@ -288,8 +332,23 @@ def _gru_scan_bwd_kernel(
         w_z = None
         w_n = None
 
-    for i in range(T):
-        t = T - 1 - i
+    n_steps = _block_steps(seq_len, T, VALID)
+    out_ty = dgi_ptr.dtype.element_ty
+    for t in range(n_steps, T):
+        step = rows64 * T + t
+        zeros = tl.zeros([BLOCK_B, HP], dtype=out_ty)
+        s_offs = step[:, None] * H + cols[None, :]
+        g_offs = step[:, None] * (3 * H) + cols[None, :]
+        tl.store(hprev_ptr + s_offs, zeros, mask=ok2)
+        tl.store(aux_ptr + s_offs, zeros, mask=ok2)
+        tl.store(dgi_ptr + g_offs, zeros, mask=ok2)
+        tl.store(dgi_ptr + g_offs + H, zeros, mask=ok2)
+        tl.store(dgi_ptr + g_offs + 2 * H, zeros, mask=ok2)
+        if MODE != _GRU:
+            tl.store(datt_ptr + step, tl.zeros([BLOCK_B], dtype=datt_ptr.dtype.element_ty),
+                     mask=row_ok)
+    for i in range(n_steps):
+        t = n_steps - 1 - i
         step = rows64 * T + t
         valid_row = _valid_rows(mask_ptr, row_ok, step, t, seq_len, VALID)
         valid = valid_row[:, None]
@@ -310,25 +369,38 @@ def _gru_scan_bwd_kernel(
         g_offs = step[:, None] * (3 * H) + cols[None, :]
         g_r = _acc(tl.load(gi_ptr + g_offs, mask=ok2, other=0.0), F64)
         g_n = _acc(tl.load(gi_ptr + g_offs + 2 * H, mask=ok2, other=0.0), F64)
-        gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                         True, DOT_IN_ACC, F64, PREC)
+        # The forward's hidden projections when it saved them, else recomputed.
+        if SAVED_GH:
+            gh_r = tl.load(gh_ptr + g_offs, mask=ok2, other=0.0)
+        else:
+            gh_r = _matmul_w(h_prev, w_r, w_ptr, 0, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                             True, DOT_IN_ACC, F64, PREC)
         r = tl.sigmoid(g_r + gh_r + b_r)
         if TF:
             rh = r * h_prev
-            gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             True, DOT_IN_ACC, F64, PREC) + b_n
+            if SAVED_GH:
+                gh_n = tl.load(gh_ptr + g_offs + 2 * H, mask=ok2, other=0.0) + b_n
+            else:
+                gh_n = _matmul_w(rh, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
+                                 True, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + gh_n)
         else:
-            gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             RESTAGE, DOT_IN_ACC, F64, PREC) + b_n
+            if SAVED_GH:
+                gh_n = tl.load(gh_ptr + g_offs + 2 * H, mask=ok2, other=0.0) + b_n
+            else:
+                gh_n = _matmul_w(h_prev, w_n, w_ptr, 2, H, cols, True, W_RESIDENT, CHUNK, KP,
+                                 scr, RESTAGE, DOT_IN_ACC, F64, PREC) + b_n
             n = _tanh(g_n + r * gh_n)
         if MODE == _AGRU:
             a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
             keep = 1.0 - a
         else:
             g_z = _acc(tl.load(gi_ptr + g_offs + H, mask=ok2, other=0.0), F64)
-            gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP, scr,
-                             TF or RESTAGE, DOT_IN_ACC, F64, PREC)
+            if SAVED_GH:
+                gh_z = tl.load(gh_ptr + g_offs + H, mask=ok2, other=0.0)
+            else:
+                gh_z = _matmul_w(h_prev, w_z, w_ptr, 1, H, cols, True, W_RESIDENT, CHUNK, KP,
+                                 scr, TF or RESTAGE, DOT_IN_ACC, F64, PREC)
             z = tl.sigmoid(g_z + gh_z + b_z)
             if MODE == _AUGRU:
                 a = _acc(tl.load(att_ptr + step, mask=row_ok, other=0.0), F64)[:, None]
@@ -345,7 +417,6 @@ def _gru_scan_bwd_kernel(
         # h_t = n + keep * (h_{t-1} - n), differentiated. Each output is stored as soon
         # as it is known and each dot runs right after its operand: fewer (BLOCK_B, HP)
         # tensors live across the dots (the wide-H kernels are register bound).
-        out_ty = dgi_ptr.dtype.element_ty
         s_offs = step[:, None] * H + cols[None, :]
         tl.store(hprev_ptr + s_offs, tl.where(valid, h_prev, 0.0).to(out_ty), mask=ok2)
         dh_t = dh
@@ -406,7 +477,8 @@ _INTERPRETED_SMS = 132
 
 
 def _launch_config(
-    kind: str, batch: int, hidden: int, dtype: torch.dtype, device: torch.device
+    kind: str, batch: int, hidden: int, dtype: torch.dtype, device: torch.device,
+    variant: str = "paper",
 ) -> dict:
     """Block sizes, warps, weight placement and dot types of the ``kind`` ("fwd"/"bwd")
     scan kernel.
@@ -416,14 +488,16 @@ def _launch_config(
     HP <= 32 only: wider 32-row kernels spill 0.5-4 KB) only while there are still
     about as many programs as SMs: the scan is latency bound, so programs in flight
     beat bigger tiles. The rest follows sm_90 compiles (ptxas shared-memory, register
-    and spill reports): W_hh stays in shared memory, 3 (forward) or 6 (backward, both
-    layouts) (HP, HP) tiles, up to HP = 32 for float32, 64 for 16-bit inputs and for
-    the 16-bit forward at HP = 128. Wider kernels read W_hh per use in (16, HP) slabs
-    (from L1/L2; W_hh is at most 768 KB) with one pipeline stage: shared memory stays
-    under 20 KB, and the resident or whole-tile alternatives either do not fit
-    (float32: 240 KB at HP = 128) or spill more. Warps grow with the tile and for the
-    float32 backward: each thread holds a share of the dozen (BLOCK_B, HP) float32
-    tensors live in a step, and fewer warps spill them.
+    and spill reports, ``python -m interest_kernels.bench.sm90``): W_hh stays on chip,
+    3 (forward) or 6 (backward, both layouts) (HP, HP) tiles, up to HP = 64 for float32
+    (32 for the "tensorflow" variant and float64) and 128 for 16-bit inputs. Wider
+    kernels read W_hh per use in (16, HP) slabs (from L1/L2; W_hh is at most 768 KB)
+    with one pipeline stage: shared memory stays under 20 KB, and the resident or
+    whole-tile alternatives either do not fit (float32: 240 KB at HP = 128) or spill
+    more. Row blocks of 64 (M = 64, Hopper's wgmma) spill 3-3.6 KB per thread in the
+    backward, so the blocks stay at 16-32 rows (mma.sync). Warps grow with the tile and
+    for the float32 backward: each thread holds a share of the dozen (BLOCK_B, HP)
+    float32 tensors live in a step, and fewer warps spill them.
     ``_launch`` falls back to the slabs if resident tiles do not fit. CPU tensors (the
     interpreter) get the configuration of an H200 (132 SMs), so that what the tests
     run is what the GPU runs, except that bfloat16 dots run in float32 there.
@@ -437,7 +511,7 @@ def _launch_config(
     block_b = min(32 if hp <= 32 else 16, max(16, want))
     half = dtype in (torch.float16, torch.bfloat16)
     fp32_bwd = kind == "bwd" and not half
-    resident = hp <= 32 or (half and (hp == 64 or (hp == 128 and kind == "fwd")))
+    resident = _resident(hp, dtype, variant)
     if not resident:
         num_warps = min(32, hp // 4) if hp >= 256 or fp32_bwd else 8
     elif kind == "fwd":
@@ -447,7 +521,9 @@ def _launch_config(
     elif half:
         num_warps = 4 if hp <= 32 and block_b == 16 else 8
     else:
-        num_warps = 8 if hp * block_b <= 512 else 16
+        # The float32 backward at HP = 64 (six resident tiles on FMA dots) spills
+        # 490-590 B at 16 warps, 8-16 B at 32.
+        num_warps = 8 if hp * block_b <= 512 else (16 if hp <= 32 else 32)
     return dict(
         BLOCK_B=block_b,
         HP=hp,
@@ -461,9 +537,35 @@ def _launch_config(
         F64=dtype == torch.float64,
         PREC=_precision(dtype, device),
         num_warps=num_warps,
-        # More stages would multi-buffer the per-use weight slabs of the T loop.
-        num_stages=3 if resident else 1,
+        num_stages=_stages(kind, hp, dtype, resident),
     )
+
+
+def _resident(hp: int, dtype: torch.dtype, variant: str) -> bool:
+    """Whether W_hh stays on chip (see ``_launch_config``)."""
+    half = dtype in (torch.float16, torch.bfloat16)
+    return hp <= 32 or (half and hp <= 128) or (
+        dtype == torch.float32 and hp == 64 and variant == "paper")
+
+
+def _saves_hidden_projections(hidden: int, dtype: torch.dtype, variant: str) -> bool:
+    """Whether the forward saves gh = W_hh h_{t-1} for the backward: where W_hh is read
+    in slabs at every use (float32/float64; 16-bit kernels would need 4-byte copies),
+    (B, T, 3H) more written and read once costs less than a second pass over W_hh per
+    step."""
+    hp = max(16, triton.next_power_of_2(hidden))
+    return dtype in (torch.float32, torch.float64) and not _resident(hp, dtype, variant)
+
+
+def _stages(kind: str, hp: int, dtype: torch.dtype, resident: bool) -> int:
+    """Pipeline stages of the T loop: one for the slab kernels (more would multi-buffer
+    the per-use weight slabs) and for resident tiles of 256-byte rows (float32 at
+    HP = 64, whose dots run on FMA units; the 16-bit backward at HP = 128, whose six
+    tiles take 196 KB and 3 stages 220 KB of shared memory)."""
+    if not resident:
+        return 1
+    wide_rows = hp * dtype.itemsize > 128
+    return 1 if wide_rows and (kind == "bwd" or dtype in (torch.float32, torch.float64)) else 3
 
 
 def _slabs(hp: int, hidden: int, resident: bool) -> dict:
@@ -538,6 +640,25 @@ def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
     return contextlib.nullcontext()
 
 
+def _row_ends(lengths: Optional[Tensor], mask: Optional[Tensor], steps: int) -> Optional[Tensor]:
+    """(B,) int64: each row's last valid step + 1 (its length; under a mask, 0 for an
+    all-masked row), or None when every step is valid."""
+    if lengths is not None:
+        return lengths.contiguous()
+    if mask is None:
+        return None
+    if steps == 0:
+        return torch.zeros(mask.shape[0], dtype=torch.int64, device=mask.device)
+    pos = torch.arange(1, steps + 1, device=mask.device, dtype=torch.int64)
+    return torch.where(mask, pos, 0).amax(dim=1)
+
+
+def _longest_first(ends: Tensor) -> Tensor:
+    """(B,) int32: the rows by decreasing end, ties in row order (deterministic), so
+    that each program's block of rows stops at its first row's end."""
+    return torch.argsort(ends, descending=True, stable=True).to(torch.int32)
+
+
 def _valid_kind(lengths: Optional[Tensor], mask: Optional[Tensor]) -> int:
     if lengths is not None:
         return _BY_LENGTHS
@@ -570,34 +691,42 @@ def gru_scan_fwd(
     mode: str,
     variant: str,
     write_states: bool,
-) -> tuple[Tensor, Tensor]:
+    save_gh: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
     """The recurrence over precomputed input projections.
 
     gi (B, T, 3H) the input projections ``W_ih x_t + b_ih``; weight_hh (3H, H); bias_hh
     (3H,) or None; att (B, T) for modes "agru"/"augru", else None; h0 (B, H) or None;
     lengths (B,) int64 or mask (B, T) bool or neither; mode "gru" | "agru" | "augru";
-    variant "paper" | "tensorflow". Returns ``(states, h_last)``: states (B, T, H) in
-    gi's dtype (an empty (0,) tensor when ``write_states`` is False), h_last (B, H).
+    variant "paper" | "tensorflow". Returns ``(states, h_last, gh)``: states (B, T, H) in
+    gi's dtype (an empty (0,) tensor when ``write_states`` is False), h_last (B, H), and
+    when ``save_gh`` the hidden projections without bias (B, T, 3H) in the accumulation
+    dtype at the steps the backward walks (else an empty (0,) tensor), which the backward
+    then reads instead of recomputing them.
     """
     batch, steps, _ = gi.shape
     hidden = weight_hh.shape[1]
     states = gi.new_empty((batch, steps, hidden) if write_states else (0,))
     h_last = gi.new_empty((batch, hidden))
+    gh = _gh_buffer(gi, save_gh)
     if batch == 0:
-        return states, h_last
+        return states, h_last, gh
     gi = gi.contiguous()
     dummy = gi
-    cfg = _launch_config("fwd", _config_batch(batch), hidden, gi.dtype, gi.device)
+    ends = _row_ends(lengths, mask, steps)
+    cfg = _launch_config("fwd", _config_batch(batch), hidden, gi.dtype, gi.device, variant)
     args = (
         gi,
         weight_hh.contiguous(),
         bias_hh.contiguous() if bias_hh is not None else dummy,
         att.contiguous() if att is not None else dummy,
-        lengths.contiguous() if lengths is not None else dummy,
+        ends if ends is not None else dummy,
+        _longest_first(ends) if ends is not None else dummy,
         mask.contiguous().view(torch.uint8) if mask is not None else dummy,
         h0.contiguous() if h0 is not None else dummy,
         states if write_states else dummy,
         h_last,
+        gh if save_gh else dummy,
         batch,
         steps,
         hidden,
@@ -609,18 +738,25 @@ def gru_scan_fwd(
         HAS_B=bias_hh is not None,
         HAS_H0=h0 is not None,
         WRITE_STATES=write_states,
+        SAVE_GH=save_gh,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
     _launch(wrap_triton(_gru_scan_fwd_kernel), grid, args, constexprs, cfg, gi.device, hidden)
-    return states, h_last
+    return states, h_last, gh
 
 
 @gru_scan_fwd.register_fake
-def _gru_scan_fwd_fake(gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, variant, write_states):
+def _gru_scan_fwd_fake(gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, variant, write_states,
+                       save_gh):
     batch, steps, _ = gi.shape
     hidden = weight_hh.shape[1]
     states = gi.new_empty((batch, steps, hidden) if write_states else (0,))
-    return states, gi.new_empty((batch, hidden))
+    return states, gi.new_empty((batch, hidden)), _gh_buffer(gi, save_gh)
+
+
+def _gh_buffer(gi: Tensor, save_gh: bool) -> Tensor:
+    dtype = torch.float64 if gi.dtype == torch.float64 else torch.float32
+    return gi.new_empty(gi.shape if save_gh else (0,), dtype=dtype)
 
 
 @torch.library.triton_op("interest_kernels::gru_scan_bwd", mutates_args=())
@@ -633,6 +769,7 @@ def gru_scan_bwd(
     lengths: Optional[Tensor],
     mask: Optional[Tensor],
     states: Tensor,
+    gh: Optional[Tensor],
     dstates: Optional[Tensor],
     dh_last: Optional[Tensor],
     mode: str,
@@ -640,7 +777,8 @@ def gru_scan_bwd(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Reverse scan: the gradients of :func:`gru_scan_fwd` that need the recurrence.
 
-    Inputs as for the forward, plus its states (B, T, H) and the upstream gradients
+    Inputs as for the forward, plus its states (B, T, H), its saved hidden projections
+    gh (B, T, 3H) (None or empty: recomputed) and the upstream gradients
     d(states) (B, T, H) and d(h_last) (B, H) (None when unused). Returns, in gi's dtype
     unless noted:
 
@@ -672,19 +810,23 @@ def gru_scan_bwd(
         prev = prev.to(torch.int32).contiguous()
     gi = gi.contiguous()
     dummy = gi
-    cfg = _launch_config("bwd", _config_batch(batch), hidden, gi.dtype, gi.device)
+    saved_gh = gh is not None and gh.numel() > 0
+    ends = _row_ends(lengths, mask, steps)
+    cfg = _launch_config("bwd", _config_batch(batch), hidden, gi.dtype, gi.device, variant)
     args = (
         gi,
         weight_hh.contiguous(),
         bias_hh.contiguous() if bias_hh is not None else dummy,
         att.contiguous() if att is not None else dummy,
-        lengths.contiguous() if lengths is not None else dummy,
+        ends if ends is not None else dummy,
+        _longest_first(ends) if ends is not None else dummy,
         mask.contiguous().view(torch.uint8) if mask is not None else dummy,
         prev if prev is not None else dummy,
         h0.contiguous() if h0 is not None else dummy,
         states.contiguous(),
         dstates.contiguous() if dstates is not None else dummy,
         dh_last.contiguous() if dh_last is not None else dummy,
+        gh.contiguous() if saved_gh else dummy,
         dgi,
         aux,
         hprev,
@@ -702,6 +844,7 @@ def gru_scan_bwd(
         HAS_H0=h0 is not None,
         HAS_DSTATES=dstates is not None,
         HAS_DHLAST=dh_last is not None,
+        SAVED_GH=saved_gh,
     )
     grid = (triton.cdiv(batch, cfg["BLOCK_B"]),)
     _launch(wrap_triton(_gru_scan_bwd_kernel), grid, args, constexprs, cfg, gi.device, hidden)
@@ -710,7 +853,7 @@ def gru_scan_bwd(
 
 @gru_scan_bwd.register_fake
 def _gru_scan_bwd_fake(
-    gi, weight_hh, bias_hh, att, h0, lengths, mask, states, dstates, dh_last, mode, variant
+    gi, weight_hh, bias_hh, att, h0, lengths, mask, states, gh, dstates, dh_last, mode, variant
 ):
     batch, steps, _ = gi.shape
     hidden = weight_hh.shape[1]
@@ -726,9 +869,9 @@ def _gru_scan_bwd_fake(
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, variant, _ = inputs
-    states, _ = output
-    ctx.save_for_backward(gi, weight_hh, bias_hh, att, h0, lengths, mask, states)
+    gi, weight_hh, bias_hh, att, h0, lengths, mask, mode, variant, _, _ = inputs
+    states, _, gh = output
+    ctx.save_for_backward(gi, weight_hh, bias_hh, att, h0, lengths, mask, states, gh)
     ctx.mode = mode
     ctx.variant = variant
     # An unused output (the states when only h_last is wanted) then arrives as None
@@ -736,11 +879,11 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.set_materialize_grads(False)
 
 
-def _backward(ctx, dstates: Optional[Tensor], dh_last: Optional[Tensor]):
-    gi, weight_hh, bias_hh, att, h0, lengths, mask, states = ctx.saved_tensors
+def _backward(ctx, dstates: Optional[Tensor], dh_last: Optional[Tensor], _dgh: Optional[Tensor]):
+    gi, weight_hh, bias_hh, att, h0, lengths, mask, states, gh = ctx.saved_tensors
     needs = ctx.needs_input_grad
     dgi, aux, hprev, datt, dh0 = gru_scan_bwd(
-        gi, weight_hh, bias_hh, att, h0, lengths, mask, states, dstates, dh_last,
+        gi, weight_hh, bias_hh, att, h0, lengths, mask, states, gh, dstates, dh_last,
         ctx.mode, ctx.variant,
     )
     hidden = weight_hh.shape[1]
@@ -762,6 +905,7 @@ def _backward(ctx, dstates: Optional[Tensor], dh_last: Optional[Tensor]):
         d_bias_hh,
         datt if att is not None and needs[3] else None,
         dh0 if h0 is not None and needs[4] else None,
+        None,
         None,
         None,
         None,
@@ -819,8 +963,9 @@ def gru_scan_triton(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (gi, weight_hh, bias_hh, scan_att, h0)
     )
-    states, h_last = call(
+    save_gh = needs_grad and _saves_hidden_projections(weight_hh.shape[1], gi.dtype, variant)
+    states, h_last, _ = call(
         _FORWARD, gi, weight_hh, bias_hh, scan_att, h0, lengths, mask, mode, variant,
-        return_states or needs_grad,
+        return_states or needs_grad, save_gh,
     )
     return (states if return_states else None), h_last
