@@ -68,11 +68,15 @@ def test_opcheck_forward(cfg):
     torch.library.opcheck(OPS.target_attention_cpu, tuple(args.values()) + (activation, "softmax"))
 
 
-def test_opcheck_stats():
-    args, units = _op_args(activation="dice", heads=1)
-    stats_args = (args["query"], args["keys"], None, args["weights"], args["biases"],
-                  args["act_params"][:3])
-    torch.library.opcheck(OPS.target_attention_cpu_stats, stats_args)
+@pytest.mark.parametrize("cfg", [dict(), dict(activation="dice", rows=2, dice_eps=True),
+                                 dict(activation="dice", per_head=True, dice_eps=True)])
+def test_opcheck_train(cfg):
+    cfg = dict(cfg)
+    dice_eps = [1e-5, 1e-3] if cfg.pop("dice_eps", False) else None
+    args, _ = _op_args(**cfg)
+    activation = cfg.get("activation", "sigmoid")
+    torch.library.opcheck(OPS.target_attention_cpu_train,
+                          tuple(args.values()) + (activation, "softmax", dice_eps))
 
 
 @pytest.mark.parametrize("cfg", [
@@ -102,14 +106,29 @@ def test_gradcheck_through_the_op(cfg, normalization):
     assert torch.autograd.gradcheck(fn, tuple(flat), atol=1e-7, rtol=1e-5)
 
 
-def test_gradcheck_stats():
-    args, _ = _op_args(activation="dice", layers=2, rows=2)
-    tensors = (args["query"], args["keys"], *args["weights"], *args["biases"], *args["act_params"][:3])
+@pytest.mark.parametrize("cfg", [dict(activation="prelu", rows=2),
+                                 dict(activation="dice", rows=2, dice_eps=True),
+                                 dict(activation="dice", heads=2, per_head=True, layers=3, dice_eps=True)])
+def test_gradcheck_train(cfg):
+    """The training operator (pre-activations saved; Dice with batch statistics)."""
+    cfg = dict(cfg)
+    dice_eps = [1e-3] * cfg.get("layers", 2) if cfg.pop("dice_eps", False) else None
+    args, _ = _op_args(**cfg)
+    activation = cfg.get("activation", "sigmoid")
+    lists = {name: len(v) for name, v in args.items() if isinstance(v, list)}
+    fixed = {name: v for name, v in args.items() if not isinstance(v, list) and name in ("key_index", "lengths", "mask")}
+    names = [n for n in args if n not in fixed]
+    flat = [t for n in names for t in (args[n] if n in lists else [args[n]])]
 
-    def fn(q, k, w0, w1, c0, c1, a, s, t):
-        return OPS.target_attention_cpu_stats(q, k, args["key_index"], [w0, w1], [c0, c1], [a, s, t])
+    def fn(*tensors):
+        it = iter(tensors)
+        kw = {n: ([next(it) for _ in range(lists[n])] if n in lists else next(it)) for n in names}
+        kw.update(fixed)
+        ordered = [kw[n] for n in args]
+        out, scores, _, _ = OPS.target_attention_cpu_train(*ordered, activation, "softmax", dice_eps)
+        return out, scores
 
-    assert torch.autograd.gradcheck(fn, tensors, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, tuple(flat), atol=1e-7, rtol=1e-5)
 
 
 # --- awkward cases against the reference ----------------------------------------------------
