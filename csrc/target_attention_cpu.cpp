@@ -322,11 +322,28 @@ __attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, i
       _mm256_storeu_ps(C + i * ldc + j0, c0);
     }
   }
-  for (; j0 < N; ++j0) {
-    for (int64_t i = 0; i < M; ++i) {
-      float acc = accumulate ? C[i * ldc + j0] : 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += A[i * a_row + k * a_col] * B[k * ldb + j0];
-      C[i * ldc + j0] = acc;
+  if (j0 < N) {  // the last 1..7 columns through masked loads and stores
+    alignas(32) int32_t bits[8];
+    for (int v = 0; v < 8; ++v) bits[v] = j0 + v < N ? -1 : 0;
+    const __m256i msk = _mm256_load_si256(reinterpret_cast<const __m256i*>(bits));
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) {
+      __m256 c[4];
+      for (int r = 0; r < 4; ++r)
+        c[r] = accumulate ? _mm256_maskload_ps(C + (i + r) * ldc + j0, msk) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 b0 = _mm256_maskload_ps(B + k * ldb + j0, msk);
+        for (int r = 0; r < 4; ++r)
+          c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + (i + r) * a_row + k * a_col), b0, c[r]);
+      }
+      for (int r = 0; r < 4; ++r) _mm256_maskstore_ps(C + (i + r) * ldc + j0, msk, c[r]);
+    }
+    for (; i < M; ++i) {
+      __m256 c0 = accumulate ? _mm256_maskload_ps(C + i * ldc + j0, msk) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k)
+        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + i * a_row + k * a_col),
+                             _mm256_maskload_ps(B + k * ldb + j0, msk), c0);
+      _mm256_maskstore_ps(C + i * ldc + j0, msk, c0);
     }
   }
 }
@@ -760,11 +777,12 @@ void first_backward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t nt, cons
   tile_gemm<T>(nt, p.D, H1, dz, H1, ws.mt.data(), p.D, ws.dk.data(), p.D, false);
 }
 
-// Key gradient rows t0..t0+nt of an item: the MLP's (ws.dk) plus the pooling's a_t gout at
-// valid positions; padding gets only the MLP's (nonzero with all_positions only).
+// Key gradient rows t0..t0+nt of an item (each row written once): the MLP's (ws.dk) plus
+// the pooling's a_t gout at valid positions; padding gets only the MLP's with
+// all_positions, else zero.
 template <typename T>
-void add_key_gradients(const Problem<T>& p, const Workspace<T>& ws, int64_t row, int64_t t0,
-                       int64_t nt, const T* scores, const T* gout, T* gk) {
+void write_key_gradients(const Problem<T>& p, const Workspace<T>& ws, int64_t row, int64_t t0,
+                         int64_t nt, const T* scores, const T* gout, T* gk) {
   const int64_t D = p.D;
   for (int64_t i = 0; i < nt; ++i) {
     const int64_t t = t0 + i;
@@ -772,9 +790,11 @@ void add_key_gradients(const Problem<T>& p, const Workspace<T>& ws, int64_t row,
     const T* src = ws.dk.data() + i * D;
     if (p.valid(row, t)) {
       const T a = scores[t];
-      for (int64_t d = 0; d < D; ++d) dst[d] += src[d] + a * gout[d];
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] + a * gout[d];
     } else if (p.all_positions) {
-      for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
+      std::copy(src, src + D, dst);
+    } else {
+      std::fill(dst, dst + D, T(0));
     }
   }
 }
@@ -851,8 +871,9 @@ void backward_item(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, const Sa
     for (int l = top; l > 0; --l)
       hidden_backward_tile(p, ws, gr, l, g, nt, dz, z[l - 1], ws.h[l - 1].data(), dz);
     first_backward_tile(p, ws, nt, dz);
-    add_key_gradients(p, ws, row, t0, nt, scores, gout, gk);
+    write_key_gradients(p, ws, row, t0, nt, scores, gout, gk);
   }
+  std::fill(gk + n * p.D, gk + p.T_ * p.D, T(0));
   first_layer_backward(p, ws, gr, p.query_of(b, e), gq, g);
 }
 
@@ -872,7 +893,8 @@ struct BackwardState {
     gq = at::zeros({p.B, p.Eq, p.D}, opts);
     // With a shared history, several queries read one key row: each query gets its own
     // gradient rows, added into the history afterwards.
-    gk_items = at::zeros({p.B, p.E, p.T_, p.D}, opts);
+    // Every row is written by the item's backward.
+    gk_items = at::empty({p.B, p.E, p.T_, p.D}, opts);
     blocks = num_blocks(p.B);
     grads.reserve(blocks);
     for (int64_t c = 0; c < blocks; ++c) grads.emplace_back(p, opts);
@@ -1177,7 +1199,7 @@ BackwardResult dice_stats_backward(Problem<T>& p, const SavedZ<T>& saved, const 
         T* dz = dz_tile(0, item, t0);
         complete_dz(0, g, nt, saved.tile(0, p, item, t0), dz);
         first_backward_tile(p, ws, nt, dz);
-        add_key_gradients(p, ws, row, t0, nt, scores + item * p.T_, gout + item * p.D,
+        write_key_gradients(p, ws, row, t0, nt, scores + item * p.T_, gout + item * p.D,
                           st.gk_of(p, item));
       }
       first_layer_backward(p, ws, st.grads[c], p.query_of(b, e), st.gq_of(p, b, e), g);

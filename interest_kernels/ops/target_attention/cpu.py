@@ -94,12 +94,15 @@ def _register() -> None:
         ctx.save_for_backward(output[1], query, keys, key_index, lengths, mask, out_weight,
                               out_bias, *weights, *biases, *act_params)
         ctx.activation, ctx.normalization = activation, normalization
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None
 
     def _fwd_backward(ctx, grad_out, grad_scores):
         (scores, query, keys, key_index, lengths, mask, out_weight, out_bias,
          *rest) = ctx.saved_tensors
         nw, nb, na = ctx.num
         weights, biases, act_params = rest[:nw], rest[nw:nw + nb], rest[nw + nb:]
+        if grad_out is None:
+            grad_out = torch.zeros_like(query.expand(-1, keys.shape[1], -1))
         gq, gk, gw, gb, gwo, gbo, ga = torch.ops.interest_kernels.target_attention_cpu_backward(
             grad_out, grad_scores, scores, query, keys, key_index, lengths, mask, weights,
             biases, out_weight, out_bias, act_params, ctx.activation, ctx.normalization)
@@ -113,6 +116,8 @@ def _register() -> None:
          act_params, activation, normalization, dice_eps) = inputs
         _, scores, pre, stats = output
         ctx.mark_non_differentiable(*pre, *stats)
+        # Unused outputs' gradients stay None: no zeros of the pre-activations' size.
+        ctx.set_materialize_grads(False)
         ctx.num = (len(weights), len(biases), len(act_params), len(pre), len(stats))
         ctx.save_for_backward(scores, query, keys, key_index, lengths, mask, out_weight,
                               out_bias, *weights, *biases, *act_params, *pre, *stats)
@@ -127,6 +132,8 @@ def _register() -> None:
             parts.append(rest[at:at + n])
             at += n
         weights, biases, act_params, pre, stats = parts
+        if grad_out is None:
+            grad_out = torch.zeros_like(query.expand(-1, keys.shape[1], -1))
         gq, gk, gw, gb, gwo, gbo, ga = torch.ops.interest_kernels.target_attention_cpu_train_backward(
             grad_out, grad_scores, scores, pre, stats, query, keys, key_index, lengths, mask,
             weights, biases, out_weight, out_bias, act_params, ctx.activation, ctx.normalization,
