@@ -7,7 +7,7 @@ Cases (float32, every history full length):
   statistics), forward (no grad) and forward + backward (every parameter and input);
 * ``dien-attention``: the attention inside DIEN's ``InterestEvolving`` (B 512, T 100,
   D 36, units (64, 16), sigmoid, raw scores, the scores returned and differentiated,
-  lengths uniform in 1..T), forward and forward + backward;
+  lengths spread evenly over 1..T; its floor counts the valid positions), forward and forward + backward;
 * ``serving``: 1 user x 1,000 candidates, T 100, D 36, sigmoid, no grad. DeepCTR-Torch
   scores the history expanded to (1000, 100, 36); ours reads the one history row through
   ``key_index`` (and, for reference, the expanded history too).
@@ -125,13 +125,18 @@ def recomputing(run: Callable[[], Any]) -> Callable[[], Any]:
     return wrapped
 
 
+def dien_lengths(batch: int, seq_len: int) -> torch.Tensor:
+    """History lengths of the DIEN case: spread evenly over 1..T."""
+    return 1 + (torch.arange(batch) * 37) % seq_len
+
+
 def dien_runners(batch: int, seq_len: int) -> dict[str, dict[str, Callable[[], Any]]]:
     """The attention of DIEN's InterestEvolving: only the scores are used."""
     peer, ours = build("sigmoid", training=True, units=DIEN_UNITS, return_score=True)
     ours.return_scores = True
     q = torch.randn(batch, 1, D)
     k = torch.randn(batch, seq_len, D)
-    lengths = torch.randint(1, seq_len + 1, (batch, 1))
+    lengths = dien_lengths(batch, seq_len).reshape(batch, 1)
     w = torch.randn(batch, seq_len)  # a fixed linear read-out of the scores
     params_peer, params_ours = list(peer.parameters()), list(ours.parameters())
 
@@ -208,18 +213,20 @@ def main() -> None:
     args = ap.parse_args()
 
     rows: list[dict] = []
+    load_start = os.getloadavg()
     for threads in args.threads:
         torch.set_num_threads(threads)
         rate = gemm_rate(10)
         cases = [(f"din-{a}", args.batch, din_runners(a, args.batch, args.seq_len))
                  for a in ("sigmoid", "dice")]
-        cases = [(c, b, r, UNITS) for c, b, r in cases]
-        cases.append(("dien-attention", args.batch // 2, dien_runners(args.batch // 2, args.seq_len),
-                      DIEN_UNITS))
-        cases.append(("serving", args.candidates, serving_runners(args.candidates, args.seq_len), UNITS))
+        cases = [(c, b, r, UNITS, b * args.seq_len) for c, b, r in cases]
+        dien_batch = args.batch // 2
+        cases.append(("dien-attention", dien_batch, dien_runners(dien_batch, args.seq_len), DIEN_UNITS,
+                      int(dien_lengths(dien_batch, args.seq_len).sum())))
+        cases.append(("serving", args.candidates, serving_runners(args.candidates, args.seq_len), UNITS,
+                      args.candidates * args.seq_len))
         with use_backend("cpu"):
-            for case, batch, modes, units in cases:
-                positions = batch * args.seq_len
+            for case, batch, modes, units, positions in cases:
                 for mode, runners in modes.items():
                     times = interleaved(runners, args.rounds)
                     base = statistics.median(times["deepctr"])
@@ -236,8 +243,9 @@ def main() -> None:
                         print(f"{threads}t {case:12s} {mode:8s} {impl:18s} p50 {p50:8.2f} ms  "
                               f"x{base / p50:5.2f} vs deepctr  floor {floor_ms:6.2f} ms "
                               f"({floor_ms / p50:5.1%})", flush=True)
+    load = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]}
     result = {"command": " ".join(["python"] + sys.argv), "env": environment(torch.device("cpu")),
-              "rounds": args.rounds, "rows": rows}
+              "rounds": args.rounds, "load_average_1_5_15min": load, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -245,7 +253,8 @@ def main() -> None:
     with open(md, "w") as f:
         f.write(f"# CPU target attention vs DeepCTR-Torch\n\n`{result['command']}`  \n"
                 f"{result['env']}, {args.rounds} interleaved rounds, medians; float32, histories full "
-                "length. Floor: FLOPs of the identity form (fwd+bwd: 3x fwd) at the GEMM rate "
+                f"length (dien-attention: lengths spread over 1..T). Load average (1, 5, 15 min) at start {load['start']}, at end {load['end']} "
+                f"({os.cpu_count()} cores). Floor: FLOPs of the identity form (fwd+bwd: 3x fwd) at the GEMM rate "
                 "measured in the same run.\n\n"
                 "| threads | case | mode | impl | p50 ms | p20-p80 ms | vs DeepCTR | floor ms | of floor |\n"
                 "|---|---|---|---|---|---|---|---|---|\n")

@@ -734,9 +734,12 @@ void top_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
   const T* wo = p.wo + g * HL;
   T* gwo = gr.wo.template data_ptr<T>() + g * HL;
   T* gco = gr.co.template data_ptr<T>() + g;
+  // A softmax is invariant to the score bias: its gradient is exactly zero there (the sum
+  // of the ds would be rounding noise, which Adam would turn into full-size steps).
+  const bool bias_counts = !p.softmax;
   for (int64_t i = 0; i < nt; ++i) {
     const T d = ds[i];
-    *gco += d;
+    if (bias_counts) *gco += d;
     for (int64_t j = 0; j < HL; ++j) {
       dh[i * HL + j] = d * wo[j];
       gwo[j] += d * h[i * HL + j];
