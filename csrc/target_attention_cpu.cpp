@@ -972,25 +972,27 @@ struct Moments {
   }
 };
 
-// Merges the moments of the nt x H rows z (nt <= kTileRows: the tile's own mean and M2
-// in the input precision, merged in double) into channels offset..offset+H; scratch 2H.
+// Merges the moments of the nt x H rows z (nt <= kTileRows) into channels
+// offset..offset+H; scratch 2H. One pass: sums of the deviations from the tile's first
+// row (a sample, so no cancellation to speak of) in the input precision, merged in double.
 template <typename T>
 __attribute__((always_inline)) inline void accumulate_moments_impl(
     Moments& mom, int64_t offset, const T* __restrict__ z, int64_t nt, int64_t H,
     T* __restrict__ scratch) {
-  T* __restrict__ mean = scratch;
-  T* __restrict__ m2 = scratch + H;
-  std::fill(mean, mean + 2 * H, T(0));
-  for (int64_t i = 0; i < nt; ++i)
-    for (int64_t j = 0; j < H; ++j) mean[j] += z[i * H + j];
-  const T inv = T(1) / static_cast<T>(nt);
-  for (int64_t j = 0; j < H; ++j) mean[j] *= inv;
-  for (int64_t i = 0; i < nt; ++i)
+  T* __restrict__ s1 = scratch;
+  T* __restrict__ s2 = scratch + H;
+  std::fill(s1, s1 + 2 * H, T(0));
+  for (int64_t i = 1; i < nt; ++i)
     for (int64_t j = 0; j < H; ++j) {
-      const T d = z[i * H + j] - mean[j];
-      m2[j] += d * d;
+      const T d = z[i * H + j] - z[j];
+      s1[j] += d;
+      s2[j] += d * d;
     }
-  for (int64_t j = 0; j < H; ++j) mom.merge(offset + j, static_cast<double>(nt), mean[j], m2[j]);
+  const double n = static_cast<double>(nt);
+  for (int64_t j = 0; j < H; ++j) {
+    const double a = s1[j], b = s2[j];
+    mom.merge(offset + j, n, static_cast<double>(z[j]) + a / n, std::max(b - a * a / n, 0.0));
+  }
 }
 IK_CLONES void accumulate_moments(Moments& mom, int64_t offset, const float* z, int64_t nt,
                                   int64_t H, float* scratch) {

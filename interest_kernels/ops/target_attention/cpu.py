@@ -31,6 +31,9 @@ from ..dice.reference import DiceParams, update_running_stats
 
 _NS = "interest_kernels"
 
+# Whether a forward that needs gradients keeps the pre-activations (B, E, T, sum H_l) for
+# its backward (measured faster: bench/results/cpu_attention.md) or lets the backward
+# recompute them (less memory). Dice with batch statistics always keeps them.
 SAVE_PRE_ACTIVATIONS = True
 
 
@@ -230,8 +233,10 @@ def target_attention_cpu(
             act_params += _dice_running_params(p, groups, h, dt, positions)
 
     args = (q, k, key_index, lengths, mask, ws, cs, w_o, c_o, act_params, activation, normalization)
-    needs_grad = torch.is_grad_enabled() and any(
-        t.requires_grad for t in (q, k, *ws, *cs, w_o, c_o, *act_params))
+    # A jit trace must not depend on the grad mode (its check re-traces under no_grad): it
+    # records the recomputing operator.
+    needs_grad = (torch.is_grad_enabled() and not torch.jit.is_tracing() and any(
+        t.requires_grad for t in (q, k, *ws, *cs, w_o, c_o, *act_params)))
     if batch_stats:
         out, scores, _, stats = torch.ops.interest_kernels.target_attention_cpu_train(
             *args, [p.eps for p in dice_params])
