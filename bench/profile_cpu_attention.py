@@ -70,7 +70,6 @@ def main() -> None:
         "+ dice, given statistics": (args_for((80, 40), "dice"), "dice"),
     }
     runs = {}
-    fwd_saved = {}
     for name, (args, act) in cases.items():
         runs[f"fwd recompute | {name}"] = lambda args=args, act=act: ops.target_attention_cpu(*args, act, "softmax")
         out, s = ops.target_attention_cpu(*args, act, "softmax")

@@ -480,7 +480,7 @@ struct Workspace {
   std::vector<T> kbuf, m, mt, qterm, s, ds, dm, dqterm, dk;
   std::vector<T> z[kMaxLayers], h[kMaxLayers];
   std::vector<T> gz, gh;
-  std::vector<T> colsum;
+  std::vector<T> moment_sums;
   Workspace(const Problem<T>& p, bool backward) {
     const int64_t tile = std::min(kTileRows, std::max<int64_t>(p.T_, 1));
     kbuf.resize(tile * p.D);
@@ -488,7 +488,7 @@ struct Workspace {
     qterm.resize(p.H[0]);
     s.resize(std::max<int64_t>(p.T_, 1));
     ds.resize(std::max<int64_t>(p.T_, 1));
-    colsum.resize(2 * p.max_h());
+    moment_sums.resize(2 * p.max_h());
     for (int l = 0; l < p.L; ++l) {
       z[l].resize(tile * p.H[l]);
       h[l].resize(tile * p.H[l]);
@@ -1083,7 +1083,7 @@ void train_forward(Problem<T>& p, const SavedZ<T>& saved, DiceStats<T>* stats, T
             }
             T* z = saved.tile(l, p, item, t0);
             layer_forward(p, ws, l, g, nt, h_prev, z);
-            accumulate_moments(moms[c], g * Hl, z, nt, Hl, ws.colsum.data());
+            accumulate_moments(moms[c], g * Hl, z, nt, Hl, ws.moment_sums.data());
           }
         });
       });
