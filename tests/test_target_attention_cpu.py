@@ -9,6 +9,7 @@ import torch
 
 from interest_kernels import use_backend
 from interest_kernels.ops.target_attention import target_attention, target_attention_reference
+from interest_kernels.ops.target_attention import cpu as ta_cpu
 from interest_kernels.ops.target_attention.cpu import unavailable_reason
 from interest_kernels.testing import check_against_reference
 
@@ -193,9 +194,12 @@ def test_non_contiguous_inputs(valid, rows):
 @pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
 @pytest.mark.parametrize("valid", ["lengths", "mask"])
 @pytest.mark.parametrize("rows", [None, 3])
-def test_padding_never_read(activation, valid, rows):
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
+def test_padding_never_read(activation, valid, rows, saved, monkeypatch):
     """NaN and Inf in padded keys and padded upstream score gradients reach no output and
-    no gradient; padded key positions get a zero gradient."""
+    no gradient; padded key positions get a zero gradient (backward reading the saved
+    pre-activations, or recomputing them)."""
+    monkeypatch.setattr(ta_cpu, "SAVE_PRE_ACTIVATIONS", saved)
     inp = cases.make_case(activation=activation, valid=valid, rows=rows, batch=5, seq_len=6)
     n_rows = rows or 5
     if valid == "lengths":
