@@ -5,9 +5,16 @@ Cases (float32, every history full length):
 
 * ``din``: B 1024, T 100, D 36, units (80, 40), sigmoid and Dice (training mode, batch
   statistics), forward (no grad) and forward + backward (every parameter and input);
+* ``dien-attention``: the attention inside DIEN's ``InterestEvolving`` (B 512, T 100,
+  D 36, units (64, 16), sigmoid, raw scores, the scores returned and differentiated,
+  lengths spread evenly over 1..T; its floor counts the valid positions), forward and forward + backward;
 * ``serving``: 1 user x 1,000 candidates, T 100, D 36, sigmoid, no grad. DeepCTR-Torch
   scores the history expanded to (1000, 100, 36); ours reads the one history row through
   ``key_index`` (and, for reference, the expanded history too).
+
+With gradients the ``cpu`` backend keeps the pre-activations for the backward; ``ours
+(recompute)`` is the same with ``SAVE_PRE_ACTIVATIONS`` off (the backward recomputes the
+hidden layers), the measurement behind that default. Dice in training always keeps them.
 
 Timing: ``--rounds`` interleaved rounds (each implementation once per round, order
 rotating), medians (p20/p50/p80 reported) per thread count (1 and 2). The floor is the
@@ -32,15 +39,16 @@ import torch
 from interest_kernels import use_backend
 from interest_kernels.bench.harness import environment, percentiles
 from interest_kernels.nn.target_attention import TargetAttention
+from interest_kernels.ops.target_attention import cpu as ta_cpu
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from peers import load_deepctr  # noqa: E402
 
-D, UNITS = 36, (80, 40)
+D, UNITS, DIEN_UNITS = 36, (80, 40), (64, 16)
 
 
-def identity_form_flops(positions: int) -> float:
-    h1, h2 = UNITS
+def identity_form_flops(positions: int, units=UNITS) -> float:
+    h1, h2 = units
     return positions * (2 * D * h1 + 2 * h1 * h2 + 2 * h2 + 2 * D)
 
 
@@ -62,11 +70,12 @@ def gemm_rate(rounds: int) -> float:
     return flops / best
 
 
-def build(activation: str, training: bool):
+def build(activation: str, training: bool, units=UNITS, return_score: bool = False):
     seq = load_deepctr("deepctr_torch.layers.sequence")
     peer = seq.AttentionSequencePoolingLayer(
-        att_hidden_units=UNITS, att_activation="Dice" if activation == "dice" else activation,
-        weight_normalization=False, return_score=False, supports_masking=False, embedding_dim=D)
+        att_hidden_units=units, att_activation="Dice" if activation == "dice" else activation,
+        weight_normalization=False, return_score=return_score, supports_masking=False,
+        embedding_dim=D)
     with torch.no_grad():
         for p in peer.parameters():
             p.normal_(0, 0.1)
@@ -100,7 +109,58 @@ def din_runners(activation: str, batch: int, seq_len: int) -> dict[str, dict[str
 
     return {
         "fwd": {"deepctr": fwd(peer), "ours": fwd(ours)},
-        "fwd+bwd": {"deepctr": full(peer, params_peer), "ours": full(ours, params_ours)},
+        "fwd+bwd": {"deepctr": full(peer, params_peer), "ours": full(ours, params_ours),
+                    "ours (recompute)": recomputing(full(ours, params_ours))},
+    }
+
+
+def recomputing(run: Callable[[], Any]) -> Callable[[], Any]:
+    """``run`` with the backward recomputing the hidden layers instead of reading them."""
+    def wrapped():
+        ta_cpu.SAVE_PRE_ACTIVATIONS = False
+        try:
+            run()
+        finally:
+            ta_cpu.SAVE_PRE_ACTIVATIONS = True
+    return wrapped
+
+
+def dien_lengths(batch: int, seq_len: int) -> torch.Tensor:
+    """History lengths of the DIEN case: spread evenly over 1..T."""
+    return 1 + (torch.arange(batch) * 37) % seq_len
+
+
+def dien_runners(batch: int, seq_len: int) -> dict[str, dict[str, Callable[[], Any]]]:
+    """The attention of DIEN's InterestEvolving: only the scores are used."""
+    peer, ours = build("sigmoid", training=True, units=DIEN_UNITS, return_score=True)
+    ours.return_scores = True
+    q = torch.randn(batch, 1, D)
+    k = torch.randn(batch, seq_len, D)
+    lengths = dien_lengths(batch, seq_len).reshape(batch, 1)
+    w = torch.randn(batch, seq_len)  # a fixed linear read-out of the scores
+    params_peer, params_ours = list(peer.parameters()), list(ours.parameters())
+
+    def fwd(mod, pick):
+        def run():
+            with torch.no_grad():
+                pick(mod(q, k, lengths))
+        return run
+
+    def full(mod, params, pick):
+        qg, kg = q.clone().requires_grad_(True), k.clone().requires_grad_(True)
+
+        def run():
+            scores = pick(mod(qg, kg, lengths))
+            torch.autograd.grad((scores * w).sum(), [qg, kg] + params)
+        return run
+
+    peer_scores = lambda out: out.squeeze(1)  # noqa: E731  (B, 1, T)
+    our_scores = lambda out: out[1]  # noqa: E731
+    return {
+        "fwd": {"deepctr": fwd(peer, peer_scores), "ours": fwd(ours, our_scores)},
+        "fwd+bwd": {"deepctr": full(peer, params_peer, peer_scores),
+                    "ours": full(ours, params_ours, our_scores),
+                    "ours (recompute)": recomputing(full(ours, params_ours, our_scores))},
     }
 
 
@@ -153,24 +213,29 @@ def main() -> None:
     args = ap.parse_args()
 
     rows: list[dict] = []
+    load_start = os.getloadavg()
     for threads in args.threads:
         torch.set_num_threads(threads)
         rate = gemm_rate(10)
         cases = [(f"din-{a}", args.batch, din_runners(a, args.batch, args.seq_len))
                  for a in ("sigmoid", "dice")]
-        cases.append(("serving", args.candidates, serving_runners(args.candidates, args.seq_len)))
+        cases = [(c, b, r, UNITS, b * args.seq_len) for c, b, r in cases]
+        dien_batch = args.batch // 2
+        cases.append(("dien-attention", dien_batch, dien_runners(dien_batch, args.seq_len), DIEN_UNITS,
+                      int(dien_lengths(dien_batch, args.seq_len).sum())))
+        cases.append(("serving", args.candidates, serving_runners(args.candidates, args.seq_len), UNITS,
+                      args.candidates * args.seq_len))
         with use_backend("cpu"):
-            for case, batch, modes in cases:
-                positions = batch * args.seq_len
+            for case, batch, modes, units, positions in cases:
                 for mode, runners in modes.items():
                     times = interleaved(runners, args.rounds)
                     base = statistics.median(times["deepctr"])
-                    flops = identity_form_flops(positions) * (3 if mode == "fwd+bwd" else 1)
+                    flops = identity_form_flops(positions, units) * (3 if mode == "fwd+bwd" else 1)
                     floor_ms = flops / rate * 1e3
                     for impl, t in times.items():
                         p20, p50, p80 = percentiles(t)
                         row = dict(case=case, mode=mode, impl=impl, threads=threads, batch=batch,
-                                   seq_len=args.seq_len, dim=D, units=list(UNITS),
+                                   seq_len=args.seq_len, dim=D, units=list(units),
                                    p20_ms=p20, p50_ms=p50, p80_ms=p80,
                                    speedup_vs_deepctr=base / p50, floor_ms=floor_ms,
                                    fraction_of_floor=floor_ms / p50, gemm_gflops=rate / 1e9)
@@ -178,8 +243,9 @@ def main() -> None:
                         print(f"{threads}t {case:12s} {mode:8s} {impl:18s} p50 {p50:8.2f} ms  "
                               f"x{base / p50:5.2f} vs deepctr  floor {floor_ms:6.2f} ms "
                               f"({floor_ms / p50:5.1%})", flush=True)
+    load = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]}
     result = {"command": " ".join(["python"] + sys.argv), "env": environment(torch.device("cpu")),
-              "rounds": args.rounds, "rows": rows}
+              "rounds": args.rounds, "load_average_1_5_15min": load, "rows": rows}
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
@@ -187,7 +253,8 @@ def main() -> None:
     with open(md, "w") as f:
         f.write(f"# CPU target attention vs DeepCTR-Torch\n\n`{result['command']}`  \n"
                 f"{result['env']}, {args.rounds} interleaved rounds, medians; float32, histories full "
-                "length. Floor: FLOPs of the identity form (fwd+bwd: 3x fwd) at the GEMM rate "
+                f"length (dien-attention: lengths spread over 1..T). Load average (1, 5, 15 min) at start {load['start']}, at end {load['end']} "
+                f"({os.cpu_count()} cores). Floor: FLOPs of the identity form (fwd+bwd: 3x fwd) at the GEMM rate "
                 "measured in the same run.\n\n"
                 "| threads | case | mode | impl | p50 ms | p20-p80 ms | vs DeepCTR | floor ms | of floor |\n"
                 "|---|---|---|---|---|---|---|---|---|\n")

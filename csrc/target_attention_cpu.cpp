@@ -1,5 +1,6 @@
-// Fused CPU target attention (SPEC section 1): forward, backward, and the Dice batch
-// statistics with their backward.
+// Fused CPU target attention (SPEC section 1): the forward that recomputes in its
+// backward, and the training form that keeps each layer's pre-activation (and computes
+// Dice's batch statistics), with their backwards.
 //
 // Canonical shapes (interest_kernels/ops/target_attention/cpu.py builds them):
 //   query (B, Eq, D) with Eq in {1, E};  keys (R, E, T, D), R = B or the history rows
@@ -7,18 +8,18 @@
 //   head, else 1.  weights[0] (G, H1, 4D), weights[l] (G, H_l, H_{l-1});  biases[l]
 //   (G, H_l);  out_weight (G, H_L);  out_bias (G,);  act_params per layer: prelu
 //   [slope (G, H_l)], dice [alpha, scale, shift] (G, H_l) with
-//   dice(z) = z * (alpha + (1 - alpha) * sigmoid(z * scale + shift)).
+//   dice(z) = z * (alpha + (1 - alpha) * sigmoid(z * scale + shift)), or with batch
+//   statistics (the training operator's dice_eps) [alpha, gamma, beta].
 // All floating tensors in float32 or float64 (the Python side casts).
 //
 // One work item is a (query b, head e) pair. The first layer uses SPEC's identity,
 //   W_1 x_t = qterm + k_t M,  qterm = (W_q + W_d) q + c_1,  M = (W_k - W_d)^T + diag(q) W_p^T,
 // so a tile of keys needs one (rows x D) x (D x H1) GEMM. The keys are walked in tiles
-// of kTileRows rows; hidden activations live in a per-thread workspace only, so the
-// forward writes nothing of size (B, T, H). The backward recomputes them tile by tile.
-// Threads take contiguous blocks of queries (all heads of a query in one thread, so
-// query and key gradients have one writer); weight gradients and statistics gather in
-// per-block accumulators that are summed in block order (deterministic for a given
-// thread count).
+// of kTileRows rows; hidden activations live in a per-thread workspace, so the no-grad
+// forward writes nothing of size (B, T, H). Threads take contiguous blocks of queries
+// (all heads of a query in one thread, so query and key gradients have one writer);
+// weight gradients and statistics gather in per-block accumulators that are summed in
+// block order (deterministic for a given thread count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -94,8 +95,9 @@ inline double sigmoid_of(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // h = act(z) on rows x cols (row-major); params (cols,) each.
 template <typename T>
-__attribute__((always_inline)) inline void act_forward_impl(Act act, const T* z, T* h, int64_t rows, int64_t cols, const T* p0,
-                      const T* p1, const T* p2) {
+__attribute__((always_inline)) inline void act_forward_impl(Act act, const T* __restrict__ z, T* __restrict__ h, int64_t rows,
+                                                  int64_t cols, const T* __restrict__ p0,
+                                                  const T* __restrict__ p1, const T* __restrict__ p2) {
   const int64_t n = rows * cols;
   switch (act) {
     case Act::kIdentity:
@@ -129,9 +131,12 @@ __attribute__((always_inline)) inline void act_forward_impl(Act act, const T* z,
 
 // dz = dh * act'(z); parameter gradients added to g0.. (cols,).
 template <typename T>
-__attribute__((always_inline)) inline void act_backward_impl(Act act, const T* z, const T* h, const T* dh, T* dz, int64_t rows,
-                       int64_t cols, const T* p0, const T* p1, const T* p2, T* g0, T* g1,
-                       T* g2) {
+__attribute__((always_inline)) inline void act_backward_impl(Act act, const T* __restrict__ z, const T* __restrict__ h,
+                                                   const T* __restrict__ dh, T* __restrict__ dz,
+                                                   int64_t rows, int64_t cols,
+                                                   const T* __restrict__ p0, const T* __restrict__ p1,
+                                                   const T* __restrict__ p2, T* __restrict__ g0,
+                                                   T* __restrict__ g1, T* __restrict__ g2) {
   const int64_t n = rows * cols;
   switch (act) {
     case Act::kIdentity:
@@ -317,11 +322,28 @@ __attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, i
       _mm256_storeu_ps(C + i * ldc + j0, c0);
     }
   }
-  for (; j0 < N; ++j0) {
-    for (int64_t i = 0; i < M; ++i) {
-      float acc = accumulate ? C[i * ldc + j0] : 0.0f;
-      for (int64_t k = 0; k < K; ++k) acc += A[i * a_row + k * a_col] * B[k * ldb + j0];
-      C[i * ldc + j0] = acc;
+  if (j0 < N) {  // the last 1..7 columns through masked loads and stores
+    alignas(32) int32_t bits[8];
+    for (int v = 0; v < 8; ++v) bits[v] = j0 + v < N ? -1 : 0;
+    const __m256i msk = _mm256_load_si256(reinterpret_cast<const __m256i*>(bits));
+    int64_t i = 0;
+    for (; i + 4 <= M; i += 4) {
+      __m256 c[4];
+      for (int r = 0; r < 4; ++r)
+        c[r] = accumulate ? _mm256_maskload_ps(C + (i + r) * ldc + j0, msk) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k) {
+        const __m256 b0 = _mm256_maskload_ps(B + k * ldb + j0, msk);
+        for (int r = 0; r < 4; ++r)
+          c[r] = _mm256_fmadd_ps(_mm256_broadcast_ss(A + (i + r) * a_row + k * a_col), b0, c[r]);
+      }
+      for (int r = 0; r < 4; ++r) _mm256_maskstore_ps(C + (i + r) * ldc + j0, msk, c[r]);
+    }
+    for (; i < M; ++i) {
+      __m256 c0 = accumulate ? _mm256_maskload_ps(C + i * ldc + j0, msk) : _mm256_setzero_ps();
+      for (int64_t k = 0; k < K; ++k)
+        c0 = _mm256_fmadd_ps(_mm256_broadcast_ss(A + i * a_row + k * a_col),
+                             _mm256_maskload_ps(B + k * ldb + j0, msk), c0);
+      _mm256_maskstore_ps(C + i * ldc + j0, msk, c0);
     }
   }
 }
@@ -353,15 +375,15 @@ void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T
 
 // ---- the problem --------------------------------------------------------------------
 
-enum class Mode { kForward, kStats };
-
 template <typename T>
 struct Problem {
   int64_t B = 0, R = 0, E = 1, Eq = 1, T_ = 0, D = 0, G = 1, L = 1;
   int64_t H[kMaxLayers] = {0, 0, 0};
   Act act = Act::kSigmoid;
   bool softmax = true;
-  Mode mode = Mode::kForward;
+  // Dice with batch statistics: every position of every history enters the MLP with its
+  // stored key (SPEC section 1: the statistics cover padded positions too).
+  bool all_positions = false;
   const T* query = nullptr;
   const T* keys = nullptr;
   const int64_t* key_index = nullptr;
@@ -383,17 +405,17 @@ struct Problem {
     if (lengths) return t < lengths[row];
     return true;
   }
-  // Rows of a history that need computing: the statistics see every position; otherwise
-  // positions from the length on are padding.
+  // Rows of a history that need computing: positions from the length on are padding.
   int64_t rows_needed(int64_t row) const {
-    if (mode == Mode::kStats || !lengths) return T_;
+    if (all_positions || !lengths) return T_;
     return std::min<int64_t>(std::max<int64_t>(lengths[row], 0), T_);
   }
   const T* ap_of(int l, int i, int64_t g) const {
     return ap[l][i] ? ap[l][i] + g * H[l] : nullptr;
   }
   int64_t max_h() const { return *std::max_element(H, H + L); }
-  int64_t top_layer_units() const { return H[L - 1]; }
+  const T* query_of(int64_t b, int64_t e) const { return query + (b * Eq + (Eq > 1 ? e : 0)) * D; }
+  const T* keys_of(int64_t row, int64_t e) const { return keys + (row * E + e) * T_ * D; }
 };
 
 std::vector<at::Tensor> first_layer_parts(const at::Tensor& w1, int64_t D) {
@@ -409,12 +431,12 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
                         const std::optional<at::Tensor>& key_index,
                         const std::optional<at::Tensor>& lengths,
                         const std::optional<at::Tensor>& mask, at::TensorList weights,
-                        at::TensorList biases, const std::optional<at::Tensor>& out_weight,
-                        const std::optional<at::Tensor>& out_bias, at::TensorList act_params,
-                        Act act, Mode mode) {
+                        at::TensorList biases, const at::Tensor& out_weight,
+                        const at::Tensor& out_bias, at::TensorList act_params, Act act,
+                        c10::string_view normalization) {
   Problem<T> p;
-  p.mode = mode;
   p.act = act;
+  p.softmax = normalization == "softmax";
   p.B = query.size(0);
   p.Eq = query.size(1);
   p.D = query.size(2);
@@ -442,15 +464,12 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
       p.w_t[l] = p.w_t_store[l].template data_ptr<T>();
     }
   }
-  if (out_weight) p.wo = out_weight->data_ptr<T>();
-  if (out_bias) p.co = out_bias->data_ptr<T>();
+  p.wo = out_weight.data_ptr<T>();
+  p.co = out_bias.data_ptr<T>();
   const int k = act_param_count(act);
-  // The statistics of layer L run layers 1..L-1 with their activation and stop before
-  // layer L's: they get parameters for L - 1 layers.
-  const int64_t act_layers = mode == Mode::kStats ? p.L - 1 : p.L;
-  TORCH_CHECK(static_cast<int64_t>(act_params.size()) == k * act_layers,
-              "act_params: expected ", k * act_layers, " tensors, got ", act_params.size());
-  for (int l = 0; l < act_layers; ++l)
+  TORCH_CHECK(static_cast<int64_t>(act_params.size()) == k * p.L,
+              "act_params: expected ", k * p.L, " tensors, got ", act_params.size());
+  for (int l = 0; l < p.L; ++l)
     for (int i = 0; i < k; ++i) p.ap[l][i] = act_params[l * k + i].data_ptr<T>();
   return p;
 }
@@ -461,6 +480,7 @@ struct Workspace {
   std::vector<T> kbuf, m, mt, qterm, s, ds, dm, dqterm, dk;
   std::vector<T> z[kMaxLayers], h[kMaxLayers];
   std::vector<T> gz, gh;
+  std::vector<T> moment_sums;
   Workspace(const Problem<T>& p, bool backward) {
     const int64_t tile = std::min(kTileRows, std::max<int64_t>(p.T_, 1));
     kbuf.resize(tile * p.D);
@@ -468,6 +488,7 @@ struct Workspace {
     qterm.resize(p.H[0]);
     s.resize(std::max<int64_t>(p.T_, 1));
     ds.resize(std::max<int64_t>(p.T_, 1));
+    moment_sums.resize(2 * p.max_h());
     for (int l = 0; l < p.L; ++l) {
       z[l].resize(tile * p.H[l]);
       h[l].resize(tile * p.H[l]);
@@ -483,9 +504,10 @@ struct Workspace {
   }
 };
 
-// qterm and M of item (b, e), into the workspace.
+// qterm and M of item (b, e), into the workspace (and M^T for the backward).
 template <typename T>
-void first_layer_setup(const Problem<T>& p, Workspace<T>& ws, const T* q, int64_t g) {
+void first_layer_setup(const Problem<T>& p, Workspace<T>& ws, const T* q, int64_t g,
+                       bool transposed = false) {
   const int64_t D = p.D, H1 = p.H[0];
   const T* wqd = p.wqd_t.template data_ptr<T>() + g * D * H1;
   const T* wkd = p.wkd_t.template data_ptr<T>() + g * D * H1;
@@ -505,17 +527,20 @@ void first_layer_setup(const Problem<T>& p, Workspace<T>& ws, const T* q, int64_
       md[j] = kd[j] + qd * pd[j];
     }
   }
+  if (transposed)
+    for (int64_t d = 0; d < D; ++d)
+      for (int64_t j = 0; j < H1; ++j) ws.mt[j * D + d] = m[d * H1 + j];
 }
 
-// Keys t0..t0+nt of the item into kbuf; with zero_invalid, padded positions become zero
-// rows (their contents, NaN included, never reach an output).
+// Keys t0..t0+nt of the item into kbuf; padded positions become zero rows (their
+// contents, NaN included, never reach an output), except with all_positions.
 template <typename T>
 void load_keys(const Problem<T>& p, Workspace<T>& ws, const T* k, int64_t row, int64_t t0,
-               int64_t nt, bool zero_invalid) {
+               int64_t nt) {
   const int64_t D = p.D;
   for (int64_t i = 0; i < nt; ++i) {
     T* dst = ws.kbuf.data() + i * D;
-    if (zero_invalid && !p.valid(row, t0 + i)) {
+    if (!p.all_positions && !p.valid(row, t0 + i)) {
       std::fill(dst, dst + D, T(0));
     } else {
       std::copy(k + (t0 + i) * D, k + (t0 + i + 1) * D, dst);
@@ -523,100 +548,59 @@ void load_keys(const Problem<T>& p, Workspace<T>& ws, const T* k, int64_t row, i
   }
 }
 
-// Layers 1..L on the nt rows of kbuf: z[l] pre-activations, h[l] activations (the top
-// layer's activation is skipped in the statistics mode).
+// Pre-activation of layer l on nt rows: z = input W_l^T + bias, the input being the keys
+// in kbuf through the identity (layer 0) or h_prev (nt x H_{l-1}).
 template <typename T>
-void mlp_forward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t g, int64_t nt) {
-  const int64_t D = p.D;
+void layer_forward(const Problem<T>& p, const Workspace<T>& ws, int l, int64_t g, int64_t nt,
+                   const T* h_prev, T* z) {
+  const int64_t Hl = p.H[l];
+  const T* bias = l == 0 ? ws.qterm.data() : p.c[l] + g * Hl;
+  for (int64_t i = 0; i < nt; ++i) std::copy(bias, bias + Hl, z + i * Hl);
+  if (l == 0) {
+    tile_gemm<T>(nt, Hl, p.D, ws.kbuf.data(), p.D, ws.m.data(), Hl, z, Hl, true);
+  } else {
+    const int64_t Hp = p.H[l - 1];
+    tile_gemm<T>(nt, Hl, Hp, h_prev, Hp, p.w_t[l] + g * Hp * Hl, Hl, z, Hl, true);
+  }
+}
+
+template <typename T>
+void layer_activation(const Problem<T>& p, int l, int64_t g, int64_t nt, const T* z, T* h) {
+  act_forward(p.act, z, h, nt, p.H[l], p.ap_of(l, 0, g), p.ap_of(l, 1, g), p.ap_of(l, 2, g));
+}
+
+// Layers 1..L on the nt rows of kbuf: z[l] pre-activations (into zs[l] when given, else
+// the workspace), h[l] activations.
+template <typename T>
+void mlp_forward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t g, int64_t nt,
+                      T* const* zs = nullptr) {
   for (int l = 0; l < p.L; ++l) {
-    const int64_t Hl = p.H[l];
-    T* z = ws.z[l].data();
-    const T* bias = l == 0 ? ws.qterm.data() : p.c[l] + g * Hl;
-    for (int64_t i = 0; i < nt; ++i) std::copy(bias, bias + Hl, z + i * Hl);
-    if (l == 0) {
-      tile_gemm<T>(nt, Hl, D, ws.kbuf.data(), D, ws.m.data(), Hl, z, Hl, true);
-    } else {
-      const int64_t Hp = p.H[l - 1];
-      tile_gemm<T>(nt, Hl, Hp, ws.h[l - 1].data(), Hp, p.w_t[l] + g * Hp * Hl, Hl, z, Hl, true);
-    }
-    if (p.mode == Mode::kStats && l == p.L - 1) break;
-    act_forward(p.act, z, ws.h[l].data(), nt, Hl, p.ap_of(l, 0, g), p.ap_of(l, 1, g),
-                p.ap_of(l, 2, g));
+    T* z = zs ? zs[l] : ws.z[l].data();
+    layer_forward(p, ws, l, g, nt, l > 0 ? ws.h[l - 1].data() : nullptr, z);
+    layer_activation(p, l, g, nt, z, ws.h[l].data());
   }
 }
 
-// Running (count, mean, M2) per channel, merged with Chan's formula (stable variance).
-struct Moments {
-  std::vector<double> n, mean, m2;
-  void init(int64_t size) {
-    n.assign(size, 0.0);
-    mean.assign(size, 0.0);
-    m2.assign(size, 0.0);
-  }
-  void merge(int64_t j, double nb, double mb, double m2b) {
-    if (nb == 0) return;
-    const double na = n[j], tot = na + nb, delta = mb - mean[j];
-    mean[j] += delta * nb / tot;
-    m2[j] += m2b + delta * delta * na * nb / tot;
-    n[j] = tot;
-  }
-};
-
+// Scores of nt rows from the top layer's activations.
 template <typename T>
-void accumulate_moments(Moments& mom, int64_t offset, const T* z, int64_t nt, int64_t H) {
-  for (int64_t j = 0; j < H; ++j) {
-    double sum = 0;
-    for (int64_t i = 0; i < nt; ++i) sum += z[i * H + j];
-    const double mean = sum / nt;
-    double m2 = 0;
-    for (int64_t i = 0; i < nt; ++i) {
-      const double d = z[i * H + j] - mean;
-      m2 += d * d;
-    }
-    mom.merge(offset + j, static_cast<double>(nt), mean, m2);
-  }
-}
-
-// Contiguous blocks of queries, one per thread; fn(block, b_begin, b_end).
-template <typename F>
-void for_each_block(int64_t B, int64_t blocks, const F& fn) {
-  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
-    for (int64_t c = lo; c < hi; ++c) fn(c, B * c / blocks, B * (c + 1) / blocks);
-  });
-}
-
-int64_t num_blocks(int64_t B) {
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
-}
-
-// ---- forward ------------------------------------------------------------------------
-
-template <typename T>
-void forward_item(const Problem<T>& p, Workspace<T>& ws, int64_t b, int64_t e, T* out,
-                  T* scores) {
-  const int64_t D = p.D, T_ = p.T_, HL = p.H[p.L - 1];
-  const int64_t row = p.row_of(b);
-  const int64_t g = p.G > 1 ? e : 0;
-  const T* q = p.query + (b * p.Eq + (p.Eq > 1 ? e : 0)) * D;
-  const T* k = p.keys + (row * p.E + e) * T_ * D;
-  const int64_t n = p.rows_needed(row);
-  first_layer_setup(p, ws, q, g);
-  T* s = ws.s.data();
+void score_tile(const Problem<T>& p, const Workspace<T>& ws, int64_t g, int64_t nt, T* s) {
+  const int64_t HL = p.H[p.L - 1];
+  const T* hL = ws.h[p.L - 1].data();
   const T* wo = p.wo + g * HL;
   const T co = p.co[g];
-  for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
-    const int64_t nt = std::min(kTileRows, n - t0);
-    load_keys(p, ws, k, row, t0, nt, true);
-    mlp_forward_tile(p, ws, g, nt);
-    const T* hL = ws.h[p.L - 1].data();
-    for (int64_t i = 0; i < nt; ++i) {
-      T acc = co;
-      for (int64_t j = 0; j < HL; ++j) acc += hL[i * HL + j] * wo[j];
-      s[t0 + i] = acc;
-    }
+  for (int64_t i = 0; i < nt; ++i) {
+    T acc = co;
+    for (int64_t j = 0; j < HL; ++j) acc += hL[i * HL + j] * wo[j];
+    s[i] = acc;
   }
-  // Normalise over the valid positions; padding gets weight 0.
-  T* a = scores;
+}
+
+// Attention weights a (T,) from the scores s of the first n positions, normalised over
+// the valid ones (padding gets weight 0), and the pooled output (D,).
+template <typename T>
+void normalize_and_pool(const Problem<T>& p, int64_t row, const T* k, int64_t n, const T* s,
+                        T* a, T* out) {
+  const int64_t D = p.D, T_ = p.T_;
   if (p.softmax) {
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t t = 0; t < n; ++t)
@@ -641,47 +625,36 @@ void forward_item(const Problem<T>& p, Workspace<T>& ws, int64_t b, int64_t e, T
   }
 }
 
-// ---- statistics of a layer's pre-activation (Dice in training) -----------------------
+// Contiguous blocks of queries, one per thread; fn(block, b_begin, b_end).
+template <typename F>
+void for_each_block(int64_t B, int64_t blocks, const F& fn) {
+  at::parallel_for(0, blocks, 1, [&](int64_t lo, int64_t hi) {
+    for (int64_t c = lo; c < hi; ++c) fn(c, B * c / blocks, B * (c + 1) / blocks);
+  });
+}
+
+int64_t num_blocks(int64_t B) {
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+}
+
+// ---- forward (recomputing: nothing of size (B, T, H) is written) ------------------------
 
 template <typename T>
-at::Tensor stats_impl(const Problem<T>& p, const at::TensorOptions& opts) {
-  const int64_t H = p.top_layer_units();
-  const int64_t blocks = num_blocks(p.B);
-  std::vector<Moments> moms(blocks);
-  for_each_block(p.B, blocks, [&](int64_t c, int64_t b0, int64_t b1) {
-    Workspace<T> ws(p, false);
-    moms[c].init(p.G * H);
-    for (int64_t b = b0; b < b1; ++b) {
-      for (int64_t e = 0; e < p.E; ++e) {
-        const int64_t row = p.row_of(b);
-        const int64_t g = p.G > 1 ? e : 0;
-        const T* q = p.query + (b * p.Eq + (p.Eq > 1 ? e : 0)) * p.D;
-        const T* k = p.keys + (row * p.E + e) * p.T_ * p.D;
-        first_layer_setup(p, ws, q, g);
-        for (int64_t t0 = 0; t0 < p.T_; t0 += kTileRows) {
-          const int64_t nt = std::min(kTileRows, p.T_ - t0);
-          load_keys(p, ws, k, row, t0, nt, false);
-          mlp_forward_tile(p, ws, g, nt);
-          accumulate_moments(moms[c], g * H, ws.z[p.L - 1].data(), nt, H);
-        }
-      }
-    }
-  });
-  Moments total;
-  total.init(p.G * H);
-  for (auto& m : moms)
-    for (int64_t j = 0; j < p.G * H; ++j) total.merge(j, m.n[j], m.mean[j], m.m2[j]);
-  // (G, 2, H): mean and biased variance; an empty batch gives NaN as torch's mean does.
-  at::Tensor out = at::empty({p.G, 2, H}, opts);
-  T* o = out.data_ptr<T>();
-  const double nan = std::numeric_limits<double>::quiet_NaN();
-  for (int64_t g = 0; g < p.G; ++g)
-    for (int64_t j = 0; j < H; ++j) {
-      const int64_t i = g * H + j;
-      o[(g * 2) * H + j] = static_cast<T>(total.n[i] > 0 ? total.mean[i] : nan);
-      o[(g * 2 + 1) * H + j] = static_cast<T>(total.n[i] > 0 ? total.m2[i] / total.n[i] : nan);
-    }
-  return out;
+void forward_item(const Problem<T>& p, Workspace<T>& ws, int64_t b, int64_t e, T* out,
+                  T* scores) {
+  const int64_t row = p.row_of(b);
+  const int64_t g = p.G > 1 ? e : 0;
+  const T* k = p.keys_of(row, e);
+  const int64_t n = p.rows_needed(row);
+  first_layer_setup(p, ws, p.query_of(b, e), g);
+  T* s = ws.s.data();
+  for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
+    const int64_t nt = std::min(kTileRows, n - t0);
+    load_keys(p, ws, k, row, t0, nt);
+    mlp_forward_tile(p, ws, g, nt);
+    score_tile(p, ws, g, nt, s + t0);
+  }
+  normalize_and_pool(p, row, k, n, s, scores, out);
 }
 
 // ---- backward -----------------------------------------------------------------------
@@ -693,7 +666,7 @@ struct Grads {
   std::vector<at::Tensor> w, c;               // (G, H_l, H_{l-1}) (layer 0 unused), (G, H_l)
   at::Tensor wo, co;                          // (G, H_L), (G,)
   std::vector<at::Tensor> ap;                 // like the activation parameters
-  Grads(const Problem<T>& p, const at::TensorOptions& opts, int64_t act_layers) {
+  Grads(const Problem<T>& p, const at::TensorOptions& opts) {
     const int64_t G = p.G, D = p.D;
     wqd_t = at::zeros({G, D, p.H[0]}, opts);
     wkd_t = at::zeros({G, D, p.H[0]}, opts);
@@ -705,12 +678,12 @@ struct Grads {
     wo = at::zeros({G, p.H[p.L - 1]}, opts);
     co = at::zeros({G}, opts);
     const int k = act_param_count(p.act);
-    for (int l = 0; l < act_layers; ++l)
+    for (int l = 0; l < p.L; ++l)
       for (int i = 0; i < k; ++i) ap.push_back(at::zeros({G, p.H[l]}, opts));
   }
   T* apg(const Problem<T>& p, int l, int i, int64_t g) {
     const int k = act_param_count(p.act);
-    if (i >= k || l * k + i >= static_cast<int>(ap.size())) return nullptr;
+    if (i >= k) return nullptr;
     return ap[l * k + i].template data_ptr<T>() + g * p.H[l];
   }
   void add(const Grads& o) {
@@ -727,71 +700,104 @@ struct Grads {
   }
 };
 
-// The upstream gradient at the top of one item: either the score gradient ds (per row)
-// through the output layer, or (statistics) the gradient of the batch mean and variance.
+// Score gradients ds (T,) of one item: pooling, then the normalisation (padding
+// contributes nothing and gets 0).
 template <typename T>
-struct TopGrad {
-  const T* ds = nullptr;       // (T,) score gradients of the item
-  const T* gstats = nullptr;   // (G, 2, H_L)
-  const T* stats = nullptr;    // (G, 2, H_L)
-  double count = 1;            // positions in the statistics
-};
+void score_gradients(const Problem<T>& p, int64_t row, const T* k, int64_t n, const T* gout,
+                     const T* gscores, const T* scores, T* ds) {
+  const int64_t D = p.D;
+  T dot = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (!p.valid(row, t)) {
+      ds[t] = 0;
+      continue;
+    }
+    T da = gscores ? gscores[t] : T(0);
+    const T* kt = k + t * D;
+    for (int64_t d = 0; d < D; ++d) da += gout[d] * kt[d];
+    ds[t] = da;
+    dot += da * scores[t];
+  }
+  if (p.softmax)
+    for (int64_t t = 0; t < n; ++t) ds[t] = scores[t] * (ds[t] - dot);
+  for (int64_t t = n; t < p.T_; ++t) ds[t] = 0;
+}
 
-// Backward of the MLP over the nt rows of a recomputed tile; adds weight gradients
-// into gr, dM/dqterm into the workspace, and writes the keys' MLP gradient into ws.dk.
+// From the score gradients ds (nt,) to dz of the top layer (into dz); h the top layer's
+// activations, z its pre-activations.
 template <typename T>
-void mlp_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t g,
-                       int64_t t0, int64_t nt, const TopGrad<T>& top) {
+void top_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t g, int64_t nt,
+                       const T* ds, const T* z, const T* h, T* dz) {
   const int top_l = static_cast<int>(p.L) - 1;
   const int64_t HL = p.H[top_l];
-  T* dz = ws.gz.data();
   T* dh = ws.gh.data();
-  if (p.mode == Mode::kStats) {
-    const T* zL = ws.z[top_l].data();
-    const T* mean = top.stats + (g * 2) * HL;
-    const T* gm = top.gstats + (g * 2) * HL;
-    const T* gv = top.gstats + (g * 2 + 1) * HL;
-    const T inv_n = T(1.0 / top.count);
-    for (int64_t i = 0; i < nt; ++i)
-      for (int64_t j = 0; j < HL; ++j)
-        dz[i * HL + j] = (gm[j] + T(2) * gv[j] * (zL[i * HL + j] - mean[j])) * inv_n;
-  } else {
-    const T* hL = ws.h[top_l].data();
-    const T* wo = p.wo + g * HL;
-    T* gwo = gr.wo.template data_ptr<T>() + g * HL;
-    T* gco = gr.co.template data_ptr<T>() + g;
-    for (int64_t i = 0; i < nt; ++i) {
-      const T d = top.ds[t0 + i];
-      *gco += d;
-      for (int64_t j = 0; j < HL; ++j) {
-        dh[i * HL + j] = d * wo[j];
-        gwo[j] += d * hL[i * HL + j];
-      }
+  const T* wo = p.wo + g * HL;
+  T* gwo = gr.wo.template data_ptr<T>() + g * HL;
+  T* gco = gr.co.template data_ptr<T>() + g;
+  // A softmax is invariant to the score bias: its gradient is exactly zero there (the sum
+  // of the ds would be rounding noise, which Adam would turn into full-size steps).
+  const bool bias_counts = !p.softmax;
+  for (int64_t i = 0; i < nt; ++i) {
+    const T d = ds[i];
+    if (bias_counts) *gco += d;
+    for (int64_t j = 0; j < HL; ++j) {
+      dh[i * HL + j] = d * wo[j];
+      gwo[j] += d * h[i * HL + j];
     }
-    act_backward(p.act, ws.z[top_l].data(), ws.h[top_l].data(), dh, dz, nt, HL,
-                 p.ap_of(top_l, 0, g), p.ap_of(top_l, 1, g), p.ap_of(top_l, 2, g),
-                 gr.apg(p, top_l, 0, g), gr.apg(p, top_l, 1, g), gr.apg(p, top_l, 2, g));
   }
-  for (int l = top_l; l >= 0; --l) {
-    const int64_t Hl = p.H[l];
-    T* gc = gr.c[l].template data_ptr<T>() + g * Hl;
-    if (l > 0) {
-      for (int64_t i = 0; i < nt; ++i)
-        for (int64_t j = 0; j < Hl; ++j) gc[j] += dz[i * Hl + j];
-      const int64_t Hp = p.H[l - 1];
-      const T* W = p.w[l] + g * Hl * Hp;
-      tile_gemm<T>(Hl, Hp, nt, dz, Hl, ws.h[l - 1].data(), Hp,
-                   gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp, true, true);
-      tile_gemm<T>(nt, Hp, Hl, dz, Hl, W, Hp, dh, Hp, false);
-      act_backward(p.act, ws.z[l - 1].data(), ws.h[l - 1].data(), dh, dz, nt, Hp,
-                   p.ap_of(l - 1, 0, g), p.ap_of(l - 1, 1, g), p.ap_of(l - 1, 2, g),
-                   gr.apg(p, l - 1, 0, g), gr.apg(p, l - 1, 1, g), gr.apg(p, l - 1, 2, g));
+  act_backward(p.act, z, h, dh, dz, nt, HL, p.ap_of(top_l, 0, g), p.ap_of(top_l, 1, g),
+               p.ap_of(top_l, 2, g), gr.apg(p, top_l, 0, g), gr.apg(p, top_l, 1, g),
+               gr.apg(p, top_l, 2, g));
+}
+
+// Layer l >= 1 backward on nt rows: from dz (nt x H_l) the bias and weight gradients, and
+// the pre-activation gradient of layer l - 1 into dz_prev (nt x H_{l-1}, may alias dz).
+template <typename T>
+void hidden_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int l, int64_t g,
+                          int64_t nt, const T* dz, const T* z_prev, const T* h_prev, T* dz_prev) {
+  const int64_t Hl = p.H[l], Hp = p.H[l - 1];
+  T* gc = gr.c[l].template data_ptr<T>() + g * Hl;
+  for (int64_t i = 0; i < nt; ++i)
+    for (int64_t j = 0; j < Hl; ++j) gc[j] += dz[i * Hl + j];
+  T* dh = ws.gh.data();
+  tile_gemm<T>(Hl, Hp, nt, dz, Hl, h_prev, Hp, gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp,
+               true, true);
+  tile_gemm<T>(nt, Hp, Hl, dz, Hl, p.w[l] + g * Hl * Hp, Hp, dh, Hp, false);
+  act_backward(p.act, z_prev, h_prev, dh, dz_prev, nt, Hp, p.ap_of(l - 1, 0, g),
+               p.ap_of(l - 1, 1, g), p.ap_of(l - 1, 2, g), gr.apg(p, l - 1, 0, g),
+               gr.apg(p, l - 1, 1, g), gr.apg(p, l - 1, 2, g));
+}
+
+// First layer backward on nt rows of kbuf: dM and dqterm into the workspace, the keys'
+// MLP gradient into ws.dk.
+template <typename T>
+void first_backward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t nt, const T* dz) {
+  const int64_t H1 = p.H[0];
+  T* dq = ws.dqterm.data();
+  for (int64_t i = 0; i < nt; ++i)
+    for (int64_t j = 0; j < H1; ++j) dq[j] += dz[i * H1 + j];
+  tile_gemm<T>(p.D, H1, nt, ws.kbuf.data(), p.D, dz, H1, ws.dm.data(), H1, true, true);
+  tile_gemm<T>(nt, p.D, H1, dz, H1, ws.mt.data(), p.D, ws.dk.data(), p.D, false);
+}
+
+// Key gradient rows t0..t0+nt of an item (each row written once): the MLP's (ws.dk) plus
+// the pooling's a_t gout at valid positions; padding gets only the MLP's with
+// all_positions, else zero.
+template <typename T>
+void write_key_gradients(const Problem<T>& p, const Workspace<T>& ws, int64_t row, int64_t t0,
+                         int64_t nt, const T* scores, const T* gout, T* gk) {
+  const int64_t D = p.D;
+  for (int64_t i = 0; i < nt; ++i) {
+    const int64_t t = t0 + i;
+    T* dst = gk + t * D;
+    const T* src = ws.dk.data() + i * D;
+    if (p.valid(row, t)) {
+      const T a = scores[t];
+      for (int64_t d = 0; d < D; ++d) dst[d] = src[d] + a * gout[d];
+    } else if (p.all_positions) {
+      std::copy(src, src + D, dst);
     } else {
-      T* dq = ws.dqterm.data();
-      for (int64_t i = 0; i < nt; ++i)
-        for (int64_t j = 0; j < Hl; ++j) dq[j] += dz[i * Hl + j];
-      tile_gemm<T>(p.D, Hl, nt, ws.kbuf.data(), p.D, dz, Hl, ws.dm.data(), Hl, true, true);
-      tile_gemm<T>(nt, p.D, Hl, dz, Hl, ws.mt.data(), p.D, ws.dk.data(), p.D, false);
+      std::fill(dst, dst + D, T(0));
     }
   }
 }
@@ -824,63 +830,54 @@ void first_layer_backward(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, c
   }
 }
 
+// Pre-activations saved by the training forward, (B, E, T, H_l) per layer; null when the
+// backward recomputes them.
 template <typename T>
-void backward_item(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int64_t b, int64_t e,
-                   const T* gout, const T* gscores, const T* scores, const T* gstats,
-                   const T* stats, double count, T* gq, T* gk) {
-  const int64_t D = p.D, T_ = p.T_, H1 = p.H[0];
+struct SavedZ {
+  T* z[kMaxLayers] = {};
+  T* tile(int l, const Problem<T>& p, int64_t item, int64_t t0) const {
+    return z[l] + (item * p.T_ + t0) * p.H[l];
+  }
+};
+
+// Backward of one (query, head) item through every layer, tile by tile: the hidden
+// layers recomputed (saved.z null) or read back from the training forward.
+template <typename T>
+void backward_item(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, const SavedZ<T>& saved,
+                   int64_t b, int64_t e, const T* gout, const T* gscores, const T* scores, T* gq,
+                   T* gk) {
   const int64_t row = p.row_of(b);
   const int64_t g = p.G > 1 ? e : 0;
-  const T* q = p.query + (b * p.Eq + (p.Eq > 1 ? e : 0)) * D;
-  const T* k = p.keys + (row * p.E + e) * T_ * D;
-  const bool stats_mode = p.mode == Mode::kStats;
+  const int64_t item = b * p.E + e;
+  const T* k = p.keys_of(row, e);
   const int64_t n = p.rows_needed(row);
-  TopGrad<T> top;
-  top.gstats = gstats;
-  top.stats = stats;
-  top.count = count;
-  if (!stats_mode) {
-    // Score gradients: pooling, then the normalisation (padding contributes nothing).
-    T* ds = ws.ds.data();
-    T dot = 0;
-    for (int64_t t = 0; t < n; ++t) {
-      if (!p.valid(row, t)) {
-        ds[t] = 0;
-        continue;
-      }
-      T da = gscores ? gscores[t] : T(0);
-      const T* kt = k + t * D;
-      for (int64_t d = 0; d < D; ++d) da += gout[d] * kt[d];
-      ds[t] = da;
-      dot += da * scores[t];
-    }
-    if (p.softmax)
-      for (int64_t t = 0; t < n; ++t) ds[t] = scores[t] * (ds[t] - dot);
-    top.ds = ds;
-  }
-  first_layer_setup(p, ws, q, g);
-  for (int64_t d = 0; d < D; ++d)
-    for (int64_t j = 0; j < H1; ++j) ws.mt[j * D + d] = ws.m[d * H1 + j];
+  score_gradients(p, row, k, n, gout, gscores, scores, ws.ds.data());
+  first_layer_setup(p, ws, p.query_of(b, e), g, true);
   std::fill(ws.dm.begin(), ws.dm.end(), T(0));
   std::fill(ws.dqterm.begin(), ws.dqterm.end(), T(0));
+  const int top = static_cast<int>(p.L) - 1;
   for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
     const int64_t nt = std::min(kTileRows, n - t0);
-    load_keys(p, ws, k, row, t0, nt, !stats_mode);
-    mlp_forward_tile(p, ws, g, nt);
-    mlp_backward_tile(p, ws, gr, g, t0, nt, top);
-    for (int64_t i = 0; i < nt; ++i) {
-      const int64_t t = t0 + i;
-      T* dst = gk + t * D;
-      const T* src = ws.dk.data() + i * D;
-      if (stats_mode) {
-        for (int64_t d = 0; d < D; ++d) dst[d] += src[d];
-      } else if (p.valid(row, t)) {  // padding's gradient stays zero
-        const T a = scores[t];
-        for (int64_t d = 0; d < D; ++d) dst[d] += src[d] + a * gout[d];
+    load_keys(p, ws, k, row, t0, nt);
+    const T* z[kMaxLayers];
+    if (saved.z[0]) {
+      for (int l = 0; l < p.L; ++l) {
+        z[l] = saved.tile(l, p, item, t0);
+        layer_activation(p, l, g, nt, z[l], ws.h[l].data());
       }
+    } else {
+      mlp_forward_tile(p, ws, g, nt);
+      for (int l = 0; l < p.L; ++l) z[l] = ws.z[l].data();
     }
+    T* dz = ws.gz.data();
+    top_backward_tile(p, ws, gr, g, nt, ws.ds.data() + t0, z[top], ws.h[top].data(), dz);
+    for (int l = top; l > 0; --l)
+      hidden_backward_tile(p, ws, gr, l, g, nt, dz, z[l - 1], ws.h[l - 1].data(), dz);
+    first_backward_tile(p, ws, nt, dz);
+    write_key_gradients(p, ws, row, t0, nt, scores, gout, gk);
   }
-  first_layer_backward(p, ws, gr, q, gq, g);
+  std::fill(gk + n * p.D, gk + p.T_ * p.D, T(0));
+  first_layer_backward(p, ws, gr, p.query_of(b, e), gq, g);
 }
 
 // Every gradient: (grad_query, grad_keys, grad_weights, grad_biases, grad_out_weight,
@@ -889,46 +886,331 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor
                                   std::vector<at::Tensor>, at::Tensor, at::Tensor,
                                   std::vector<at::Tensor>>;
 
+// The gradient tensors of the problem, and per-block accumulators of the weights'.
 template <typename T>
-BackwardResult backward_impl(const Problem<T>& p, const at::Tensor& key_index,
-              const T* gout, const T* gscores, const T* scores, const T* gstats, const T* stats,
-              const at::TensorOptions& opts) {
-  const int64_t act_layers = p.mode == Mode::kStats ? p.L - 1 : p.L;
-  at::Tensor gq = at::zeros({p.B, p.Eq, p.D}, opts);
-  // With a shared history, several queries read one key row: each query gets its own
-  // gradient rows, added into the history afterwards.
-  at::Tensor gk_items = at::zeros({p.B, p.E, p.T_, p.D}, opts);
-  const int64_t blocks = num_blocks(p.B);
+struct BackwardState {
+  at::Tensor gq, gk_items;
   std::vector<Grads<T>> grads;
-  grads.reserve(blocks);
-  for (int64_t c = 0; c < blocks; ++c) grads.emplace_back(p, opts, act_layers);
-  const double count = static_cast<double>(p.B) * p.T_ * (p.G > 1 ? 1 : p.E);
-  T* gq_ptr = gq.data_ptr<T>();
-  T* gk_ptr = gk_items.data_ptr<T>();
-  for_each_block(p.B, blocks, [&](int64_t c, int64_t b0, int64_t b1) {
+  int64_t blocks;
+  BackwardState(const Problem<T>& p, const at::TensorOptions& opts) {
+    gq = at::zeros({p.B, p.Eq, p.D}, opts);
+    // With a shared history, several queries read one key row: each query gets its own
+    // gradient rows, added into the history afterwards.
+    // Every row is written by the item's backward.
+    gk_items = at::empty({p.B, p.E, p.T_, p.D}, opts);
+    blocks = num_blocks(p.B);
+    grads.reserve(blocks);
+    for (int64_t c = 0; c < blocks; ++c) grads.emplace_back(p, opts);
+  }
+  T* gq_of(const Problem<T>& p, int64_t b, int64_t e) {
+    return gq.data_ptr<T>() + (b * p.Eq + (p.Eq > 1 ? e : 0)) * p.D;
+  }
+  T* gk_of(const Problem<T>& p, int64_t item) { return gk_items.data_ptr<T>() + item * p.T_ * p.D; }
+  // Sums the blocks' accumulators (in block order) and maps the identity's pieces back to
+  // W_1 = [W_q | W_k | W_d | W_p].
+  BackwardResult finish(const Problem<T>& p, const at::Tensor& key_index,
+                        const at::TensorOptions& opts) {
+    Grads<T>& gr = grads[0];
+    for (int64_t c = 1; c < blocks; ++c) gr.add(grads[c]);
+    at::Tensor gk = gk_items;
+    if (key_index.defined()) {
+      gk = at::zeros({p.R, p.E, p.T_, p.D}, opts).index_add_(0, key_index, gk_items);
+    }
+    at::Tensor gqd = gr.wqd_t.transpose(-1, -2), gkd = gr.wkd_t.transpose(-1, -2);
+    at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, gr.wp_t.transpose(-1, -2)}, -1);
+    std::vector<at::Tensor> gw{gw1};
+    for (int l = 1; l < p.L; ++l) gw.push_back(gr.w[l]);
+    return {gq, gk, gw, gr.c, gr.wo, gr.co, gr.ap};
+  }
+};
+
+template <typename T>
+BackwardResult backward_impl(const Problem<T>& p, const SavedZ<T>& saved,
+                             const at::Tensor& key_index, const T* gout, const T* gscores,
+                             const T* scores, const at::TensorOptions& opts) {
+  BackwardState<T> st(p, opts);
+  for_each_block(p.B, st.blocks, [&](int64_t c, int64_t b0, int64_t b1) {
     Workspace<T> ws(p, true);
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t e = 0; e < p.E; ++e) {
         const int64_t item = b * p.E + e;
-        backward_item(p, ws, grads[c], b, e, gout ? gout + item * p.D : nullptr,
-                      gscores ? gscores + item * p.T_ : nullptr,
-                      scores ? scores + item * p.T_ : nullptr, gstats, stats, count,
-                      gq_ptr + (b * p.Eq + (p.Eq > 1 ? e : 0)) * p.D,
-                      gk_ptr + item * p.T_ * p.D);
+        backward_item(p, ws, st.grads[c], saved, b, e, gout + item * p.D,
+                      gscores ? gscores + item * p.T_ : nullptr, scores + item * p.T_,
+                      st.gq_of(p, b, e), st.gk_of(p, item));
       }
   });
-  Grads<T>& gr = grads[0];
-  for (int64_t c = 1; c < blocks; ++c) gr.add(grads[c]);
-  at::Tensor gk = gk_items;
-  if (key_index.defined()) {
-    gk = at::zeros({p.R, p.E, p.T_, p.D}, opts).index_add_(0, key_index, gk_items);
+  return st.finish(p, key_index, opts);
+}
+
+// ---- Dice with batch statistics (training) -------------------------------------------------
+//
+// Layer l's statistics cover every position of the batch (padding included, SPEC
+// section 1) before layer l's activation can run, so the training forward goes one layer
+// at a time over the whole batch and keeps each layer's pre-activation z_l (B, E, T, H_l);
+// the backward reads them instead of recomputing. With dice_params [alpha, gamma, beta]
+// per layer and the batch mean mu and biased variance var of z_l per channel (channels
+// per head with one MLP per head),
+//   scale = gamma / sqrt(var + eps),  shift = beta - mu * scale,
+//   dice(z) = z * (alpha + (1 - alpha) * sigmoid(z * scale + shift)),
+// and the backward adds the statistics' part to every position's dz:
+//   dz += (dL/dmu + 2 dL/dvar (z - mu)) / N.
+
+// Running (count, mean, M2) per channel, merged with Chan's formula (stable variance).
+struct Moments {
+  std::vector<double> n, mean, m2;
+  void init(int64_t size) {
+    n.assign(size, 0.0);
+    mean.assign(size, 0.0);
+    m2.assign(size, 0.0);
   }
-  // Back from the identity's pieces to W_1 = [W_q | W_k | W_d | W_p].
-  at::Tensor gqd = gr.wqd_t.transpose(-1, -2), gkd = gr.wkd_t.transpose(-1, -2);
-  at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, gr.wp_t.transpose(-1, -2)}, -1);
-  std::vector<at::Tensor> gw{gw1};
-  for (int l = 1; l < p.L; ++l) gw.push_back(gr.w[l]);
-  return {gq, gk, gw, gr.c, gr.wo, gr.co, gr.ap};
+  void merge(int64_t j, double nb, double mb, double m2b) {
+    if (nb == 0) return;
+    const double na = n[j], tot = na + nb, delta = mb - mean[j];
+    mean[j] += delta * nb / tot;
+    m2[j] += m2b + delta * delta * na * nb / tot;
+    n[j] = tot;
+  }
+};
+
+// Merges the moments of the nt x H rows z (nt <= kTileRows) into channels
+// offset..offset+H; scratch 2H. One pass: sums of the deviations from the tile's first
+// row (a sample, so no cancellation to speak of) in the input precision, merged in double.
+template <typename T>
+__attribute__((always_inline)) inline void accumulate_moments_impl(
+    Moments& mom, int64_t offset, const T* __restrict__ z, int64_t nt, int64_t H,
+    T* __restrict__ scratch) {
+  T* __restrict__ s1 = scratch;
+  T* __restrict__ s2 = scratch + H;
+  std::fill(s1, s1 + 2 * H, T(0));
+  for (int64_t i = 1; i < nt; ++i)
+    for (int64_t j = 0; j < H; ++j) {
+      const T d = z[i * H + j] - z[j];
+      s1[j] += d;
+      s2[j] += d * d;
+    }
+  const double n = static_cast<double>(nt);
+  for (int64_t j = 0; j < H; ++j) {
+    const double a = s1[j], b = s2[j];
+    mom.merge(offset + j, n, static_cast<double>(z[j]) + a / n, std::max(b - a * a / n, 0.0));
+  }
+}
+IK_CLONES void accumulate_moments(Moments& mom, int64_t offset, const float* z, int64_t nt,
+                                  int64_t H, float* scratch) {
+  accumulate_moments_impl<float>(mom, offset, z, nt, H, scratch);
+}
+void accumulate_moments(Moments& mom, int64_t offset, const double* z, int64_t nt, int64_t H,
+                        double* scratch) {
+  accumulate_moments_impl<double>(mom, offset, z, nt, H, scratch);
+}
+
+// Batch statistics of every Dice layer and the scale/shift they give.
+template <typename T>
+struct DiceStats {
+  double eps[kMaxLayers] = {};
+  double count = 0;  // positions per channel
+  const T* gamma[kMaxLayers] = {};
+  const T* beta[kMaxLayers] = {};
+  std::vector<T> mean[kMaxLayers], var[kMaxLayers], scale[kMaxLayers], shift[kMaxLayers];
+
+  // Layer l's statistics (G x H_l each) and its scale and shift, pointed at by p.ap.
+  void set(Problem<T>& p, int l, std::vector<T> mu, std::vector<T> v) {
+    mean[l] = std::move(mu);
+    var[l] = std::move(v);
+    const int64_t n = p.G * p.H[l];
+    scale[l].resize(n);
+    shift[l].resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      scale[l][i] = gamma[l][i] / std::sqrt(var[l][i] + T(eps[l]));
+      shift[l][i] = beta[l][i] - mean[l][i] * scale[l][i];
+    }
+    p.ap[l][1] = scale[l].data();
+    p.ap[l][2] = shift[l].data();
+  }
+
+  // From dL/dscale and dL/dshift of layer l (in the slots of gamma and beta of ga, summed
+  // over the batch): dL/dgamma and dL/dbeta in place, and the per-channel coefficients
+  // (c0, c1) of the statistics' part dz += c0 + c1 * z.
+  void backward(const Problem<T>& p, int l, T* g_scale, T* g_shift, std::vector<T>& c0,
+                std::vector<T>& c1) const {
+    const int64_t n = p.G * p.H[l];
+    c0.resize(n);
+    c1.resize(n);
+    for (int64_t i = 0; i < n; ++i) {
+      const T inv = T(1) / std::sqrt(var[l][i] + T(eps[l]));
+      const T gs = g_scale[i], gb = g_shift[i];
+      const T g_mean = -scale[l][i] * gb;
+      const T g_var = (gs - mean[l][i] * gb) * gamma[l][i] * T(-0.5) * inv * inv * inv;
+      g_scale[i] = (gs - mean[l][i] * gb) * inv;
+      c1[i] = T(2) * g_var / T(count);
+      c0[i] = g_mean / T(count) - c1[i] * mean[l][i];
+    }
+  }
+};
+
+// Calls fn(b, e, item, row, g, n) for every item of block [b0, b1).
+template <typename T, typename F>
+void for_each_item(const Problem<T>& p, int64_t b0, int64_t b1, const F& fn) {
+  for (int64_t b = b0; b < b1; ++b)
+    for (int64_t e = 0; e < p.E; ++e) {
+      const int64_t row = p.row_of(b);
+      fn(b, e, b * p.E + e, row, p.G > 1 ? e : 0, p.rows_needed(row));
+    }
+}
+
+// The training forward with the pre-activations kept in saved.z. With stats (Dice batch
+// statistics) the layers run one at a time over the batch; without, tile by tile.
+template <typename T>
+void train_forward(Problem<T>& p, const SavedZ<T>& saved, DiceStats<T>* stats, T* out, T* scores) {
+  const int64_t blocks = num_blocks(p.B);
+  const int64_t D = p.D, T_ = p.T_;
+  if (stats) {
+    for (int l = 0; l < p.L; ++l) {
+      const int64_t Hl = p.H[l];
+      std::vector<Moments> moms(blocks);
+      for_each_block(p.B, blocks, [&](int64_t c, int64_t b0, int64_t b1) {
+        Workspace<T> ws(p, false);
+        moms[c].init(p.G * Hl);
+        for_each_item(p, b0, b1, [&](int64_t b, int64_t e, int64_t item, int64_t row, int64_t g, int64_t n) {
+          if (l == 0) first_layer_setup(p, ws, p.query_of(b, e), g);
+          for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
+            const int64_t nt = std::min(kTileRows, n - t0);
+            const T* h_prev = nullptr;
+            if (l == 0) {
+              load_keys(p, ws, p.keys_of(row, e), row, t0, nt);
+            } else {
+              layer_activation(p, l - 1, g, nt, saved.tile(l - 1, p, item, t0), ws.h[l - 1].data());
+              h_prev = ws.h[l - 1].data();
+            }
+            T* z = saved.tile(l, p, item, t0);
+            layer_forward(p, ws, l, g, nt, h_prev, z);
+            accumulate_moments(moms[c], g * Hl, z, nt, Hl, ws.moment_sums.data());
+          }
+        });
+      });
+      Moments total;
+      total.init(p.G * Hl);
+      for (auto& m : moms)
+        for (int64_t j = 0; j < p.G * Hl; ++j) total.merge(j, m.n[j], m.mean[j], m.m2[j]);
+      std::vector<T> mu(p.G * Hl), v(p.G * Hl);
+      for (int64_t j = 0; j < p.G * Hl; ++j) {
+        mu[j] = static_cast<T>(total.mean[j]);
+        v[j] = static_cast<T>(total.n[j] > 0 ? total.m2[j] / total.n[j] : 0.0);
+      }
+      stats->set(p, l, std::move(mu), std::move(v));
+    }
+  }
+  const int top = static_cast<int>(p.L) - 1;
+  for_each_block(p.B, blocks, [&](int64_t, int64_t b0, int64_t b1) {
+    Workspace<T> ws(p, false);
+    for_each_item(p, b0, b1, [&](int64_t b, int64_t e, int64_t item, int64_t row, int64_t g, int64_t n) {
+      if (!stats) first_layer_setup(p, ws, p.query_of(b, e), g);
+      T* s = ws.s.data();
+      for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
+        const int64_t nt = std::min(kTileRows, n - t0);
+        if (stats) {
+          layer_activation(p, top, g, nt, saved.tile(top, p, item, t0), ws.h[top].data());
+        } else {
+          load_keys(p, ws, p.keys_of(row, e), row, t0, nt);
+          T* zs[kMaxLayers];
+          for (int l = 0; l < p.L; ++l) zs[l] = saved.tile(l, p, item, t0);
+          mlp_forward_tile(p, ws, g, nt, zs);
+        }
+        score_tile(p, ws, g, nt, s + t0);
+      }
+      // Positions past the length are not computed: their saved rows are zeros.
+      for (int l = 0; l < p.L; ++l)
+        std::fill(saved.tile(l, p, item, n), saved.tile(l, p, item, T_), T(0));
+      normalize_and_pool(p, row, p.keys_of(row, e), n, s, scores + item * T_, out + item * D);
+    });
+  });
+}
+
+// The backward of the batch-statistics forward: layer by layer over the batch, since the
+// statistics' part of layer l's dz needs every position's gradient of layer l first.
+template <typename T>
+BackwardResult dice_stats_backward(Problem<T>& p, const SavedZ<T>& saved, const DiceStats<T>& stats,
+                                   const at::Tensor& key_index, const T* gout, const T* gscores,
+                                   const T* scores, const at::TensorOptions& opts) {
+  BackwardState<T> st(p, opts);
+  const int top = static_cast<int>(p.L) - 1;
+  // dz of the layer being processed, (B, E, T, H_l), the activation's part only.
+  std::vector<at::Tensor> dz_store(p.L);
+  for (int l = 0; l < p.L; ++l) dz_store[l] = at::empty({p.B * p.E * p.T_ * p.H[l]}, opts);
+  auto dz_tile = [&](int l, int64_t item, int64_t t0) {
+    return dz_store[l].template data_ptr<T>() + (item * p.T_ + t0) * p.H[l];
+  };
+  std::vector<T> c0, c1;
+  // Layer l's statistics part: sums the blocks' dscale/dshift, turns them into
+  // dgamma/dbeta (kept in block 0) and the coefficients c0, c1.
+  auto finish_layer = [&](int l) {
+    std::vector<at::Tensor>& ap0 = st.grads[0].ap;
+    for (int64_t c = 1; c < st.blocks; ++c)
+      for (int i = 0; i < 3; ++i) {
+        ap0[l * 3 + i] += st.grads[c].ap[l * 3 + i];
+        st.grads[c].ap[l * 3 + i].zero_();
+      }
+    stats.backward(p, l, ap0[l * 3 + 1].template data_ptr<T>(), ap0[l * 3 + 2].template data_ptr<T>(),
+                   c0, c1);
+  };
+  // dz of nt rows of layer l: the activation's part plus the statistics'.
+  auto complete_dz = [&](int l, int64_t g, int64_t nt, const T* z, T* dz) {
+    const int64_t Hl = p.H[l];
+    const T* a = c0.data() + g * Hl;
+    const T* m = c1.data() + g * Hl;
+    for (int64_t i = 0; i < nt; ++i)
+      for (int64_t j = 0; j < Hl; ++j) dz[i * Hl + j] += a[j] + m[j] * z[i * Hl + j];
+  };
+  for_each_block(p.B, st.blocks, [&](int64_t c, int64_t b0, int64_t b1) {
+    Workspace<T> ws(p, true);
+    for_each_item(p, b0, b1, [&](int64_t, int64_t e, int64_t item, int64_t row, int64_t g, int64_t n) {
+      score_gradients(p, row, p.keys_of(row, e), n, gout + item * p.D,
+                      gscores ? gscores + item * p.T_ : nullptr, scores + item * p.T_, ws.ds.data());
+      for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
+        const int64_t nt = std::min(kTileRows, n - t0);
+        const T* z = saved.tile(top, p, item, t0);
+        layer_activation(p, top, g, nt, z, ws.h[top].data());
+        top_backward_tile(p, ws, st.grads[c], g, nt, ws.ds.data() + t0, z, ws.h[top].data(),
+                          dz_tile(top, item, t0));
+      }
+    });
+  });
+  for (int l = top; l > 0; --l) {
+    finish_layer(l);
+    for_each_block(p.B, st.blocks, [&](int64_t c, int64_t b0, int64_t b1) {
+      Workspace<T> ws(p, true);
+      for_each_item(p, b0, b1, [&](int64_t, int64_t, int64_t item, int64_t, int64_t g, int64_t n) {
+        for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
+          const int64_t nt = std::min(kTileRows, n - t0);
+          T* dz = dz_tile(l, item, t0);
+          complete_dz(l, g, nt, saved.tile(l, p, item, t0), dz);
+          const T* z_prev = saved.tile(l - 1, p, item, t0);
+          layer_activation(p, l - 1, g, nt, z_prev, ws.h[l - 1].data());
+          hidden_backward_tile(p, ws, st.grads[c], l, g, nt, dz, z_prev, ws.h[l - 1].data(),
+                               dz_tile(l - 1, item, t0));
+        }
+      });
+    });
+  }
+  finish_layer(0);
+  for_each_block(p.B, st.blocks, [&](int64_t c, int64_t b0, int64_t b1) {
+    Workspace<T> ws(p, true);
+    for_each_item(p, b0, b1, [&](int64_t b, int64_t e, int64_t item, int64_t row, int64_t g, int64_t n) {
+      first_layer_setup(p, ws, p.query_of(b, e), g, true);
+      std::fill(ws.dm.begin(), ws.dm.end(), T(0));
+      std::fill(ws.dqterm.begin(), ws.dqterm.end(), T(0));
+      for (int64_t t0 = 0; t0 < n; t0 += kTileRows) {
+        const int64_t nt = std::min(kTileRows, n - t0);
+        load_keys(p, ws, p.keys_of(row, e), row, t0, nt);
+        T* dz = dz_tile(0, item, t0);
+        complete_dz(0, g, nt, saved.tile(0, p, item, t0), dz);
+        first_backward_tile(p, ws, nt, dz);
+        write_key_gradients(p, ws, row, t0, nt, scores + item * p.T_, gout + item * p.D,
+                          st.gk_of(p, item));
+      }
+      first_layer_backward(p, ws, st.grads[c], p.query_of(b, e), st.gq_of(p, b, e), g);
+    });
+  });
+  return st.finish(p, key_index, opts);
 }
 
 // ---- operator entry points --------------------------------------------------------------
@@ -958,25 +1240,50 @@ std::vector<at::Tensor> contig(at::TensorList ts) {
   return out;
 }
 
+// The contiguous arguments shared by every operator.
+struct Args {
+  at::Tensor query, keys, out_weight, out_bias;
+  std::optional<at::Tensor> key_index, lengths, mask;
+  std::vector<at::Tensor> weights, biases, act_params;
+  Act act;
+  Args(const at::Tensor& query_, const at::Tensor& keys_, const std::optional<at::Tensor>& key_index_,
+       const std::optional<at::Tensor>& lengths_, const std::optional<at::Tensor>& mask_,
+       at::TensorList weights_, at::TensorList biases_, const at::Tensor& out_weight_,
+       const at::Tensor& out_bias_, at::TensorList act_params_, c10::string_view activation) {
+    check_inputs(query_, keys_, key_index_, lengths_, mask_);
+    query = query_.contiguous();
+    keys = keys_.contiguous();
+    key_index = contig(key_index_);
+    lengths = contig(lengths_);
+    mask = contig(mask_);
+    weights = contig(weights_);
+    biases = contig(biases_);
+    act_params = contig(act_params_);
+    out_weight = out_weight_.contiguous();
+    out_bias = out_bias_.contiguous();
+    act = parse_activation(std::string(activation));
+  }
+  template <typename T>
+  Problem<T> problem(c10::string_view normalization) const {
+    return make_problem<T>(query, keys, key_index, lengths, mask, weights, biases, out_weight,
+                           out_bias, act_params, act, normalization);
+  }
+  at::Tensor key_index_or_undefined() const { return key_index ? *key_index : at::Tensor(); }
+};
+
 std::tuple<at::Tensor, at::Tensor> target_attention_cpu_forward(
     const at::Tensor& query_, const at::Tensor& keys_, const std::optional<at::Tensor>& key_index_,
     const std::optional<at::Tensor>& lengths_, const std::optional<at::Tensor>& mask_,
     at::TensorList weights_, at::TensorList biases_, const at::Tensor& out_weight_,
     const at::Tensor& out_bias_, at::TensorList act_params_, c10::string_view activation,
     c10::string_view normalization) {
-  check_inputs(query_, keys_, key_index_, lengths_, mask_);
-  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
-  const auto key_index = contig(key_index_), lengths = contig(lengths_), mask = contig(mask_);
-  const auto weights = contig(weights_), biases = contig(biases_), act_params = contig(act_params_);
-  const at::Tensor out_weight = out_weight_.contiguous(), out_bias = out_bias_.contiguous();
-  const Act act = parse_activation(std::string(activation));
-  const int64_t B = query.size(0), E = keys.size(1), T_ = keys.size(2), D = query.size(2);
-  at::Tensor out = at::empty({B, E, D}, query.options());
-  at::Tensor scores = at::empty({B, E, T_}, query.options());
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "target_attention_cpu_forward", [&] {
-    auto p = make_problem<scalar_t>(query, keys, key_index, lengths, mask, weights, biases,
-                                    out_weight, out_bias, act_params, act, Mode::kForward);
-    p.softmax = normalization == "softmax";
+  const Args a(query_, keys_, key_index_, lengths_, mask_, weights_, biases_, out_weight_,
+               out_bias_, act_params_, activation);
+  const int64_t B = a.query.size(0), E = a.keys.size(1), T_ = a.keys.size(2), D = a.query.size(2);
+  at::Tensor out = at::empty({B, E, D}, a.query.options());
+  at::Tensor scores = at::empty({B, E, T_}, a.query.options());
+  AT_DISPATCH_FLOATING_TYPES(a.query.scalar_type(), "target_attention_cpu_forward", [&] {
+    const auto p = a.problem<scalar_t>(normalization);
     scalar_t* o = out.data_ptr<scalar_t>();
     scalar_t* s = scores.data_ptr<scalar_t>();
     for_each_block(B, num_blocks(B), [&](int64_t, int64_t b0, int64_t b1) {
@@ -996,68 +1303,127 @@ BackwardResult target_attention_cpu_backward(
     const std::optional<at::Tensor>& mask_, at::TensorList weights_, at::TensorList biases_,
     const at::Tensor& out_weight_, const at::Tensor& out_bias_, at::TensorList act_params_,
     c10::string_view activation, c10::string_view normalization) {
-  check_inputs(query_, keys_, key_index_, lengths_, mask_);
-  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
-  const auto key_index = contig(key_index_), lengths = contig(lengths_), mask = contig(mask_);
-  const auto weights = contig(weights_), biases = contig(biases_), act_params = contig(act_params_);
-  const at::Tensor out_weight = out_weight_.contiguous(), out_bias = out_bias_.contiguous();
+  const Args a(query_, keys_, key_index_, lengths_, mask_, weights_, biases_, out_weight_,
+               out_bias_, act_params_, activation);
   const at::Tensor grad_out = grad_out_.contiguous(), scores = scores_.contiguous();
   const auto grad_scores = contig(grad_scores_);
-  const Act act = parse_activation(std::string(activation));
   BackwardResult result;
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "target_attention_cpu_backward", [&] {
-    auto p = make_problem<scalar_t>(query, keys, key_index, lengths, mask, weights, biases,
-                                    out_weight, out_bias, act_params, act, Mode::kForward);
-    p.softmax = normalization == "softmax";
+  AT_DISPATCH_FLOATING_TYPES(a.query.scalar_type(), "target_attention_cpu_backward", [&] {
+    const auto p = a.problem<scalar_t>(normalization);
     result = backward_impl<scalar_t>(
-        p, key_index ? *key_index : at::Tensor(), grad_out.data_ptr<scalar_t>(),
+        p, SavedZ<scalar_t>(), a.key_index_or_undefined(), grad_out.data_ptr<scalar_t>(),
         grad_scores ? grad_scores->data_ptr<scalar_t>() : nullptr, scores.data_ptr<scalar_t>(),
-        nullptr, nullptr, query.options());
+        a.query.options());
   });
   return result;
 }
 
-at::Tensor target_attention_cpu_stats(const at::Tensor& query_, const at::Tensor& keys_,
-                                      const std::optional<at::Tensor>& key_index_,
-                                      at::TensorList weights_, at::TensorList biases_,
-                                      at::TensorList act_params_) {
-  check_inputs(query_, keys_, key_index_, std::nullopt, std::nullopt);
-  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
-  const auto key_index = contig(key_index_);
-  const auto weights = contig(weights_), biases = contig(biases_), act_params = contig(act_params_);
-  at::Tensor out;
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "target_attention_cpu_stats", [&] {
-    auto p = make_problem<scalar_t>(query, keys, key_index, std::nullopt, std::nullopt, weights,
-                                    biases, std::nullopt, std::nullopt, act_params, Act::kDice,
-                                    Mode::kStats);
-    out = stats_impl(p, query.options());
-  });
-  return out;
+// The training forward's problem: the activation parameters, and for Dice with batch
+// statistics (dice_eps given) [alpha, gamma, beta] per layer turned into the statistics.
+template <typename T>
+Problem<T> train_problem(const Args& a, c10::string_view normalization,
+                         const std::optional<at::ArrayRef<double>>& dice_eps,
+                         DiceStats<T>& stats) {
+  Problem<T> p = a.problem<T>(normalization);
+  if (dice_eps) {
+    TORCH_CHECK(p.act == Act::kDice, "dice_eps: only for the dice activation");
+    p.all_positions = true;
+    TORCH_CHECK(static_cast<int64_t>(dice_eps->size()) == p.L, "dice_eps: one per layer");
+    stats.count = static_cast<double>(p.B) * p.T_ * (p.G > 1 ? 1 : p.E);
+    for (int l = 0; l < p.L; ++l) {
+      stats.eps[l] = (*dice_eps)[l];
+      stats.gamma[l] = p.ap[l][1];
+      stats.beta[l] = p.ap[l][2];
+    }
+  }
+  return p;
 }
 
-std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-           std::vector<at::Tensor>>
-target_attention_cpu_stats_backward(const at::Tensor& grad_stats_, const at::Tensor& stats_,
-                                    const at::Tensor& query_, const at::Tensor& keys_,
-                                    const std::optional<at::Tensor>& key_index_,
-                                    at::TensorList weights_, at::TensorList biases_,
-                                    at::TensorList act_params_) {
-  check_inputs(query_, keys_, key_index_, std::nullopt, std::nullopt);
-  const at::Tensor query = query_.contiguous(), keys = keys_.contiguous();
-  const auto key_index = contig(key_index_);
-  const auto weights = contig(weights_), biases = contig(biases_), act_params = contig(act_params_);
-  const at::Tensor grad_stats = grad_stats_.contiguous(), stats = stats_.contiguous();
-  std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>,
-             std::vector<at::Tensor>>
-      result;
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "target_attention_cpu_stats_backward", [&] {
-    auto p = make_problem<scalar_t>(query, keys, key_index, std::nullopt, std::nullopt, weights,
-                                    biases, std::nullopt, std::nullopt, act_params, Act::kDice,
-                                    Mode::kStats);
-    auto r = backward_impl<scalar_t>(p, key_index ? *key_index : at::Tensor(),
-                                     nullptr, nullptr, nullptr, grad_stats.data_ptr<scalar_t>(),
-                                     stats.data_ptr<scalar_t>(), query.options());
-    result = {std::get<0>(r), std::get<1>(r), std::get<2>(r), std::get<3>(r), std::get<6>(r)};
+template <typename T>
+SavedZ<T> saved_from(const std::vector<at::Tensor>& zs) {
+  SavedZ<T> s;
+  for (size_t l = 0; l < zs.size(); ++l) s.z[l] = zs[l].data_ptr<T>();
+  return s;
+}
+
+std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>
+target_attention_cpu_train(const at::Tensor& query_, const at::Tensor& keys_,
+                           const std::optional<at::Tensor>& key_index_,
+                           const std::optional<at::Tensor>& lengths_,
+                           const std::optional<at::Tensor>& mask_, at::TensorList weights_,
+                           at::TensorList biases_, const at::Tensor& out_weight_,
+                           const at::Tensor& out_bias_, at::TensorList act_params_,
+                           c10::string_view activation, c10::string_view normalization,
+                           std::optional<at::ArrayRef<double>> dice_eps) {
+  const Args a(query_, keys_, key_index_, lengths_, mask_, weights_, biases_, out_weight_,
+               out_bias_, act_params_, activation);
+  const auto opts = a.query.options();
+  const int64_t B = a.query.size(0), E = a.keys.size(1), T_ = a.keys.size(2), D = a.query.size(2);
+  at::Tensor out = at::empty({B, E, D}, opts);
+  at::Tensor scores = at::empty({B, E, T_}, opts);
+  std::vector<at::Tensor> zs, stats_out;
+  for (const auto& w : a.weights) zs.push_back(at::empty({B, E, T_, w.size(1)}, opts));
+  AT_DISPATCH_FLOATING_TYPES(a.query.scalar_type(), "target_attention_cpu_train", [&] {
+    DiceStats<scalar_t> stats;
+    auto p = train_problem<scalar_t>(a, normalization, dice_eps, stats);
+    train_forward<scalar_t>(p, saved_from<scalar_t>(zs), dice_eps ? &stats : nullptr,
+                            out.data_ptr<scalar_t>(), scores.data_ptr<scalar_t>());
+    if (dice_eps) {
+      for (int l = 0; l < p.L; ++l) {
+        at::Tensor st = at::empty({p.G, 2, p.H[l]}, opts);
+        scalar_t* o = st.data_ptr<scalar_t>();
+        for (int64_t g = 0; g < p.G; ++g) {
+          const int64_t H = p.H[l];
+          std::copy_n(stats.mean[l].data() + g * H, H, o + (g * 2) * H);
+          std::copy_n(stats.var[l].data() + g * H, H, o + (g * 2 + 1) * H);
+        }
+        stats_out.push_back(st);
+      }
+    }
+  });
+  return {out, scores, zs, stats_out};
+}
+
+BackwardResult target_attention_cpu_train_backward(
+    const at::Tensor& grad_out_, const std::optional<at::Tensor>& grad_scores_,
+    const at::Tensor& scores_, at::TensorList pre_activations, at::TensorList stats_,
+    const at::Tensor& query_, const at::Tensor& keys_, const std::optional<at::Tensor>& key_index_,
+    const std::optional<at::Tensor>& lengths_, const std::optional<at::Tensor>& mask_,
+    at::TensorList weights_, at::TensorList biases_, const at::Tensor& out_weight_,
+    const at::Tensor& out_bias_, at::TensorList act_params_, c10::string_view activation,
+    c10::string_view normalization, std::optional<at::ArrayRef<double>> dice_eps) {
+  const Args a(query_, keys_, key_index_, lengths_, mask_, weights_, biases_, out_weight_,
+               out_bias_, act_params_, activation);
+  const at::Tensor grad_out = grad_out_.contiguous(), scores = scores_.contiguous();
+  const auto grad_scores = contig(grad_scores_);
+  const auto zs = contig(pre_activations), st = contig(stats_);
+  TORCH_CHECK(zs.size() == a.weights.size(), "pre_activations: one per layer");
+  TORCH_CHECK(st.size() == (dice_eps ? a.weights.size() : 0), "stats: one per layer with dice_eps");
+  BackwardResult result;
+  AT_DISPATCH_FLOATING_TYPES(a.query.scalar_type(), "target_attention_cpu_train_backward", [&] {
+    const scalar_t* gs = grad_scores ? grad_scores->data_ptr<scalar_t>() : nullptr;
+    DiceStats<scalar_t> stats;
+    auto p = train_problem<scalar_t>(a, normalization, dice_eps, stats);
+    const auto saved = saved_from<scalar_t>(zs);
+    if (!dice_eps) {
+      result = backward_impl<scalar_t>(p, saved, a.key_index_or_undefined(),
+                                       grad_out.data_ptr<scalar_t>(), gs,
+                                       scores.data_ptr<scalar_t>(), a.query.options());
+      return;
+    }
+    for (int l = 0; l < p.L; ++l) {
+      const int64_t H = p.H[l];
+      std::vector<scalar_t> mu(p.G * H), v(p.G * H);
+      const scalar_t* s = st[l].data_ptr<scalar_t>();
+      for (int64_t g = 0; g < p.G; ++g) {
+        std::copy_n(s + (g * 2) * H, H, mu.data() + g * H);
+        std::copy_n(s + (g * 2 + 1) * H, H, v.data() + g * H);
+      }
+      stats.set(p, l, std::move(mu), std::move(v));
+    }
+    result = dice_stats_backward<scalar_t>(p, saved, stats, a.key_index_or_undefined(),
+                                           grad_out.data_ptr<scalar_t>(), gs,
+                                           scores.data_ptr<scalar_t>(), a.query.options());
   });
   return result;
 }
@@ -1066,7 +1432,8 @@ target_attention_cpu_stats_backward(const at::Tensor& grad_stats_, const at::Ten
 
 TORCH_LIBRARY_FRAGMENT(interest_kernels, m) {
   // Fused target attention on the canonical layout of the header comment; returns the
-  // pooled output (B, E, D) and the attention weights (B, E, T).
+  // pooled output (B, E, D) and the attention weights (B, E, T). Writes nothing of size
+  // (B, T, H); its backward recomputes the hidden layers.
   m.def(
       "target_attention_cpu(Tensor query, Tensor keys, Tensor? key_index, Tensor? lengths, "
       "Tensor? mask, Tensor[] weights, Tensor[] biases, Tensor out_weight, Tensor out_bias, "
@@ -1077,23 +1444,29 @@ TORCH_LIBRARY_FRAGMENT(interest_kernels, m) {
       "Tensor[] weights, Tensor[] biases, Tensor out_weight, Tensor out_bias, "
       "Tensor[] act_params, str activation, str normalization) -> (Tensor, Tensor, Tensor[], "
       "Tensor[], Tensor, Tensor, Tensor[])");
-  // Batch mean and biased variance (G, 2, H_L) of the last given layer's pre-activation
-  // over every position (padding included, as Dice's batch statistics are); the layers
-  // before it use Dice with the given [alpha, scale, shift] per layer.
+  // The training form: also returns each layer's pre-activation (B, E, T, H_l) for its
+  // backward (rows past a history's length are zeros). With dice_eps, Dice normalises
+  // with batch statistics over every position (padding included): act_params are then
+  // [alpha, gamma, beta] per layer, and stats the batch mean and biased variance
+  // (G, 2, H_l) per layer (empty list without dice_eps).
   m.def(
-      "target_attention_cpu_stats(Tensor query, Tensor keys, Tensor? key_index, "
-      "Tensor[] weights, Tensor[] biases, Tensor[] act_params) -> Tensor");
+      "target_attention_cpu_train(Tensor query, Tensor keys, Tensor? key_index, Tensor? lengths, "
+      "Tensor? mask, Tensor[] weights, Tensor[] biases, Tensor out_weight, Tensor out_bias, "
+      "Tensor[] act_params, str activation, str normalization, float[]? dice_eps) -> "
+      "(Tensor, Tensor, Tensor[], Tensor[])");
   m.def(
-      "target_attention_cpu_stats_backward(Tensor grad_stats, Tensor stats, Tensor query, "
-      "Tensor keys, Tensor? key_index, Tensor[] weights, Tensor[] biases, "
-      "Tensor[] act_params) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor[])");
+      "target_attention_cpu_train_backward(Tensor grad_out, Tensor? grad_scores, Tensor scores, "
+      "Tensor[] pre_activations, Tensor[] stats, Tensor query, Tensor keys, Tensor? key_index, "
+      "Tensor? lengths, Tensor? mask, Tensor[] weights, Tensor[] biases, Tensor out_weight, "
+      "Tensor out_bias, Tensor[] act_params, str activation, str normalization, "
+      "float[]? dice_eps) -> (Tensor, Tensor, Tensor[], Tensor[], Tensor, Tensor, Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(interest_kernels, CPU, m) {
   m.impl("target_attention_cpu", &target_attention_cpu_forward);
   m.impl("target_attention_cpu_backward", &target_attention_cpu_backward);
-  m.impl("target_attention_cpu_stats", &target_attention_cpu_stats);
-  m.impl("target_attention_cpu_stats_backward", &target_attention_cpu_stats_backward);
+  m.impl("target_attention_cpu_train", &target_attention_cpu_train);
+  m.impl("target_attention_cpu_train_backward", &target_attention_cpu_train_backward);
 }
 
 }  // namespace target_attention

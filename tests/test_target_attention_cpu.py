@@ -9,6 +9,7 @@ import torch
 
 from interest_kernels import use_backend
 from interest_kernels.ops.target_attention import target_attention, target_attention_reference
+from interest_kernels.ops.target_attention import cpu as ta_cpu
 from interest_kernels.ops.target_attention.cpu import unavailable_reason
 from interest_kernels.testing import check_against_reference
 
@@ -68,11 +69,15 @@ def test_opcheck_forward(cfg):
     torch.library.opcheck(OPS.target_attention_cpu, tuple(args.values()) + (activation, "softmax"))
 
 
-def test_opcheck_stats():
-    args, units = _op_args(activation="dice", heads=1)
-    stats_args = (args["query"], args["keys"], None, args["weights"], args["biases"],
-                  args["act_params"][:3])
-    torch.library.opcheck(OPS.target_attention_cpu_stats, stats_args)
+@pytest.mark.parametrize("cfg", [dict(), dict(activation="dice", rows=2, dice_eps=True),
+                                 dict(activation="dice", per_head=True, dice_eps=True)])
+def test_opcheck_train(cfg):
+    cfg = dict(cfg)
+    dice_eps = [1e-5, 1e-3] if cfg.pop("dice_eps", False) else None
+    args, _ = _op_args(**cfg)
+    activation = cfg.get("activation", "sigmoid")
+    torch.library.opcheck(OPS.target_attention_cpu_train,
+                          tuple(args.values()) + (activation, "softmax", dice_eps))
 
 
 @pytest.mark.parametrize("cfg", [
@@ -102,14 +107,29 @@ def test_gradcheck_through_the_op(cfg, normalization):
     assert torch.autograd.gradcheck(fn, tuple(flat), atol=1e-7, rtol=1e-5)
 
 
-def test_gradcheck_stats():
-    args, _ = _op_args(activation="dice", layers=2, rows=2)
-    tensors = (args["query"], args["keys"], *args["weights"], *args["biases"], *args["act_params"][:3])
+@pytest.mark.parametrize("cfg", [dict(activation="prelu", rows=2),
+                                 dict(activation="dice", rows=2, dice_eps=True),
+                                 dict(activation="dice", heads=2, per_head=True, layers=3, dice_eps=True)])
+def test_gradcheck_train(cfg):
+    """The training operator (pre-activations saved; Dice with batch statistics)."""
+    cfg = dict(cfg)
+    dice_eps = [1e-3] * cfg.get("layers", 2) if cfg.pop("dice_eps", False) else None
+    args, _ = _op_args(**cfg)
+    activation = cfg.get("activation", "sigmoid")
+    lists = {name: len(v) for name, v in args.items() if isinstance(v, list)}
+    fixed = {name: v for name, v in args.items() if not isinstance(v, list) and name in ("key_index", "lengths", "mask")}
+    names = [n for n in args if n not in fixed]
+    flat = [t for n in names for t in (args[n] if n in lists else [args[n]])]
 
-    def fn(q, k, w0, w1, c0, c1, a, s, t):
-        return OPS.target_attention_cpu_stats(q, k, args["key_index"], [w0, w1], [c0, c1], [a, s, t])
+    def fn(*tensors):
+        it = iter(tensors)
+        kw = {n: ([next(it) for _ in range(lists[n])] if n in lists else next(it)) for n in names}
+        kw.update(fixed)
+        ordered = [kw[n] for n in args]
+        out, scores, _, _ = OPS.target_attention_cpu_train(*ordered, activation, "softmax", dice_eps)
+        return out, scores
 
-    assert torch.autograd.gradcheck(fn, tensors, atol=1e-7, rtol=1e-5)
+    assert torch.autograd.gradcheck(fn, tuple(flat), atol=1e-7, rtol=1e-5)
 
 
 # --- awkward cases against the reference ----------------------------------------------------
@@ -174,9 +194,12 @@ def test_non_contiguous_inputs(valid, rows):
 @pytest.mark.parametrize("activation", ["sigmoid", "prelu", "dice"])
 @pytest.mark.parametrize("valid", ["lengths", "mask"])
 @pytest.mark.parametrize("rows", [None, 3])
-def test_padding_never_read(activation, valid, rows):
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
+def test_padding_never_read(activation, valid, rows, saved, monkeypatch):
     """NaN and Inf in padded keys and padded upstream score gradients reach no output and
-    no gradient; padded key positions get a zero gradient."""
+    no gradient; padded key positions get a zero gradient (backward reading the saved
+    pre-activations, or recomputing them)."""
+    monkeypatch.setattr(ta_cpu, "SAVE_PRE_ACTIVATIONS", saved)
     inp = cases.make_case(activation=activation, valid=valid, rows=rows, batch=5, seq_len=6)
     n_rows = rows or 5
     if valid == "lengths":
