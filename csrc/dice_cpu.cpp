@@ -27,18 +27,15 @@ namespace {
 
 constexpr int64_t kChunkRows = 1024;
 
-// Sums over the rows of each column of f(row, column), in double: per chunk, then the
-// chunks in order. `f` writes `width` values per (row, column).
+// Column sums in double of `width` planes of C values: f(begin, end, acc) adds rows
+// [begin, end) into acc (width * C); per chunk of rows, then the chunks in order.
 template <typename F>
 std::vector<double> column_sums(int64_t rows, int64_t cols, int width, const F& f) {
   const int64_t chunks = (rows + kChunkRows - 1) / kChunkRows;
   std::vector<double> partial(static_cast<size_t>(chunks * cols * width), 0.0);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t k = begin; k < end; ++k) {
-      double* acc = partial.data() + k * cols * width;
-      const int64_t last = std::min(rows, (k + 1) * kChunkRows);
-      for (int64_t n = k * kChunkRows; n < last; ++n) f(n, acc);
-    }
+    for (int64_t k = begin; k < end; ++k)
+      f(k * kChunkRows, std::min(rows, (k + 1) * kChunkRows), partial.data() + k * cols * width);
   });
   std::vector<double> total(static_cast<size_t>(cols * width), 0.0);
   for (int64_t k = 0; k < chunks; ++k)
@@ -95,22 +92,151 @@ IK_INLINE T sigmoid(T v) {
   return T(1) / (T(1) + fast_exp(-v));
 }
 
+// ---- row kernels (float32 ones compiled per instruction set) ------------------------------
+
+// acc[c] += x (mu null) or (x - mu[c])^2 over rows [begin, end).
+template <typename T>
+IK_INLINE void stat_rows(const T* __restrict xs, int64_t begin, int64_t end, int64_t C,
+                         const double* __restrict mu, double* __restrict acc) {
+  for (int64_t n = begin; n < end; ++n) {
+    const T* __restrict xr = xs + n * C;
+    if (mu == nullptr) {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) acc[c] += xr[c];
+    } else {
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const double d = xr[c] - mu[c];
+        acc[c] += d * d;
+      }
+    }
+  }
+}
+
+template <typename T>
+IK_INLINE void apply_rows(const T* __restrict xs, T* __restrict o, int64_t begin, int64_t end, int64_t C,
+                          const T* __restrict scale, const T* __restrict shift, const T* __restrict al) {
+  for (int64_t n = begin; n < end; ++n) {
+    const T* __restrict xr = xs + n * C;
+    T* __restrict orow = o + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T q = sigmoid(scale[c] * xr[c] + shift[c]);
+      orow[c] = xr[c] * (al[c] + q * (T(1) - al[c]));
+    }
+  }
+}
+
+// Per column, three planes of acc: sum d_out x (1 - p) (alpha), sum dy (bias), sum dy xhat
+// (weight), with dy = d_out x (1 - alpha) p (1 - p) the gradient of the pre-sigmoid value.
+template <typename T>
+IK_INLINE void grad_sum_rows(const T* __restrict xs, const T* __restrict gs, int64_t begin, int64_t end,
+                             int64_t C, const T* __restrict scale, const T* __restrict shift,
+                             const T* __restrict al, const T* __restrict mus, const T* __restrict iss,
+                             double* __restrict acc) {
+  double* __restrict a_alpha = acc;
+  double* __restrict a_dy = acc + C;
+  double* __restrict a_dyx = acc + 2 * C;
+  for (int64_t n = begin; n < end; ++n) {
+    const T* __restrict xr = xs + n * C;
+    const T* __restrict gr = gs + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T q = sigmoid(scale[c] * xr[c] + shift[c]);
+      const T dy = gr[c] * xr[c] * (T(1) - al[c]) * q * (T(1) - q);
+      a_alpha[c] += gr[c] * xr[c] * (T(1) - q);
+      a_dy[c] += dy;
+      a_dyx[c] += dy * (xr[c] - mus[c]) * iss[c];
+    }
+  }
+}
+
+// dx = d_out (alpha + p (1 - alpha)) + w invstd (dy - mean dy - xhat mean(dy xhat)); the
+// means are zero in eval.
+template <typename T>
+IK_INLINE void grad_dx_rows(const T* __restrict xs, const T* __restrict gs, T* __restrict d, int64_t begin,
+                            int64_t end, int64_t C, const T* __restrict scale, const T* __restrict shift,
+                            const T* __restrict al, const T* __restrict mus, const T* __restrict iss,
+                            const T* __restrict k, const T* __restrict m_dy, const T* __restrict m_dyx) {
+  for (int64_t n = begin; n < end; ++n) {
+    const T* __restrict xr = xs + n * C;
+    const T* __restrict gr = gs + n * C;
+    T* __restrict dr = d + n * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T q = sigmoid(scale[c] * xr[c] + shift[c]);
+      const T dy = gr[c] * xr[c] * (T(1) - al[c]) * q * (T(1) - q);
+      const T xhat = (xr[c] - mus[c]) * iss[c];
+      dr[c] = gr[c] * (al[c] + q * (T(1) - al[c])) + k[c] * (dy - m_dy[c] - xhat * m_dyx[c]);
+    }
+  }
+}
+
+IK_CLONES void stat_rows_f32(const float* xs, int64_t b, int64_t e, int64_t C, const double* mu, double* acc) {
+  stat_rows(xs, b, e, C, mu, acc);
+}
+IK_CLONES void apply_rows_f32(const float* xs, float* o, int64_t b, int64_t e, int64_t C, const float* scale,
+                              const float* shift, const float* al) {
+  apply_rows(xs, o, b, e, C, scale, shift, al);
+}
+IK_CLONES void grad_sum_rows_f32(const float* xs, const float* gs, int64_t b, int64_t e, int64_t C,
+                                 const float* scale, const float* shift, const float* al, const float* mus,
+                                 const float* iss, double* acc) {
+  grad_sum_rows(xs, gs, b, e, C, scale, shift, al, mus, iss, acc);
+}
+IK_CLONES void grad_dx_rows_f32(const float* xs, const float* gs, float* d, int64_t b, int64_t e, int64_t C,
+                                const float* scale, const float* shift, const float* al, const float* mus,
+                                const float* iss, const float* k, const float* m_dy, const float* m_dyx) {
+  grad_dx_rows(xs, gs, d, b, e, C, scale, shift, al, mus, iss, k, m_dy, m_dyx);
+}
+void run_stat(const float* xs, int64_t b, int64_t e, int64_t C, const double* mu, double* acc) {
+  stat_rows_f32(xs, b, e, C, mu, acc);
+}
+void run_stat(const double* xs, int64_t b, int64_t e, int64_t C, const double* mu, double* acc) {
+  stat_rows(xs, b, e, C, mu, acc);
+}
+void run_apply(const float* xs, float* o, int64_t b, int64_t e, int64_t C, const float* sc, const float* sh,
+               const float* al) {
+  apply_rows_f32(xs, o, b, e, C, sc, sh, al);
+}
+void run_apply(const double* xs, double* o, int64_t b, int64_t e, int64_t C, const double* sc,
+               const double* sh, const double* al) {
+  apply_rows(xs, o, b, e, C, sc, sh, al);
+}
+void run_grad_sum(const float* xs, const float* gs, int64_t b, int64_t e, int64_t C, const float* sc,
+                  const float* sh, const float* al, const float* mus, const float* iss, double* acc) {
+  grad_sum_rows_f32(xs, gs, b, e, C, sc, sh, al, mus, iss, acc);
+}
+void run_grad_sum(const double* xs, const double* gs, int64_t b, int64_t e, int64_t C, const double* sc,
+                  const double* sh, const double* al, const double* mus, const double* iss, double* acc) {
+  grad_sum_rows(xs, gs, b, e, C, sc, sh, al, mus, iss, acc);
+}
+void run_grad_dx(const float* xs, const float* gs, float* d, int64_t b, int64_t e, int64_t C, const float* sc,
+                 const float* sh, const float* al, const float* mus, const float* iss, const float* k,
+                 const float* m_dy, const float* m_dyx) {
+  grad_dx_rows_f32(xs, gs, d, b, e, C, sc, sh, al, mus, iss, k, m_dy, m_dyx);
+}
+void run_grad_dx(const double* xs, const double* gs, double* d, int64_t b, int64_t e, int64_t C,
+                 const double* sc, const double* sh, const double* al, const double* mus, const double* iss,
+                 const double* k, const double* m_dy, const double* m_dyx) {
+  grad_dx_rows(xs, gs, d, b, e, C, sc, sh, al, mus, iss, k, m_dy, m_dyx);
+}
+
+// ---- the ops ------------------------------------------------------------------------------
+
 template <typename T>
 void forward_impl(const Params& p, bool training, double eps, at::Tensor& mean, at::Tensor& var,
                   at::Tensor& invstd, at::Tensor& out) {
   const int64_t N = p.x.size(0), C = p.x.size(1);
   const T* xs = p.x.data_ptr<T>();
   if (training) {
-    const std::vector<double> sum = column_sums(N, C, 1, [&](int64_t n, double* acc) {
-      for (int64_t c = 0; c < C; ++c) acc[c] += xs[n * C + c];
+    const std::vector<double> sum = column_sums(N, C, 1, [&](int64_t b, int64_t e, double* acc) {
+      run_stat(xs, b, e, C, nullptr, acc);
     });
     std::vector<double> mu(C);
     for (int64_t c = 0; c < C; ++c) mu[c] = sum[c] / N;
-    const std::vector<double> sq = column_sums(N, C, 1, [&](int64_t n, double* acc) {
-      for (int64_t c = 0; c < C; ++c) {
-        const double d = xs[n * C + c] - mu[c];
-        acc[c] += d * d;
-      }
+    const std::vector<double> sq = column_sums(N, C, 1, [&](int64_t b, int64_t e, double* acc) {
+      run_stat(xs, b, e, C, mu.data(), acc);
     });
     for (int64_t c = 0; c < C; ++c) {
       mean.data_ptr<T>()[c] = static_cast<T>(mu[c]);
@@ -123,15 +249,7 @@ void forward_impl(const Params& p, bool training, double eps, at::Tensor& mean, 
   const T* al = p.alpha.data_ptr<T>();
   T* o = out.data_ptr<T>();
   at::parallel_for(0, N, kChunkRows, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const T* xr = xs + n * C;
-      T* orow = o + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T q = sigmoid(a.scale[c] * xr[c] + a.shift[c]);
-        orow[c] = xr[c] * (al[c] + q * (T(1) - al[c]));
-      }
-    }
+    run_apply(xs, o, begin, end, C, a.scale.data(), a.shift.data(), al);
   });
 }
 
@@ -177,44 +295,24 @@ void backward_impl(const Params& p, const at::Tensor& g, const at::Tensor& mu, c
   const T* mus = mu.data_ptr<T>();
   const T* iss = is.data_ptr<T>();
   const T* w = p.weight.defined() ? p.weight.data_ptr<T>() : nullptr;
-  // Per column: sum d_out x (1 - p) (alpha), sum dy (bias), sum dy xhat (weight), with
-  // dy = d_out x (1 - alpha) p (1 - p) the gradient of the pre-sigmoid value.
-  const std::vector<double> sums = column_sums(N, C, 3, [&](int64_t n, double* acc) {
-    for (int64_t c = 0; c < C; ++c) {
-      const T xv = xs[n * C + c], gv = gs[n * C + c];
-      const T q = sigmoid(a.scale[c] * xv + a.shift[c]);
-      const T dy = gv * xv * (T(1) - al[c]) * q * (T(1) - q);
-      acc[3 * c] += gv * xv * (T(1) - q);
-      acc[3 * c + 1] += dy;
-      acc[3 * c + 2] += dy * (xv - mus[c]) * iss[c];
-    }
+  const std::vector<double> sums = column_sums(N, C, 3, [&](int64_t b, int64_t e, double* acc) {
+    run_grad_sum(xs, gs, b, e, C, a.scale.data(), a.shift.data(), al, mus, iss, acc);
   });
   for (int64_t c = 0; c < C; ++c) {
-    d_alpha.data_ptr<T>()[c] = static_cast<T>(sums[3 * c]);
-    if (d_bias.numel()) d_bias.data_ptr<T>()[c] = static_cast<T>(sums[3 * c + 1]);
-    if (d_weight.numel()) d_weight.data_ptr<T>()[c] = static_cast<T>(sums[3 * c + 2]);
+    d_alpha.data_ptr<T>()[c] = static_cast<T>(sums[c]);
+    if (d_bias.numel()) d_bias.data_ptr<T>()[c] = static_cast<T>(sums[C + c]);
+    if (d_weight.numel()) d_weight.data_ptr<T>()[c] = static_cast<T>(sums[2 * C + c]);
   }
-  // dx = d_out (alpha + p (1 - alpha)) + w invstd (dy - [training] (mean dy + xhat mean(dy xhat)))
   std::vector<T> k(C), m_dy(C), m_dyx(C);
   for (int64_t c = 0; c < C; ++c) {
     k[c] = (w ? w[c] : T(1)) * iss[c];
-    m_dy[c] = training ? static_cast<T>(sums[3 * c + 1] / N) : T(0);
-    m_dyx[c] = training ? static_cast<T>(sums[3 * c + 2] / N) : T(0);
+    m_dy[c] = training ? static_cast<T>(sums[C + c] / N) : T(0);
+    m_dyx[c] = training ? static_cast<T>(sums[2 * C + c] / N) : T(0);
   }
   T* d = dx.data_ptr<T>();
   at::parallel_for(0, N, kChunkRows, [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const T* xr = xs + n * C;
-      const T* gr = gs + n * C;
-      T* dr = d + n * C;
-#pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T q = sigmoid(a.scale[c] * xr[c] + a.shift[c]);
-        const T dy = gr[c] * xr[c] * (T(1) - al[c]) * q * (T(1) - q);
-        const T xhat = (xr[c] - mus[c]) * iss[c];
-        dr[c] = gr[c] * (al[c] + q * (T(1) - al[c])) + k[c] * (dy - m_dy[c] - xhat * m_dyx[c]);
-      }
-    }
+    run_grad_dx(xs, gs, d, begin, end, C, a.scale.data(), a.shift.data(), al, mus, iss, k.data(),
+                m_dy.data(), m_dyx.data());
   });
 }
 

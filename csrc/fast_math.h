@@ -15,6 +15,13 @@ namespace interest_kernels {
 #define IK_INLINE inline
 #endif
 
+// A function compiled for several x86 instruction sets, the loader picking one.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define IK_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "avx", "default")))
+#else
+#define IK_CLONES
+#endif
+
 // exp(x) for float: range reduction x = k ln2 + r, a degree-6 polynomial for e^r, and 2^k
 // through the exponent bits. The argument is clamped to [-87, 87] (results stay finite and
 // normal) by comparing its magnitude's bits as integers: a float comparison in a select

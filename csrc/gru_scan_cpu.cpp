@@ -534,13 +534,8 @@ IK_INLINE void backward_reset_block(const BackwardStep<T>& a, int64_t begin, int
   }
 }
 
-// float32 passes compiled for several x86 instruction sets (the loader picks one); double
+// float32 passes compiled for several x86 instruction sets (IK_CLONES, fast_math.h); double
 // and other targets use the plain instantiation.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IK_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "avx", "default")))
-#else
-#define IK_CLONES
-#endif
 
 IK_CLONES void forward_block_f32(const ForwardStep<float>& a, int64_t begin, int64_t end) {
   forward_block(a, begin, end);
