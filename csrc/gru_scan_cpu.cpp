@@ -33,6 +33,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "fast_math.h"
+
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -66,39 +68,6 @@ bool parse_tensorflow(const std::string& variant) {
 }
 
 // ---- elementwise math -------------------------------------------------------------------
-
-#if defined(__GNUC__) && !defined(__clang__)
-#define IK_INLINE inline __attribute__((always_inline))
-#else
-#define IK_INLINE inline
-#endif
-
-// exp(x) for float: range reduction x = k ln2 + r, a degree-6 polynomial for e^r, and 2^k
-// through the exponent bits. The argument is clamped to [-87, 87] (results stay finite and
-// normal) by comparing its magnitude's bits as integers: a float comparison in a select
-// keeps GCC from vectorising the loop unless -fno-trapping-math. No branches, so loops
-// over it vectorise. Relative error a few ulp.
-IK_INLINE float fast_exp(float x) {
-  const int32_t bits = std::bit_cast<int32_t>(x);
-  const int32_t magnitude = bits & INT32_MAX;
-  const int32_t limit = std::bit_cast<int32_t>(87.0f);
-  x = std::bit_cast<float>((magnitude > limit ? limit : magnitude) | (bits & INT32_MIN));
-  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float k = x * 1.44269504088896341f + shifter;
-  k -= shifter;
-  float r = x - k * 0.693359375f;
-  r = r - k * (-2.12194440e-4f);
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(k) + 127) << 23);
-}
-
-IK_INLINE double fast_exp(double x) { return std::exp(x); }
 
 template <typename T>
 IK_INLINE T sigmoid(T x) {
@@ -267,30 +236,48 @@ IK_INLINE void forward_reset_block(const ForwardStep<T>& a, T* rh, int64_t rh_st
   }
 }
 
+// Units are processed in blocks of a fixed width W (one 512-bit vector of floats): the
+// compiler turns a block into straight vector code. The last, partial block of a row
+// (H % W units) goes through zero-padded copies on the stack instead of a scalar
+// epilogue, which at H = 36 cost as much as the two full blocks.
+template <typename T>
+constexpr int64_t kUnitBlock = 64 / sizeof(T);
+
+// Inputs of one block of units: the three gates' parts are `gs` elements apart.
+template <typename T>
+struct ForwardUnits {
+  const T *gi, *b, *gh, *ghn, *bhn, *h;
+  int64_t gs;
+};
+
+template <typename T>
+struct SavedUnits {
+  T *out, *h, *r, *z, *n, *x;
+};
+
 template <typename T, int MODE, bool TF, bool KEEP>
-IK_INLINE void forward_row(const ForwardStep<T>& a, int64_t i) {
-  const int64_t H = a.hidden;
-  const T* __restrict gi = a.gi + i * 3 * H;
-  const T* __restrict b = a.b_gi;
-  const T* __restrict gh = a.gh + i * (TF ? 2 * H : 3 * H);
-  const T* __restrict ghn = TF ? a.gh_n + i * H : a.b_hn;
-  const T* __restrict bhn = a.b_hn;
-  const T* __restrict h = a.h_prev + i * a.hp_stride;
-  const T at = (MODE == kAgru || MODE == kAugru) ? a.att[i] : T(0);
-  T* __restrict out = i < a.next_count ? a.h_next + i * a.hn_stride : a.h_last + a.perm[i] * H;
-  const Saved<T> sv = KEEP ? a.saved.at_row(i, H) : Saved<T>{};
-  T* __restrict sv_h = sv.h;
-  T* __restrict sv_r = sv.r;
-  T* __restrict sv_z = sv.z;
-  T* __restrict sv_n = sv.n;
-  T* __restrict sv_x = sv.x;
+IK_INLINE void forward_units(const ForwardUnits<T>& u, T at, const SavedUnits<T>& o) {
+  constexpr int64_t W = kUnitBlock<T>;
+  const int64_t gs = u.gs;
+  const T* __restrict gi = u.gi;
+  const T* __restrict b = u.b;
+  const T* __restrict gh = u.gh;
+  const T* __restrict ghn = u.ghn;
+  const T* __restrict bhn = u.bhn;
+  const T* __restrict h = u.h;
+  T* __restrict out = o.out;
+  T* __restrict sv_h = o.h;
+  T* __restrict sv_r = o.r;
+  T* __restrict sv_z = o.z;
+  T* __restrict sv_n = o.n;
+  T* __restrict sv_x = o.x;
 #pragma omp simd
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < W; ++j) {
     const T r = sigmoid(gi[j] + b[j] + gh[j]);
-    const T z = sigmoid(gi[H + j] + b[H + j] + gh[H + j]);
+    const T z = sigmoid(gi[gs + j] + b[gs + j] + gh[gs + j]);
     // paper: x = W_hn h + b_hn, n = tanh(gi_n + r x); tensorflow: x = r h, n = tanh(gi_n + W_hn x)
-    const T x = TF ? r * h[j] : gh[2 * H + j] + bhn[j];
-    const T n = tanh_(TF ? gi[2 * H + j] + b[2 * H + j] + ghn[j] : gi[2 * H + j] + b[2 * H + j] + r * x);
+    const T x = TF ? r * h[j] : gh[2 * gs + j] + bhn[j];
+    const T n = tanh_(TF ? gi[2 * gs + j] + b[2 * gs + j] + ghn[j] : gi[2 * gs + j] + b[2 * gs + j] + r * x);
     T hn;
     if constexpr (MODE == kGru) {
       hn = n + z * (h[j] - n);
@@ -308,6 +295,53 @@ IK_INLINE void forward_row(const ForwardStep<T>& a, int64_t i) {
       sv_z[j] = z;
       sv_n[j] = n;
       sv_x[j] = x;
+    }
+  }
+}
+
+template <typename T, int MODE, bool TF, bool KEEP>
+IK_INLINE void forward_row(const ForwardStep<T>& a, int64_t i) {
+  constexpr int64_t W = kUnitBlock<T>;
+  const int64_t H = a.hidden;
+  const T* gi = a.gi + i * 3 * H;
+  const T* gh = a.gh + i * (TF ? 2 * H : 3 * H);
+  const T* ghn = TF ? a.gh_n + i * H : a.b_hn;
+  const T* h = a.h_prev + i * a.hp_stride;
+  const T at = (MODE == kAgru || MODE == kAugru) ? a.att[i] : T(0);
+  T* out = i < a.next_count ? a.h_next + i * a.hn_stride : a.h_last + a.perm[i] * H;
+  const Saved<T> sv = KEEP ? a.saved.at_row(i, H) : Saved<T>{};
+  // tensorflow's gh holds r, z only: its n part is never read (x = r h there).
+  const int64_t full = H - H % W;
+  for (int64_t j = 0; j < full; j += W) {
+    const ForwardUnits<T> u{gi + j, a.b_gi + j, gh + j, ghn + j, a.b_hn + j, h + j, H};
+    const SavedUnits<T> o = KEEP ? SavedUnits<T>{out + j, sv.h + j, sv.r + j, sv.z + j, sv.n + j, sv.x + j}
+                                 : SavedUnits<T>{out + j, nullptr, nullptr, nullptr, nullptr, nullptr};
+    forward_units<T, MODE, TF, KEEP>(u, at, o);
+  }
+  if (const int64_t rest = H - full; rest > 0) {
+    alignas(64) T in[3 * W * 3 + 3 * W] = {};  // gi, b, gh (3 gates each), then ghn, bhn, h
+    alignas(64) T res[6 * W];
+    T* l_gi = in;
+    T* l_b = in + 3 * W;
+    T* l_gh = in + 6 * W;
+    T* l_ghn = in + 9 * W;
+    T* l_bhn = in + 10 * W;
+    T* l_h = in + 11 * W;
+    for (int g = 0; g < 3; ++g) {
+      std::memcpy(l_gi + g * W, gi + g * H + full, rest * sizeof(T));
+      std::memcpy(l_b + g * W, a.b_gi + g * H + full, rest * sizeof(T));
+      if (g < 2 || !TF) std::memcpy(l_gh + g * W, gh + g * H + full, rest * sizeof(T));
+    }
+    if (TF) std::memcpy(l_ghn, ghn + full, rest * sizeof(T));
+    std::memcpy(l_bhn, a.b_hn + full, rest * sizeof(T));
+    std::memcpy(l_h, h + full, rest * sizeof(T));
+    const ForwardUnits<T> u{l_gi, l_b, l_gh, l_ghn, l_bhn, l_h, W};
+    const SavedUnits<T> o{res, res + W, res + 2 * W, res + 3 * W, res + 4 * W, res + 5 * W};
+    forward_units<T, MODE, TF, KEEP>(u, at, o);
+    std::memcpy(out + full, res, rest * sizeof(T));
+    if constexpr (KEEP) {
+      T* dst[5] = {sv.h, sv.r, sv.z, sv.n, sv.x};
+      for (int k = 0; k < 5; ++k) std::memcpy(dst[k] + full, res + (k + 1) * W, rest * sizeof(T));
     }
   }
   if (a.states != nullptr) std::memcpy(a.states + a.src[i] * H, out, H * sizeof(T));
@@ -353,23 +387,31 @@ struct BackwardStep {
   const T* d_rh;      // tensorflow second pass: d(r h) rows (n, H)
 };
 
+// One block of units of the backward (see forward_units): saved rows in, the incoming dh
+// (plus d_states when DS) in, gate gradients and the `direct` part of dh out.
+template <typename T>
+struct BackwardUnits {
+  const T *h, *r, *z, *n, *x, *ds;
+  T *dh, *dgi, *dgh;  // dgi, dgh: three gates `gs` apart
+  int64_t gs;
+};
+
 template <typename T, int MODE, bool TF, bool DS>
-IK_INLINE void backward_row(const BackwardStep<T>& a, int64_t i) {
-  const int64_t H = a.hidden;
-  const Saved<T> sv = a.saved.at_row(i, H);
-  const T* __restrict sv_h = sv.h;
-  const T* __restrict sv_r = sv.r;
-  const T* __restrict sv_z = sv.z;
-  const T* __restrict sv_n = sv.n;
-  const T* __restrict sv_x = sv.x;
-  T* __restrict dh = a.dh + i * H;
-  const T* __restrict ds = DS ? a.d_states + a.src[i] * H : nullptr;
-  T* __restrict dgi = a.d_gi + i * 3 * H;
-  T* __restrict dgh = TF ? nullptr : a.d_gh + i * 3 * H;
-  const T at = (MODE == kAgru || MODE == kAugru) ? a.att[i] : T(0);
+IK_INLINE T backward_units(const BackwardUnits<T>& u, T at) {
+  constexpr int64_t W = kUnitBlock<T>;
+  const int64_t gs = u.gs;
+  const T* __restrict sv_h = u.h;
+  const T* __restrict sv_r = u.r;
+  const T* __restrict sv_z = u.z;
+  const T* __restrict sv_n = u.n;
+  const T* __restrict sv_x = u.x;
+  const T* __restrict ds = u.ds;
+  T* __restrict dh = u.dh;
+  T* __restrict dgi = u.dgi;
+  T* __restrict dgh = u.dgh;
   T da = T(0);
 #pragma omp simd reduction(+ : da)
-  for (int64_t j = 0; j < H; ++j) {
+  for (int64_t j = 0; j < W; ++j) {
     const T h = sv_h[j], r = sv_r[j], z = sv_z[j], n = sv_n[j], x = sv_x[j];
     const T d = DS ? dh[j] + ds[j] : dh[j];
     T d_n, d_z, direct;
@@ -399,16 +441,52 @@ IK_INLINE void backward_row(const BackwardStep<T>& a, int64_t i) {
     }
     const T d_pre_n = d_n * (T(1) - n * n);
     const T d_pre_z = d_z * z * (T(1) - z);
-    dgi[H + j] = d_pre_z;
-    dgi[2 * H + j] = d_pre_n;
+    dgi[gs + j] = d_pre_z;
+    dgi[2 * gs + j] = d_pre_n;
     if constexpr (!TF) {
       const T d_pre_r = d_pre_n * x * r * (T(1) - r);
       dgi[j] = d_pre_r;
       dgh[j] = d_pre_r;
-      dgh[H + j] = d_pre_z;
-      dgh[2 * H + j] = d_pre_n * r;
+      dgh[gs + j] = d_pre_z;
+      dgh[2 * gs + j] = d_pre_n * r;
     }
     dh[j] = direct;
+  }
+  return da;
+}
+
+template <typename T, int MODE, bool TF, bool DS>
+IK_INLINE void backward_row(const BackwardStep<T>& a, int64_t i) {
+  constexpr int64_t W = kUnitBlock<T>;
+  const int64_t H = a.hidden;
+  const Saved<T> sv = a.saved.at_row(i, H);
+  T* dh = a.dh + i * H;
+  const T* ds = DS ? a.d_states + a.src[i] * H : nullptr;
+  T* dgi = a.d_gi + i * 3 * H;
+  T* dgh = TF ? nullptr : a.d_gh + i * 3 * H;
+  const T at = (MODE == kAgru || MODE == kAugru) ? a.att[i] : T(0);
+  T da = T(0);
+  const int64_t full = H - H % W;
+  for (int64_t j = 0; j < full; j += W) {
+    const BackwardUnits<T> u{sv.h + j, sv.r + j, sv.z + j, sv.n + j, sv.x + j, DS ? ds + j : nullptr,
+                             dh + j, dgi + j, TF ? nullptr : dgh + j, H};
+    da += backward_units<T, MODE, TF, DS>(u, at);
+  }
+  if (const int64_t rest = H - full; rest > 0) {
+    // Zero padding keeps the padded lanes' contribution to da at exactly 0.
+    alignas(64) T in[7 * W] = {};  // h, r, z, n, x, ds, dh
+    alignas(64) T res[6 * W];      // dgi (3 gates), dgh (3 gates)
+    const T* src[7] = {sv.h, sv.r, sv.z, sv.n, sv.x, ds, dh};
+    for (int k = 0; k < 7; ++k)
+      if (src[k] != nullptr) std::memcpy(in + k * W, src[k] + full, rest * sizeof(T));
+    const BackwardUnits<T> u{in, in + W, in + 2 * W, in + 3 * W, in + 4 * W, in + 5 * W,
+                             in + 6 * W, res, res + 3 * W, W};
+    da += backward_units<T, MODE, TF, DS>(u, at);
+    std::memcpy(dh + full, in + 6 * W, rest * sizeof(T));
+    for (int g = 0; g < 3; ++g) {
+      if (g > 0 || !TF) std::memcpy(dgi + g * H + full, res + g * W, rest * sizeof(T));
+      if (!TF) std::memcpy(dgh + g * H + full, res + (3 + g) * W, rest * sizeof(T));
+    }
   }
   if (a.d_att != nullptr) a.d_att[i] = da;
 }
@@ -456,13 +534,8 @@ IK_INLINE void backward_reset_block(const BackwardStep<T>& a, int64_t begin, int
   }
 }
 
-// float32 passes compiled for several x86 instruction sets (the loader picks one); double
+// float32 passes compiled for several x86 instruction sets (IK_CLONES, fast_math.h); double
 // and other targets use the plain instantiation.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define IK_CLONES __attribute__((target_clones("avx512f", "arch=haswell", "avx", "default")))
-#else
-#define IK_CLONES
-#endif
 
 IK_CLONES void forward_block_f32(const ForwardStep<float>& a, int64_t begin, int64_t end) {
   forward_block(a, begin, end);

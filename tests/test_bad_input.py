@@ -283,6 +283,15 @@ def test_optimizers_refuse_non_finite_hyperparameters(make, match):
         make(torch.nn.Parameter(torch.randn(5, 2)))
 
 
+def test_mba_update_accepts_finite_rows_whose_sum_overflows():
+    # The finiteness check proves the common case by one sum; rows whose sum overflows
+    # must still pass when each value is finite.
+    kw = _mba(ids=torch.tensor([1, 4, 5, 9]), grad_rows=torch.full((4, 3), 3e38), lr=1e-30)
+    before = kw["weight"].clone()
+    ik.mba_sgd_update(**kw)
+    assert torch.isfinite(kw["weight"]).all() and not torch.equal(kw["weight"], before)
+
+
 def test_optimizer_refuses_float_counts():
     with pytest.raises(TypeError, match="counts must be int64/int32"):
         ikoptim.MBASGD([torch.nn.Parameter(torch.randn(5, 2))], lr=0.1, counts=torch.ones(5))

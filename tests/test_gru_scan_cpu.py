@@ -91,6 +91,19 @@ def test_awkward_cases_match_reference(case, mode, variant):
     check_against_reference(_cpu_op, gru_scan_reference, inp, grad=grad, dtype=torch.float64)
 
 
+# The gate passes work on blocks of 16 float32 / 8 float64 units, the last partial block
+# through padded copies: widths with full blocks, with and without a partial one.
+@pytest.mark.parametrize("mode,variant", MODE_VARIANTS)
+@pytest.mark.parametrize("dtype,hidden", [(torch.float32, 16), (torch.float32, 37), (torch.float64, 19)])
+def test_unit_blocks_and_partial_block_match_reference(mode, variant, dtype, hidden):
+    lengths = torch.tensor([5, 0, 3, 1], dtype=torch.int64)
+    inp = dict(_inputs(mode, hidden=hidden, input_size=5, dtype=dtype), mode=mode, variant=variant,
+               lengths=lengths)
+    for name in ("weight_ih", "weight_hh"):
+        inp[name] = inp[name] * hidden**-0.5
+    check_against_reference(_cpu_op, gru_scan_reference, inp, grad=_grad_names(inp), dtype=dtype)
+
+
 @pytest.mark.parametrize("mode,variant", [("augru", "paper"), ("aigru", "tensorflow"), ("gru", "tensorflow")])
 @pytest.mark.parametrize("valid", ["lengths", "mask"])
 def test_padding_is_never_read(mode, variant, valid):

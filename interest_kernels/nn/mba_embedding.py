@@ -66,9 +66,22 @@ def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
     ctx.padding_idx = padding_idx
 
 
+def _runs_eagerly(grad: torch.Tensor) -> bool:
+    """Whether this backward runs on real tensors, outside any tracing (AOTAutograd,
+    compiled autograd, make_fx): then ``grad`` is the engine's own tensor, nothing reuses
+    its memory before the step, and the rows are kept as they are (as the sparse COO
+    gradient of ``nn.Embedding(sparse=True)`` keeps them)."""
+    return type(grad) is torch.Tensor and torch._C._len_torch_dispatch_stack() == 0 and not (
+        torch.compiler.is_compiling() or torch._is_functional_tensor(grad)
+    )
+
+
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
     weight, ids = ctx.saved_tensors
-    torch.ops.interest_kernels.mba_embedding_record_rows(weight, ids, grad, ctx.padding_idx)
+    if _runs_eagerly(grad) and grad.dtype == weight.dtype:
+        push_rows(weight, PendingRows(ids, grad.reshape(-1, weight.shape[1]), ctx.padding_idx))
+    else:
+        torch.ops.interest_kernels.mba_embedding_record_rows(weight, ids, grad, ctx.padding_idx)
     return None, None, None
 
 

@@ -2,7 +2,8 @@
 
 ``dice`` validates its arguments once, here, then runs the first backend that
 accepts the call: the fused Triton kernels on CUDA (float32/float16/bfloat16), the
-eager reference everywhere else. ``use_backend("triton")`` runs the kernels on CPU
+fused C++ kernels on CPU (``cpu.py``, when the extension is built), the eager reference
+everywhere else. ``use_backend("triton")`` runs the kernels on CPU
 tensors under the Triton interpreter (``TRITON_INTERPRET=1``).
 """
 from __future__ import annotations
@@ -11,18 +12,32 @@ from typing import Any, Optional
 
 import torch
 
-from ..._backend import define_op, triton_unavailable_reason
+from ..._backend import define_op, extension_unavailable_reason, triton_unavailable_reason
 from ..._validation import check_float, check_shape, check_tensor
+from . import cpu
 from .reference import dice_reference
 
 __all__ = ["dice", "OP"]
 
-OP = define_op("dice", preference={"cuda": ("triton", "reference"), "cpu": ("reference",)})
+OP = define_op("dice", preference={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")})
 
 
 @OP.register("reference")
 def _reference(**kw: Any) -> torch.Tensor:
     return dice_reference(**kw)
+
+
+def _cpu_why_not(device: torch.device, **_: Any) -> Optional[str]:
+    if device.type != "cpu":
+        return "the cpu backend takes CPU tensors only"
+    if not cpu.AVAILABLE:
+        return extension_unavailable_reason() or "interest_kernels._C has no dice_cpu_forward (rebuild it)"
+    return None
+
+
+@OP.register("cpu", why_not=_cpu_why_not)
+def _cpu(**kw: Any) -> torch.Tensor:
+    return cpu.dice_cpu(**kw)
 
 
 def _triton_why_not(device: torch.device, dtype: torch.dtype, **_: Any) -> Optional[str]:

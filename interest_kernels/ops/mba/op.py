@@ -15,6 +15,9 @@ Conventions shared by the update functions:
 * ``counts`` (N,) int64/int32: n_j, positive for every touched id (floats are refused:
   n_j counts samples).
 * optimiser state (N, D) float32 (float64 for a float64 table), updated on touched rows.
+* ``rows_checked=True``: the caller ran :func:`check_update_rows` on these ``ids`` and
+  ``grad_rows`` (the MBA optimisers do, before counting), so their range and finiteness
+  checks are not repeated.
 
 An id outside [0, N), a touched id with a count that is not positive, or a non-finite
 gradient row raises a ``ValueError`` naming the id, and nothing is written. (The
@@ -141,6 +144,9 @@ def check_ids_in_range(ids: torch.Tensor, num_rows: int) -> None:
     if ids.numel() == 0 or not value_checks_enabled(ids):
         return
     flat = ids.reshape(-1)
+    low, high = torch.aminmax(flat)  # one pass; the position is searched for only on failure
+    if int(low) >= 0 and int(high) < num_rows:
+        return
     bad = (flat < 0) | (flat >= num_rows)
     if bool(bad.any()):
         position = int(bad.nonzero()[0, 0])
@@ -198,10 +204,14 @@ def _check_finite_rows(ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
     """A NaN/Inf gradient row would poison its table row and optimiser state for good."""
     if grad_rows.numel() == 0 or not value_checks_enabled(grad_rows):
         return
-    bad = ~torch.isfinite(grad_rows).all(dim=1)
     if checks_on_device(grad_rows):  # CUDA: an asynchronous assert, no host sync per step
-        torch._assert_async(~bad.any(), "grad_rows hold NaN or Inf")
+        torch._assert_async(torch.isfinite(grad_rows).all(), "grad_rows hold NaN or Inf")
         return
+    # A sum is finite only if every term is: one pass proves the common case; finite rows
+    # whose sum overflows fall through to the exact check.
+    if bool(torch.isfinite(grad_rows.sum())):
+        return
+    bad = ~torch.isfinite(grad_rows).all(dim=1)
     if bool(bad.any()):
         position = int(bad.nonzero()[0, 0])
         raise ValueError(
@@ -220,15 +230,19 @@ def check_update_rows(weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.
 
 
 def _select(
-    weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor, counts: torch.Tensor, kind: str
+    weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor, counts: torch.Tensor, kind: str,
+    rows_checked: bool = False,
 ) -> Any:
     """The backend for this call. The compiled kernels check ids and counts themselves,
     always and before writing (one pass on the CPU, one small host copy on CUDA), so the
-    same checks run here only in front of the reference."""
-    _check_finite_rows(ids, grad_rows)
+    same checks run here only in front of the reference. ``rows_checked``: the caller
+    (an MBA optimiser) ran :func:`check_update_rows` on these very tensors."""
+    if not rows_checked:
+        _check_finite_rows(ids, grad_rows)
     impl = OP.select(weight.device, kind=kind)
-    if impl.name == "reference":
+    if impl.name == "reference" and not rows_checked:
         check_ids_in_range(ids, weight.shape[0])
+    if impl.name == "reference":
         if ids.numel() and value_checks_enabled(counts):
             n = counts[ids.reshape(-1).long()]
             bad = ~(n > 0)
@@ -287,6 +301,12 @@ def count_ids(
             raise ValueError(f"padding_idx must be an int in [-{num_rows}, {num_rows}), got {padding_idx!r}")
         padding_idx %= num_rows
     check_ids_in_range(ids, num_rows)
+    return add_counts(ids, counts, padding_idx)
+
+
+def add_counts(ids: torch.Tensor, counts: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
+    """:func:`count_ids` without its checks, for callers that ran them (``padding_idx``
+    already in [0, N))."""
     # Each id adds a 0/1 weight (not counted: repeats inside a sample, the padding id),
     # so no shape depends on the data and nothing waits for the device.
     if ids.dim() <= 1:
@@ -311,6 +331,7 @@ def mba_sgd_update(
     *,
     lr: float,
     weight_decay: float = 0.0,
+    rows_checked: bool = False,
 ) -> None:
     """MBA SGD (DIN eq. 7) in place: ``w_j <- w_j - lr (g_j + lambda w_j / n_j)`` for j in S.
 
@@ -321,7 +342,7 @@ def mba_sgd_update(
     lr = _check_nonnegative("lr", lr)
     weight_decay = _check_nonnegative("weight_decay", weight_decay)
     weight, ids, grad_rows = _check_update_args(weight, ids, grad_rows, counts)
-    impl = _select(weight, ids, grad_rows, counts, "sgd")
+    impl = _select(weight, ids, grad_rows, counts, "sgd", rows_checked)
     impl.fn("sgd", weight=weight, ids=ids, grad_rows=grad_rows, counts=counts, lr=lr, weight_decay=weight_decay)
 
 
@@ -337,6 +358,7 @@ def mba_adagrad_update(
     weight_decay: float = 0.0,
     eps: float = 1e-10,
     lr_decay: float = 0.0,
+    rows_checked: bool = False,
 ) -> None:
     """MBA Adagrad in place (``torch.optim.Adagrad``'s sparse step on ``g + lambda w / n``).
 
@@ -351,7 +373,7 @@ def mba_adagrad_update(
     weight, ids, grad_rows = _check_update_args(
         weight, ids, grad_rows, counts, [("state_sum", state_sum)]
     )
-    impl = _select(weight, ids, grad_rows, counts, "adagrad")
+    impl = _select(weight, ids, grad_rows, counts, "adagrad", rows_checked)
     impl.fn(
         "adagrad", weight=weight, state_sum=state_sum, ids=ids, grad_rows=grad_rows,
         counts=counts, lr=lr, weight_decay=weight_decay, eps=eps, lr_decay=lr_decay, step=step,
@@ -371,6 +393,7 @@ def mba_adam_update(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    rows_checked: bool = False,
 ) -> None:
     """MBA Adam in place (``torch.optim.SparseAdam``'s step on ``g + lambda w / n``).
 
@@ -388,7 +411,7 @@ def mba_adam_update(
     weight, ids, grad_rows = _check_update_args(
         weight, ids, grad_rows, counts, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     )
-    impl = _select(weight, ids, grad_rows, counts, "adam")
+    impl = _select(weight, ids, grad_rows, counts, "adam", rows_checked)
     impl.fn(
         "adam", weight=weight, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ids=ids,
         grad_rows=grad_rows, counts=counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,

@@ -1,0 +1,97 @@
+"""CPU backend for Dice: the fused C++ kernels of ``csrc/dice_cpu.cpp``.
+
+``torch.ops.interest_kernels.dice_cpu_forward`` computes the batch statistics (training)
+and applies Dice in three reads of x and one write; ``dice_cpu_backward`` gives the
+gradients of x, alpha, weight and bias in two reads of x and the upstream gradient. The
+running statistics are updated here, from the batch mean and biased variance the forward
+returns, exactly as the reference does. Nothing reads tensor values on the host.
+
+This module registers the ops' fake implementations and autograd when the compiled
+extension loads; without it the ``cpu`` backend is unavailable and Dice runs the
+reference (``op.py``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ... import _extension
+from ..common import compute_dtype
+from .reference import update_running_stats
+
+FORWARD = "interest_kernels::dice_cpu_forward"
+BACKWARD = "interest_kernels::dice_cpu_backward"
+
+
+def _forward_fake(x, alpha, weight, bias, running_mean, running_var, training, eps):
+    stat = x.new_empty((x.shape[1],), dtype=compute_dtype(x.dtype))
+    return x.new_empty(x.shape), stat, stat.new_empty(stat.shape), stat.new_empty(stat.shape)
+
+
+def _backward_fake(grad_out, x, alpha, weight, bias, mean, invstd, training):
+    channels = (x.shape[1],)
+    return (
+        x.new_empty(x.shape),
+        alpha.new_empty(channels),
+        weight.new_empty(channels) if weight is not None else x.new_empty((0,)),
+        bias.new_empty(channels) if bias is not None else x.new_empty((0,)),
+    )
+
+
+def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor, ...]) -> None:
+    x, alpha, weight, bias, _running_mean, _running_var, training, _eps = inputs
+    _out, mean, invstd, _var = output
+    ctx.mark_non_differentiable(mean, invstd, _var)
+    ctx.save_for_backward(x, alpha, weight, bias, mean, invstd)
+    ctx.training = training
+
+
+def _backward(ctx: Any, grad_out: Optional[torch.Tensor], *_grad_stats: Any) -> tuple[Optional[torch.Tensor], ...]:
+    x, alpha, weight, bias, mean, invstd = ctx.saved_tensors
+    if grad_out is None:
+        return (None,) * 8
+    d_x, d_alpha, d_weight, d_bias = torch.ops.interest_kernels.dice_cpu_backward(
+        grad_out, x, alpha, weight, bias, mean, invstd, ctx.training)
+    wanted = ctx.needs_input_grad
+    return (
+        d_x if wanted[0] else None,
+        d_alpha if wanted[1] else None,
+        d_weight if weight is not None and wanted[2] else None,
+        d_bias if bias is not None and wanted[3] else None,
+        None, None, None, None,
+    )
+
+
+def _register() -> None:
+    torch.library.register_fake(FORWARD)(_forward_fake)
+    torch.library.register_fake(BACKWARD)(_backward_fake)
+    torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+
+
+AVAILABLE = _extension.load() and hasattr(torch.ops.interest_kernels, "dice_cpu_forward")
+if AVAILABLE:
+    _register()
+
+
+def dice_cpu(
+    x: torch.Tensor,
+    alpha: torch.Tensor,
+    running_mean: Optional[torch.Tensor],
+    running_var: Optional[torch.Tensor],
+    weight: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+    *,
+    training: bool = True,
+    momentum: float = 0.1,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Dice of ``reference.dice_reference`` through the fused op; x (N, C) or (N, T, C)."""
+    channels = x.shape[-1]
+    flat = x.reshape(-1, channels)
+    out, mean, _invstd, var = torch.ops.interest_kernels.dice_cpu_forward(
+        flat, alpha, weight, bias, None if training else running_mean,
+        None if training else running_var, training, eps)
+    if training and running_mean is not None and running_var is not None:
+        update_running_stats(running_mean, running_var, mean, var, flat.shape[0], momentum)
+    return out.reshape(x.shape)
