@@ -8,7 +8,8 @@ returns, exactly as the reference does. Nothing reads tensor values on the host.
 
 This module registers the ops' fake implementations and autograd when the compiled
 extension loads; without it the ``cpu`` backend is unavailable and Dice runs the
-reference (``op.py``).
+reference (``op.py``). Under ``torch.func`` transforms the forward runs through
+``ops/func_transforms.py``.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import torch
 
 from ... import _extension
 from ..common import compute_dtype
+from ..func_transforms import TransformableOp, call, register_sliced_vmap
 from .reference import update_running_stats
 
 FORWARD = "interest_kernels::dice_cpu_forward"
@@ -67,11 +69,16 @@ def _register() -> None:
     torch.library.register_fake(FORWARD)(_forward_fake)
     torch.library.register_fake(BACKWARD)(_backward_fake)
     torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
+    register_sliced_vmap(BACKWARD)
 
 
 AVAILABLE = _extension.load() and hasattr(torch.ops.interest_kernels, "dice_cpu_forward")
+# The forward with its autograd, for torch.func transforms.
+_FORWARD: Optional[TransformableOp] = None
 if AVAILABLE:
     _register()
+    _FORWARD = TransformableOp(torch.ops.interest_kernels.dice_cpu_forward.default, _setup_context,
+                               _backward)
 
 
 def dice_cpu(
@@ -89,8 +96,8 @@ def dice_cpu(
     """Dice of ``reference.dice_reference`` through the fused op; x (N, C) or (N, T, C)."""
     channels = x.shape[-1]
     flat = x.reshape(-1, channels)
-    out, mean, _invstd, var = torch.ops.interest_kernels.dice_cpu_forward(
-        flat, alpha, weight, bias, None if training else running_mean,
+    out, mean, _invstd, var = call(
+        _FORWARD, flat, alpha, weight, bias, None if training else running_mean,
         None if training else running_var, training, eps)
     if training and running_mean is not None and running_var is not None:
         update_running_stats(running_mean, running_var, mean, var, flat.shape[0], momentum)
