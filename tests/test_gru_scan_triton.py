@@ -324,3 +324,22 @@ def test_triton_declines_what_it_cannot_run_on_cuda():
             assert reasons["triton"] is None
     assert "float64" in OP.reasons(device=cuda, dtype=torch.float64, hidden=128,
                                    needs_grad=True)["triton"]
+
+
+def test_unchecked_length_past_T_stays_inside_the_tensors():
+    """With the value checks skipped (compile, CUDA graphs) a length above T must not take
+    a row block past T: the op clamps it, so forward and backward equal those of T."""
+    torch.manual_seed(0)
+    batch, steps, hidden = 3, 3, 4
+    gi = torch.randn(batch, steps, 3 * hidden, requires_grad=True)
+    weight = torch.randn(3 * hidden, hidden, requires_grad=True)
+    from interest_kernels.ops.gru_scan import triton as gru_triton
+
+    fwd = gru_triton.gru_scan_fwd
+
+    def run(lengths):
+        states, h_last, _ = fwd(gi, weight, None, None, None, lengths, None, "gru", "paper", True, False)
+        return [states, h_last, *torch.autograd.grad((states.sum() + h_last.sum()), (gi, weight))]
+
+    for got, want in zip(run(torch.tensor([5, 3, 2])), run(torch.tensor([3, 3, 2]))):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)

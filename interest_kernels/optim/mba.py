@@ -33,10 +33,10 @@ from torch.optim import Optimizer
 from ..ops.mba.op import (
     COUNT_DTYPES,
     add_counts,
+    _mba_adagrad_update,
+    _mba_adam_update,
+    _mba_sgd_update,
     check_update_rows,
-    mba_adagrad_update,
-    mba_adam_update,
-    mba_sgd_update,
 )
 from .._validation import check_float
 from ..ops.common import compute_dtype
@@ -214,7 +214,7 @@ class MBASGD(_MBAOptimizer):
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
         ids: torch.Tensor, grad_rows: torch.Tensor, step: int,
     ) -> None:
-        mba_sgd_update(p, ids, grad_rows, state["counts"], lr=group["lr"], weight_decay=group["weight_decay"],
+        _mba_sgd_update(p, ids, grad_rows, state["counts"], lr=group["lr"], weight_decay=group["weight_decay"],
                        rows_checked=True)
 
 
@@ -246,7 +246,7 @@ class MBAAdagrad(_MBAOptimizer):
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
         ids: torch.Tensor, grad_rows: torch.Tensor, step: int,
     ) -> None:
-        mba_adagrad_update(
+        _mba_adagrad_update(
             p, state["sum"], ids, grad_rows, state["counts"], lr=group["lr"], step=step,
             weight_decay=group["weight_decay"], eps=group["eps"], lr_decay=group["lr_decay"],
             rows_checked=True,
@@ -281,7 +281,7 @@ class MBAAdam(_MBAOptimizer):
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
         ids: torch.Tensor, grad_rows: torch.Tensor, step: int,
     ) -> None:
-        mba_adam_update(
+        _mba_adam_update(
             p, state["exp_avg"], state["exp_avg_sq"], ids, grad_rows, state["counts"], lr=group["lr"],
             step=step, betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
             rows_checked=True,

@@ -642,9 +642,11 @@ def _device_guard(device: torch.device) -> contextlib.AbstractContextManager:
 
 def _row_ends(lengths: Optional[Tensor], mask: Optional[Tensor], steps: int) -> Optional[Tensor]:
     """(B,) int64: each row's last valid step + 1 (its length; under a mask, 0 for an
-    all-masked row), or None when every step is valid."""
+    all-masked row), or None when every step is valid. Lengths are clamped to [0, T]:
+    the value checks may have been skipped (compile, CUDA graphs), and a block walks
+    to its longest row, so an unchecked length must not take it past T."""
     if lengths is not None:
-        return lengths.contiguous()
+        return lengths.clamp(0, steps).contiguous()
     if mask is None:
         return None
     if steps == 0:

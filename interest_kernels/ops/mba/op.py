@@ -15,9 +15,10 @@ Conventions shared by the update functions:
 * ``counts`` (N,) int64/int32: n_j, positive for every touched id (floats are refused:
   n_j counts samples).
 * optimiser state (N, D) float32 (float64 for a float64 table), updated on touched rows.
-* ``rows_checked=True``: the caller ran :func:`check_update_rows` on these ``ids`` and
-  ``grad_rows`` (the MBA optimisers do, before counting), so their range and finiteness
-  checks are not repeated.
+
+The MBA optimisers run :func:`check_update_rows` before counting and then call the
+private ``_mba_*_update`` forms, which skip repeating those two checks; the public
+functions always run them.
 
 An id outside [0, N), a touched id with a count that is not positive, or a non-finite
 gradient row raises a ``ValueError`` naming the id, and nothing is written. (The
@@ -323,7 +324,7 @@ def add_counts(ids: torch.Tensor, counts: torch.Tensor, padding_idx: Optional[in
     return counts
 
 
-def mba_sgd_update(
+def _mba_sgd_update(
     weight: torch.Tensor,
     ids: torch.Tensor,
     grad_rows: torch.Tensor,
@@ -333,12 +334,8 @@ def mba_sgd_update(
     weight_decay: float = 0.0,
     rows_checked: bool = False,
 ) -> None:
-    """MBA SGD (DIN eq. 7) in place: ``w_j <- w_j - lr (g_j + lambda w_j / n_j)`` for j in S.
-
-    ``weight`` (N, D), ``ids`` (K,) or any shape, ``grad_rows`` (K, D) (or ``ids.shape +
-    (D,)``), ``counts`` (N,); ``weight_decay`` is lambda (>= 0). Dtypes and the rest of
-    the conventions: see the module docstring.
-    """
+    """:func:`mba_sgd_update`; with ``rows_checked`` the caller (an MBA optimiser) has run
+    :func:`check_update_rows` on these very ``ids`` and ``grad_rows``."""
     lr = _check_nonnegative("lr", lr)
     weight_decay = _check_nonnegative("weight_decay", weight_decay)
     weight, ids, grad_rows = _check_update_args(weight, ids, grad_rows, counts)
@@ -346,7 +343,7 @@ def mba_sgd_update(
     impl.fn("sgd", weight=weight, ids=ids, grad_rows=grad_rows, counts=counts, lr=lr, weight_decay=weight_decay)
 
 
-def mba_adagrad_update(
+def _mba_adagrad_update(
     weight: torch.Tensor,
     state_sum: torch.Tensor,
     ids: torch.Tensor,
@@ -360,11 +357,8 @@ def mba_adagrad_update(
     lr_decay: float = 0.0,
     rows_checked: bool = False,
 ) -> None:
-    """MBA Adagrad in place (``torch.optim.Adagrad``'s sparse step on ``g + lambda w / n``).
-
-    ``state_sum`` (N, D) float32: the running sum of squared gradients. ``step`` (>= 1):
-    the table's step count, this step included (it scales ``lr`` through ``lr_decay``).
-    """
+    """:func:`mba_adagrad_update`; with ``rows_checked`` the caller (an MBA optimiser) has run
+    :func:`check_update_rows` on these very ``ids`` and ``grad_rows``."""
     lr = _check_nonnegative("lr", lr)
     weight_decay = _check_nonnegative("weight_decay", weight_decay)
     eps = _check_nonnegative("eps", eps)
@@ -380,7 +374,7 @@ def mba_adagrad_update(
     )
 
 
-def mba_adam_update(
+def _mba_adam_update(
     weight: torch.Tensor,
     exp_avg: torch.Tensor,
     exp_avg_sq: torch.Tensor,
@@ -395,11 +389,8 @@ def mba_adam_update(
     weight_decay: float = 0.0,
     rows_checked: bool = False,
 ) -> None:
-    """MBA Adam in place (``torch.optim.SparseAdam``'s step on ``g + lambda w / n``).
-
-    ``exp_avg``/``exp_avg_sq`` (N, D) float32: moments, updated on touched rows only.
-    ``step`` (>= 1): the table's global step count, this step included (bias correction).
-    """
+    """:func:`mba_adam_update`; with ``rows_checked`` the caller (an MBA optimiser) has run
+    :func:`check_update_rows` on these very ``ids`` and ``grad_rows``."""
     lr = _check_nonnegative("lr", lr)
     weight_decay = _check_nonnegative("weight_decay", weight_decay)
     eps = _check_nonnegative("eps", eps)
@@ -417,3 +408,66 @@ def mba_adam_update(
         grad_rows=grad_rows, counts=counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
         weight_decay=weight_decay, step=step,
     )
+
+
+def mba_sgd_update(
+    weight: torch.Tensor,
+    ids: torch.Tensor,
+    grad_rows: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    lr: float,
+    weight_decay: float = 0.0,
+) -> None:
+    """MBA SGD (DIN eq. 7) in place: ``w_j <- w_j - lr (g_j + lambda w_j / n_j)`` for j in S.
+
+    ``weight`` (N, D), ``ids`` (K,) or any shape, ``grad_rows`` (K, D) (or ``ids.shape +
+    (D,)``), ``counts`` (N,); ``weight_decay`` is lambda (>= 0). Dtypes and the rest of
+    the conventions: see the module docstring.
+    """
+    _mba_sgd_update(weight, ids, grad_rows, counts, lr=lr, weight_decay=weight_decay)
+
+
+def mba_adagrad_update(
+    weight: torch.Tensor,
+    state_sum: torch.Tensor,
+    ids: torch.Tensor,
+    grad_rows: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    lr: float,
+    step: int,
+    weight_decay: float = 0.0,
+    eps: float = 1e-10,
+    lr_decay: float = 0.0,
+) -> None:
+    """MBA Adagrad in place (``torch.optim.Adagrad``'s sparse step on ``g + lambda w / n``).
+
+    ``state_sum`` (N, D) float32: the running sum of squared gradients. ``step`` (>= 1):
+    the table's step count, this step included (it scales ``lr`` through ``lr_decay``).
+    """
+    _mba_adagrad_update(weight, state_sum, ids, grad_rows, counts, lr=lr, step=step,
+                        weight_decay=weight_decay, eps=eps, lr_decay=lr_decay)
+
+
+def mba_adam_update(
+    weight: torch.Tensor,
+    exp_avg: torch.Tensor,
+    exp_avg_sq: torch.Tensor,
+    ids: torch.Tensor,
+    grad_rows: torch.Tensor,
+    counts: torch.Tensor,
+    *,
+    lr: float,
+    step: int,
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+) -> None:
+    """MBA Adam in place (``torch.optim.SparseAdam``'s step on ``g + lambda w / n``).
+
+    ``exp_avg``/``exp_avg_sq`` (N, D) float32: moments, updated on touched rows only.
+    ``step`` (>= 1): the table's global step count, this step included (bias correction).
+    """
+    _mba_adam_update(weight, exp_avg, exp_avg_sq, ids, grad_rows, counts, lr=lr, step=step,
+                     betas=betas, eps=eps, weight_decay=weight_decay)
