@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from .._validation import checks_on_device, value_checks_enabled
 from ..models.common import CTRModel
-from ..ops.mba.op import check_ids_in_range
+from ..ops.mba.op import check_finite_rows, check_ids_in_range
 from ..optim._rows import PendingRows, push_rows
 
 __all__ = [
@@ -192,15 +192,31 @@ class ShardedTables:
         optimiser's n_j) and record the rows (local ids, in global batch order) for the
         optimiser over :meth:`local_weights`. A table looked up in this step gets an
         entry on every rank (perhaps empty), so the optimisers' step counts stay global."""
+        routed = []
         for name, table_counts in zip(self.names, counts):
             table = self.tables[name]
             if not table.lookups:
                 continue
             ids, rows, counted = self._step_rows(table)
-            ids, rows, counted = self._to_owners(table, ids, rows, counted)
+            routed.append((table, table_counts, *self._to_owners(table, ids, rows, counted)))
+        self._refuse_non_finite_rows([(ids, rows) for _, _, ids, rows, _ in routed])
+        for table, table_counts, ids, rows, counted in routed:
             offset = table.starts[dist.get_rank()]
             table_counts.index_add_(0, counted - offset, torch.ones_like(counted, dtype=table_counts.dtype))
             push_rows(table.local, PendingRows(ids - offset, rows, None))
+
+    def _refuse_non_finite_rows(self, received: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Raise on every rank, before any count or row is written, when any rank received
+        a non-finite gradient row (the owner names the id), as one process refuses the step."""
+        bad = [(ids, rows) for ids, rows in received if not bool(torch.isfinite(rows).all())]
+        flag = torch.tensor([1 if bad else 0], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if bad:
+            check_finite_rows(*bad[0])
+        if bool(flag):
+            raise ValueError(
+                "a gradient row sent to another rank's shard is not finite: the step was refused "
+                "on every rank and nothing was written")
 
     def _step_rows(self, table: _Table) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """This rank's (ids (K,), gradient rows (K, width), counted ids (C,)) of ``table``
@@ -397,7 +413,8 @@ def shard_tables(model: CTRModel, device: torch.device) -> ShardedTables:
         if [s for s, _ in tiled] != [0] + [e for _, e in tiled[:-1]] or tiled[-1][1] != module.weight.shape[0]:
             raise RuntimeError(f"torchrec did not shard the table {name} into row ranges: {by_rank}")
         shards = sharded.local_shards()
-        local = shards[0].tensor if shards else torch.zeros(0, module.weight.shape[1], device=device)
+        local = (shards[0].tensor if shards
+                 else torch.zeros(0, _stored_width(module.weight.shape[1]), device=device))
         num_rows, dim = module.weight.shape
         with torch.no_grad():
             local.copy_(F.pad(module.weight[starts[rank] : stops[rank]], (0, _stored_width(dim) - dim)))

@@ -75,6 +75,7 @@ class SparseGradEmbedding(nn.Embedding):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if (self.sparse and torch.compiler.is_compiling() and torch.is_grad_enabled()
-                and self.weight.requires_grad and self.max_norm is None):
+                and self.weight.requires_grad and self.max_norm is None
+                and not self.scale_grad_by_freq):
             return torch.ops.interest_kernels.sparse_grad_embedding_lookup(self.weight, ids, self.padding_idx)
         return super().forward(ids)

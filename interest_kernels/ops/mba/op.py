@@ -201,8 +201,9 @@ def _check_update_args(
     return weight, ids, grad_rows.reshape(k, dim)
 
 
-def _check_finite_rows(ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
-    """A NaN/Inf gradient row would poison its table row and optimiser state for good."""
+def check_finite_rows(ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
+    """ids (K,), grad_rows (K, D): raise a ``ValueError`` naming the first id whose row is
+    not finite. A NaN/Inf gradient row would poison its table row and optimiser state for good."""
     if grad_rows.numel() == 0 or not value_checks_enabled(grad_rows):
         return
     if checks_on_device(grad_rows):  # CUDA: an asynchronous assert, no host sync per step
@@ -227,7 +228,7 @@ def check_update_rows(weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.
     callers that must refuse a step before writing anything else (the optimisers count
     ids first)."""
     check_ids_in_range(ids, weight.shape[0])
-    _check_finite_rows(ids, grad_rows.reshape(-1, weight.shape[1]))
+    check_finite_rows(ids, grad_rows.reshape(-1, weight.shape[1]))
 
 
 def _select(
@@ -239,7 +240,7 @@ def _select(
     same checks run here only in front of the reference. ``rows_checked``: the caller
     (an MBA optimiser) ran :func:`check_update_rows` on these very tensors."""
     if not rows_checked:
-        _check_finite_rows(ids, grad_rows)
+        check_finite_rows(ids, grad_rows)
     impl = OP.select(weight.device, kind=kind)
     if impl.name == "reference" and not rows_checked:
         check_ids_in_range(ids, weight.shape[0])
