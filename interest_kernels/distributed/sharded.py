@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from .._validation import checks_on_device, value_checks_enabled
 from ..models.common import CTRModel
-from ..ops.mba.op import check_finite_rows, check_ids_in_range
+from ..ops.mba.op import check_finite_rows, check_ids_in_range, counted_positions
 from ..optim._rows import PendingRows, push_rows
 
 __all__ = [
@@ -50,19 +50,8 @@ def torchrec_unavailable_reason() -> Optional[str]:
 
 
 def counted_ids(ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
-    """The ids that ``count_ids`` would count for this lookup, one entry per count: (B,)
-    ids count each element; (B, ...) ids count an id once per sample ``ids[b]``; the
-    padding id never counts."""
-    if ids.dim() <= 1:
-        flat = ids.reshape(-1).long()
-        keep = torch.ones_like(flat, dtype=torch.bool)
-    else:
-        per_sample = ids.flatten(1).long().sort(dim=1).values
-        keep = torch.ones_like(per_sample, dtype=torch.bool)
-        keep[:, 1:] = per_sample[:, 1:] != per_sample[:, :-1]
-        flat, keep = per_sample.reshape(-1), keep.reshape(-1)
-    if padding_idx is not None:
-        keep &= flat != padding_idx
+    """(C,): the ids that ``count_ids`` would count for this lookup, one entry per count."""
+    flat, keep = counted_positions(ids, padding_idx)
     return flat[keep]
 
 

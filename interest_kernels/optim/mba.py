@@ -33,10 +33,11 @@ from torch.optim import Optimizer
 from ..ops.mba.op import (
     COUNT_DTYPES,
     add_counts,
-    _mba_adagrad_update,
-    _mba_adam_update,
-    _mba_sgd_update,
     check_update_rows,
+    mba_adagrad_update,
+    mba_adam_update,
+    mba_sgd_update,
+    rows_checked_by_caller,
 )
 from .._validation import check_float
 from ..ops.common import compute_dtype
@@ -180,7 +181,8 @@ class _MBAOptimizer(Optimizer):
                 if state["online_counts"]:
                     for sample_ids, padding_idx in to_count:
                         add_counts(sample_ids, state["counts"], padding_idx)
-                self._update(p, state, group, ids, grad_rows, state["step"] + 1)
+                with rows_checked_by_caller():
+                    self._update(p, state, group, ids, grad_rows, state["step"] + 1)
                 state["step"] += 1
         return loss
 
@@ -214,8 +216,7 @@ class MBASGD(_MBAOptimizer):
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
         ids: torch.Tensor, grad_rows: torch.Tensor, step: int,
     ) -> None:
-        _mba_sgd_update(p, ids, grad_rows, state["counts"], lr=group["lr"], weight_decay=group["weight_decay"],
-                       rows_checked=True)
+        mba_sgd_update(p, ids, grad_rows, state["counts"], lr=group["lr"], weight_decay=group["weight_decay"])
 
 
 class MBAAdagrad(_MBAOptimizer):
@@ -246,10 +247,9 @@ class MBAAdagrad(_MBAOptimizer):
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
         ids: torch.Tensor, grad_rows: torch.Tensor, step: int,
     ) -> None:
-        _mba_adagrad_update(
+        mba_adagrad_update(
             p, state["sum"], ids, grad_rows, state["counts"], lr=group["lr"], step=step,
             weight_decay=group["weight_decay"], eps=group["eps"], lr_decay=group["lr_decay"],
-            rows_checked=True,
         )
 
 
@@ -281,8 +281,7 @@ class MBAAdam(_MBAOptimizer):
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
         ids: torch.Tensor, grad_rows: torch.Tensor, step: int,
     ) -> None:
-        _mba_adam_update(
+        mba_adam_update(
             p, state["exp_avg"], state["exp_avg_sq"], ids, grad_rows, state["counts"], lr=group["lr"],
             step=step, betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-            rows_checked=True,
         )

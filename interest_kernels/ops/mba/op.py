@@ -16,9 +16,8 @@ Conventions shared by the update functions:
   n_j counts samples).
 * optimiser state (N, D) float32 (float64 for a float64 table), updated on touched rows.
 
-The MBA optimisers run :func:`check_update_rows` before counting and then call the
-private ``_mba_*_update`` forms, which skip repeating those two checks; the public
-functions always run them.
+The MBA optimisers run :func:`check_update_rows` before counting ids and then update
+inside :func:`rows_checked_by_caller`, which skips repeating those two checks.
 
 An id outside [0, N), a touched id with a count that is not positive, or a non-finite
 gradient row raises a ``ValueError`` naming the id, and nothing is written. (The
@@ -26,7 +25,10 @@ gradient check reads values, so it runs with the value checks, see ``value_check
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+import contextlib
+import threading
+
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 
@@ -223,6 +225,20 @@ def check_finite_rows(ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
         )
 
 
+_CALLER_CHECKED = threading.local()
+
+
+@contextlib.contextmanager
+def rows_checked_by_caller() -> Iterator[None]:
+    """For the MBA optimisers, which run :func:`check_update_rows` before counting ids:
+    the updates called inside (on this thread) do not repeat those checks."""
+    _CALLER_CHECKED.active = True
+    try:
+        yield
+    finally:
+        _CALLER_CHECKED.active = False
+
+
 def check_update_rows(weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
     """The checks an update runs on ``ids`` and ``grad_rows`` (range, finiteness), for
     callers that must refuse a step before writing anything else (the optimisers count
@@ -233,12 +249,12 @@ def check_update_rows(weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.
 
 def _select(
     weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor, counts: torch.Tensor, kind: str,
-    rows_checked: bool = False,
 ) -> Any:
     """The backend for this call. The compiled kernels check ids and counts themselves,
     always and before writing (one pass on the CPU, one small host copy on CUDA), so the
-    same checks run here only in front of the reference. ``rows_checked``: the caller
-    (an MBA optimiser) ran :func:`check_update_rows` on these very tensors."""
+    same checks run here only in front of the reference; inside
+    :func:`rows_checked_by_caller` the finiteness and range checks are not repeated."""
+    rows_checked = getattr(_CALLER_CHECKED, "active", False)
     if not rows_checked:
         check_finite_rows(ids, grad_rows)
     impl = OP.select(weight.device, kind=kind)
@@ -309,8 +325,16 @@ def count_ids(
 def add_counts(ids: torch.Tensor, counts: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
     """:func:`count_ids` without its checks, for callers that ran them (``padding_idx``
     already in [0, N))."""
-    # Each id adds a 0/1 weight (not counted: repeats inside a sample, the padding id),
-    # so no shape depends on the data and nothing waits for the device.
+    flat, keep = counted_positions(ids, padding_idx)
+    counts.index_add_(0, flat, keep.to(counts.dtype))
+    return counts
+
+
+def counted_positions(ids: torch.Tensor, padding_idx: Optional[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(flat ids (K,) int64, keep (K,) bool): which of a lookup's ids :func:`count_ids`
+    counts. (B,) ids count each element; (B, ...) ids count an id once per sample
+    ``ids[b]`` (sorted within the sample); the padding id never counts. No shape depends
+    on the data, so nothing waits for the device."""
     if ids.dim() <= 1:
         flat = ids.reshape(-1).long()
         keep = torch.ones(flat.shape, dtype=torch.bool, device=flat.device)
@@ -321,94 +345,7 @@ def add_counts(ids: torch.Tensor, counts: torch.Tensor, padding_idx: Optional[in
         flat, keep = per_sample.reshape(-1), keep.reshape(-1)
     if padding_idx is not None:
         keep &= flat != padding_idx
-    counts.index_add_(0, flat, keep.to(counts.dtype))
-    return counts
-
-
-def _mba_sgd_update(
-    weight: torch.Tensor,
-    ids: torch.Tensor,
-    grad_rows: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    lr: float,
-    weight_decay: float = 0.0,
-    rows_checked: bool = False,
-) -> None:
-    """:func:`mba_sgd_update`; with ``rows_checked`` the caller (an MBA optimiser) has run
-    :func:`check_update_rows` on these very ``ids`` and ``grad_rows``."""
-    lr = _check_nonnegative("lr", lr)
-    weight_decay = _check_nonnegative("weight_decay", weight_decay)
-    weight, ids, grad_rows = _check_update_args(weight, ids, grad_rows, counts)
-    impl = _select(weight, ids, grad_rows, counts, "sgd", rows_checked)
-    impl.fn("sgd", weight=weight, ids=ids, grad_rows=grad_rows, counts=counts, lr=lr, weight_decay=weight_decay)
-
-
-def _mba_adagrad_update(
-    weight: torch.Tensor,
-    state_sum: torch.Tensor,
-    ids: torch.Tensor,
-    grad_rows: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    lr: float,
-    step: int,
-    weight_decay: float = 0.0,
-    eps: float = 1e-10,
-    lr_decay: float = 0.0,
-    rows_checked: bool = False,
-) -> None:
-    """:func:`mba_adagrad_update`; with ``rows_checked`` the caller (an MBA optimiser) has run
-    :func:`check_update_rows` on these very ``ids`` and ``grad_rows``."""
-    lr = _check_nonnegative("lr", lr)
-    weight_decay = _check_nonnegative("weight_decay", weight_decay)
-    eps = _check_nonnegative("eps", eps)
-    lr_decay = _check_nonnegative("lr_decay", lr_decay)
-    step = _check_step(step)
-    weight, ids, grad_rows = _check_update_args(
-        weight, ids, grad_rows, counts, [("state_sum", state_sum)]
-    )
-    impl = _select(weight, ids, grad_rows, counts, "adagrad", rows_checked)
-    impl.fn(
-        "adagrad", weight=weight, state_sum=state_sum, ids=ids, grad_rows=grad_rows,
-        counts=counts, lr=lr, weight_decay=weight_decay, eps=eps, lr_decay=lr_decay, step=step,
-    )
-
-
-def _mba_adam_update(
-    weight: torch.Tensor,
-    exp_avg: torch.Tensor,
-    exp_avg_sq: torch.Tensor,
-    ids: torch.Tensor,
-    grad_rows: torch.Tensor,
-    counts: torch.Tensor,
-    *,
-    lr: float,
-    step: int,
-    betas: tuple[float, float] = (0.9, 0.999),
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    rows_checked: bool = False,
-) -> None:
-    """:func:`mba_adam_update`; with ``rows_checked`` the caller (an MBA optimiser) has run
-    :func:`check_update_rows` on these very ``ids`` and ``grad_rows``."""
-    lr = _check_nonnegative("lr", lr)
-    weight_decay = _check_nonnegative("weight_decay", weight_decay)
-    eps = _check_nonnegative("eps", eps)
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-    beta1 = check_float("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
-    beta2 = check_float("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
-    step = _check_step(step)
-    weight, ids, grad_rows = _check_update_args(
-        weight, ids, grad_rows, counts, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
-    )
-    impl = _select(weight, ids, grad_rows, counts, "adam", rows_checked)
-    impl.fn(
-        "adam", weight=weight, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ids=ids,
-        grad_rows=grad_rows, counts=counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-        weight_decay=weight_decay, step=step,
-    )
+    return flat, keep
 
 
 def mba_sgd_update(
@@ -426,7 +363,11 @@ def mba_sgd_update(
     (D,)``), ``counts`` (N,); ``weight_decay`` is lambda (>= 0). Dtypes and the rest of
     the conventions: see the module docstring.
     """
-    _mba_sgd_update(weight, ids, grad_rows, counts, lr=lr, weight_decay=weight_decay)
+    lr = _check_nonnegative("lr", lr)
+    weight_decay = _check_nonnegative("weight_decay", weight_decay)
+    weight, ids, grad_rows = _check_update_args(weight, ids, grad_rows, counts)
+    impl = _select(weight, ids, grad_rows, counts, "sgd")
+    impl.fn("sgd", weight=weight, ids=ids, grad_rows=grad_rows, counts=counts, lr=lr, weight_decay=weight_decay)
 
 
 def mba_adagrad_update(
@@ -447,8 +388,19 @@ def mba_adagrad_update(
     ``state_sum`` (N, D) float32: the running sum of squared gradients. ``step`` (>= 1):
     the table's step count, this step included (it scales ``lr`` through ``lr_decay``).
     """
-    _mba_adagrad_update(weight, state_sum, ids, grad_rows, counts, lr=lr, step=step,
-                        weight_decay=weight_decay, eps=eps, lr_decay=lr_decay)
+    lr = _check_nonnegative("lr", lr)
+    weight_decay = _check_nonnegative("weight_decay", weight_decay)
+    eps = _check_nonnegative("eps", eps)
+    lr_decay = _check_nonnegative("lr_decay", lr_decay)
+    step = _check_step(step)
+    weight, ids, grad_rows = _check_update_args(
+        weight, ids, grad_rows, counts, [("state_sum", state_sum)]
+    )
+    impl = _select(weight, ids, grad_rows, counts, "adagrad")
+    impl.fn(
+        "adagrad", weight=weight, state_sum=state_sum, ids=ids, grad_rows=grad_rows,
+        counts=counts, lr=lr, weight_decay=weight_decay, eps=eps, lr_decay=lr_decay, step=step,
+    )
 
 
 def mba_adam_update(
@@ -470,5 +422,20 @@ def mba_adam_update(
     ``exp_avg``/``exp_avg_sq`` (N, D) float32: moments, updated on touched rows only.
     ``step`` (>= 1): the table's global step count, this step included (bias correction).
     """
-    _mba_adam_update(weight, exp_avg, exp_avg_sq, ids, grad_rows, counts, lr=lr, step=step,
-                     betas=betas, eps=eps, weight_decay=weight_decay)
+    lr = _check_nonnegative("lr", lr)
+    weight_decay = _check_nonnegative("weight_decay", weight_decay)
+    eps = _check_nonnegative("eps", eps)
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    beta1 = check_float("betas[0]", betas[0], low=0.0, high=1.0, high_open=True)
+    beta2 = check_float("betas[1]", betas[1], low=0.0, high=1.0, high_open=True)
+    step = _check_step(step)
+    weight, ids, grad_rows = _check_update_args(
+        weight, ids, grad_rows, counts, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
+    )
+    impl = _select(weight, ids, grad_rows, counts, "adam")
+    impl.fn(
+        "adam", weight=weight, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ids=ids,
+        grad_rows=grad_rows, counts=counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+        weight_decay=weight_decay, step=step,
+    )
