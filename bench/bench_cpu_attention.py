@@ -52,14 +52,14 @@ def identity_form_flops(positions: int, units=UNITS) -> float:
     return positions * (2 * D * h1 + 2 * h1 * h2 + 2 * h2 + 2 * D)
 
 
-def gemm_rate(rounds: int) -> float:
+def gemm_rate(rounds: int, units: tuple[int, int] = UNITS) -> float:
     """FLOP/s of float32 GEMMs of the attention MLP's shapes on a cache-resident tile of
     2,048 positions ((P, D) x (D, H1) and (P, H1) x (H1, H2)), best of ``rounds`` x 20."""
     positions = 2048
-    a1, b1 = torch.randn(positions, D), torch.randn(D, UNITS[0])
-    a2, b2 = torch.randn(positions, UNITS[0]), torch.randn(UNITS[0], UNITS[1])
-    c1, c2 = torch.empty(positions, UNITS[0]), torch.empty(positions, UNITS[1])
-    flops = 20 * 2 * positions * (D * UNITS[0] + UNITS[0] * UNITS[1])
+    a1, b1 = torch.randn(positions, D), torch.randn(D, units[0])
+    a2, b2 = torch.randn(positions, units[0]), torch.randn(units[0], units[1])
+    c1, c2 = torch.empty(positions, units[0]), torch.empty(positions, units[1])
+    flops = 20 * 2 * positions * (D * units[0] + units[0] * units[1])
     best = float("inf")
     for _ in range(rounds):
         t0 = time.perf_counter()

@@ -20,24 +20,9 @@ import time
 import torch
 
 import interest_kernels.ops.target_attention.cpu as ta_cpu
+from bench_cpu_attention import gemm_rate
 
 B, T, D = 1024, 100, 36
-
-
-def gemm_rate(rounds: int, units=(80, 40)) -> float:
-    positions = 2048
-    a1, b1 = torch.randn(positions, D), torch.randn(D, units[0])
-    a2, b2 = torch.randn(positions, units[0]), torch.randn(units[0], units[1])
-    c1, c2 = torch.empty(positions, units[0]), torch.empty(positions, units[1])
-    flops = 20 * 2 * positions * (D * units[0] + units[0] * units[1])
-    best = float("inf")
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        for _ in range(20):
-            torch.mm(a1, b1, out=c1)
-            torch.mm(a2, b2, out=c2)
-        best = min(best, time.perf_counter() - t0)
-    return flops / best
 
 
 def args_for(units, activation):
