@@ -37,6 +37,8 @@ MAX_LAYERS = 3
 NUM_SMS = 132  # an H200; the persistent grid's size under the interpreter
 BLOCK_T = 64
 NUM_WARPS = 8
+# First-layer units per program of the weight-gradient kernel (weight_grads.py).
+UNIT_CHUNK = 64
 # On-chip limits (padded sizes). The backward holds the most (the first layer's per-row
 # matrix and its weight-gradient accumulators, each (H_1, D), the deeper layers' weights
 # and accumulators) and its shared memory grows with the padded weight-matrix elements
