@@ -5,7 +5,7 @@ Same grid and row walk as the forward. Per tile the MLP is recomputed from the k
 (flash-attention style: only the forward's log-sum-exp is saved), the attention
 gradient gives each position's score gradient, and the chain runs down the MLP. The
 gradients of the first layer's matrices (W_kd, W_p) and of W_2 are left to a second
-kernel (``weight_grads.py``), with the query's, fed the layer-2 pre-activation gradient dz2 that this one
+kernel (``weight_grads.py``), with the query's and the q-term's, fed the layer-2 pre-activation gradient dz2 that this one
 writes: their three float32 accumulators held across the tile loop took most of the
 registers (bench/results/sm90_target_attention_spills.md). W_3's gradient is a register
 accumulator of the program, written once, at the end, into this program's row of a
@@ -15,7 +15,7 @@ gradient) are summed in place in that row across the program's tiles, and the pe
 inputs (q-term, biases, score weights, activation parameters) are loaded per tile: a
 per-unit vector held in registers across the tile loop costs a quarter of its length
 per thread in the MMA layout. The key gradient of a tile is stored as soon as it is
-known; the q-term's gradient once per row. The deeper layers' weights stay on
+known. The deeper layers' weights stay on
 chip for the whole program; W_kd and W_p are read once per row (from L2).
 
 In statistics mode (STATS) the upstream gradient is that of the Dice statistics
@@ -63,7 +63,7 @@ def _add_act_grads(ptr, ga, gs, gb, offs, n):
 def attention_bwd_kernel(
     qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_ptr, act_ptr,
     out_ptr, sc_ptr, dout_ptr, dsc_ptr, lse_ptr, gst_ptr,
-    dqt_ptr, dk_ptr, dz_ptr, gw_ptr, ga_ptr,
+    dk_ptr, dz_ptr, gw_ptr, ga_ptr,
     B, T, N, E, D, H1, H2, H3, W_ROW, A_ROW,
     LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT: tl.constexpr,
     ACT_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, PER_HEAD: tl.constexpr,
@@ -74,11 +74,11 @@ def attention_bwd_kernel(
 ):
     """Inputs as the forward kernel's, plus its out (R, D) and scores (R, T), the upstream
     dout (R, D) and dscores (R, T), lse (R,), or in STATS mode gst (G, 2, H_LAYERS).
-    Writes dqt (R, H1) fp32, dkeys (per row (R, T, D) fp32 if DK_PER_ROW,
+    Writes dkeys (per row (R, T, D) fp32 if DK_PER_ROW,
     else like keys), dz (R, T, H2) fp32 = dz2 (dz1 (R, T, H1) if LAYERS == 1) for
     ``weight_grads.py``, and this program's rows of gw (E*P, W_ROW) and ga (E*P, A_ROW)
     fp32: the layers it ran (and in attention mode the score layer) except W_kd, W_p
-    and W_2, which the second kernel writes, as dq."""
+    and W_2, which the second kernel writes, as dq and dqt."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_prog = tl.num_programs(0)
@@ -163,8 +163,6 @@ def attention_bwd_kernel(
                         valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                         delta += tl.sum(tl.where(valid, load_vec(dsc_ptr + r * T, offs_t, T)
                                                  * load_vec(sc_ptr + r * T, offs_t, T), 0.0), axis=0)
-        dqt_r = dqt_ptr + r * H1  # summed in place across the row's tiles
-        _zero_vec(dqt_r, offs_h1, H1)
         for t0 in range(0, T, BLOCK_T):
             # the previous tile's in-place sums are visible to every thread from here on
             tl.debug_barrier()
@@ -248,7 +246,6 @@ def attention_bwd_kernel(
                 dz1 = dtop
                 tl.store(dz_ptr + r.to(tl.int64) * T * H1 + offs_t[:, None] * H1
                          + offs_h1[None, :], dz1, mask=tm[:, None] & (offs_h1[None, :] < H1))
-            add_to_vec(dqt_r, offs_h1, H1, tl.sum(dz1, axis=0))
             dk = mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
             if not STATS:  # the attention's own term (dout reloaded: it is not held
                 # through the chain); a padded key gets a zero gradient

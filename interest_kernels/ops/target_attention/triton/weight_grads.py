@@ -12,7 +12,7 @@ chunk of W_kd and W_p on chip for the whole program (no per-row M_r, whose weigh
 would be read again for every row), ``a1 = act(z1)``, ``dz1 = act'(z1) (dz2 W_2)``, and
 accumulates ``W_2``'s gradient ``dz2^T a1`` and ``M_r = W_kd + W_p diag(q)``'s
 ``dz1^T k``, split into W_kd's and W_p's (times q); per row, its chunk's part of q's
-gradient ``sum_t k_t (dz1 W_p)_t``. With one layer, dz (R, T, H1) is dz1 itself and
+gradient ``sum_t k_t (dz1 W_p)_t`` and the q-term's, ``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and
 nothing is recomputed. Each program writes its chunk of its own row of a
 (programs, ...) partial buffer (fewer programs than the first kernel's, about one per
 SM over all chunks, as each writes a row), and the chunks' parts of dq go to (chunks, R, D): the
@@ -24,14 +24,14 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, act_fwd, history_row, load_mat, load_vec, mm, store_mat,
+from .layers import (act_bwd, add_to_vec, act_fwd, history_row, load_mat, load_vec, mm, store_mat,
                      tile_act_params, tile_vec, valid_positions, weight_offsets)
 
 
 @triton.jit(do_not_specialize=["B", "T", "N"])
 def first_layer_grad_kernel(
     qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_ptr, act_ptr, dz_ptr, dq_ptr,
-    gw_ptr,
+    dqt_ptr, gw_ptr,
     B, T, N, E, D, H1, H2, H3, W_ROW, A_ROW, GW_ROW,
     LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT: tl.constexpr,
     ACT_LAYERS: tl.constexpr, PER_HEAD: tl.constexpr, HAS_KIDX: tl.constexpr,
@@ -42,7 +42,8 @@ def first_layer_grad_kernel(
     """Inputs as the backward kernel's, plus dz (R, T, H2) fp32 (dz1 (R, T, H1) when
     LAYERS == 1). Writes, for c = program_id(2), the rows [c CH1, (c + 1) CH1) of
     W_kd's, W_p's and the columns of W_2's gradient in this program's row of gw
-    (E*P, GW_ROW) fp32 (laid out as the start of a weight row: W_kd, W_p, W_2), and dq[c] (chunks, R, D) fp32 for its rows."""
+    (E*P, GW_ROW) fp32 (laid out as the start of a weight row: W_kd, W_p, W_2), dq[c]
+    (chunks, R, D) fp32 and the chunk's columns of dqt (R, H1) fp32 for its rows."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_prog = tl.num_programs(0)
@@ -86,7 +87,10 @@ def first_layer_grad_kernel(
         dz_base = dz_ptr + r.to(tl.int64) * T * HZ
         q = load_vec(q_ptr + r * D, offs_d, D)
         dq = tl.zeros([BD], tl.float32)
+        tl.store(dqt_ptr + r * H1 + offs_h1, tl.zeros([CH1], tl.float32), mask=offs_h1 < H1)
         for t0 in range(0, T, BLOCK_T):
+            # the previous tile's in-place dqt sums are visible to every thread from here on
+            tl.debug_barrier()
             offs_t = t0 + offs_bt
             tm = offs_t < T
             if STATS:
@@ -113,6 +117,7 @@ def first_layer_grad_kernel(
             gwkd += gm
             gwp += gm * q[None, :]
             dq += tl.sum(k.to(tl.float32) * mm(dz1, wp, LOWP_BWD, DT, PREC), axis=0)
+            add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0))
         tl.store(dq_ptr + (tl.program_id(2).to(tl.int64) * B * E + r) * D + offs_d, dq,
                  mask=dm)
     gw_s = gw_ptr + slot * GW_ROW
