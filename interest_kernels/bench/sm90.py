@@ -87,7 +87,7 @@ def parse_ptxas_log(log: str) -> dict[str, int]:
 
 def _ta_calls(quick: bool) -> Iterator[MeterCase]:
     forms = [("float16", "sigmoid")] if quick else [
-        (dt, act) for dt in ("float32", "float16", "bfloat16") for act in ("sigmoid", "dice")
+        (dt, act) for dt in ("float32", "float16", "bfloat16") for act in ("sigmoid", "prelu", "dice")
     ]
     for dt, act in forms:
         yield traffic.target_attention_case(256, 64, 64, (80, 40), _dtype(dt), act)
