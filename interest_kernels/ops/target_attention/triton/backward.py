@@ -2,21 +2,21 @@
 parameter gradients.
 
 Same grid and row walk as the forward. Per tile the MLP is recomputed from the keys
-(flash-attention style: only the forward's log-sum-exp is saved), the attention
-gradient gives each position's score gradient, and the chain runs down the MLP. The
-gradients of the first layer's matrices (W_kd, W_p) and of W_2 are left to a second
-kernel (``weight_grads.py``), with the query's and the q-term's, fed the layer-2 pre-activation gradient dz2 that this one
-writes: their three float32 accumulators held across the tile loop took most of the
-registers (bench/results/sm90_target_attention_spills.md). W_3's gradient is a register
-accumulator of the program, written once, at the end, into this program's row of a
-(programs, ...) partial buffer that the caller sums (deterministic, no atomics); the
-per-unit ones (biases, score layer, activation parameters, and each row's q-term
-gradient) are summed in place in that row across the program's tiles, and the per-unit
-inputs (q-term, biases, score weights, activation parameters) are loaded per tile: a
-per-unit vector held in registers across the tile loop costs a quarter of its length
-per thread in the MMA layout. The key gradient of a tile is stored as soon as it is
-known. The deeper layers' weights stay on
-chip for the whole program; W_kd and W_p are read once per row (from L2).
+(flash-attention style: only the forward's log-sum-exp is saved), the attention gradient
+gives each position's score gradient, and the chain runs down the MLP. The gradients of
+the first layer's matrices (W_kd, W_p) and of W_2 are left to a second kernel
+(``weight_grads.py``), with the query's and the q-term's, fed the layer-2 pre-activation
+gradient dz2 that this one writes: their three float32 accumulators held across the tile
+loop took most of the registers (bench/results/sm90_target_attention_spills.md). W_3's
+gradient is a register accumulator of the program, written once, at the end, into this
+program's row of a (programs, ...) partial buffer that the caller sums (deterministic,
+no atomics); the per-unit ones (biases, score layer, activation parameters) are summed
+in place in that row across the program's tiles, and
+the per-unit inputs (q-term, biases, score weights, activation parameters) are loaded
+per tile: a per-unit vector held in registers across the tile loop costs a quarter of
+its length per thread in the MMA layout. The key gradient of a tile is stored as soon as
+it is known. The deeper layers' weights stay on chip for the whole program; W_kd and W_p
+are read once per row (from L2).
 
 In statistics mode (STATS) the upstream gradient is that of the Dice statistics
 (sum z, sum z^2) of layer LAYERS's pre-activation, instead of the attention output's.

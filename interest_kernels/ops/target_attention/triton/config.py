@@ -13,9 +13,10 @@ interpreter computes every dot exactly).
 * The matrices a program needs stay on chip: the MLP's weight matrices (loaded once per
   program), the per-row first-layer matrix, and in the backward W_3's gradient
   accumulator; the gradients of W_kd, W_p and W_2 are accumulated by a second kernel
-  over chunks of ``UNIT_CHUNK`` first-layer units (``weight_grads.py``). Per-unit vectors (q-term, biases, score weights, activation
-  parameters) are loaded per tile and per-unit gradients summed in place in the
-  program's partial row (L1/L2 traffic instead of registers: ``layers.tile_vec``).
+  over chunks of ``UNIT_CHUNK`` first-layer units (``weight_grads.py``). Per-unit
+  vectors (q-term, biases, score weights, activation parameters) are loaded per tile
+  and per-unit gradients summed in place in the program's partial row (L1/L2 traffic
+  instead of registers: ``layers.tile_vec``).
   That bounds the widths; :func:`unsupported_reason` declines the rest, which then
   run on the next backend.
 * Dot precision: float16/bfloat16 inputs multiply in their dtype with float32

@@ -12,11 +12,11 @@ chunk of W_kd and W_p on chip for the whole program (no per-row M_r, whose weigh
 would be read again for every row), ``a1 = act(z1)``, ``dz1 = act'(z1) (dz2 W_2)``, and
 accumulates ``W_2``'s gradient ``dz2^T a1`` and ``M_r = W_kd + W_p diag(q)``'s
 ``dz1^T k``, split into W_kd's and W_p's (times q); per row, its chunk's part of q's
-gradient ``sum_t k_t (dz1 W_p)_t`` and the q-term's, ``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and
-nothing is recomputed. Each program writes its chunk of its own row of a
-(programs, ...) partial buffer (fewer programs than the first kernel's, about one per
-SM over all chunks, as each writes a row), and the chunks' parts of dq go to (chunks, R, D): the
-caller sums both (deterministic, no atomics). A masked position's dz is zero and
+gradient ``sum_t k_t (dz1 W_p)_t`` and of the q-term's, ``sum_t dz1_t``. With one
+layer, dz (R, T, H1) is dz1 itself and nothing is recomputed. Each program writes its
+chunk of its own row of a (programs, ...) partial buffer (about one program per SM over
+all chunks, as each writes a row), and the chunks' parts of dq go to (chunks, R, D):
+the caller sums both (deterministic, no atomics). A masked position's dz is zero and
 its key is not read (Dice's statistics cover every position, padded ones too).
 """
 from __future__ import annotations
@@ -24,8 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, add_to_vec, act_fwd, history_row, load_mat, load_vec, mm, store_mat,
-                     tile_act_params, tile_vec, valid_positions, weight_offsets)
+from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec, mm,
+                     store_mat, tile_act_params, tile_vec, valid_positions, weight_offsets)
 
 
 @triton.jit(do_not_specialize=["B", "T", "N"])
