@@ -48,17 +48,38 @@ def _family(report, family):
 @pytest.mark.parametrize("family", [
     "gru_scan",
     "dice",
-    pytest.param("target_attention", marks=pytest.mark.xfail(
-        strict=True, reason="the target-attention backward at its H200 configuration spills "
-        "about 1.3 KB per thread on sm_90 (bench/results/sm90_target_attention_quick.md; the "
-        "Dice forms more, sm90_target_attention.md; why: sm90_target_attention_spills.md); "
-        "remove this mark when it fits the 256 B bound")),
+    "target_attention",  # float16 sigmoid; float32 below, Dice in sm90_target_attention.md
 ])
 def test_family_compiles_within_sm90_limits(report, family):
     kernels, bad = _family(report, family)
     assert not bad, "\n".join(bad)
     for k in kernels:
         assert k["registers"] > 0 and k["shared_bytes"] <= sm90.SM90_SHARED_LIMIT_BYTES
+
+
+_FLOAT32_TARGET_ATTENTION = """
+import json, sys, torch
+from interest_kernels.bench import sm90, traffic
+case = traffic.target_attention_case(256, 64, 64, (80, 40), torch.float32, "sigmoid")
+kernels = sm90.compile_cases([case])
+print(json.dumps(sm90.violations(kernels)))
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="the float32 target-attention backward kernels spill "
+                   "about 430 B per thread each on sm_90 (the float16 and bfloat16 ones fit; "
+                   "the Dice forms spill more): bench/results/sm90_target_attention_spills.md")
+def test_float32_target_attention_within_sm90_limits(tmp_path):
+    reason = _ptxas_missing()
+    if reason:
+        pytest.skip(reason)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_CACHE_DIR"] = str(tmp_path)  # fresh: a cached kernel skips ptxas's report
+    proc = subprocess.run([sys.executable, "-c", _FLOAT32_TARGET_ATTENTION], env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    bad = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert not bad, "\n".join(bad)
 
 
 def test_every_family_is_reported_under_its_name(report):

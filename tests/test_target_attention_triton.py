@@ -241,6 +241,9 @@ WIDE_CASES = {
                                    activation="prelu", normalization="none"),
     "wide-per-head-shared-history": dict(units=(40, 20, 36), heads=2, per_head=True, rows=2,
                                          batch=3, dim=8, seq_len=17, activation="relu"),
+    # one layer wider than the weight-gradient kernel's 64-unit chunks (dz1 read per chunk)
+    "one-layer-two-unit-chunks": dict(units=(72,), dim=16, batch=3, seq_len=9, valid="mask",
+                                      activation="prelu"),
 }
 
 
@@ -353,7 +356,8 @@ def test_launch_matches_the_gpu(device, monkeypatch):
     from interest_kernels.ops.target_attention.triton import config, ops
 
     launches = []
-    for name in ("attention_fwd_kernel", "attention_bwd_kernel"):
+    names = ["attention_fwd_kernel", "attention_bwd_kernel", "first_layer_grad_kernel"]
+    for name in names:
         kernel = getattr(ops, name)
 
         class Recorder:
@@ -370,10 +374,10 @@ def test_launch_matches_the_gpu(device, monkeypatch):
     inp["keys"].requires_grad_(True)
     out, _ = call(target_attention, "triton")(**inp)
     out.sum().backward()
-    assert [n for n, _, _ in launches] == ["attention_fwd_kernel", "attention_bwd_kernel"]
+    assert [n for n, _, _ in launches] == names
     sms = config.num_sms(inp["keys"].device)
     for _, grid, kw in launches:
-        assert grid == (min(150, sms), 1)
+        assert grid[:2] == (min(150, sms), 1) and grid[2:] in ((), (1,))
         assert (kw["BLOCK_T"], kw["num_warps"], kw["num_stages"]) == (64, 8, 1)
     assert config.num_sms(torch.device("cpu")) == 132
 

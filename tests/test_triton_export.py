@@ -176,8 +176,10 @@ def test_model_export_for_cuda_traces_the_kernels():
 KERNELS = {
     "target_attention_fwd": ["attention_fwd_kernel"],
     "target_attention_stats": ["dice_stats_kernel"],
-    "target_attention_bwd": ["attention_bwd_kernel", "_segment_sum_kernel"],
-    "target_attention_stats_bwd": ["attention_bwd_kernel", "_segment_sum_kernel"],
+    "target_attention_bwd": ["attention_bwd_kernel", "first_layer_grad_kernel",
+                            "_segment_sum_kernel"],
+    "target_attention_stats_bwd": ["attention_bwd_kernel", "first_layer_grad_kernel",
+                                  "_segment_sum_kernel"],
     "gru_scan_fwd": ["_gru_scan_fwd_kernel"],
     "gru_scan_bwd": ["_gru_scan_bwd_kernel"],
     "dice_batch_stats": ["_stats_partial_kernel", "_stats_finalize_kernel"],

@@ -33,7 +33,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterable, Iterator, Optional
 
 from . import traffic
 from .traffic import MeterCase
@@ -87,7 +87,7 @@ def parse_ptxas_log(log: str) -> dict[str, int]:
 
 def _ta_calls(quick: bool) -> Iterator[MeterCase]:
     forms = [("float16", "sigmoid")] if quick else [
-        (dt, act) for dt in ("float32", "float16", "bfloat16") for act in ("sigmoid", "dice")
+        (dt, act) for dt in ("float32", "float16", "bfloat16") for act in ("sigmoid", "prelu", "dice")
     ]
     for dt, act in forms:
         yield traffic.target_attention_case(256, 64, 64, (80, 40), _dtype(dt), act)
@@ -215,6 +215,13 @@ def compile_families(families: list[str], quick: bool = False, log: Callable[[st
                      ) -> list[CompiledKernel]:
     """Run each family's representative calls forward and backward, compiling every
     launch for sm_90 instead of running it."""
+    return compile_cases([case for family in families for case in FAMILY_CALLS[family](quick)], log)
+
+
+def compile_cases(cases: Iterable[MeterCase], log: Callable[[str], None] = lambda s: None
+                  ) -> list[CompiledKernel]:
+    """:func:`compile_families` for the given meter cases (e.g. one form of the full
+    report, checked alone); each kernel is filed under its module's family."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("sm90 compiles need TRITON_INTERPRET unset (interpreted kernels cannot be compiled)")
     import torch
@@ -233,15 +240,14 @@ def compile_families(families: list[str], quick: bool = False, log: Callable[[st
     JITFunction.run = run
     try:
         with _triton_backend_on_cpu(), use_backend("triton"):
-            for family in families:
-                for case in FAMILY_CALLS[family](quick):
-                    label = f"{case.label} {str(case.dtype).replace('torch.', '')}"
-                    compiler.call = label
-                    before = len(compiler.results)
-                    out = case.call(clone_inputs(case.make(), None, case.grad_inputs))
-                    outs = [t for t in traffic._tensors(out) if t.requires_grad]
-                    torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
-                    log(f"{label}: {len(compiler.results) - before} new kernels")
+            for case in cases:
+                label = f"{case.label} {str(case.dtype).replace('torch.', '')}"
+                compiler.call = label
+                before = len(compiler.results)
+                out = case.call(clone_inputs(case.make(), None, case.grad_inputs))
+                outs = [t for t in traffic._tensors(out) if t.requires_grad]
+                torch.autograd.backward(outs, [torch.ones_like(t) for t in outs])
+                log(f"{label}: {len(compiler.results) - before} new kernels")
     finally:
         JITFunction.run = original_run
     return compiler.results

@@ -101,6 +101,8 @@ def target_attention_case(B: int, T: int, D: int, units: tuple[int, ...], dtype:
             extra["dice_params"] = [
                 DiceParams(alpha=torch.full((h,), 0.25, dtype=dtype), running_mean=torch.zeros(h),
                            running_var=torch.ones(h)) for h in units]
+        if activation == "prelu":
+            extra["prelu_weights"] = [torch.full((h,), 0.25, dtype=dtype) for h in units]
         return target_attention(**inp, activation=activation, normalization="softmax", **extra)
 
     return MeterCase(

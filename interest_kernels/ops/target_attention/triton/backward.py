@@ -1,21 +1,22 @@
-"""Backward kernel: recompute per 64-key tile, parameter gradients accumulated on chip.
+"""Backward kernel: recompute per 64-key tile, the data gradients and the small
+parameter gradients.
 
 Same grid and row walk as the forward. Per tile the MLP is recomputed from the keys
-(flash-attention style: only the forward's log-sum-exp is saved), the attention
-gradient gives each position's score gradient, and the chain runs down the MLP. Every
-parameter gradient (weights, biases, score layer, PReLU/Dice parameters) is a register
-accumulator of the program, added to per tile and written
-once, at the end, into this program's row of a (programs, ...) partial buffer that the
-caller sums (deterministic, no atomics); the per-unit ones (biases, score layer,
-activation parameters, and each row's q-term gradient) are summed in place in that row
-across the program's tiles instead, and the per-unit inputs (q-term, biases, score
-weights, activation parameters) are loaded per tile: a per-unit vector held in
-registers across the tile loop costs a quarter of its length per thread in the MMA
-layout, and they would take half the registers (bench/results/sm90_target_attention_spills.md). The key gradient of a tile is stored as soon as
-it is known; dq and the q-term's gradient once per row. The deeper layers' weights stay
-on chip for the whole program; W_kd and W_p are read once per row (from L2), since
-beside the accumulators they do not fit the registers (even so the kernel spills on
-sm_90 at the benchmark widths: bench/results/target_attention_triton.md).
+(flash-attention style: only the forward's log-sum-exp is saved), the attention gradient
+gives each position's score gradient, and the chain runs down the MLP. The gradients of
+the first layer's matrices (W_kd, W_p) and of W_2 are left to a second kernel
+(``weight_grads.py``), with the query's and the q-term's, fed the layer-2 pre-activation
+gradient dz2 that this one writes: their three float32 accumulators held across the tile
+loop took most of the registers (bench/results/sm90_target_attention_spills.md). W_3's
+gradient is a register accumulator of the program, written once, at the end, into this
+program's row of a (programs, ...) partial buffer that the caller sums (deterministic,
+no atomics); the per-unit ones (biases, score layer, activation parameters) are summed
+in place in that row across the program's tiles, and
+the per-unit inputs (q-term, biases, score weights, activation parameters) are loaded
+per tile: a per-unit vector held in registers across the tile loop costs a quarter of
+its length per thread in the MMA layout. The key gradient of a tile is stored as soon as
+it is known. The deeper layers' weights stay on chip for the whole program; W_kd and W_p
+are read once per row (from L2).
 
 In statistics mode (STATS) the upstream gradient is that of the Dice statistics
 (sum z, sum z^2) of layer LAYERS's pre-activation, instead of the attention output's.
@@ -25,9 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec, load_weights,
-                     mlp_tile, mm, store_mat, tile_act_params, tile_vec, tile_vectors, valid_positions,
-                     weight_offsets)
+from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec,
+                     load_weights, mlp_tile, mm, store_mat, tile_act_params, tile_vec,
+                     tile_vectors, valid_positions, weight_offsets)
 
 
 @triton.jit
@@ -62,7 +63,7 @@ def _add_act_grads(ptr, ga, gs, gb, offs, n):
 def attention_bwd_kernel(
     qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_ptr, act_ptr,
     out_ptr, sc_ptr, dout_ptr, dsc_ptr, lse_ptr, gst_ptr,
-    dqt_ptr, dq_ptr, dk_ptr, gw_ptr, ga_ptr,
+    dk_ptr, dz_ptr, gw_ptr, ga_ptr,
     B, T, N, E, D, H1, H2, H3, W_ROW, A_ROW,
     LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT: tl.constexpr,
     ACT_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, PER_HEAD: tl.constexpr,
@@ -73,9 +74,11 @@ def attention_bwd_kernel(
 ):
     """Inputs as the forward kernel's, plus its out (R, D) and scores (R, T), the upstream
     dout (R, D) and dscores (R, T), lse (R,), or in STATS mode gst (G, 2, H_LAYERS).
-    Writes dqt (R, H1) and dq (R, D) fp32, dkeys (per row (R, T, D) fp32 if DK_PER_ROW,
-    else like keys), and this program's rows of gw (E*P, W_ROW) and ga (E*P, A_ROW)
-    fp32: the layers it ran (and in attention mode the score layer)."""
+    Writes dkeys (per row (R, T, D) fp32 if DK_PER_ROW,
+    else like keys), dz (R, T, H2) fp32 = dz2 (dz1 (R, T, H1) if LAYERS == 1) for
+    ``weight_grads.py``, and this program's rows of gw (E*P, W_ROW) and ga (E*P, A_ROW)
+    fp32: the layers it ran (and in attention mode the score layer) except W_kd, W_p
+    and W_2, which the second kernel writes, as dq and dqt."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_prog = tl.num_programs(0)
@@ -113,11 +116,8 @@ def attention_bwd_kernel(
     if not STATS:
         bo = tl.load(w_g + o_bo).to(tl.float32)
 
-    # Parameter-gradient accumulators: the matrices on chip for the whole program, the
+    # Parameter-gradient accumulators: W_3's on chip for the whole program, the
     # per-unit vectors in place in this program's partial rows (zeroed here).
-    gwkd = tl.zeros([BH1, BD], tl.float32)
-    gwp = tl.zeros([BH1, BD], tl.float32)
-    gw2t = tl.zeros([BH1, BH2], tl.float32)
     gw3t = tl.zeros([BH2, BH3], tl.float32)
     gbo = tl.sum(tl.zeros([BLOCK_T], tl.float32), axis=0)
     gw_s = gw_ptr + slot * W_ROW
@@ -146,11 +146,9 @@ def attention_bwd_kernel(
             dk_base = dk_ptr + krow * T * D
         q = load_vec(q_ptr + r * D, offs_d, D)
         # M_r^T (BD, BH1), once per row. W_kd and W_p are not held through the program:
-        # with the gradient accumulators they would not fit the registers.
-        wp = load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False)
-        mt = tl.trans(load_mat(w_g, offs_h1, offs_d, H1, D, False) + wp * q[None, :])
-        if LOWP_BWD:
-            wp = wp.to(DT)
+        # they would not fit the registers.
+        mt = tl.trans(load_mat(w_g, offs_h1, offs_d, H1, D, False)
+                      + load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False) * q[None, :])
         if LOWP:
             mt = mt.to(DT)
         if not STATS:
@@ -165,10 +163,6 @@ def attention_bwd_kernel(
                         valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                         delta += tl.sum(tl.where(valid, load_vec(dsc_ptr + r * T, offs_t, T)
                                                  * load_vec(sc_ptr + r * T, offs_t, T), 0.0), axis=0)
-        dqt_r = dqt_ptr + r * H1  # summed in place across the row's tiles, as dq
-        dq_r = dq_ptr + r * D
-        _zero_vec(dqt_r, offs_h1, H1)
-        _zero_vec(dq_r, offs_d, D)
         for t0 in range(0, T, BLOCK_T):
             # the previous tile's in-place sums are visible to every thread from here on
             tl.debug_barrier()
@@ -239,9 +233,10 @@ def attention_bwd_kernel(
             elif LAYERS == 2:
                 dz2 = dtop
             if LAYERS >= 2:
+                tl.store(dz_ptr + r.to(tl.int64) * T * H2 + offs_t[:, None] * H2
+                         + offs_h2[None, :], dz2, mask=tm[:, None] & (offs_h2[None, :] < H2))
                 pa1, ps1, pb1 = tile_act_params(a_g, offs_h1, H1, t0, T, ACT_LAYERS >= 1)
                 a1 = _act_again(z1, a1, pa1, ps1, pb1, ACT)
-                gw2t += mm(tl.trans(a1), dz2, LOWP_BWD, DT, PREC)
                 add_to_vec(gw_s + o_b2, offs_h2, H2, tl.sum(dz2, axis=0))
                 dz1, x0, x1, x2 = act_bwd(z1, a1, mm(dz2, tl.trans(w2t), LOWP_BWD, DT, PREC),
                                           pa1, ps1, pb1, ACT)
@@ -249,9 +244,8 @@ def attention_bwd_kernel(
                     _add_act_grads(ga_s, x0, x1, x2, offs_h1, H1)
             else:
                 dz1 = dtop
-            # M_r = W_kd + W_p diag(q): its gradient dz1^T k splits into W_kd's and W_p's
-            # (folded per tile), and q's, sum_t k_t * (dz1 W_p)_t.
-            add_to_vec(dqt_r, offs_h1, H1, tl.sum(dz1, axis=0))
+                tl.store(dz_ptr + r.to(tl.int64) * T * H1 + offs_t[:, None] * H1
+                         + offs_h1[None, :], dz1, mask=tm[:, None] & (offs_h1[None, :] < H1))
             dk = mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
             if not STATS:  # the attention's own term (dout reloaded: it is not held
                 # through the chain); a padded key gets a zero gradient
@@ -259,18 +253,7 @@ def attention_bwd_kernel(
                 dk = tl.where(valid[:, None], dk + p[:, None] * dout[None, :], 0.0)
             tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
                      dk.to(dk_ptr.dtype.element_ty), mask=tm[:, None] & dm[None, :])
-            # the key tile again (an L1/L2 hit), rather than held through the chain
-            k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
-            add_to_vec(dq_r, offs_d, D,
-                       tl.sum(k.to(tl.float32) * mm(dz1, wp, LOWP_BWD, DT, PREC), axis=0))
-            gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (BH1, BD)
-            gwkd += gm
-            gwp += gm * tile_vec(q_ptr + r * D, offs_d, D, t0, T)[None, :]
 
-    store_mat(gw_s, gwkd, offs_h1, offs_d, H1, D, False)
-    store_mat(gw_s + o_wp, gwp, offs_h1, offs_d, H1, D, False)
-    if LAYERS >= 2:
-        store_mat(gw_s + o_w2, gw2t, offs_h1, offs_h2, H2, H1, True)
     if LAYERS >= 3:
         store_mat(gw_s + o_w3, gw3t, offs_h2, offs_h3, H3, H2, True)
     if not STATS:

@@ -11,10 +11,12 @@ interpreter computes every dot exactly).
   M = 64 (Hopper's warpgroup MMA size); every width (D, each layer) is padded to a power
   of two, at least 16. A row shorter than 64 positions leaves lanes of its tile masked.
 * The matrices a program needs stay on chip: the MLP's weight matrices (loaded once per
-  program), the per-row first-layer matrix, and in the backward the weight-matrix
-  gradient accumulators. Per-unit vectors (q-term, biases, score weights, activation
-  parameters) are loaded per tile and per-unit gradients summed in place in the
-  program's partial row (L1/L2 traffic instead of registers: ``layers.tile_vec``).
+  program), the per-row first-layer matrix, and in the backward W_3's gradient
+  accumulator; the gradients of W_kd, W_p and W_2 are accumulated by a second kernel
+  over chunks of ``UNIT_CHUNK`` first-layer units (``weight_grads.py``). Per-unit
+  vectors (q-term, biases, score weights, activation parameters) are loaded per tile
+  and per-unit gradients summed in place in the program's partial row (L1/L2 traffic
+  instead of registers: ``layers.tile_vec``).
   That bounds the widths; :func:`unsupported_reason` declines the rest, which then
   run on the next backend.
 * Dot precision: float16/bfloat16 inputs multiply in their dtype with float32
@@ -37,13 +39,16 @@ MAX_LAYERS = 3
 NUM_SMS = 132  # an H200; the persistent grid's size under the interpreter
 BLOCK_T = 64
 NUM_WARPS = 8
+# First-layer units per program of the weight-gradient kernel (weight_grads.py).
+UNIT_CHUNK = 64
 # On-chip limits (padded sizes). The backward holds the most (the first layer's per-row
-# matrix and its weight-gradient accumulators, each (H_1, D), the deeper layers' weights
-# and accumulators) and its shared memory grows with the padded weight-matrix elements
-# H_1 x D + H_2 x H_1 + H_3 x H_2. Compiled for sm_90 (limit 227 KB): 16384 elements
-# (units (80, 40), D = 64) take 224 KB in float32 and 192 KB in float16 (whose gradient
-# dots run in TF32), 20480 take 256 KB in float32, 24576 take 352 KB in float32, 288 KB in
-# float16 and 120 KB in bfloat16 (bench/results/target_attention_triton.md).
+# matrix, the deeper layers' weights and W_3's gradient accumulator) and its shared
+# memory grows with the padded weight-matrix elements H_1 x D + H_2 x H_1 + H_3 x H_2.
+# Measured for sm_90 (limit 227 KB) before the weight-gradient kernel was split off:
+# 16384 elements (units (80, 40), D = 64) took 224 KB in float32 and 192 KB in float16,
+# 24576 took 352 KB in float32, 288 KB in float16 and 120 KB in bfloat16
+# (bench/results/target_attention_triton.md); the split backward takes 128 / 112 KB at
+# 16384 (sm90_target_attention.md). The limits are not yet re-measured for it.
 MAX_DIM = 128
 MAX_UNITS = 128
 MAX_WEIGHT_ELEMENTS = {torch.float32: 16384, torch.float16: 16384, torch.bfloat16: 32768}

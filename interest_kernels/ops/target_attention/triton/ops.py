@@ -26,11 +26,12 @@ import torch
 from ...func_transforms import TransformableOp, register_sliced_vmap
 from ...traceable_triton import wrap_triton
 from .backward import attention_bwd_kernel
-from .config import ACTIVATIONS, launch_config, num_sms
+from .config import ACTIVATIONS, UNIT_CHUNK, launch_config, num_sms
 from .forward import attention_fwd_kernel
 from .pack import act_prefix, weight_prefix
 from .segment import sum_rows_by_history
 from .statistics import dice_stats_kernel
+from .weight_grads import first_layer_grad_kernel
 
 
 def _act_layers(activation: str, layers: int) -> int:
@@ -157,44 +158,66 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
     slots = heads * n_prog
     groups = wpack.shape[0]
     dqt = torch.empty(rows, units[0], **f32)
-    dq = torch.empty(rows, dim, **f32)
     per_row = key_index is not None
     dk = torch.empty(rows, seq_len, dim, **f32) if per_row else torch.empty_like(keys)
     w_used = wpack.shape[1] if not stats else weight_prefix(dim, units, layers)
     a_used = act_prefix(units, act_layers)
     gw = torch.empty(slots, wpack.shape[1], **f32)
+    # the first kernel's dz2 (dz1 with one layer), from which the second one takes the
+    # gradients of W_kd, W_p and W_2 (the first m_cols of a weight row; those of gw stay
+    # unwritten) in chunks of first-layer units, one partial row per program
+    dz = torch.empty(rows, seq_len, units[1] if layers >= 2 else units[0], **f32)
+    m_cols = 2 * units[0] * dim + (units[1] * units[0] if layers >= 2 else 0)
+    n_chunks = -(-units[0] // UNIT_CHUNK)
+    n_prog_m = torch.sym_max(1, torch.sym_min(rows // heads, num_sms(dev) // (heads * n_chunks)))
+    gm = torch.empty(heads * n_prog_m, m_cols, **f32)
     ga = torch.empty(slots, apack.shape[1], **f32) if apack is not None else None
     if rows == 0 or seq_len == 0:
-        for t in (dqt, dq, dk, gw, ga):
+        dq = torch.zeros(rows, dim, **f32)
+        for t in (dqt, dk, gw, gm, ga):
             if t is not None:
                 t.zero_()
     else:
         dummy = qterm.new_empty(1)  # stands in for absent inputs; never read
+        flags = _flags(keys, key_index, wpack, units, activation)
         wrap_triton(attention_bwd_kernel)[(n_prog, heads)](
             qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
             mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
             _or(out, dummy), _or(scores, dummy), _or(dout, dummy), _or(dscores, dummy),
-            _or(lse, dummy), _or(gstats, dummy), dqt, dq, dk, gw, _or(ga, dummy),
+            _or(lse, dummy), _or(gstats, dummy), dk, dz, gw, _or(ga, dummy),
             *_shape_args(query, keys, wpack, apack, units, heads),
             LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers, SOFTMAX=softmax,
             HAS_DSC=dscores is not None, STATS=stats, DK_PER_ROW=per_row,
-            HAS_LEN=lengths is not None, HAS_MASK=mask is not None,
-            **_flags(keys, key_index, wpack, units, activation),
+            HAS_LEN=lengths is not None, HAS_MASK=mask is not None, **flags,
         )
+        flags["CH1"] = min(flags.pop("BH1"), UNIT_CHUNK)
+        flags.pop("BH3")
+        dq = torch.empty(n_chunks, rows, dim, **f32)  # each unit chunk's part
+        wrap_triton(first_layer_grad_kernel)[(n_prog_m, heads, n_chunks)](
+            qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
+            mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
+            dz, dq, dqt, gm, *_shape_args(query, keys, wpack, apack, units, heads), m_cols,
+            LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers,
+            HAS_LEN=lengths is not None, HAS_MASK=mask is not None, STATS=stats, **flags,
+        )
+        dq = dq.sum(dim=0)
     if per_row:
         dk = sum_rows_by_history(dk, key_index, heads, keys.shape[0], keys.dtype)
 
-    def reduce(part, used, like):
+    def total(part, programs, used):
         # one deterministic sum over the programs (and the heads of a shared MLP)
-        if part is None:
-            return None
-        part = part[:, :used].reshape(heads, n_prog, used)
-        total = part.sum(dim=1) if groups > 1 else part.sum(dim=(0, 1)).unsqueeze(0)
-        if used < like.shape[1]:
-            total = torch.cat([total, total.new_zeros(groups, like.shape[1] - used)], dim=1)
-        return total.to(like.dtype)
+        part = part[:, :used].reshape(heads, programs, used)
+        return part.sum(dim=1) if groups > 1 else part.sum(dim=(0, 1)).unsqueeze(0)
 
-    return [dqt, dq.to(query.dtype), dk, reduce(gw, w_used, wpack), reduce(ga, a_used, apack)]
+    def padded(sums, like):
+        if sums.shape[1] < like.shape[1]:
+            sums = torch.cat([sums, sums.new_zeros(groups, like.shape[1] - sums.shape[1])], 1)
+        return sums.to(like.dtype)
+
+    gw = torch.cat([total(gm, n_prog_m, m_cols),
+                    total(gw[:, m_cols:], n_prog, w_used - m_cols)], dim=1)
+    ga = padded(total(ga, n_prog, a_used), apack) if ga is not None else None
+    return [dqt, dq.to(query.dtype), dk, padded(gw, wpack), ga]
 
 
 def _fill(grads, ref: torch.Tensor) -> list[torch.Tensor]:
