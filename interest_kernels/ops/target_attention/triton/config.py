@@ -112,11 +112,6 @@ def num_sms(device: torch.device) -> int:
     return NUM_SMS
 
 
-def programs_per_head(batch: int, heads: int, device: torch.device) -> int:
-    """Programs per head of the persistent grid (grid = (programs, heads))."""
-    return max(1, min(batch, num_sms(device) // heads))
-
-
 def launch_config(keys: torch.Tensor, hidden: Sequence[int], dim: int) -> dict:
     """Tile sizes (constexprs) and dot precisions for the kernels, fixed by the shapes."""
     blocks = [pad(h) for h in hidden] + [16] * (MAX_LAYERS - len(hidden))

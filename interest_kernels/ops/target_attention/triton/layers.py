@@ -241,19 +241,6 @@ def load_weights(w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3,
 
 
 @triton.jit
-def load_score_layer(w_g, D, H1, H2, H3, offs_hl, LAYERS: tl.constexpr):
-    """The score layer (w_o (BH_L), c_o) of a pack whose last layer is layer LAYERS."""
-    _, _, _, _, _, o_wo, o_bo, _ = weight_offsets(D, H1, H2, H3, LAYERS)
-    if LAYERS == 1:
-        wo = load_vec(w_g + o_wo, offs_hl, H1)
-    elif LAYERS == 2:
-        wo = load_vec(w_g + o_wo, offs_hl, H2)
-    else:
-        wo = load_vec(w_g + o_wo, offs_hl, H3)
-    return wo, tl.load(w_g + o_bo).to(tl.float32)
-
-
-@triton.jit
 def mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3,
              LAYERS: tl.constexpr, ACT: tl.constexpr, TOP_ACT: tl.constexpr,
              LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):

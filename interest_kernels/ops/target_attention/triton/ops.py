@@ -51,7 +51,9 @@ def _shape_args(query, keys, wpack, apack, units, heads):
 
 
 def _programs(rows: int, heads: int, device: torch.device) -> int:
-    """``config.programs_per_head`` for the R = B*E rows, symbolic sizes kept symbolic."""
+    """Programs per head of the persistent grid (grid = (programs, heads)) for R = B*E
+    rows: the SMs shared among the heads, at most one program per row, at least one;
+    symbolic sizes stay symbolic (no guard on a dynamic batch)."""
     return torch.sym_max(1, torch.sym_min(rows // heads, num_sms(device) // heads))
 
 
