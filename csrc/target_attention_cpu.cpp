@@ -467,8 +467,6 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
   p.wo = out_weight.data_ptr<T>();
   p.co = out_bias.data_ptr<T>();
   const int k = act_param_count(act);
-  TORCH_CHECK(static_cast<int64_t>(act_params.size()) == k * p.L,
-              "act_params: expected ", k * p.L, " tensors, got ", act_params.size());
   for (int l = 0; l < p.L; ++l)
     for (int i = 0; i < k; ++i) p.ap[l][i] = act_params[l * k + i].data_ptr<T>();
   return p;
@@ -1240,6 +1238,15 @@ std::vector<at::Tensor> contig(at::TensorList ts) {
   return out;
 }
 
+void check_tensor(const at::Tensor& t, const std::string& name, at::ScalarType dtype,
+                  at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == dtype, name, ": expected a CPU tensor of ",
+                    dtype, ", got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", expected, ", got ", t.sizes());
+}
+
+std::string indexed(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
 // The contiguous arguments shared by every operator.
 struct Args {
   at::Tensor query, keys, out_weight, out_bias;
@@ -1262,6 +1269,55 @@ struct Args {
     out_weight = out_weight_.contiguous();
     out_bias = out_bias_.contiguous();
     act = parse_activation(std::string(activation));
+    check_shapes();
+  }
+  int64_t B() const { return query.size(0); }
+  int64_t E() const { return keys.size(1); }
+  int64_t T() const { return keys.size(2); }
+  int64_t D() const { return query.size(2); }
+  int64_t G() const { return weights[0].size(0); }
+  at::ScalarType dtype() const { return query.scalar_type(); }
+  // Every argument's shape against the problem's dimensions (sizes only, no data read).
+  void check_shapes() const {
+    const int64_t R = keys.size(0);
+    TORCH_CHECK_VALUE(keys.size(3) == D(), "keys: last dimension ", keys.size(3), " differs from query's D = ", D());
+    TORCH_CHECK_VALUE(query.size(1) == 1 || query.size(1) == E(), "query: expected (B, 1 or E, D) with E = ", E(),
+                      ", got ", query.sizes());
+    if (key_index) {
+      check_tensor(*key_index, "key_index", at::kLong, {B()});
+    } else {
+      TORCH_CHECK_VALUE(R == B(), "keys: ", R, " history rows for ", B(), " queries without key_index");
+    }
+    if (lengths) check_tensor(*lengths, "lengths", at::kLong, {R});
+    if (mask) check_tensor(*mask, "mask", at::kBool, {R, T()});
+    const size_t L = weights.size();
+    TORCH_CHECK_VALUE(L >= 1 && L <= kMaxLayers, "weights: 1 to 3 layers, got ", L);
+    TORCH_CHECK_VALUE(biases.size() == L, "biases: one per layer (", L, "), got ", biases.size());
+    TORCH_CHECK_VALUE(weights[0].dim() == 3, "weights[0]: expected (G, H1, 4D), got ", weights[0].sizes());
+    TORCH_CHECK_VALUE(G() == 1 || G() == E(), "weights[0]: G = ", G(), " must be 1 or E = ", E());
+    const int k = act_param_count(act);
+    TORCH_CHECK_VALUE(act_params.size() == k * L, "act_params: expected ", k * L, " tensors, got ",
+                      act_params.size());
+    int64_t width = 4 * D();
+    for (size_t l = 0; l < L; ++l) {
+      const at::Tensor& w = weights[l];
+      TORCH_CHECK_VALUE(w.dim() == 3, indexed("weights", l), ": expected (G, H, ", width, "), got ", w.sizes());
+      const int64_t H = w.size(1);
+      check_tensor(w, indexed("weights", l), dtype(), {G(), H, width});
+      check_tensor(biases[l], indexed("biases", l), dtype(), {G(), H});
+      for (int i = 0; i < k; ++i)
+        check_tensor(act_params[l * k + i], indexed("act_params", l * k + i), dtype(), {G(), H});
+      width = H;
+    }
+    check_tensor(out_weight, "out_weight", dtype(), {G(), width});
+    check_tensor(out_bias, "out_bias", dtype(), {G()});
+  }
+  // The gradients and saved scores a backward receives.
+  void check_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_scores,
+                      const at::Tensor& scores) const {
+    check_tensor(grad_out, "grad_out", dtype(), {B(), E(), D()});
+    if (grad_scores) check_tensor(*grad_scores, "grad_scores", dtype(), {B(), E(), T()});
+    check_tensor(scores, "scores", dtype(), {B(), E(), T()});
   }
   template <typename T>
   Problem<T> problem(c10::string_view normalization) const {
@@ -1305,6 +1361,7 @@ BackwardResult target_attention_cpu_backward(
     c10::string_view activation, c10::string_view normalization) {
   const Args a(query_, keys_, key_index_, lengths_, mask_, weights_, biases_, out_weight_,
                out_bias_, act_params_, activation);
+  a.check_backward(grad_out_, grad_scores_, scores_);
   const at::Tensor grad_out = grad_out_.contiguous(), scores = scores_.contiguous();
   const auto grad_scores = contig(grad_scores_);
   BackwardResult result;
@@ -1394,11 +1451,20 @@ BackwardResult target_attention_cpu_train_backward(
     c10::string_view normalization, std::optional<at::ArrayRef<double>> dice_eps) {
   const Args a(query_, keys_, key_index_, lengths_, mask_, weights_, biases_, out_weight_,
                out_bias_, act_params_, activation);
+  a.check_backward(grad_out_, grad_scores_, scores_);
+  const size_t L = a.weights.size();
+  TORCH_CHECK_VALUE(pre_activations.size() == L, "pre_activations: one per layer (", L, "), got ",
+                    pre_activations.size());
+  TORCH_CHECK_VALUE(stats_.size() == (dice_eps ? L : 0), "stats: one per layer with dice_eps, none without; got ",
+                    stats_.size());
+  for (size_t l = 0; l < L; ++l) {
+    const int64_t H = a.weights[l].size(1);
+    check_tensor(pre_activations[l], indexed("pre_activations", l), a.dtype(), {a.B(), a.E(), a.T(), H});
+    if (dice_eps) check_tensor(stats_[l], indexed("stats", l), a.dtype(), {a.G(), 2, H});
+  }
   const at::Tensor grad_out = grad_out_.contiguous(), scores = scores_.contiguous();
   const auto grad_scores = contig(grad_scores_);
   const auto zs = contig(pre_activations), st = contig(stats_);
-  TORCH_CHECK(zs.size() == a.weights.size(), "pre_activations: one per layer");
-  TORCH_CHECK(st.size() == (dice_eps ? a.weights.size() : 0), "stats: one per layer with dice_eps");
   BackwardResult result;
   AT_DISPATCH_FLOATING_TYPES(a.query.scalar_type(), "target_attention_cpu_train_backward", [&] {
     const scalar_t* gs = grad_scores ? grad_scores->data_ptr<scalar_t>() : nullptr;

@@ -267,3 +267,57 @@ def test_no_grad_forward_allocates_nothing_of_size_b_t_units():
         if ev.cpu_memory_usage > 4 * B * T * H // 2:
             big.append((ev.key, ev.cpu_memory_usage))
     assert not big, big
+
+
+# --- shapes checked at the operator boundary ---------------------------------------------
+
+def _train_backward_args(**change):
+    """Arguments of target_attention_cpu_train_backward (Dice with batch statistics) from a
+    real training forward, with `change` applied: name -> function of the correct value."""
+    args, _ = _op_args(activation="dice", dtype=torch.float32)
+    args = {k: (v.detach() if isinstance(v, torch.Tensor) else [t.detach() for t in v] if isinstance(v, list) else v)
+            for k, v in args.items()}
+    dice_eps = [1e-5, 1e-5]
+    out, scores, zs, stats = OPS.target_attention_cpu_train(*args.values(), "dice", "softmax", dice_eps)
+    bw = dict(grad_out=torch.ones_like(out), grad_scores=torch.ones_like(scores), scores=scores,
+              pre_activations=zs, stats=stats)
+    bw.update(args)
+    for name, fn in change.items():
+        bw[name] = fn(bw[name])
+    return tuple(bw.values()) + ("dice", "softmax", dice_eps)
+
+
+@pytest.mark.parametrize("name, change", [
+    ("pre_activations", lambda zs: [zs[0][:, :, :2], zs[1]]),
+    ("pre_activations", lambda zs: [zs[0], zs[1][..., :1]]),
+    ("stats", lambda st: [st[0], st[1][:, :1]]),
+    ("stats", lambda st: [st[0][..., :2], st[1]]),
+    ("grad_out", lambda g: g[:1]),
+    ("grad_scores", lambda g: g[..., :2]),
+    ("scores", lambda s: s[:, :, :1]),
+    ("out_bias", lambda b: b[:0]),
+    ("biases", lambda bs: [bs[0][:, :1], bs[1]]),
+    ("act_params", lambda ps: ps[:3] + [ps[3][:, :1]] + ps[4:]),
+    ("lengths", lambda n: n[:1]),
+])
+def test_train_backward_refuses_misshaped_tensors(name, change):
+    with pytest.raises(ValueError, match=name):
+        OPS.target_attention_cpu_train_backward(*_train_backward_args(**{name: change}))
+
+
+@pytest.mark.parametrize("name, change", [
+    ("grad_out", lambda g: g[..., :1]),
+    ("grad_scores", lambda g: g[:1]),
+    ("scores", lambda s: s[..., :2]),
+    ("weights", lambda ws: [ws[0][..., :5], ws[1]]),
+    ("out_weight", lambda w: w[:, :1]),
+])
+def test_backward_refuses_misshaped_tensors(name, change):
+    args, _ = _op_args(dtype=torch.float32)
+    args = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    out, scores = OPS.target_attention_cpu(*args.values(), "sigmoid", "softmax")
+    bw = dict(grad_out=torch.ones_like(out), grad_scores=torch.ones_like(scores), scores=scores)
+    bw.update(args)
+    bw[name] = change(bw[name])
+    with pytest.raises(ValueError, match=name):
+        OPS.target_attention_cpu_backward(*bw.values(), "sigmoid", "softmax")
