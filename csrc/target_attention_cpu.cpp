@@ -18,8 +18,8 @@
 // of kTileRows rows; hidden activations live in a per-thread workspace, so the no-grad
 // forward writes nothing of size (B, T, H). Threads take contiguous blocks of queries
 // (all heads of a query in one thread, so query and key gradients have one writer);
-// weight gradients and statistics gather in per-block accumulators that are summed in
-// block order (deterministic for a given thread count).
+// weight gradients and statistics gather in the accumulators of a fixed number of blocks,
+// summed in block order (the same bits for any thread count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -635,6 +635,13 @@ int64_t num_blocks(int64_t B) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
 }
 
+// Blocks for work that sums per-block accumulators (weight gradients, Dice statistics):
+// a fixed count, not the thread count, so results do not depend on the number of threads.
+constexpr int64_t kAccumulatorBlocks = 32;
+int64_t accumulator_blocks(int64_t B) {
+  return std::max<int64_t>(1, std::min<int64_t>(kAccumulatorBlocks, B));
+}
+
 // ---- forward (recomputing: nothing of size (B, T, H) is written) ------------------------
 
 template <typename T>
@@ -896,7 +903,7 @@ struct BackwardState {
     // gradient rows, added into the history afterwards.
     // Every row is written by the item's backward.
     gk_items = at::empty({p.B, p.E, p.T_, p.D}, opts);
-    blocks = num_blocks(p.B);
+    blocks = accumulator_blocks(p.B);
     grads.reserve(blocks);
     for (int64_t c = 0; c < blocks; ++c) grads.emplace_back(p, opts);
   }
@@ -1059,9 +1066,9 @@ void for_each_item(const Problem<T>& p, int64_t b0, int64_t b1, const F& fn) {
 // statistics) the layers run one at a time over the batch; without, tile by tile.
 template <typename T>
 void train_forward(Problem<T>& p, const SavedZ<T>& saved, DiceStats<T>* stats, T* out, T* scores) {
-  const int64_t blocks = num_blocks(p.B);
   const int64_t D = p.D, T_ = p.T_;
   if (stats) {
+    const int64_t blocks = accumulator_blocks(p.B);
     for (int l = 0; l < p.L; ++l) {
       const int64_t Hl = p.H[l];
       std::vector<Moments> moms(blocks);
@@ -1098,7 +1105,7 @@ void train_forward(Problem<T>& p, const SavedZ<T>& saved, DiceStats<T>* stats, T
     }
   }
   const int top = static_cast<int>(p.L) - 1;
-  for_each_block(p.B, blocks, [&](int64_t, int64_t b0, int64_t b1) {
+  for_each_block(p.B, num_blocks(p.B), [&](int64_t, int64_t b0, int64_t b1) {
     Workspace<T> ws(p, false);
     for_each_item(p, b0, b1, [&](int64_t b, int64_t e, int64_t item, int64_t row, int64_t g, int64_t n) {
       if (!stats) first_layer_setup(p, ws, p.query_of(b, e), g);
