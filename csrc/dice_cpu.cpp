@@ -49,16 +49,29 @@ struct Params {
   at::Tensor alpha, weight, bias;   // (C,) compute dtype; weight/bias undefined when absent
 };
 
+void check_floating_cpu(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), "dice_cpu: ", name, " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK_VALUE(at::isFloatingType(t.scalar_type()), "dice_cpu: ", name,
+                    " must be a floating-point tensor, got ", t.scalar_type());
+}
+
+// A per-channel argument: a floating CPU tensor of shape (C,).
+void check_channel(const at::Tensor& t, const char* name, int64_t C) {
+  check_floating_cpu(t, name);
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "dice_cpu: ", name, " must be (C,) with C = ", C,
+                    ", got shape ", t.sizes());
+}
+
 Params prepare(const at::Tensor& x, const at::Tensor& alpha, const std::optional<at::Tensor>& weight,
                const std::optional<at::Tensor>& bias) {
+  check_floating_cpu(x, "x");
   TORCH_CHECK_VALUE(x.dim() == 2, "dice_cpu: x must be (N, C), got shape ", x.sizes());
-  TORCH_CHECK_VALUE(x.device().is_cpu(), "dice_cpu takes CPU tensors");
   const int64_t C = x.size(1);
   Params p;
   p.cdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   p.x = x.to(p.cdt).contiguous();
   auto channel = [&](const at::Tensor& t, const char* name) {
-    TORCH_CHECK_VALUE(t.dim() == 1 && t.size(0) == C, "dice_cpu: ", name, " must be (C,) with C = ", C);
+    check_channel(t, name, C);
     return t.to(p.cdt).contiguous();
   };
   p.alpha = channel(alpha, "alpha");
@@ -270,6 +283,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_cpu_forward(
   } else {
     TORCH_CHECK_VALUE(running_mean.has_value() && running_var.has_value(),
                       "dice_cpu: eval needs running_mean and running_var");
+    check_channel(*running_mean, "running_mean", C);
+    check_channel(*running_var, "running_var", C);
     mean = running_mean->to(p.cdt).contiguous().clone();
     var = running_var->to(p.cdt).contiguous().clone();
   }
@@ -324,8 +339,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> dice_cpu_backward(
     const at::Tensor& mean, const at::Tensor& invstd, bool training) {
   const Params p = prepare(x, alpha, weight, bias);
   const int64_t N = p.x.size(0), C = p.x.size(1);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "dice_cpu_backward: grad_out must be shaped like x");
-  TORCH_CHECK_VALUE(mean.numel() == C && invstd.numel() == C, "dice_cpu_backward: mean, invstd must be (C,)");
+  check_floating_cpu(grad_out, "grad_out");
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes(), "dice_cpu_backward: grad_out must be shaped like x ",
+                    x.sizes(), ", got ", grad_out.sizes());
+  check_channel(mean, "mean", C);
+  check_channel(invstd, "invstd", C);
   const at::Tensor g = grad_out.to(p.cdt).contiguous();
   const at::Tensor mu = mean.to(p.cdt).contiguous(), is = invstd.to(p.cdt).contiguous();
   at::Tensor dx = at::empty({N, C}, p.x.options());

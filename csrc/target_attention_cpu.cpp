@@ -18,8 +18,8 @@
 // of kTileRows rows; hidden activations live in a per-thread workspace, so the no-grad
 // forward writes nothing of size (B, T, H). Threads take contiguous blocks of queries
 // (all heads of a query in one thread, so query and key gradients have one writer);
-// weight gradients and statistics gather in per-block accumulators that are summed in
-// block order (deterministic for a given thread count).
+// weight gradients and statistics gather in the accumulators of a fixed number of blocks,
+// summed in block order (the same bits for any thread count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -467,8 +467,6 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
   p.wo = out_weight.data_ptr<T>();
   p.co = out_bias.data_ptr<T>();
   const int k = act_param_count(act);
-  TORCH_CHECK(static_cast<int64_t>(act_params.size()) == k * p.L,
-              "act_params: expected ", k * p.L, " tensors, got ", act_params.size());
   for (int l = 0; l < p.L; ++l)
     for (int i = 0; i < k; ++i) p.ap[l][i] = act_params[l * k + i].data_ptr<T>();
   return p;
@@ -635,6 +633,13 @@ void for_each_block(int64_t B, int64_t blocks, const F& fn) {
 
 int64_t num_blocks(int64_t B) {
   return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B));
+}
+
+// Blocks for work that sums per-block accumulators (weight gradients, Dice statistics):
+// a fixed count, not the thread count, so results do not depend on the number of threads.
+constexpr int64_t kAccumulatorBlocks = 32;
+int64_t accumulator_blocks(int64_t B) {
+  return std::max<int64_t>(1, std::min<int64_t>(kAccumulatorBlocks, B));
 }
 
 // ---- forward (recomputing: nothing of size (B, T, H) is written) ------------------------
@@ -898,7 +903,7 @@ struct BackwardState {
     // gradient rows, added into the history afterwards.
     // Every row is written by the item's backward.
     gk_items = at::empty({p.B, p.E, p.T_, p.D}, opts);
-    blocks = num_blocks(p.B);
+    blocks = accumulator_blocks(p.B);
     grads.reserve(blocks);
     for (int64_t c = 0; c < blocks; ++c) grads.emplace_back(p, opts);
   }
@@ -1061,9 +1066,9 @@ void for_each_item(const Problem<T>& p, int64_t b0, int64_t b1, const F& fn) {
 // statistics) the layers run one at a time over the batch; without, tile by tile.
 template <typename T>
 void train_forward(Problem<T>& p, const SavedZ<T>& saved, DiceStats<T>* stats, T* out, T* scores) {
-  const int64_t blocks = num_blocks(p.B);
   const int64_t D = p.D, T_ = p.T_;
   if (stats) {
+    const int64_t blocks = accumulator_blocks(p.B);
     for (int l = 0; l < p.L; ++l) {
       const int64_t Hl = p.H[l];
       std::vector<Moments> moms(blocks);
@@ -1100,7 +1105,7 @@ void train_forward(Problem<T>& p, const SavedZ<T>& saved, DiceStats<T>* stats, T
     }
   }
   const int top = static_cast<int>(p.L) - 1;
-  for_each_block(p.B, blocks, [&](int64_t, int64_t b0, int64_t b1) {
+  for_each_block(p.B, num_blocks(p.B), [&](int64_t, int64_t b0, int64_t b1) {
     Workspace<T> ws(p, false);
     for_each_item(p, b0, b1, [&](int64_t b, int64_t e, int64_t item, int64_t row, int64_t g, int64_t n) {
       if (!stats) first_layer_setup(p, ws, p.query_of(b, e), g);
@@ -1240,6 +1245,15 @@ std::vector<at::Tensor> contig(at::TensorList ts) {
   return out;
 }
 
+void check_tensor(const at::Tensor& t, const std::string& name, at::ScalarType dtype,
+                  at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == dtype, name, ": expected a CPU tensor of ",
+                    dtype, ", got ", t.scalar_type(), " on ", t.device());
+  TORCH_CHECK_VALUE(t.sizes() == expected, name, ": expected shape ", expected, ", got ", t.sizes());
+}
+
+std::string indexed(const char* name, size_t i) { return std::string(name) + "[" + std::to_string(i) + "]"; }
+
 // The contiguous arguments shared by every operator.
 struct Args {
   at::Tensor query, keys, out_weight, out_bias;
@@ -1262,6 +1276,55 @@ struct Args {
     out_weight = out_weight_.contiguous();
     out_bias = out_bias_.contiguous();
     act = parse_activation(std::string(activation));
+    check_shapes();
+  }
+  int64_t B() const { return query.size(0); }
+  int64_t E() const { return keys.size(1); }
+  int64_t T() const { return keys.size(2); }
+  int64_t D() const { return query.size(2); }
+  int64_t G() const { return weights[0].size(0); }
+  at::ScalarType dtype() const { return query.scalar_type(); }
+  // Every argument's shape against the problem's dimensions (sizes only, no data read).
+  void check_shapes() const {
+    const int64_t R = keys.size(0);
+    TORCH_CHECK_VALUE(keys.size(3) == D(), "keys: last dimension ", keys.size(3), " differs from query's D = ", D());
+    TORCH_CHECK_VALUE(query.size(1) == 1 || query.size(1) == E(), "query: expected (B, 1 or E, D) with E = ", E(),
+                      ", got ", query.sizes());
+    if (key_index) {
+      check_tensor(*key_index, "key_index", at::kLong, {B()});
+    } else {
+      TORCH_CHECK_VALUE(R == B(), "keys: ", R, " history rows for ", B(), " queries without key_index");
+    }
+    if (lengths) check_tensor(*lengths, "lengths", at::kLong, {R});
+    if (mask) check_tensor(*mask, "mask", at::kBool, {R, T()});
+    const size_t L = weights.size();
+    TORCH_CHECK_VALUE(L >= 1 && L <= kMaxLayers, "weights: 1 to 3 layers, got ", L);
+    TORCH_CHECK_VALUE(biases.size() == L, "biases: one per layer (", L, "), got ", biases.size());
+    TORCH_CHECK_VALUE(weights[0].dim() == 3, "weights[0]: expected (G, H1, 4D), got ", weights[0].sizes());
+    TORCH_CHECK_VALUE(G() == 1 || G() == E(), "weights[0]: G = ", G(), " must be 1 or E = ", E());
+    const int k = act_param_count(act);
+    TORCH_CHECK_VALUE(act_params.size() == k * L, "act_params: expected ", k * L, " tensors, got ",
+                      act_params.size());
+    int64_t width = 4 * D();
+    for (size_t l = 0; l < L; ++l) {
+      const at::Tensor& w = weights[l];
+      TORCH_CHECK_VALUE(w.dim() == 3, indexed("weights", l), ": expected (G, H, ", width, "), got ", w.sizes());
+      const int64_t H = w.size(1);
+      check_tensor(w, indexed("weights", l), dtype(), {G(), H, width});
+      check_tensor(biases[l], indexed("biases", l), dtype(), {G(), H});
+      for (int i = 0; i < k; ++i)
+        check_tensor(act_params[l * k + i], indexed("act_params", l * k + i), dtype(), {G(), H});
+      width = H;
+    }
+    check_tensor(out_weight, "out_weight", dtype(), {G(), width});
+    check_tensor(out_bias, "out_bias", dtype(), {G()});
+  }
+  // The gradients and saved scores a backward receives.
+  void check_backward(const at::Tensor& grad_out, const std::optional<at::Tensor>& grad_scores,
+                      const at::Tensor& scores) const {
+    check_tensor(grad_out, "grad_out", dtype(), {B(), E(), D()});
+    if (grad_scores) check_tensor(*grad_scores, "grad_scores", dtype(), {B(), E(), T()});
+    check_tensor(scores, "scores", dtype(), {B(), E(), T()});
   }
   template <typename T>
   Problem<T> problem(c10::string_view normalization) const {
@@ -1305,6 +1368,7 @@ BackwardResult target_attention_cpu_backward(
     c10::string_view activation, c10::string_view normalization) {
   const Args a(query_, keys_, key_index_, lengths_, mask_, weights_, biases_, out_weight_,
                out_bias_, act_params_, activation);
+  a.check_backward(grad_out_, grad_scores_, scores_);
   const at::Tensor grad_out = grad_out_.contiguous(), scores = scores_.contiguous();
   const auto grad_scores = contig(grad_scores_);
   BackwardResult result;
@@ -1394,11 +1458,20 @@ BackwardResult target_attention_cpu_train_backward(
     c10::string_view normalization, std::optional<at::ArrayRef<double>> dice_eps) {
   const Args a(query_, keys_, key_index_, lengths_, mask_, weights_, biases_, out_weight_,
                out_bias_, act_params_, activation);
+  a.check_backward(grad_out_, grad_scores_, scores_);
+  const size_t L = a.weights.size();
+  TORCH_CHECK_VALUE(pre_activations.size() == L, "pre_activations: one per layer (", L, "), got ",
+                    pre_activations.size());
+  TORCH_CHECK_VALUE(stats_.size() == (dice_eps ? L : 0), "stats: one per layer with dice_eps, none without; got ",
+                    stats_.size());
+  for (size_t l = 0; l < L; ++l) {
+    const int64_t H = a.weights[l].size(1);
+    check_tensor(pre_activations[l], indexed("pre_activations", l), a.dtype(), {a.B(), a.E(), a.T(), H});
+    if (dice_eps) check_tensor(stats_[l], indexed("stats", l), a.dtype(), {a.G(), 2, H});
+  }
   const at::Tensor grad_out = grad_out_.contiguous(), scores = scores_.contiguous();
   const auto grad_scores = contig(grad_scores_);
   const auto zs = contig(pre_activations), st = contig(stats_);
-  TORCH_CHECK(zs.size() == a.weights.size(), "pre_activations: one per layer");
-  TORCH_CHECK(st.size() == (dice_eps ? a.weights.size() : 0), "stats: one per layer with dice_eps");
   BackwardResult result;
   AT_DISPATCH_FLOATING_TYPES(a.query.scalar_type(), "target_attention_cpu_train_backward", [&] {
     const scalar_t* gs = grad_scores ? grad_scores->data_ptr<scalar_t>() : nullptr;

@@ -98,3 +98,42 @@ def test_compiles_fullgraph_and_matches_eager():
     args = (inp["x"], inp["alpha"], inp["weight"], inp["bias"])
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     torch.testing.assert_close(compiled(*args), fn(*args))
+
+
+def _op_args(C=8):
+    x = torch.randn(3, C)
+    return dict(x=x, alpha=torch.zeros(C), weight=torch.ones(C), bias=torch.zeros(C),
+                running_mean=torch.zeros(C), running_var=torch.ones(C))
+
+
+@pytest.mark.parametrize(
+    "name, bad",
+    [
+        ("running_mean", torch.zeros(1)),
+        ("running_var", torch.ones(1)),
+        ("running_var", torch.ones(8, dtype=torch.int64)),
+        ("alpha", torch.zeros(9)),
+        ("alpha", torch.zeros(8, dtype=torch.int32)),
+        ("weight", torch.ones(2, 8)),
+        ("bias", torch.zeros(7)),
+        ("x", torch.ones(3, 8, dtype=torch.int64)),
+    ],
+)
+def test_forward_op_names_a_misshaped_argument(name, bad):
+    args = _op_args()
+    args[name] = bad
+    with pytest.raises(ValueError, match=name):
+        torch.ops.interest_kernels.dice_cpu_forward(
+            args["x"], args["alpha"], args["weight"], args["bias"], args["running_mean"],
+            args["running_var"], False, 1e-5)
+
+
+@pytest.mark.parametrize("name", ["grad_out", "mean", "invstd"])
+def test_backward_op_names_a_misshaped_argument(name):
+    args = _op_args()
+    bw = dict(grad_out=torch.ones(3, 8), mean=torch.zeros(8), invstd=torch.ones(8))
+    bw[name] = bw[name][:1]
+    with pytest.raises(ValueError, match=name):
+        torch.ops.interest_kernels.dice_cpu_backward(
+            bw["grad_out"], args["x"], args["alpha"], args["weight"], args["bias"], bw["mean"],
+            bw["invstd"], True)

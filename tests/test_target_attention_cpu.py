@@ -237,8 +237,10 @@ def test_padded_score_gradient_is_ignored():
     torch.testing.assert_close(g1, g2)
 
 
-def test_two_threads_match_one():
-    inp = cases.make_case(batch=9, seq_len=7, activation="dice", dice_training=True, valid="mask")
+@pytest.mark.parametrize("batch", [9, 45])  # fewer and more queries than accumulator blocks
+def test_two_threads_give_the_same_bits_as_one(batch):
+    """Dice with batch statistics: statistics, outputs and every gradient."""
+    inp = cases.make_case(batch=batch, seq_len=7, activation="dice", dice_training=True, valid="mask")
     threads = torch.get_num_threads()
     results = []
     try:
@@ -246,14 +248,20 @@ def test_two_threads_match_one():
             torch.set_num_threads(n)
             kw = {k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
                   for k, v in inp.items()}
-            kw["weights"] = [w.clone().requires_grad_(True) for w in inp["weights"]]
+            params = [kw["query"], kw["keys"]]
+            for name, value in kw.items():
+                if isinstance(value, list) and value and isinstance(value[0], torch.Tensor):
+                    kw[name] = [t.clone().requires_grad_(True) for t in value]
+                    params += kw[name]
             out, a = cpu_call(**kw)
-            grads = torch.autograd.grad(out.sum() + a.sum(), [kw["query"], kw["keys"], *kw["weights"]])
-            results.append((out, a, *grads))
+            grads = torch.autograd.grad(out.sum() + (a * torch.linspace(0, 1, a.shape[-1])).sum(), params,
+                                        allow_unused=True)
+            results.append((out, a, *[g for g in grads if g is not None]))
     finally:
         torch.set_num_threads(threads)
+    assert len(results[0]) == len(results[1]) > 4
     for x, y in zip(*results):
-        torch.testing.assert_close(x, y)
+        assert torch.equal(x, y)
 
 
 def test_no_grad_forward_allocates_nothing_of_size_b_t_units():
@@ -267,3 +275,57 @@ def test_no_grad_forward_allocates_nothing_of_size_b_t_units():
         if ev.cpu_memory_usage > 4 * B * T * H // 2:
             big.append((ev.key, ev.cpu_memory_usage))
     assert not big, big
+
+
+# --- shapes checked at the operator boundary ---------------------------------------------
+
+def _train_backward_args(**change):
+    """Arguments of target_attention_cpu_train_backward (Dice with batch statistics) from a
+    real training forward, with `change` applied: name -> function of the correct value."""
+    args, _ = _op_args(activation="dice", dtype=torch.float32)
+    args = {k: (v.detach() if isinstance(v, torch.Tensor) else [t.detach() for t in v] if isinstance(v, list) else v)
+            for k, v in args.items()}
+    dice_eps = [1e-5, 1e-5]
+    out, scores, zs, stats = OPS.target_attention_cpu_train(*args.values(), "dice", "softmax", dice_eps)
+    bw = dict(grad_out=torch.ones_like(out), grad_scores=torch.ones_like(scores), scores=scores,
+              pre_activations=zs, stats=stats)
+    bw.update(args)
+    for name, fn in change.items():
+        bw[name] = fn(bw[name])
+    return tuple(bw.values()) + ("dice", "softmax", dice_eps)
+
+
+@pytest.mark.parametrize("name, change", [
+    ("pre_activations", lambda zs: [zs[0][:, :, :2], zs[1]]),
+    ("pre_activations", lambda zs: [zs[0], zs[1][..., :1]]),
+    ("stats", lambda st: [st[0], st[1][:, :1]]),
+    ("stats", lambda st: [st[0][..., :2], st[1]]),
+    ("grad_out", lambda g: g[:1]),
+    ("grad_scores", lambda g: g[..., :2]),
+    ("scores", lambda s: s[:, :, :1]),
+    ("out_bias", lambda b: b[:0]),
+    ("biases", lambda bs: [bs[0][:, :1], bs[1]]),
+    ("act_params", lambda ps: ps[:3] + [ps[3][:, :1]] + ps[4:]),
+    ("lengths", lambda n: n[:1]),
+])
+def test_train_backward_refuses_misshaped_tensors(name, change):
+    with pytest.raises(ValueError, match=name):
+        OPS.target_attention_cpu_train_backward(*_train_backward_args(**{name: change}))
+
+
+@pytest.mark.parametrize("name, change", [
+    ("grad_out", lambda g: g[..., :1]),
+    ("grad_scores", lambda g: g[:1]),
+    ("scores", lambda s: s[..., :2]),
+    ("weights", lambda ws: [ws[0][..., :5], ws[1]]),
+    ("out_weight", lambda w: w[:, :1]),
+])
+def test_backward_refuses_misshaped_tensors(name, change):
+    args, _ = _op_args(dtype=torch.float32)
+    args = {k: (v.detach() if isinstance(v, torch.Tensor) else v) for k, v in args.items()}
+    out, scores = OPS.target_attention_cpu(*args.values(), "sigmoid", "softmax")
+    bw = dict(grad_out=torch.ones_like(out), grad_scores=torch.ones_like(scores), scores=scores)
+    bw.update(args)
+    bw[name] = change(bw[name])
+    with pytest.raises(ValueError, match=name):
+        OPS.target_attention_cpu_backward(*bw.values(), "sigmoid", "softmax")
