@@ -8,7 +8,8 @@ run's checkpoint holds the whole tables: it resumes sharded (same losses as the 
 that went on) and in one process. The evaluation's shares differ in batch count by
 rank. A last global batch of 1 row on 2 ranks (one rank gets none) trains in both
 table modes. The CLI under torchrun (default widths: 18, stored 20 wide) with MBA Adagrad
-writes the checkpoint of one process.
+writes the checkpoint of one process. A NaN gradient row sent from one rank refuses the
+step on every rank before any count or row changes.
 """
 import dataclasses
 import os
@@ -103,9 +104,41 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         trainer = DistributedTrainer(config, dataset, context)
         save(f"one_row_{tables}.pt", {"losses": _train(trainer, ONE_ROW_STEPS)})
         del trainer
+    torch.save(_refused_step(rank, data, dataset, context), os.path.join(out, f"refused_{rank}.pt"))
     # Last: the CLI as torchrun starts it (it leaves the process group).
     assert main([*_cli_args(data), "--batch-size", str(PER_PROCESS), "--tables", "sharded", "--max-steps", "2",
                  "--checkpoint", os.path.join(out, "cli.ckpt")]) == 0
+
+
+def _refused_step(rank: int, data: str, dataset, context) -> dict:
+    """One good step, then a step whose gradient rows rank 1 poisons with a NaN before
+    they go to their owners: every rank must refuse it before writing a count or a row."""
+    from interest_kernels.distributed.trainer import DistributedTrainer
+
+    trainer = DistributedTrainer(_config(data, "din", "sgd", PER_PROCESS, "sharded"), dataset, context)
+    batches = trainer.batches.epoch_batches()
+    trainer.step(next(batches))
+    tables = {name: table.local.clone() for name, table in trainer.sharded.tables.items()}
+    counts = [trainer.sparse_opt.state[w]["counts"].clone() for w in trainer.tables]
+    if rank == 1:
+        take = trainer.sharded._step_rows
+
+        def poisoned(table):
+            ids, rows, counted = take(table)
+            return ids, torch.full_like(rows, float("nan")), counted
+
+        trainer.sharded._step_rows = poisoned
+    try:
+        trainer.step(next(batches))
+        error = None
+    except ValueError as e:
+        error = str(e)
+    record = {"error": error,
+              "tables_unchanged": all(torch.equal(t.local, tables[n]) for n, t in trainer.sharded.tables.items()),
+              "counts_unchanged": all(torch.equal(trainer.sparse_opt.state[w]["counts"], c)
+                                      for w, c in zip(trainer.tables, counts))}
+    del trainer
+    return record
 
 
 @pytest.fixture(scope="module")
@@ -218,3 +251,13 @@ def test_sharded_tables_need_torchrun(tmp_path):
     config = dataclasses.replace(_config("generated", "din", "sgd", 4, "sharded"), max_steps=1)
     with pytest.raises(ValueError, match="--tables sharded: .* torchrun"):
         run(config, quiet=True, log=lambda *_: None)
+
+
+def test_a_non_finite_row_refuses_the_step_on_every_rank(sharded_run):
+    """Rank 1's gradient rows hold NaN: both ranks raise before any count or row changes
+    (the owner of a poisoned row names its id), as one process refuses such a step."""
+    _, out = sharded_run
+    for rank in range(WORLD):
+        record = torch.load(out / f"refused_{rank}.pt", weights_only=True)
+        assert record["error"] and ("NaN" in record["error"] or "not finite" in record["error"]), (rank, record)
+        assert record["tables_unchanged"] and record["counts_unchanged"], (rank, record)
