@@ -48,7 +48,11 @@ UNIT_CHUNK = 64
 # 16384 elements (units (80, 40), D = 64) took 224 KB in float32 and 192 KB in float16,
 # 24576 took 352 KB in float32, 288 KB in float16 and 120 KB in bfloat16
 # (bench/results/target_attention_triton.md); the split backward takes 128 / 112 KB at
-# 16384 (sm90_target_attention.md). The limits are not yet re-measured for it.
+# 16384 (sm90_target_attention.md). Re-measured for it (sm90_target_attention_spills.md,
+# "width limits"): D 128 with units (80, 40) fits shared memory (208 KB float32) but every
+# kernel spills more than the admitted configurations at its dtype (float32 backward
+# 1092 B against 788 B), and units (200, 80) need 512 / 416 KB (float32 / float16), so the
+# limits stand.
 MAX_DIM = 128
 MAX_UNITS = 128
 MAX_WEIGHT_ELEMENTS = {torch.float32: 16384, torch.float16: 16384, torch.bfloat16: 32768}
