@@ -329,3 +329,33 @@ def test_backward_refuses_misshaped_tensors(name, change):
     bw[name] = change(bw[name])
     with pytest.raises(ValueError, match=name):
         OPS.target_attention_cpu_backward(*bw.values(), "sigmoid", "softmax")
+
+
+@pytest.mark.parametrize("default", [True, False])
+def test_save_pre_activations_argument_picks_the_operator(default, monkeypatch):
+    """``save_pre_activations`` overrides ``SAVE_PRE_ACTIVATIONS`` either way (the saving
+    operator, or the recomputing one), with identical results; InterestEvolving's
+    attention recomputes."""
+    from interest_kernels.nn.gru import InterestEvolving
+
+    monkeypatch.setattr(ta_cpu, "SAVE_PRE_ACTIVATIONS", default)
+    ran = []
+    real_call = ta_cpu.call
+    monkeypatch.setattr(ta_cpu, "call", lambda op, *a: ran.append(op) or real_call(op, *a))
+    inp = cases.make_case(valid="lengths", batch=4)
+    results = []
+    for save in (None, True, False):
+        kw = {k: (v.clone().requires_grad_(True) if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+              for k, v in inp.items()}
+        out, a = cpu_call(**kw, save_pre_activations=save)
+        results.append((out, a, *torch.autograd.grad(out.sum() + a.sum(), [kw["query"], kw["keys"]])))
+    assert ran == [ta_cpu._TRAIN if default else ta_cpu._FORWARD, ta_cpu._TRAIN, ta_cpu._FORWARD]
+    for x, y, z in zip(*results):
+        torch.testing.assert_close(x, y)
+        torch.testing.assert_close(x, z)
+
+    ran.clear()
+    layer = InterestEvolving(4, "AUGRU").double()
+    query, keys = torch.randn(3, 4, dtype=F64, requires_grad=True), torch.randn(3, 5, 4, dtype=F64)
+    layer(query, keys, torch.tensor([5, 2, 1])).sum().backward()
+    assert ran == [ta_cpu._FORWARD] and query.grad is not None

@@ -87,6 +87,9 @@ class TargetAttention(nn.Module):
         prelu_init: initial PReLU slope.
         dice_eps, dice_momentum, dice_affine: Dice normalisation (DeepCTR-Torch: 1e-8,
             0.1, affine; FuxiCTR: 1e-9, 0.01, not affine).
+        save_pre_activations: what the cpu backend keeps for the backward (see
+            :func:`~interest_kernels.ops.target_attention.op.target_attention`); None
+            for its default. An attribute, not state: checkpoints are unaffected.
 
     Shapes: ``forward(query (B, D) | (B, 1, D) | (B, E, D), keys (B, T, D) | (U, T, D) |
     (B, E, T, D), lengths (B,) | (B, 1) | None, mask (B, T) | None, key_index (B,) | None)``
@@ -108,6 +111,7 @@ class TargetAttention(nn.Module):
         dice_eps: float = 1e-8,
         dice_momentum: float = 0.1,
         dice_affine: bool = True,
+        save_pre_activations: Optional[bool] = None,
     ) -> None:
         super().__init__()
         hidden_units = tuple(int(h) for h in hidden_units)
@@ -124,6 +128,7 @@ class TargetAttention(nn.Module):
         self.return_scores = return_scores
         self.num_heads = num_heads
         self.per_head_mlp = per_head_mlp
+        self.save_pre_activations = save_pre_activations
 
         widths = (4 * embedding_dim,) + hidden_units
         lead = (num_heads,) if per_head_mlp else ()
@@ -188,6 +193,7 @@ class TargetAttention(nn.Module):
             prelu_weights=prelu_weights,
             dice_params=[d.params() for d in self.dice] if self.dice is not None else None,
             return_scores=self.return_scores,
+            save_pre_activations=self.save_pre_activations,
         )
 
     def extra_repr(self) -> str:

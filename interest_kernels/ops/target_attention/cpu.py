@@ -206,12 +206,13 @@ def target_attention_cpu(
     prelu_weights: Optional[Sequence[torch.Tensor]],
     dice_params: Optional[Sequence[DiceParams]],
     return_scores: bool,
+    save_pre_activations: Optional[bool] = None,
 ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Target attention on normalised arguments (see ``op.py``); returns ``(out, scores)``.
 
     Shapes as :func:`interest_kernels.target_attention`; ``scores`` is None unless
     ``return_scores``. Outputs are in the dtype of ``query``; math in float32 (float64
-    for float64 inputs).
+    for float64 inputs). ``save_pre_activations`` None takes ``SAVE_PRE_ACTIVATIONS``.
     """
     out_dtype = query.dtype
     dt = compute_dtype(out_dtype)
@@ -254,7 +255,7 @@ def target_attention_cpu(
             if p.running_mean is not None and p.running_var is not None:
                 update_running_stats(p.running_mean, p.running_var, st[:, 0].detach(),
                                      st[:, 1].detach(), positions, p.momentum)
-    elif needs_grad and SAVE_PRE_ACTIVATIONS:
+    elif needs_grad and (SAVE_PRE_ACTIVATIONS if save_pre_activations is None else save_pre_activations):
         out, scores, _, _ = call(_TRAIN, *args, None)
     else:
         out, scores = call(_FORWARD, *args)

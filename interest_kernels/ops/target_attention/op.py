@@ -43,6 +43,7 @@ OP = define_op(
 
 @OP.register("reference")
 def _reference(**kw):
+    kw.pop("save_pre_activations", None)  # a choice of the cpu backend only
     res = target_attention_reference(**kw)
     return res if kw["return_scores"] else (res, None)
 
@@ -75,6 +76,7 @@ def _triton_why_not(device: torch.device, **facts) -> Optional[str]:
 def _triton(**kw):
     from .triton import target_attention_triton  # lazy: triton is imported only when used
 
+    kw.pop("save_pre_activations", None)  # a choice of the cpu backend only
     return target_attention_triton(**kw)
 
 
@@ -103,6 +105,7 @@ def target_attention(
     prelu_weights: Optional[Sequence[torch.Tensor]] = None,
     dice_params: Optional[Sequence[DiceParams]] = None,
     return_scores: bool = False,
+    save_pre_activations: Optional[bool] = None,
 ):
     """DIN target attention: an MLP scores each behaviour against the query; pool.
 
@@ -132,6 +135,11 @@ def target_attention(
         dice_params: "dice": L :class:`DiceParams` with (H_l,) tensors (per head
             (E, H_l)); running statistics are updated in place when training.
         return_scores: also return the attention weights.
+        save_pre_activations: cpu backend, with gradients: keep each layer's
+            pre-activation (B, T, H_l) for the backward (True) or let the backward
+            recompute the valid rows (False: less memory, as fast or faster for padded
+            histories); None takes ``ops.target_attention.cpu.SAVE_PRE_ACTIVATIONS``.
+            Dice with batch statistics always keeps them. Results are identical.
 
     Returns:
         ``out`` (B, D) or (B, E, D) in the dtype of ``query``; with ``return_scores``
@@ -323,5 +331,6 @@ def target_attention(
         prelu_weights=prelu_weights,
         dice_params=dice_params,
         return_scores=bool(return_scores),
+        save_pre_activations=save_pre_activations,
     )
     return (out, scores) if return_scores else out
