@@ -444,7 +444,6 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
   p.E = keys.size(1);
   p.T_ = keys.size(2);
   p.L = static_cast<int64_t>(weights.size());
-  TORCH_CHECK(p.L >= 1 && p.L <= kMaxLayers, "weights: 1 to 3 layers");
   p.G = weights[0].size(0);
   for (int l = 0; l < p.L; ++l) p.H[l] = weights[l].size(1);
   p.query = query.data_ptr<T>();
@@ -1220,18 +1219,12 @@ BackwardResult dice_stats_backward(Problem<T>& p, const SavedZ<T>& saved, const 
 
 // ---- operator entry points --------------------------------------------------------------
 
-void check_inputs(const at::Tensor& query, const at::Tensor& keys,
-                  const std::optional<at::Tensor>& key_index,
-                  const std::optional<at::Tensor>& lengths,
-                  const std::optional<at::Tensor>& mask) {
+void check_inputs(const at::Tensor& query, const at::Tensor& keys) {
   TORCH_CHECK(query.dim() == 3 && keys.dim() == 4, "target_attention_cpu: query (B, Eq, D) and keys (R, E, T, D)");
   TORCH_CHECK(query.device().is_cpu() && keys.device().is_cpu(), "target_attention_cpu: CPU tensors only");
   TORCH_CHECK(query.scalar_type() == keys.scalar_type(), "target_attention_cpu: query and keys differ in dtype");
   TORCH_CHECK(query.scalar_type() == at::kFloat || query.scalar_type() == at::kDouble,
               "target_attention_cpu: float32 or float64 only");
-  if (key_index) TORCH_CHECK(key_index->scalar_type() == at::kLong, "key_index: int64");
-  if (lengths) TORCH_CHECK(lengths->scalar_type() == at::kLong, "lengths: int64");
-  if (mask) TORCH_CHECK(mask->scalar_type() == at::kBool, "mask: bool");
 }
 
 std::optional<at::Tensor> contig(const std::optional<at::Tensor>& t) {
@@ -1264,7 +1257,7 @@ struct Args {
        const std::optional<at::Tensor>& lengths_, const std::optional<at::Tensor>& mask_,
        at::TensorList weights_, at::TensorList biases_, const at::Tensor& out_weight_,
        const at::Tensor& out_bias_, at::TensorList act_params_, c10::string_view activation) {
-    check_inputs(query_, keys_, key_index_, lengths_, mask_);
+    check_inputs(query_, keys_);
     query = query_.contiguous();
     keys = keys_.contiguous();
     key_index = contig(key_index_);

@@ -12,7 +12,6 @@ Early stopping gets the same metrics on both ranks and stops where one process d
 import dataclasses
 import json
 import os
-import socket
 
 import pytest
 import torch
@@ -24,6 +23,8 @@ from interest_kernels.distributed import ShardedBatches, exchange_rows, init_fro
 from interest_kernels.distributed.trainer import DistributedTrainer, resume_config
 from interest_kernels.train import Trainer, TrainConfig, build_dataset, main, run
 
+from distributed_runs import free_port, train_steps
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 WORLD = 2
@@ -32,12 +33,6 @@ PER_PROCESS = 8
 RESUME_AT = 20
 CASES = [("din", "mba", "adam"), ("din", "torch", "adagrad"), ("dien", "mba", "sgd"), ("dien", "torch", "adam")]
 QUIET = dict(quiet=True, log=lambda *_: None)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _config(data: str, model: str, embedding: str, sparse: str, batch_size: int, steps: int = STEPS) -> TrainConfig:
@@ -50,16 +45,6 @@ def _config(data: str, model: str, embedding: str, sparse: str, batch_size: int,
         epochs=100, max_steps=steps, max_len=6, device="cpu", mba_lambda=mba_lambda, sparse_lr=0.05,
         dense_lr=0.01, model_kwargs=model_kwargs,
     )
-
-
-def _train(trainer: Trainer) -> list[float]:
-    losses = []
-    while len(losses) < STEPS:
-        for batch in trainer.batches.epoch_batches():
-            losses.append(trainer.step(batch))
-            if len(losses) == STEPS:
-                break
-    return losses
 
 
 def _state(trainer: Trainer) -> dict:
@@ -89,7 +74,7 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
     dataset = build_dataset(_config(data, "din", "mba", "sgd", PER_PROCESS))
     for model, embedding, sparse in CASES:
         trainer = DistributedTrainer(_config(data, model, embedding, sparse, PER_PROCESS), dataset, context)
-        losses = _train(trainer)
+        losses = train_steps(trainer, STEPS)
         torch.save({"losses": losses, **_state(trainer)}, os.path.join(out, f"{model}_{embedding}_{rank}.pt"))
         del trainer  # no DDP wrapper may outlive the process group (see DistContext.close)
     config = _config(data, "dien", "mba", "adam", PER_PROCESS, steps=RESUME_AT)
@@ -111,7 +96,7 @@ def two_process_run(tmp_path_factory):
                            test_per_user=1, min_len=1, max_len=6, seed=0)
     out = root / "out"
     out.mkdir()
-    mp.spawn(_worker, args=(_free_port(), f"amazon:{data}", str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), f"amazon:{data}", str(out)), nprocs=WORLD, join=True)
     return f"amazon:{data}", out
 
 
@@ -141,7 +126,7 @@ def _assert_close_state(one: dict, other: dict, atol: float) -> None:
 def test_two_processes_train_the_model_of_one_process_on_the_global_batch(two_process_run, model, embedding, sparse):
     data, out = two_process_run
     single = Trainer(_config(data, model, embedding, sparse, PER_PROCESS * WORLD), build_dataset(_config(data, model, embedding, sparse, 1)))
-    losses = _train(single)
+    losses = train_steps(single, STEPS)
     ranks = [torch.load(out / f"{model}_{embedding}_{r}.pt", weights_only=True) for r in range(WORLD)]
     assert ranks[0]["losses"] == ranks[1]["losses"]  # every rank reports the global loss
     torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(losses), atol=1e-5, rtol=0)

@@ -13,7 +13,6 @@ step on every rank before any count or row changes.
 """
 import dataclasses
 import os
-import socket
 
 import pytest
 import torch
@@ -22,6 +21,8 @@ import torch.multiprocessing as mp
 from interest_kernels.data import generate_amazon
 from interest_kernels.distributed.sharded import torchrec_unavailable_reason
 from interest_kernels.train import Trainer, TrainConfig, build_dataset, main, run
+
+from distributed_runs import free_port, train_steps
 
 _REASON = torchrec_unavailable_reason()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -37,12 +38,6 @@ ONE_ROW_STEPS = 3  # the third is the 1-row batch
 EVAL_BATCH = 19  # the 39 test samples split 20 / 19: rank 0 scores 2 batches, rank 1 one
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _config(data: str, model: str, sparse: str, batch_size: int, tables: str = "replicated",
             steps: int = STEPS) -> TrainConfig:
     return TrainConfig(
@@ -56,18 +51,6 @@ def _config(data: str, model: str, sparse: str, batch_size: int, tables: str = "
 def _cli_args(data: str) -> list[str]:
     return ["--model", "din", "--data", data, "--max-len", "6", "--quiet", "--threads", "1", "--sparse-optim", "adagrad",
             "--mba-lambda", "0.05"]
-
-
-def _train(trainer: Trainer, steps: int, at_step=None) -> list[float]:
-    losses = []
-    while len(losses) < steps:
-        for batch in trainer.batches.epoch_batches():
-            losses.append(trainer.step(batch))
-            if at_step is not None:
-                at_step(trainer.steps)
-            if len(losses) == steps:
-                break
-    return losses
 
 
 def _worker(rank: int, port: int, data: str, out: str) -> None:
@@ -88,7 +71,7 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         config = _config(data, model, sparse, PER_PROCESS, "sharded")
         trainer = DistributedTrainer(config, dataset, context)
         checkpoint = os.path.join(out, f"{model}_{sparse}.ckpt")
-        losses = _train(trainer, STEPS, lambda step: step == RESUME_AT and trainer.save(checkpoint))
+        losses = train_steps(trainer, STEPS, lambda step: step == RESUME_AT and trainer.save(checkpoint))
         state = trainer.state_dict()  # gathered whole: a collective
         rows = trainer.sharded.tables["item_embedding"].local.shape[0]
         save(f"{model}_{sparse}.pt", {"losses": losses, "model": state["model"], "sparse": state["sparse_opt"],
@@ -96,13 +79,13 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
         if (model, sparse) == ("din", "adam"):
             resumed = DistributedTrainer(config, dataset, context)
             resumed.load_state_dict(torch.load(checkpoint, weights_only=True))
-            save("resumed.pt", {"losses": _train(resumed, STEPS - RESUME_AT)})
+            save("resumed.pt", {"losses": train_steps(resumed, STEPS - RESUME_AT)})
             del resumed
         del trainer  # no DDP wrapper may outlive the process group
     for tables in ("replicated", "sharded"):
         config = _config(data, "dien", "adam", ONE_ROW_PER_PROCESS, tables, steps=ONE_ROW_STEPS)
         trainer = DistributedTrainer(config, dataset, context)
-        save(f"one_row_{tables}.pt", {"losses": _train(trainer, ONE_ROW_STEPS)})
+        save(f"one_row_{tables}.pt", {"losses": train_steps(trainer, ONE_ROW_STEPS)})
         del trainer
     torch.save(_refused_step(rank, data, dataset, context), os.path.join(out, f"refused_{rank}.pt"))
     # Last: the CLI as torchrun starts it (it leaves the process group).
@@ -151,7 +134,7 @@ def sharded_run(tmp_path_factory):
                            test_per_user=1, min_len=1, max_len=6, seed=0)
     out = root / "out"
     out.mkdir()
-    mp.spawn(_worker, args=(_free_port(), f"amazon:{data}", str(out)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), f"amazon:{data}", str(out)), nprocs=WORLD, join=True)
     return f"amazon:{data}", out
 
 
@@ -168,7 +151,7 @@ ROUNDING_NOISE = ("evolving.attention.",)
 def test_sharded_tables_train_the_model_of_one_process(sharded_run, model, sparse):
     data, out = sharded_run
     single = _single(data, model, sparse, PER_PROCESS * WORLD)
-    losses = _train(single, STEPS)
+    losses = train_steps(single, STEPS)
     got = torch.load(out / f"{model}_{sparse}.pt", weights_only=True)
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(losses), atol=1e-5, rtol=0)
     assert got["item_rows_here"] < single.model.item_embedding.weight.shape[0]  # rank 0 holds a part
@@ -211,7 +194,7 @@ def test_sharded_checkpoint_resumes_sharded_and_in_one_process(sharded_run):
     one = _single(data, "din", "adam", PER_PROCESS * WORLD)
     assert state["model"]["item_embedding.weight"].shape == one.model.item_embedding.weight.shape  # whole
     one.load_state_dict(state)
-    torch.testing.assert_close(torch.tensor(_train(one, STEPS - RESUME_AT)), torch.tensor(full[RESUME_AT:]),
+    torch.testing.assert_close(torch.tensor(train_steps(one, STEPS - RESUME_AT)), torch.tensor(full[RESUME_AT:]),
                                atol=1e-5, rtol=0)
 
 
@@ -220,7 +203,7 @@ def test_last_global_batch_of_one_row_on_two_ranks(sharded_run, tables):
     data, out = sharded_run
     single = _single(data, "dien", "adam", ONE_ROW_PER_PROCESS * WORLD, steps=ONE_ROW_STEPS)
     assert len(single.batches) == 3  # 58, 58 and 1 rows
-    losses = _train(single, ONE_ROW_STEPS)
+    losses = train_steps(single, ONE_ROW_STEPS)
     got = torch.load(out / f"one_row_{tables}.pt", weights_only=True)["losses"]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(losses), atol=1e-5, rtol=0)
 

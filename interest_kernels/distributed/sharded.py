@@ -27,9 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from .._validation import checks_on_device, value_checks_enabled
 from ..models.common import CTRModel
-from ..ops.mba.op import check_finite_rows, check_ids_in_range, counted_positions
+from ..ops.mba.op import check_finite_rows, check_lookup_ids, counted_positions
 from ..optim._rows import PendingRows, push_rows
 
 __all__ = [
@@ -148,10 +147,7 @@ class ShardedTables:
         if ids.is_floating_point() or ids.is_complex():
             raise TypeError(f"ids must be an integer tensor, got {ids.dtype}")
         flat = ids.reshape(-1).long()
-        if flat.numel() and value_checks_enabled(flat) and checks_on_device(flat):
-            torch._assert_async(((flat >= 0) & (flat < table.num_rows)).all(), f"ids must lie in [0, {table.num_rows})")
-        else:
-            check_ids_in_range(flat, table.num_rows)
+        check_lookup_ids(flat, table.num_rows)
         lengths = torch.zeros(len(self.names), dtype=torch.int32)
         lengths[self.names.index(name)] = flat.numel()
         features = KeyedJaggedTensor(keys=self.names, values=flat, lengths=lengths.to(flat.device))

@@ -23,8 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .._validation import checks_on_device, value_checks_enabled
-from ..ops.mba.op import check_ids_in_range
+from ..ops.mba.op import check_lookup_ids
 from ..optim._rows import PendingRows, push_rows
 
 __all__ = ["MBAEmbedding"]
@@ -36,9 +35,12 @@ def _lookup(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int])
     return F.embedding(ids, weight)
 
 
-@_lookup.register_fake
-def _lookup_fake(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
+def lookup_fake(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
+    """The fake (shape-only) lookup of a table op (weight, ids, padding_idx): S + (D,)."""
     return weight.new_empty(ids.shape + (weight.shape[1],))
+
+
+_lookup.register_fake(lookup_fake)
 
 
 # cudagraph_unsafe: a CUDA-graph replay would skip this Python side effect and lose the rows.
@@ -60,7 +62,8 @@ def _record_rows_fake(weight: torch.Tensor, ids: torch.Tensor, grad: torch.Tenso
 torch.fx.node.has_side_effect(torch.ops.interest_kernels.mba_embedding_record_rows.default)
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+def save_lookup_inputs(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+    """``setup_context`` of a table lookup op: saves weight and ids, keeps padding_idx."""
     weight, ids, padding_idx = inputs
     ctx.save_for_backward(weight, ids)
     ctx.padding_idx = padding_idx
@@ -85,7 +88,7 @@ def _backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
     return None, None, None
 
 
-_lookup.register_autograd(_backward, setup_context=_setup_context)
+_lookup.register_autograd(_backward, setup_context=save_lookup_inputs)
 
 
 def _under_functorch() -> bool:
@@ -141,12 +144,7 @@ class MBAEmbedding(nn.Module):
             raise TypeError(f"ids must be an integer tensor, got {getattr(ids, 'dtype', type(ids).__name__)}")
         if ids.device != self.weight.device:
             raise ValueError(f"ids are on {ids.device} but the table is on {self.weight.device}")
-        if ids.numel() and value_checks_enabled(ids) and checks_on_device(ids):
-            # CUDA: an asynchronous device-side assert, no host sync per lookup
-            torch._assert_async(((ids >= 0) & (ids < self.num_embeddings)).all(),
-                                f"ids must lie in [0, {self.num_embeddings})")
-        else:
-            check_ids_in_range(ids, self.num_embeddings)
+        check_lookup_ids(ids, self.num_embeddings)
         if not torch.is_grad_enabled() or not self.weight.requires_grad or _under_functorch():
             return F.embedding(ids, self.weight, self.padding_idx)
         return torch.ops.interest_kernels.mba_embedding_lookup(self.weight, ids, self.padding_idx)

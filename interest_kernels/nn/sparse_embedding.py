@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .mba_embedding import lookup_fake, save_lookup_inputs
+
 __all__ = ["SparseGradEmbedding"]
 
 
@@ -27,9 +29,7 @@ def _lookup(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int])
     return F.embedding(ids, weight)
 
 
-@_lookup.register_fake
-def _lookup_fake(weight: torch.Tensor, ids: torch.Tensor, padding_idx: Optional[int]) -> torch.Tensor:
-    return weight.new_empty(ids.shape + (weight.shape[1],))
+_lookup.register_fake(lookup_fake)
 
 
 @torch.library.custom_op("interest_kernels::accumulate_sparse_grad", mutates_args=(),
@@ -54,19 +54,13 @@ def _accumulate_fake(weight: torch.Tensor, ids: torch.Tensor, grad: torch.Tensor
 torch.fx.node.has_side_effect(torch.ops.interest_kernels.accumulate_sparse_grad.default)
 
 
-def _setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-    weight, ids, padding_idx = inputs
-    ctx.save_for_backward(weight, ids)
-    ctx.padding_idx = padding_idx
-
-
 def _backward(ctx: Any, grad: torch.Tensor) -> tuple[None, None, None]:
     weight, ids = ctx.saved_tensors
     torch.ops.interest_kernels.accumulate_sparse_grad(weight, ids, grad, ctx.padding_idx)
     return None, None, None
 
 
-_lookup.register_autograd(_backward, setup_context=_setup_context)
+_lookup.register_autograd(_backward, setup_context=save_lookup_inputs)
 
 
 class SparseGradEmbedding(nn.Embedding):

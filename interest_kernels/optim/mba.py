@@ -37,7 +37,6 @@ from ..ops.mba.op import (
     mba_adagrad_update,
     mba_adam_update,
     mba_sgd_update,
-    rows_checked_by_caller,
 )
 from .._validation import check_float
 from ..ops.common import compute_dtype
@@ -181,8 +180,7 @@ class _MBAOptimizer(Optimizer):
                 if state["online_counts"]:
                     for sample_ids, padding_idx in to_count:
                         add_counts(sample_ids, state["counts"], padding_idx)
-                with rows_checked_by_caller():
-                    self._update(p, state, group, ids, grad_rows, state["step"] + 1)
+                self._update(p, state, group, ids, grad_rows, state["step"] + 1)
                 state["step"] += 1
         return loss
 
@@ -216,7 +214,8 @@ class MBASGD(_MBAOptimizer):
         self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any],
         ids: torch.Tensor, grad_rows: torch.Tensor, step: int,
     ) -> None:
-        mba_sgd_update(p, ids, grad_rows, state["counts"], lr=group["lr"], weight_decay=group["weight_decay"])
+        mba_sgd_update(p, ids, grad_rows, state["counts"], lr=group["lr"], weight_decay=group["weight_decay"],
+                       _rows_checked=True)
 
 
 class MBAAdagrad(_MBAOptimizer):
@@ -250,6 +249,7 @@ class MBAAdagrad(_MBAOptimizer):
         mba_adagrad_update(
             p, state["sum"], ids, grad_rows, state["counts"], lr=group["lr"], step=step,
             weight_decay=group["weight_decay"], eps=group["eps"], lr_decay=group["lr_decay"],
+            _rows_checked=True,
         )
 
 
@@ -284,4 +284,5 @@ class MBAAdam(_MBAOptimizer):
         mba_adam_update(
             p, state["exp_avg"], state["exp_avg_sq"], ids, grad_rows, state["counts"], lr=group["lr"],
             step=step, betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+            _rows_checked=True,
         )

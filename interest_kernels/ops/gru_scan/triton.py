@@ -646,7 +646,7 @@ def _row_ends(lengths: Optional[Tensor], mask: Optional[Tensor], steps: int) -> 
     the value checks may have been skipped (compile, CUDA graphs), and a block walks
     to its longest row, so an unchecked length must not take it past T."""
     if lengths is not None:
-        return lengths.clamp(0, steps).contiguous()
+        return lengths.clamp(0, steps)
     if mask is None:
         return None
     if steps == 0:

@@ -16,8 +16,8 @@ Conventions shared by the update functions:
   n_j counts samples).
 * optimiser state (N, D) float32 (float64 for a float64 table), updated on touched rows.
 
-The MBA optimisers run :func:`check_update_rows` before counting ids and then update
-inside :func:`rows_checked_by_caller`, which skips repeating those two checks.
+The MBA optimisers run :func:`check_update_rows` before counting ids and then pass the
+private ``_rows_checked=True``, which skips repeating those two checks.
 
 An id outside [0, N), a touched id with a count that is not positive, or a non-finite
 gradient row raises a ``ValueError`` naming the id, and nothing is written. (The
@@ -25,10 +25,8 @@ gradient check reads values, so it runs with the value checks, see ``value_check
 """
 from __future__ import annotations
 
-import contextlib
-import threading
 
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
@@ -143,6 +141,15 @@ def _check_ids(ids: object, device: torch.device) -> torch.Tensor:
     return ids if ids.dtype in (torch.int64, torch.int32) else ids.long()
 
 
+def check_lookup_ids(ids: torch.Tensor, num_rows: int) -> None:
+    """A lookup's ids lie in [0, num_rows): on the device without a host sync where
+    ``checks_on_device`` says so, else :func:`check_ids_in_range`."""
+    if ids.numel() and value_checks_enabled(ids) and checks_on_device(ids):
+        torch._assert_async(((ids >= 0) & (ids < num_rows)).all(), f"ids must lie in [0, {num_rows})")
+    else:
+        check_ids_in_range(ids, num_rows)
+
+
 def check_ids_in_range(ids: torch.Tensor, num_rows: int) -> None:
     if ids.numel() == 0 or not value_checks_enabled(ids):
         return
@@ -225,20 +232,6 @@ def check_finite_rows(ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
         )
 
 
-_CALLER_CHECKED = threading.local()
-
-
-@contextlib.contextmanager
-def rows_checked_by_caller() -> Iterator[None]:
-    """For the MBA optimisers, which run :func:`check_update_rows` before counting ids:
-    the updates called inside (on this thread) do not repeat those checks."""
-    _CALLER_CHECKED.active = True
-    try:
-        yield
-    finally:
-        _CALLER_CHECKED.active = False
-
-
 def check_update_rows(weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor) -> None:
     """The checks an update runs on ``ids`` and ``grad_rows`` (range, finiteness), for
     callers that must refuse a step before writing anything else (the optimisers count
@@ -249,12 +242,12 @@ def check_update_rows(weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.
 
 def _select(
     weight: torch.Tensor, ids: torch.Tensor, grad_rows: torch.Tensor, counts: torch.Tensor, kind: str,
+    rows_checked: bool,
 ) -> Any:
     """The backend for this call. The compiled kernels check ids and counts themselves,
     always and before writing (one pass on the CPU, one small host copy on CUDA), so the
-    same checks run here only in front of the reference; inside
-    :func:`rows_checked_by_caller` the finiteness and range checks are not repeated."""
-    rows_checked = getattr(_CALLER_CHECKED, "active", False)
+    same checks run here only in front of the reference; with ``rows_checked`` (the MBA
+    optimisers ran :func:`check_update_rows`) the finiteness and range checks are not repeated."""
     if not rows_checked:
         check_finite_rows(ids, grad_rows)
     impl = OP.select(weight.device, kind=kind)
@@ -356,6 +349,7 @@ def mba_sgd_update(
     *,
     lr: float,
     weight_decay: float = 0.0,
+    _rows_checked: bool = False,
 ) -> None:
     """MBA SGD (DIN eq. 7) in place: ``w_j <- w_j - lr (g_j + lambda w_j / n_j)`` for j in S.
 
@@ -366,7 +360,7 @@ def mba_sgd_update(
     lr = _check_nonnegative("lr", lr)
     weight_decay = _check_nonnegative("weight_decay", weight_decay)
     weight, ids, grad_rows = _check_update_args(weight, ids, grad_rows, counts)
-    impl = _select(weight, ids, grad_rows, counts, "sgd")
+    impl = _select(weight, ids, grad_rows, counts, "sgd", _rows_checked)
     impl.fn("sgd", weight=weight, ids=ids, grad_rows=grad_rows, counts=counts, lr=lr, weight_decay=weight_decay)
 
 
@@ -382,6 +376,7 @@ def mba_adagrad_update(
     weight_decay: float = 0.0,
     eps: float = 1e-10,
     lr_decay: float = 0.0,
+    _rows_checked: bool = False,
 ) -> None:
     """MBA Adagrad in place (``torch.optim.Adagrad``'s sparse step on ``g + lambda w / n``).
 
@@ -396,7 +391,7 @@ def mba_adagrad_update(
     weight, ids, grad_rows = _check_update_args(
         weight, ids, grad_rows, counts, [("state_sum", state_sum)]
     )
-    impl = _select(weight, ids, grad_rows, counts, "adagrad")
+    impl = _select(weight, ids, grad_rows, counts, "adagrad", _rows_checked)
     impl.fn(
         "adagrad", weight=weight, state_sum=state_sum, ids=ids, grad_rows=grad_rows,
         counts=counts, lr=lr, weight_decay=weight_decay, eps=eps, lr_decay=lr_decay, step=step,
@@ -416,6 +411,7 @@ def mba_adam_update(
     betas: tuple[float, float] = (0.9, 0.999),
     eps: float = 1e-8,
     weight_decay: float = 0.0,
+    _rows_checked: bool = False,
 ) -> None:
     """MBA Adam in place (``torch.optim.SparseAdam``'s step on ``g + lambda w / n``).
 
@@ -433,7 +429,7 @@ def mba_adam_update(
     weight, ids, grad_rows = _check_update_args(
         weight, ids, grad_rows, counts, [("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq)]
     )
-    impl = _select(weight, ids, grad_rows, counts, "adam")
+    impl = _select(weight, ids, grad_rows, counts, "adam", _rows_checked)
     impl.fn(
         "adam", weight=weight, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, ids=ids,
         grad_rows=grad_rows, counts=counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
