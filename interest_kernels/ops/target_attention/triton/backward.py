@@ -26,9 +26,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec,
-                     load_weights, mlp_tile, mm, store_mat, tile_act_params, tile_vec,
-                     tile_vectors, valid_positions, weight_offsets)
+from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec, mm,
+                     store_mat, tile_act_params, tile_vec, valid_positions, weight_offsets)
 
 
 @triton.jit
@@ -59,6 +58,80 @@ def _add_act_grads(ptr, ga, gs, gb, offs, n):
     add_to_vec(ptr + 2 * n, offs, n, gb)
 
 
+@triton.jit
+def _mt_chunk(w_g, o_wp, q, offs_c, offs_d, H1, D, LOWP: tl.constexpr, DT: tl.constexpr):
+    """Columns ``offs_c`` of the row's first-layer matrix M_r^T = (W_kd + W_p diag(q))^T:
+    (BD, CH)."""
+    mt = tl.trans(load_mat(w_g, offs_c, offs_d, H1, D, False)
+                  + load_mat(w_g + o_wp, offs_c, offs_d, H1, D, False) * q[None, :])
+    if LOWP:
+        mt = mt.to(DT)
+    return mt
+
+
+@triton.jit
+def _weights(ptr, offs_r, offs_c, n_r, n_c, TRANSPOSE: tl.constexpr, LOWP: tl.constexpr,
+             DT: tl.constexpr):
+    m = load_mat(ptr, offs_r, offs_c, n_r, n_c, TRANSPOSE)
+    if LOWP:
+        m = m.to(DT)
+    return m
+
+
+@triton.jit
+def _z1_chunk(k, mt, qt_ptr, offs_c, H1, t0, T, AGAIN: tl.constexpr, LOWP: tl.constexpr,
+              DT: tl.constexpr, PREC: tl.constexpr):
+    """A unit chunk's first-layer pre-activation z1 = k M_r^T + qt (BLOCK_T, CH). AGAIN
+    (the backward's recomputation) adds the q-term as the dot's accumulator, so that the
+    compiler does not merge it with the forward's and keep z1 live in between."""
+    qt = tile_vec(qt_ptr, offs_c, H1, t0, T)
+    if AGAIN:
+        acc = tl.zeros([k.shape[0], offs_c.shape[0]], tl.float32) + qt[None, :]
+        if LOWP:
+            z1 = tl.dot(k.to(DT), mt.to(DT), acc=acc)
+        else:
+            z1 = tl.dot(k.to(tl.float32), mt.to(tl.float32), acc=acc, input_precision=PREC)
+    else:
+        z1 = mm(k, mt, LOWP, DT, PREC) + qt[None, :]
+    return z1
+
+
+@triton.jit
+def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
+                 offs_t, tm, offs_c, H1, t0, T, gst_g,
+                 LAYERS: tl.constexpr, ACT: tl.constexpr, ACT_LAYERS: tl.constexpr,
+                 STATS: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr,
+                 DT: tl.constexpr, PREC: tl.constexpr):
+    """The key gradient's share dz1 M_r of a chunk of first-layer units, z1 recomputed:
+    with two or more layers from the chunk's upstream gradient da1 = dz2 W_2; with one
+    layer (layer 1 is the top) from the score gradient ds or, in STATS mode, the
+    statistics' gradient; dz1 is then stored for the weight-gradient kernel. Adds the
+    chunk's per-unit gradients (activation parameters, and with one layer the score
+    layer's) to this program's partial rows."""
+    z1 = _z1_chunk(k, mt, qt_ptr, offs_c, H1, t0, T, True, LOWP, DT, PREC)
+    pa, ps, pb = tile_act_params(a_g, offs_c, H1, t0, T, ACT_LAYERS >= 1)
+    if LAYERS >= 2:
+        a1 = act_fwd(z1, pa, ps, pb, ACT)
+        dz1, x0, x1, x2 = act_bwd(z1, a1, da1, pa, ps, pb, ACT)
+        if ACT_LAYERS >= 1:
+            _add_act_grads(ga_s, x0, x1, x2, offs_c, H1)
+    else:
+        if STATS:
+            gs1 = tile_vec(gst_g, offs_c, H1, t0, T)
+            gs2 = tile_vec(gst_g + H1, offs_c, H1, t0, T)
+            dz1 = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * z1, 0.0)
+        else:
+            a1 = act_fwd(z1, pa, ps, pb, ACT)
+            wo = tile_vec(w_g + o_wo, offs_c, H1, t0, T)
+            add_to_vec(gw_s + o_wo, offs_c, H1, tl.sum(ds[:, None] * a1, axis=0))
+            dz1, x0, x1, x2 = act_bwd(z1, a1, ds[:, None] * wo[None, :], pa, ps, pb, ACT)
+            if ACT_LAYERS >= 1:
+                _add_act_grads(ga_s, x0, x1, x2, offs_c, H1)
+        tl.store(dz_ptr + r.to(tl.int64) * T * H1 + offs_t[:, None] * H1 + offs_c[None, :],
+                 dz1, mask=tm[:, None] & (offs_c[None, :] < H1))
+    return mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
+
+
 @triton.jit(do_not_specialize=["B", "T", "N"])
 def attention_bwd_kernel(
     qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_ptr, act_ptr,
@@ -69,8 +142,9 @@ def attention_bwd_kernel(
     ACT_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, PER_HEAD: tl.constexpr,
     HAS_KIDX: tl.constexpr, HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr,
     HAS_DSC: tl.constexpr, STATS: tl.constexpr, DK_PER_ROW: tl.constexpr,
-    BLOCK_T: tl.constexpr, BD: tl.constexpr, BH1: tl.constexpr, BH2: tl.constexpr,
-    BH3: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BD: tl.constexpr, BH1: tl.constexpr, CH1: tl.constexpr,
+    CH1B: tl.constexpr, BH2: tl.constexpr, BH3: tl.constexpr, LOWP: tl.constexpr,
+    LOWP_BWD: tl.constexpr, PREC: tl.constexpr,
 ):
     """Inputs as the forward kernel's, plus its out (R, D) and scores (R, T), the upstream
     dout (R, D) and dscores (R, T), lse (R,), or in STATS mode gst (G, 2, H_LAYERS).
@@ -78,7 +152,8 @@ def attention_bwd_kernel(
     else like keys), dz (R, T, H2) fp32 = dz2 (dz1 (R, T, H1) if LAYERS == 1) for
     ``weight_grads.py``, and this program's rows of gw (E*P, W_ROW) and ga (E*P, A_ROW)
     fp32: the layers it ran (and in attention mode the score layer) except W_kd, W_p
-    and W_2, which the second kernel writes, as dq and dqt."""
+    and W_2, which the second kernel writes, as dq and dqt. The first layer runs in two
+    chunks of units: CH1 and the rest, padded to CH1B (0: none)."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_prog = tl.num_programs(0)
@@ -86,6 +161,9 @@ def attention_bwd_kernel(
     g = e if PER_HEAD else 0
     DT = k_ptr.dtype.element_ty
     offs_d = tl.arange(0, BD)
+    offs_c0 = tl.arange(0, CH1)
+    if CH1B > 0:
+        offs_c1 = CH1 + tl.arange(0, CH1B)
     offs_h1 = tl.arange(0, BH1)
     offs_h2 = tl.arange(0, BH2)
     offs_h3 = tl.arange(0, BH3)
@@ -93,16 +171,22 @@ def attention_bwd_kernel(
     dm = offs_d < D
     w_g = w_ptr + g * W_ROW
     a_g = act_ptr + g * A_ROW
-
-    # W_kd and W_p are read per row from L2 instead (see below); the per-unit vectors
-    # per tile; the weight matrices stay on chip.
-    (_, _, w2t, _, w3t, _, _, _, _, _, _, _, _, _, _) = load_weights(
-        w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS, PACK_LAYERS,
-        ACT_LAYERS, False)
     o_wp, o_w2, o_b2, o_w3, o_b3, o_wo, o_bo, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
-    if LOWP:
-        w2t = w2t.to(DT)
-        w3t = w3t.to(DT)
+
+    # The deeper layers' weight matrices stay on chip (W_2^T in chunks of first-layer
+    # units); W_kd and W_p are read per row from L2 (below); the per-unit vectors per tile.
+    # Each is loaded in the orientation of its one dot (W_2^T's chunks for the forward,
+    # W_2's for the backward), so that each lives in shared memory only: a matrix that
+    # one dot takes transposed is otherwise held in registers and copied per tile.
+    if LAYERS >= 2:
+        w2t0 = _weights(w_g + o_w2, offs_c0, offs_h2, H2, H1, True, LOWP, DT)
+        w2_0 = _weights(w_g + o_w2, offs_h2, offs_c0, H2, H1, False, LOWP_BWD, DT)
+        if CH1B > 0:
+            w2t1 = _weights(w_g + o_w2, offs_c1, offs_h2, H2, H1, True, LOWP, DT)
+            w2_1 = _weights(w_g + o_w2, offs_h2, offs_c1, H2, H1, False, LOWP_BWD, DT)
+    if LAYERS >= 3:
+        w3t = _weights(w_g + o_w3, offs_h2, offs_h3, H3, H2, True, LOWP, DT)
+        w3 = _weights(w_g + o_w3, offs_h3, offs_h2, H3, H2, False, LOWP_BWD, DT)
     if LAYERS == 1:
         HT = H1
         offs_top = offs_h1
@@ -145,12 +229,12 @@ def attention_bwd_kernel(
         else:
             dk_base = dk_ptr + krow * T * D
         q = load_vec(q_ptr + r * D, offs_d, D)
-        # M_r^T (BD, BH1), once per row. W_kd and W_p are not held through the program:
-        # they would not fit the registers.
-        mt = tl.trans(load_mat(w_g, offs_h1, offs_d, H1, D, False)
-                      + load_mat(w_g + H1 * D, offs_h1, offs_d, H1, D, False) * q[None, :])
-        if LOWP:
-            mt = mt.to(DT)
+        # M_r^T in unit chunks, once per row (W_kd and W_p are not held through the
+        # program: they would not fit the registers)
+        mt0 = _mt_chunk(w_g, o_wp, q, offs_c0, offs_d, H1, D, LOWP, DT)
+        if CH1B > 0:
+            mt1 = _mt_chunk(w_g, o_wp, q, offs_c1, offs_d, H1, D, LOWP, DT)
+        qt_r = qt_ptr + r * H1
         if not STATS:
             dout = load_vec(dout_ptr + r * D, offs_d, D)
             if SOFTMAX:
@@ -174,33 +258,54 @@ def attention_bwd_kernel(
                 valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                 kmask = valid[:, None] & dm[None, :]
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
-            # the per-unit inputs, loaded per tile (see the module docstring)
-            qt, b2, b3, pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3 = tile_vectors(
-                qt_ptr + r * H1, w_g + o_b2, w_g + o_b3, a_g, H1, H2, H3, offs_h1, offs_h2,
-                offs_h3, t0, T, LAYERS, ACT_LAYERS)
-            z1, a1, z2, a2, z3, a3 = mlp_tile(k, mt, qt, w2t, b2, w3t, b3, pa1, ps1, pb1,
-                                              pa2, ps2, pb2, pa3, ps3, pb3, LAYERS, ACT,
-                                              not STATS, LOWP, DT, PREC)
-            if LAYERS == 1:
-                zt, at = z1, a1
-                pat, pst, pbt = pa1, ps1, pb1
-                ga_top = ga_s
-            elif LAYERS == 2:
-                zt, at = z2, a2
-                pat, pst, pbt = pa2, ps2, pb2
-                ga_top = ga_s + 3 * H1
-            else:
-                zt, at = z3, a3
-                pat, pst, pbt = pa3, ps3, pb3
-                ga_top = ga_s + 3 * (H1 + H2)
-            if STATS:
-                gs1 = tile_vec(gst_g, offs_top, HT, t0, T)
-                gs2 = tile_vec(gst_g + HT, offs_top, HT, t0, T)
-                dtop = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * zt, 0.0)
-            else:
-                wo = tile_vec(w_g + o_wo, offs_top, HT, t0, T)
+            # Forward, the first layer in unit chunks, none of them kept: the chain
+            # below recomputes each (a (BLOCK_T, 128) float32 tile kept live through
+            # the layers above took 64 registers per thread and spilled).
+            ds = tl.zeros([BLOCK_T], tl.float32)
+            if LAYERS >= 2:
+                pa1, ps1, pb1 = tile_act_params(a_g, offs_c0, H1, t0, T, ACT_LAYERS >= 1)
+                a1 = act_fwd(_z1_chunk(k, mt0, qt_r, offs_c0, H1, t0, T, False, LOWP, DT,
+                                       PREC), pa1, ps1, pb1, ACT)
+                z2 = mm(a1, w2t0, LOWP, DT, PREC) + tile_vec(w_g + o_b2, offs_h2, H2, t0, T)[None, :]
+                if CH1B > 0:
+                    pa1, ps1, pb1 = tile_act_params(a_g, offs_c1, H1, t0, T, ACT_LAYERS >= 1)
+                    a1 = act_fwd(_z1_chunk(k, mt1, qt_r, offs_c1, H1, t0, T, False, LOWP, DT,
+                                           PREC), pa1, ps1, pb1, ACT)
+                    z2 += mm(a1, w2t1, LOWP, DT, PREC)
+                pa2, ps2, pb2 = tile_act_params(a_g + 3 * H1, offs_h2, H2, t0, T,
+                                                ACT_LAYERS >= 2)
+                if LAYERS >= 3:
+                    a2 = act_fwd(z2, pa2, ps2, pb2, ACT)
+                    z3 = (mm(a2, w3t, LOWP, DT, PREC)
+                          + tile_vec(w_g + o_b3, offs_h3, H3, t0, T)[None, :])
+                    zt = z3
+                    pat, pst, pbt = tile_act_params(a_g + 3 * (H1 + H2), offs_h3, H3, t0, T,
+                                                    ACT_LAYERS >= 3)
+                    ga_top = ga_s + 3 * (H1 + H2)
+                else:
+                    zt = z2
+                    pat, pst, pbt = pa2, ps2, pb2
+                    ga_top = ga_s + 3 * H1
+                if STATS:
+                    gs1 = tile_vec(gst_g, offs_top, HT, t0, T)
+                    gs2 = tile_vec(gst_g + HT, offs_top, HT, t0, T)
+                    dtop = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * zt, 0.0)
+                else:
+                    at = act_fwd(zt, pat, pst, pbt, ACT)
+                    wo = tile_vec(w_g + o_wo, offs_top, HT, t0, T)
+                    s = tl.sum(at * wo[None, :], axis=1) + bo
+            elif not STATS:  # one layer: the score from the first layer's chunks
+                pa1, ps1, pb1 = tile_act_params(a_g, offs_c0, H1, t0, T, ACT_LAYERS >= 1)
+                a1 = act_fwd(_z1_chunk(k, mt0, qt_r, offs_c0, H1, t0, T, False, LOWP, DT,
+                                       PREC), pa1, ps1, pb1, ACT)
+                s = tl.sum(a1 * tile_vec(w_g + o_wo, offs_c0, H1, t0, T)[None, :], axis=1) + bo
+                if CH1B > 0:
+                    pa1, ps1, pb1 = tile_act_params(a_g, offs_c1, H1, t0, T, ACT_LAYERS >= 1)
+                    a1 = act_fwd(_z1_chunk(k, mt1, qt_r, offs_c1, H1, t0, T, False, LOWP, DT,
+                                           PREC), pa1, ps1, pb1, ACT)
+                    s += tl.sum(a1 * tile_vec(w_g + o_wo, offs_c1, H1, t0, T)[None, :], axis=1)
+            if not STATS:
                 dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)
-                s = tl.sum(at * wo[None, :], axis=1) + bo
                 da = tl.sum(k.to(tl.float32) * dout[None, :], axis=1)
                 if HAS_DSC:  # a padded score's upstream gradient is never read either
                     da += tl.where(valid, load_vec(dsc_ptr + r * T, offs_t, T), 0.0)
@@ -210,15 +315,15 @@ def attention_bwd_kernel(
                 else:
                     p = tl.where(valid, s, 0.0)
                     ds = tl.where(valid, da, 0.0)
-                add_to_vec(gw_s + o_wo, offs_top, HT, tl.sum(ds[:, None] * at, axis=0))
                 gbo += tl.sum(ds, axis=0)
-                dtop, x0, x1, x2 = act_bwd(zt, at, ds[:, None] * wo[None, :], pat, pst, pbt,
-                                           ACT)
-                if ACT_LAYERS >= LAYERS:
-                    _add_act_grads(ga_top, x0, x1, x2, offs_top, HT)
-            # Below the top, a layer's activation parameters are loaded again and, where
-            # the activation reads z (PReLU, Dice), a = act(z) is recomputed, so that
-            # neither stays live through the layers above.
+                if LAYERS >= 2:
+                    add_to_vec(gw_s + o_wo, offs_top, HT, tl.sum(ds[:, None] * at, axis=0))
+                    dtop, x0, x1, x2 = act_bwd(zt, at, ds[:, None] * wo[None, :], pat, pst,
+                                               pbt, ACT)
+                    if ACT_LAYERS >= LAYERS:
+                        _add_act_grads(ga_top, x0, x1, x2, offs_top, HT)
+            # Backward below the top; a layer's activation parameters are loaded again and
+            # a = act(z) recomputed where the activation reads z (PReLU, Dice).
             if LAYERS == 3:
                 dz3 = dtop
                 pa2, ps2, pb2 = tile_act_params(a_g + 3 * H1, offs_h2, H2, t0, T,
@@ -226,7 +331,7 @@ def attention_bwd_kernel(
                 a2 = _act_again(z2, a2, pa2, ps2, pb2, ACT)
                 gw3t += mm(tl.trans(a2), dz3, LOWP_BWD, DT, PREC)
                 add_to_vec(gw_s + o_b3, offs_h3, H3, tl.sum(dz3, axis=0))
-                dz2, x0, x1, x2 = act_bwd(z2, a2, mm(dz3, tl.trans(w3t), LOWP_BWD, DT, PREC),
+                dz2, x0, x1, x2 = act_bwd(z2, a2, mm(dz3, w3, LOWP_BWD, DT, PREC),
                                           pa2, ps2, pb2, ACT)
                 if ACT_LAYERS >= 2:
                     _add_act_grads(ga_s + 3 * H1, x0, x1, x2, offs_h2, H2)
@@ -235,21 +340,27 @@ def attention_bwd_kernel(
             if LAYERS >= 2:
                 tl.store(dz_ptr + r.to(tl.int64) * T * H2 + offs_t[:, None] * H2
                          + offs_h2[None, :], dz2, mask=tm[:, None] & (offs_h2[None, :] < H2))
-                pa1, ps1, pb1 = tile_act_params(a_g, offs_h1, H1, t0, T, ACT_LAYERS >= 1)
-                a1 = _act_again(z1, a1, pa1, ps1, pb1, ACT)
                 add_to_vec(gw_s + o_b2, offs_h2, H2, tl.sum(dz2, axis=0))
-                dz1, x0, x1, x2 = act_bwd(z1, a1, mm(dz2, tl.trans(w2t), LOWP_BWD, DT, PREC),
-                                          pa1, ps1, pb1, ACT)
-                if ACT_LAYERS >= 1:
-                    _add_act_grads(ga_s, x0, x1, x2, offs_h1, H1)
-            else:
-                dz1 = dtop
-                tl.store(dz_ptr + r.to(tl.int64) * T * H1 + offs_t[:, None] * H1
-                         + offs_h1[None, :], dz1, mask=tm[:, None] & (offs_h1[None, :] < H1))
-            dk = mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
+            # the first layer, chunk by chunk, recomputed: its part of the key gradient
+            # (both chunks' upstream gradients first, so that dz2 need not stay live)
+            da1_0 = ds  # (unused with one layer)
+            da1_1 = ds
+            if LAYERS >= 2:
+                da1_0 = mm(dz2, w2_0, LOWP_BWD, DT, PREC)
+                if CH1B > 0:
+                    da1_1 = mm(dz2, w2_1, LOWP_BWD, DT, PREC)
+            dk = _chunk_grads(k, mt0, da1_0, ds, qt_r, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
+                              offs_t, tm, offs_c0, H1, t0, T, gst_g, LAYERS, ACT, ACT_LAYERS,
+                              STATS, LOWP, LOWP_BWD, DT, PREC)
+            if CH1B > 0:
+                dk += _chunk_grads(k, mt1, da1_1, ds, qt_r, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr,
+                                   r, offs_t, tm, offs_c1, H1, t0, T, gst_g, LAYERS, ACT,
+                                   ACT_LAYERS, STATS, LOWP, LOWP_BWD, DT, PREC)
             if not STATS:  # the attention's own term (dout reloaded: it is not held
                 # through the chain); a padded key gets a zero gradient
                 dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)
+                # (valid found again: the one above, kept, costs a register per element)
+                valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                 dk = tl.where(valid[:, None], dk + p[:, None] * dout[None, :], 0.0)
             tl.store(dk_base + offs_t[:, None] * D + offs_d[None, :],
                      dk.to(dk_ptr.dtype.element_ty), mask=tm[:, None] & dm[None, :])

@@ -26,7 +26,8 @@ import torch
 from ...func_transforms import TransformableOp, register_sliced_vmap
 from ...traceable_triton import wrap_triton
 from .backward import attention_bwd_kernel
-from .config import ACTIVATIONS, UNIT_CHUNK, launch_config, num_sms
+from .config import (ACTIVATIONS, DATA_GRAD_PROGRAMS_PER_SM, DATA_GRAD_WARPS, UNIT_CHUNK,
+                     launch_config, num_sms, pad)
 from .forward import attention_fwd_kernel
 from .pack import act_prefix, weight_prefix
 from .segment import sum_rows_by_history
@@ -50,11 +51,11 @@ def _shape_args(query, keys, wpack, apack, units, heads):
     return [batch, keys.shape[1], torch.sym_max(n_hist, 1), heads, dim, *h, wpack.shape[1], a_row]
 
 
-def _programs(rows: int, heads: int, device: torch.device) -> int:
+def _programs(rows: int, heads: int, device: torch.device, per_sm: int = 1) -> int:
     """Programs per head of the persistent grid (grid = (programs, heads)) for R = B*E
-    rows: the SMs shared among the heads, at most one program per row, at least one;
-    symbolic sizes stay symbolic (no guard on a dynamic batch)."""
-    return torch.sym_max(1, torch.sym_min(rows // heads, num_sms(device) // heads))
+    rows: ``per_sm`` per SM shared among the heads, at most one program per row, at
+    least one; symbolic sizes stay symbolic (no guard on a dynamic batch)."""
+    return torch.sym_max(1, torch.sym_min(rows // heads, per_sm * num_sms(device) // heads))
 
 
 def _flags(keys, key_index, wpack, units, activation):
@@ -156,7 +157,7 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
     seq_len = keys.shape[1]
     dev = query.device
     f32 = dict(device=dev, dtype=torch.float32)
-    n_prog = _programs(rows, heads, dev)
+    n_prog = _programs(rows, heads, dev, DATA_GRAD_PROGRAMS_PER_SM)
     slots = heads * n_prog
     groups = wpack.shape[0]
     dqt = torch.empty(rows, units[0], **f32)
@@ -182,6 +183,8 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
     else:
         dummy = qterm.new_empty(1)  # stands in for absent inputs; never read
         flags = _flags(keys, key_index, wpack, units, activation)
+        flags["CH1"] = min(flags["BH1"], UNIT_CHUNK)
+        flags["CH1B"] = pad(units[0] - flags["CH1"]) if units[0] > flags["CH1"] else 0
         wrap_triton(attention_bwd_kernel)[(n_prog, heads)](
             qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
             mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
@@ -190,10 +193,12 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
             *_shape_args(query, keys, wpack, apack, units, heads),
             LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers, SOFTMAX=softmax,
             HAS_DSC=dscores is not None, STATS=stats, DK_PER_ROW=per_row,
-            HAS_LEN=lengths is not None, HAS_MASK=mask is not None, **flags,
+            HAS_LEN=lengths is not None, HAS_MASK=mask is not None,
+            **dict(flags, num_warps=DATA_GRAD_WARPS),
         )
-        flags["CH1"] = min(flags.pop("BH1"), UNIT_CHUNK)
+        flags.pop("BH1")
         flags.pop("BH3")
+        flags.pop("CH1B")
         dq = torch.empty(n_chunks, rows, dim, **f32)  # each unit chunk's part
         wrap_triton(first_layer_grad_kernel)[(n_prog_m, heads, n_chunks)](
             qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
