@@ -70,12 +70,20 @@ def _mt_chunk(w_g, o_wp, q, offs_c, offs_d, H1, D, LOWP: tl.constexpr, DT: tl.co
 
 
 @triton.jit
-def _weights(ptr, offs_r, offs_c, n_r, n_c, TRANSPOSE: tl.constexpr, LOWP: tl.constexpr,
+def _weights(ptr, offs_r, offs_c, n_r, n_c, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr,
              DT: tl.constexpr):
-    m = load_mat(ptr, offs_r, offs_c, n_r, n_c, TRANSPOSE)
+    """The (n_c, n_r) matrix at ``ptr`` transposed, (offs_r, offs_c), for a forward dot
+    and as it is, (offs_c, offs_r), for a backward one, each in its dot's dtype. Both
+    are made here, outside the loops, so that each lives in shared memory only: a
+    matrix transposed at its dot inside a loop is held in registers and copied per tile."""
+    m = load_mat(ptr, offs_r, offs_c, n_r, n_c, True)
+    fwd = m
     if LOWP:
-        m = m.to(DT)
-    return m
+        fwd = m.to(DT)
+    bwd = tl.trans(m)
+    if LOWP_BWD:
+        bwd = bwd.to(DT)
+    return fwd, bwd
 
 
 @triton.jit
@@ -175,18 +183,14 @@ def attention_bwd_kernel(
 
     # The deeper layers' weight matrices stay on chip (W_2^T in chunks of first-layer
     # units); W_kd and W_p are read per row from L2 (below); the per-unit vectors per tile.
-    # Each is loaded in the orientation of its one dot (W_2^T's chunks for the forward,
-    # W_2's for the backward), so that each lives in shared memory only: a matrix that
-    # one dot takes transposed is otherwise held in registers and copied per tile.
+    # Each in both orientations, one per dot (W_2^T's chunks for the forward, W_2's for
+    # the backward), see _weights.
     if LAYERS >= 2:
-        w2t0 = _weights(w_g + o_w2, offs_c0, offs_h2, H2, H1, True, LOWP, DT)
-        w2_0 = _weights(w_g + o_w2, offs_h2, offs_c0, H2, H1, False, LOWP_BWD, DT)
+        w2t0, w2_0 = _weights(w_g + o_w2, offs_c0, offs_h2, H2, H1, LOWP, LOWP_BWD, DT)
         if CH1B > 0:
-            w2t1 = _weights(w_g + o_w2, offs_c1, offs_h2, H2, H1, True, LOWP, DT)
-            w2_1 = _weights(w_g + o_w2, offs_h2, offs_c1, H2, H1, False, LOWP_BWD, DT)
+            w2t1, w2_1 = _weights(w_g + o_w2, offs_c1, offs_h2, H2, H1, LOWP, LOWP_BWD, DT)
     if LAYERS >= 3:
-        w3t = _weights(w_g + o_w3, offs_h2, offs_h3, H3, H2, True, LOWP, DT)
-        w3 = _weights(w_g + o_w3, offs_h3, offs_h2, H3, H2, False, LOWP_BWD, DT)
+        w3t, w3 = _weights(w_g + o_w3, offs_h2, offs_h3, H3, H2, LOWP, LOWP_BWD, DT)
     if LAYERS == 1:
         HT = H1
         offs_top = offs_h1

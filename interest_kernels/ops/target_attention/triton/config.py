@@ -39,12 +39,12 @@ MAX_LAYERS = 3
 NUM_SMS = 132  # an H200; the persistent grid's size under the interpreter
 BLOCK_T = 64
 NUM_WARPS = 8
-# The data-gradient kernel (backward.py) runs with 4 warps and two programs per SM (the
-# same 8 warps per SM): its dots chain (each result feeds the next), for which Triton
-# lays a 64-row tile over all warps along M, so with 8 warps both warpgroups would hold
-# (and compute) the same rows and save no registers (sm90_target_attention_spills.md).
+# The data-gradient kernel (backward.py) runs with 4 warps: its dots chain (each result
+# feeds the next), for which Triton lays a 64-row tile over all warps along M, so with
+# 8 warps both warpgroups hold (and compute) the same rows and save no registers
+# (sm90_target_attention_spills.md). Two such programs per SM would keep 8 warps per SM
+# but double the per-program weight reads (+2.5 MB at the fp16 benchmark).
 DATA_GRAD_WARPS = 4
-DATA_GRAD_PROGRAMS_PER_SM = 2
 # First-layer units per program of the weight-gradient kernel (weight_grads.py).
 UNIT_CHUNK = 64
 # On-chip limits (padded sizes). The backward holds the most (the first layer's per-row

@@ -83,12 +83,13 @@ def tile_vec(ptr, offs, n, t0, T):
 
 
 @triton.jit
-def add_to_vec(ptr, offs, n, x):
-    """ptr[offs] += x (fp32, offs < n): a program's own partial of a per-unit gradient,
-    summed in place across its tiles instead of in registers (see ``tile_vec``). The
-    caller puts a barrier between one tile's update and the next."""
+def add_to_vec(ptr, offs, n, x, ADD=True):
+    """ptr[offs] += x (fp32, offs < n), or ptr[offs] = x where ADD is false: a program's
+    own partial of a per-unit gradient, summed in place across its tiles instead of in
+    registers (see ``tile_vec``). The caller puts a barrier between one tile's update
+    and the next."""
     m = offs < n
-    tl.store(ptr + offs, tl.load(ptr + offs, mask=m, other=0.0) + x, mask=m)
+    tl.store(ptr + offs, tl.load(ptr + offs, mask=m & ADD, other=0.0) + x, mask=m)
 
 
 @triton.jit

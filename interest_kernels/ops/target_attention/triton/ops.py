@@ -26,8 +26,7 @@ import torch
 from ...func_transforms import TransformableOp, register_sliced_vmap
 from ...traceable_triton import wrap_triton
 from .backward import attention_bwd_kernel
-from .config import (ACTIVATIONS, DATA_GRAD_PROGRAMS_PER_SM, DATA_GRAD_WARPS, UNIT_CHUNK,
-                     launch_config, num_sms, pad)
+from .config import ACTIVATIONS, DATA_GRAD_WARPS, UNIT_CHUNK, launch_config, num_sms, pad
 from .forward import attention_fwd_kernel
 from .pack import act_prefix, weight_prefix
 from .segment import sum_rows_by_history
@@ -51,11 +50,11 @@ def _shape_args(query, keys, wpack, apack, units, heads):
     return [batch, keys.shape[1], torch.sym_max(n_hist, 1), heads, dim, *h, wpack.shape[1], a_row]
 
 
-def _programs(rows: int, heads: int, device: torch.device, per_sm: int = 1) -> int:
+def _programs(rows: int, heads: int, device: torch.device) -> int:
     """Programs per head of the persistent grid (grid = (programs, heads)) for R = B*E
-    rows: ``per_sm`` per SM shared among the heads, at most one program per row, at
-    least one; symbolic sizes stay symbolic (no guard on a dynamic batch)."""
-    return torch.sym_max(1, torch.sym_min(rows // heads, per_sm * num_sms(device) // heads))
+    rows: the SMs shared among the heads, at most one program per row, at least one;
+    symbolic sizes stay symbolic (no guard on a dynamic batch)."""
+    return torch.sym_max(1, torch.sym_min(rows // heads, num_sms(device) // heads))
 
 
 def _flags(keys, key_index, wpack, units, activation):
@@ -157,7 +156,7 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
     seq_len = keys.shape[1]
     dev = query.device
     f32 = dict(device=dev, dtype=torch.float32)
-    n_prog = _programs(rows, heads, dev, DATA_GRAD_PROGRAMS_PER_SM)
+    n_prog = _programs(rows, heads, dev)
     slots = heads * n_prog
     groups = wpack.shape[0]
     dqt = torch.empty(rows, units[0], **f32)

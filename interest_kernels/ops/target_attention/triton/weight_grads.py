@@ -66,8 +66,7 @@ def first_layer_grad_kernel(
     wp_fwd = wp
     if LOWP:
         wp_fwd = wp.to(DT)
-    if LOWP_BWD:
-        wp = wp.to(DT)
+    wp_reg = wp  # float32, for dq (below)
     if LAYERS >= 2:
         HZ = H2
         offs_z = offs_h2
@@ -87,7 +86,6 @@ def first_layer_grad_kernel(
         dz_base = dz_ptr + r.to(tl.int64) * T * HZ
         q = load_vec(q_ptr + r * D, offs_d, D)
         dq = tl.zeros([BD], tl.float32)
-        tl.store(dqt_ptr + r * H1 + offs_h1, tl.zeros([CH1], tl.float32), mask=offs_h1 < H1)
         for t0 in range(0, T, BLOCK_T):
             # the previous tile's in-place dqt sums are visible to every thread from here on
             tl.debug_barrier()
@@ -116,8 +114,9 @@ def first_layer_grad_kernel(
             gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (CH1, BD)
             gwkd += gm
             gwp += gm * q[None, :]
-            dq += tl.sum(k.to(tl.float32) * mm(dz1, wp, LOWP_BWD, DT, PREC), axis=0)
-            add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0))
+            dq += tl.sum(wp_reg * gm, axis=0)
+            # the first tile stores its sum, the next ones add theirs (nothing to zero)
+            add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
         tl.store(dq_ptr + (tl.program_id(2).to(tl.int64) * B * E + r) * D + offs_d, dq,
                  mask=dm)
     gw_s = gw_ptr + slot * GW_ROW
