@@ -3,7 +3,11 @@ parameter gradients.
 
 Same grid and row walk as the forward. Per tile the MLP is recomputed from the keys
 (flash-attention style: only the forward's log-sum-exp is saved), the attention gradient
-gives each position's score gradient, and the chain runs down the MLP. The gradients of
+gives each position's score gradient, and the chain runs down the MLP. The first layer
+runs in two chunks of units (``UNIT_CHUNK`` = 64 and the rest, padded: 80 = 64 + 16), in
+the forward part summed into z2 and dropped, then recomputed one chunk at a time in the
+chain (a (64, 128) float32 tile kept live across the layers above cost 64 registers per
+thread and spilled; the recomputation costs one dot per chunk). The gradients of
 the first layer's matrices (W_kd, W_p) and of W_2 are left to a second kernel
 (``weight_grads.py``), with the query's and the q-term's, fed the layer-2 pre-activation
 gradient dz2 that this one writes: their three float32 accumulators held across the tile

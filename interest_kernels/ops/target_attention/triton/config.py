@@ -45,7 +45,8 @@ NUM_WARPS = 8
 # (sm90_target_attention_spills.md). Two such programs per SM would keep 8 warps per SM
 # but double the per-program weight reads (+2.5 MB at the fp16 benchmark).
 DATA_GRAD_WARPS = 4
-# First-layer units per program of the weight-gradient kernel (weight_grads.py).
+# First-layer units per chunk: per program of the weight-gradient kernel (weight_grads.py)
+# and per step of the data-gradient kernel's layer-1 chain (backward.py).
 UNIT_CHUNK = 64
 # On-chip limits (padded sizes). The backward holds the most (the first layer's per-row
 # matrix, the deeper layers' weights and W_3's gradient accumulator) and its shared

@@ -12,7 +12,8 @@ chunk of W_kd and W_p on chip for the whole program (no per-row M_r, whose weigh
 would be read again for every row), ``a1 = act(z1)``, ``dz1 = act'(z1) (dz2 W_2)``, and
 accumulates ``W_2``'s gradient ``dz2^T a1`` and ``M_r = W_kd + W_p diag(q)``'s
 ``dz1^T k``, split into W_kd's and W_p's (times q); per row, its chunk's part of q's
-gradient ``sum_t k_t (dz1 W_p)_t`` and of the q-term's, ``sum_t dz1_t``. With one
+gradient ``sum_t k_t (dz1 W_p)_t = sum_h W_p * (dz1^T k)`` (from the same product, so
+that the key tile need not stay live to the end) and of the q-term's, ``sum_t dz1_t``. With one
 layer, dz (R, T, H1) is dz1 itself and nothing is recomputed. Each program writes its
 chunk of its own row of a (programs, ...) partial buffer (about one program per SM over
 all chunks, as each writes a row), and the chunks' parts of dq go to (chunks, R, D):
