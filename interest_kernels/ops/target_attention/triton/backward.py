@@ -63,9 +63,14 @@ def _add_act_grads(ptr, ga, gs, gb, offs, n):
 
 
 @triton.jit
-def _mt_chunk(w_g, o_wp, q, offs_c, offs_d, H1, D, LOWP: tl.constexpr, DT: tl.constexpr):
+def _mt_chunk(w_g, o_wp, q, offs_c, offs_d, H1, D, zero, LOWP: tl.constexpr, DT: tl.constexpr):
     """Columns ``offs_c`` of the row's first-layer matrix M_r^T = (W_kd + W_p diag(q))^T:
-    (BD, CH)."""
+    (BD, CH). ``zero`` is a row-dependent 0 (see the row loop) added to the offsets, so
+    that the compiler does not hoist the (CH, BD) address and mask tensors of these
+    per-row reads out of the row loop: held across it they took about 45 registers per
+    thread and spilled (sm90_target_attention_spills.md)."""
+    offs_c = offs_c + zero
+    offs_d = offs_d + zero
     mt = tl.trans(load_mat(w_g, offs_c, offs_d, H1, D, False)
                   + load_mat(w_g + o_wp, offs_c, offs_d, H1, D, False) * q[None, :])
     if LOWP:
@@ -239,9 +244,10 @@ def attention_bwd_kernel(
         q = load_vec(q_ptr + r * D, offs_d, D)
         # M_r^T in unit chunks, once per row (W_kd and W_p are not held through the
         # program: they would not fit the registers)
-        mt0 = _mt_chunk(w_g, o_wp, q, offs_c0, offs_d, H1, D, LOWP, DT)
+        zero = b // (B + 1)  # 0 (b < B), which the compiler cannot tell: see _mt_chunk
+        mt0 = _mt_chunk(w_g, o_wp, q, offs_c0, offs_d, H1, D, zero, LOWP, DT)
         if CH1B > 0:
-            mt1 = _mt_chunk(w_g, o_wp, q, offs_c1, offs_d, H1, D, LOWP, DT)
+            mt1 = _mt_chunk(w_g, o_wp, q, offs_c1, offs_d, H1, D, zero, LOWP, DT)
         qt_r = qt_ptr + r * H1
         if not STATS:
             dout = load_vec(dout_ptr + r * D, offs_d, D)
