@@ -48,7 +48,7 @@ def _family(report, family):
 @pytest.mark.parametrize("family", [
     "gru_scan",
     "dice",
-    "target_attention",  # float16 sigmoid; float32 below, Dice in sm90_target_attention.md
+    "target_attention",  # float16 sigmoid; float32 below, PReLU/Dice in sm90_target_attention.md
 ])
 def test_family_compiles_within_sm90_limits(report, family):
     kernels, bad = _family(report, family)
@@ -66,10 +66,10 @@ print(json.dumps(sm90.violations(kernels)))
 """
 
 
-@pytest.mark.xfail(strict=True, reason="the float32 target-attention backward kernels spill "
-                   "332 and 288 B per thread on sm_90 (the float16 and bfloat16 ones fit; "
-                   "PReLU and Dice spill more): bench/results/sm90_target_attention_spills.md")
 def test_float32_target_attention_within_sm90_limits(tmp_path):
+    """float32 sigmoid, the benchmark configuration: every kernel within the bound
+    (measured 0, 156 and 240 B; PReLU and Dice spill more and are in the report only:
+    bench/results/sm90_target_attention_spills.md)."""
     reason = _ptxas_missing()
     if reason:
         pytest.skip(reason)

@@ -121,6 +121,10 @@ def first_layer_grad_kernel(
         tl.store(dq_ptr + (tl.program_id(2).to(tl.int64) * B * E + r) * D + offs_d, dq,
                  mask=dm)
     gw_s = gw_ptr + slot * GW_ROW
+    # A zero the compiler cannot tell (pid < n_prog) in the offsets: otherwise they are the
+    # weight loads' offsets above, kept (spilled) across the loops to be reused here.
+    zero = pid // (n_prog + 1)
+    offs_h1 = offs_h1 + zero
     store_mat(gw_s, gwkd, offs_h1, offs_d, H1, D, False)
     store_mat(gw_s + o_wp, gwp, offs_h1, offs_d, H1, D, False)
     if LAYERS >= 2:
