@@ -56,10 +56,13 @@ def _zero_act(ptr, offs, n):
 
 
 @triton.jit
-def _add_act_grads(ptr, ga, gs, gb, offs, n):
+def _add_act_grads(ptr, ga, gs, gb, offs, n, ACT: tl.constexpr):
+    """Adds a tile's activation-parameter gradients to the partial rows at ``ptr``: Dice's
+    three, PReLU's slope only (its other two rows stay zero)."""
     add_to_vec(ptr, offs, n, ga)
-    add_to_vec(ptr + n, offs, n, gs)
-    add_to_vec(ptr + 2 * n, offs, n, gb)
+    if ACT == 4:
+        add_to_vec(ptr + n, offs, n, gs)
+        add_to_vec(ptr + 2 * n, offs, n, gb)
 
 
 @triton.jit
@@ -131,7 +134,7 @@ def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
         a1 = act_fwd(z1, pa, ps, pb, ACT)
         dz1, x0, x1, x2 = act_bwd(z1, a1, da1, pa, ps, pb, ACT)
         if ACT_LAYERS >= 1:
-            _add_act_grads(ga_s, x0, x1, x2, offs_c, H1)
+            _add_act_grads(ga_s, x0, x1, x2, offs_c, H1, ACT)
     else:
         if STATS:
             gs1 = tile_vec(gst_g, offs_c, H1, t0, T)
@@ -143,7 +146,7 @@ def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
             add_to_vec(gw_s + o_wo, offs_c, H1, tl.sum(ds[:, None] * a1, axis=0))
             dz1, x0, x1, x2 = act_bwd(z1, a1, ds[:, None] * wo[None, :], pa, ps, pb, ACT)
             if ACT_LAYERS >= 1:
-                _add_act_grads(ga_s, x0, x1, x2, offs_c, H1)
+                _add_act_grads(ga_s, x0, x1, x2, offs_c, H1, ACT)
         tl.store(dz_ptr + r.to(tl.int64) * T * H1 + offs_t[:, None] * H1 + offs_c[None, :],
                  dz1, mask=tm[:, None] & (offs_c[None, :] < H1))
     return mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
@@ -335,7 +338,7 @@ def attention_bwd_kernel(
                     dtop, x0, x1, x2 = act_bwd(zt, at, ds[:, None] * wo[None, :], pat, pst,
                                                pbt, ACT)
                     if ACT_LAYERS >= LAYERS:
-                        _add_act_grads(ga_top, x0, x1, x2, offs_top, HT)
+                        _add_act_grads(ga_top, x0, x1, x2, offs_top, HT, ACT)
             # Backward below the top; a layer's activation parameters are loaded again and
             # a = act(z) recomputed where the activation reads z (PReLU, Dice).
             if LAYERS == 3:
@@ -348,7 +351,7 @@ def attention_bwd_kernel(
                 dz2, x0, x1, x2 = act_bwd(z2, a2, mm(dz3, w3, LOWP_BWD, DT, PREC),
                                           pa2, ps2, pb2, ACT)
                 if ACT_LAYERS >= 2:
-                    _add_act_grads(ga_s + 3 * H1, x0, x1, x2, offs_h2, H2)
+                    _add_act_grads(ga_s + 3 * H1, x0, x1, x2, offs_h2, H2, ACT)
             elif LAYERS == 2:
                 dz2 = dtop
             if LAYERS >= 2:
