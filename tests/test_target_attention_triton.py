@@ -254,6 +254,14 @@ def test_wide_layers(case, device):
                             inp, grad=grad_names(inp))
 
 
+def test_wide_layers_float16(device):
+    """float16 through the data-gradient kernel's two first-layer chunks (80 = 64 + 16
+    units) and the weight-gradient kernel's two programs per unit chunk."""
+    inp = make_case(**dict(WIDE_CASES["bench-units-prelu-none"], seq_len=21), device=device)
+    check_against_reference(call(target_attention, "triton"), call(target_attention_reference),
+                            inp, grad=grad_names(inp), dtype=torch.float16)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
 @pytest.mark.parametrize("units,dim,dtype", [
     ((128, 64, 32), 64, torch.float32), ((100, 64), 36, torch.float32),
