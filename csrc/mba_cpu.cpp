@@ -5,12 +5,12 @@
 // since the last step (each with its own padding id), the gradient rows checked finite,
 // and, counting online, each touched id's samples added to its count in the same pass.
 //
-// Both run in three phases: (1) check every id, (the steps) every gradient row, and the
-// count of every touched row, raising before anything is written; (2) group duplicate ids
-// deterministically (mba_segments.h); (3) in parallel over distinct rows, sum the row's
-// gradient in acc_t in order of position, apply the optimiser rule to the row and its
-// state, and write the row's new count. The result is the same bitwise for any thread
-// count. Work and memory are proportional to the batch's ids, never to the table's N.
+// Both run in three phases: (1) check every id and (the steps) every gradient row; group
+// duplicate ids deterministically (mba_segments.h); check the count of every touched row;
+// nothing is written before all checks pass; (2) counting online, write the new counts;
+// (3) in parallel over distinct rows, sum the row's gradient in acc_t in order of position
+// and apply the optimiser rule to the row and its state. The result is the same bitwise
+// for any thread count. Work and memory are proportional to the batch's ids, never to N.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -49,16 +49,20 @@ Lookup make_lookup(const at::Tensor& ids, const at::Tensor& grad_rows, int64_t p
       std::max<int64_t>(width, 1), padding_id};
 }
 
-// Whether every value of a row is finite (x - x is 0 exactly for finite x; vectorises).
+// Whether every value of a row is finite: x * 0 is 0 for finite x and NaN otherwise
+// (eight independent sums, so that the loop vectorises).
 template <typename scalar_t>
 inline bool row_is_finite(const scalar_t* row, int64_t d) {
   using acc_t = at::opmath_type<scalar_t>;
-  int bad = 0;
-  for (int64_t j = 0; j < d; ++j) {
-    const acc_t v = static_cast<acc_t>(row[j]);
-    bad |= !(v - v == acc_t(0));
+  acc_t lanes[8] = {};
+  int64_t j = 0;
+  for (; j + 8 <= d; j += 8) {
+    for (int l = 0; l < 8; ++l) lanes[l] += static_cast<acc_t>(row[j + l]) * acc_t(0);
   }
-  return bad == 0;
+  acc_t zero = 0;
+  for (; j < d; ++j) zero += static_cast<acc_t>(row[j]) * acc_t(0);
+  for (int l = 0; l < 8; ++l) zero += lanes[l];
+  return zero == acc_t(0);
 }
 
 // The rows a step touches: the lookups' non-padding positions in order, grouped by id.
@@ -83,30 +87,36 @@ Rows<scalar_t> collect_rows(
     total += l.ids.numel();
   }
   Rows<scalar_t> r;
-  r.ids.reserve(static_cast<size_t>(total));
-  r.grad.reserve(static_cast<size_t>(total));
-  if (with_samples) r.sample.reserve(static_cast<size_t>(total));
-  int64_t position = 0, sample = 0;
+  r.ids.resize(static_cast<size_t>(total));
+  r.grad.resize(static_cast<size_t>(total));
+  if (with_samples) r.sample.resize(static_cast<size_t>(total));
+  int64_t kept = 0, position = 0, sample = 0;
   for (const Lookup& l : lookups) {
     const int64_t* p = l.ids.data_ptr<int64_t>();
     const scalar_t* g = l.grad.data_ptr<scalar_t>();
     const int64_t d = l.grad.size(1);
     const int64_t k = l.ids.numel();
+    for (int64_t i = 0; check_finite && i < k; ++i) {
+      TORCH_CHECK_VALUE(
+          p[i] == l.padding_id || row_is_finite(g + i * d, d), "grad_rows: the gradient row of id ",
+          p[i], " (at position ", position + i, ") holds NaN or Inf; nothing was written (skip "
+          "the step, e.g. with a gradient scaler, or find where the loss overflowed)");
+    }
+    // Every position is written at `kept`, which moves on only past non-padding ones.
     for (int64_t first = 0; first < k; first += l.width, ++sample) {
-      for (int64_t i = first; i < std::min(first + l.width, k); ++i) {
-        if (p[i] == l.padding_id) continue;
-        const scalar_t* row = g + i * d;
-        TORCH_CHECK_VALUE(
-            !check_finite || row_is_finite(row, d), "grad_rows: the gradient row of id ", p[i],
-            " (at position ", position + i, ") holds NaN or Inf; nothing was written (skip the "
-            "step, e.g. with a gradient scaler, or find where the loss overflowed)");
-        r.ids.push_back(p[i]);
-        r.grad.push_back(row);
-        if (with_samples) r.sample.push_back(sample);
+      const int64_t stop = std::min(first + l.width, k);
+      for (int64_t i = first; i < stop; ++i) {
+        r.ids[kept] = p[i];
+        r.grad[kept] = g + i * d;
+        if (with_samples) r.sample[kept] = sample;
+        kept += p[i] != l.padding_id;
       }
     }
     position += k;
   }
+  r.ids.resize(static_cast<size_t>(kept));
+  r.grad.resize(static_cast<size_t>(kept));
+  if (with_samples) r.sample.resize(static_cast<size_t>(kept));
   r.seg = build_segments(r.ids.data(), static_cast<int64_t>(r.ids.size()), num_rows);
   return r;
 }
@@ -128,12 +138,11 @@ inline void prefetch_row(const T* row, int64_t d, bool for_write) {
   }
 }
 
-// Each distinct id's n_j (its count, plus its samples in this step when counting online),
-// checked positive before anything is written. Returns n_j; the new counts go to `updated`.
+// Each distinct id's n_j: its count, plus (counting online) its samples in this step.
+// Every n_j is checked positive first; only then, counting online, are the new counts
+// written (the last check of a step has passed: nothing after this can refuse it).
 template <typename acc_t, typename count_t, typename scalar_t>
-std::vector<acc_t> touched_counts(
-    const count_t* counts, const Rows<scalar_t>& r, bool count_online,
-    std::vector<count_t>& updated) {
+std::vector<acc_t> touched_counts(count_t* counts, const Rows<scalar_t>& r, bool count_online) {
   // The counts are read at scattered addresses, one line each: many requests in flight.
   constexpr int64_t kPrefetchCounts = 32;
   const Segments& seg = r.seg;
@@ -162,21 +171,22 @@ std::vector<acc_t> touched_counts(
         n[u] > acc_t(0), "counts: id ", seg.unique_ids[u], " is in the batch but its count is ",
         c[u], "; MBA needs n_j >= 1 for every touched id; nothing was written");
   }
-  if (count_online) updated = std::move(c);
+  if (count_online) {
+    for (int64_t u = 0; u < num_unique; ++u) counts[seg.unique_ids[u]] = c[u];
+  }
   return n;
 }
 
-template <typename scalar_t, typename acc_t, typename count_t, typename Rule>
+template <typename scalar_t, typename acc_t, typename Rule>
 void apply_rule(
     at::Tensor& weight, const Rows<scalar_t>& r, const std::vector<acc_t>& n, const Rule& rule,
-    at::Tensor* state0, at::Tensor* state1, count_t* counts, const std::vector<count_t>& updated) {
+    at::Tensor* state0, at::Tensor* state1) {
   const int64_t d = weight.size(1);
   const Segments& seg = r.seg;
   const int64_t num_unique = static_cast<int64_t>(seg.unique_ids.size());
   scalar_t* w = weight.data_ptr<scalar_t>();
   acc_t* s0 = state0 ? state0->data_ptr<acc_t>() : nullptr;
   acc_t* s1 = state1 ? state1->data_ptr<acc_t>() : nullptr;
-  const bool write_counts = !updated.empty();
   // Rows are short (D ~ 8..256): a chunk of ~256k elements keeps small batches on one
   // thread, where waking the pool would cost more than the update itself.
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(d, 1));
@@ -188,24 +198,30 @@ void apply_rule(
         prefetch_row(w + ahead, d, true);
         if (s0 != nullptr) prefetch_row(s0 + ahead, d, true);
         if (s1 != nullptr) prefetch_row(s1 + ahead, d, true);
-        if (write_counts) __builtin_prefetch(counts + seg.unique_ids[u + kPrefetchRows], 1, 3);
         prefetch_row(r.grad[seg.order[seg.starts[u + kPrefetchRows]]], d, false);
       }
-      std::fill(acc.begin(), acc.end(), acc_t(0));
-      for (int64_t p = seg.starts[u]; p < seg.starts[u + 1]; ++p) {
-        const scalar_t* row = r.grad[seg.order[p]];
-        for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<acc_t>(row[j]);
+      // The row's gradient: its one row as it is (most ids occur once), else the sum in
+      // order of position.
+      const acc_t* g = nullptr;
+      if constexpr (std::is_same_v<scalar_t, acc_t>) {
+        if (seg.starts[u + 1] - seg.starts[u] == 1) g = r.grad[seg.order[seg.starts[u]]];
       }
-      const int64_t id = seg.unique_ids[u];
-      if (write_counts) counts[id] = updated[u];
-      const int64_t off = id * d;
+      if (g == nullptr) {
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t p = seg.starts[u]; p < seg.starts[u + 1]; ++p) {
+          const scalar_t* row = r.grad[seg.order[p]];
+          for (int64_t j = 0; j < d; ++j) acc[j] += static_cast<acc_t>(row[j]);
+        }
+        g = acc.data();
+      }
+      const int64_t off = seg.unique_ids[u] * d;
       const acc_t decay = rule.decay(n[u]);
       if (s1 != nullptr) {
-        for (int64_t j = 0; j < d; ++j) rule(w[off + j], acc[j], decay, s0 + off + j, s1 + off + j);
+        for (int64_t j = 0; j < d; ++j) rule(w[off + j], g[j], decay, s0 + off + j, s1 + off + j);
       } else if (s0 != nullptr) {
-        for (int64_t j = 0; j < d; ++j) rule(w[off + j], acc[j], decay, s0 + off + j, nullptr);
+        for (int64_t j = 0; j < d; ++j) rule(w[off + j], g[j], decay, s0 + off + j, nullptr);
       } else {
-        for (int64_t j = 0; j < d; ++j) rule(w[off + j], acc[j], decay, nullptr, nullptr);
+        for (int64_t j = 0; j < d; ++j) rule(w[off + j], g[j], decay, nullptr, nullptr);
       }
     }
   });
@@ -227,10 +243,8 @@ void run_update(
         const RuleT<acc_t> rule = make_rule(acc_t(0));
         // The rows' n_j from counts of any of the four count dtypes.
         const auto update = [&](auto* c) {
-          using count_t = std::remove_pointer_t<decltype(c)>;
-          std::vector<count_t> updated;
-          const std::vector<acc_t> n = touched_counts<acc_t>(c, r, count_online, updated);
-          apply_rule(weight, r, n, rule, state0, state1, c, updated);
+          const std::vector<acc_t> n = touched_counts<acc_t>(c, r, count_online);
+          apply_rule(weight, r, n, rule, state0, state1);
         };
         AT_DISPATCH_SWITCH(
             counts.scalar_type(), "mba_update_cpu_counts",
