@@ -65,18 +65,31 @@ inline bool row_is_finite(const scalar_t* row, int64_t d) {
   return zero == acc_t(0);
 }
 
-// The rows a step touches: the lookups' non-padding positions in order, grouped by id.
+// The rows a step touches: the lookups' non-padding positions in order, grouped by id,
+// and each distinct id's n_j.
 template <typename scalar_t>
 struct Rows {
-  std::vector<int64_t> ids;             // (K,)
-  std::vector<const scalar_t*> grad;    // (K,) each position's gradient row
-  std::vector<int64_t> sample;          // (K,) each position's sample over all lookups
-  Segments seg;                         // over the positions above
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<int64_t> ids;           // (K,)
+  std::vector<const scalar_t*> grad;  // (K,) each position's gradient row
+  std::vector<int64_t> sample;        // (K,) each position's sample over all lookups
+  Segments seg;                       // over the positions above
+  std::vector<acc_t> n;               // (U,) n_j of each distinct id
 };
 
+// The calling thread's Rows, reused from call to call. Freed at the end of each call,
+// these vectors let the allocator hand the top of its heap back to the system, and the
+// next large tensor (the next backward's gradient) faulted its pages in again.
 template <typename scalar_t>
-Rows<scalar_t> collect_rows(
-    const std::vector<Lookup>& lookups, int64_t num_rows, bool check_finite, bool with_samples) {
+Rows<scalar_t>& scratch_rows() {
+  static thread_local Rows<scalar_t> rows;
+  return rows;
+}
+
+template <typename scalar_t>
+void collect_rows(
+    const std::vector<Lookup>& lookups, int64_t num_rows, bool check_finite, bool with_samples,
+    Rows<scalar_t>& r) {
   int64_t total = 0;
   for (const Lookup& l : lookups) {
     const int64_t* p = l.ids.data_ptr<int64_t>();
@@ -86,7 +99,6 @@ Rows<scalar_t> collect_rows(
         ") is outside the table's rows [0, ", num_rows, "); nothing was written");
     total += l.ids.numel();
   }
-  Rows<scalar_t> r;
   r.ids.resize(static_cast<size_t>(total));
   r.grad.resize(static_cast<size_t>(total));
   if (with_samples) r.sample.resize(static_cast<size_t>(total));
@@ -117,8 +129,7 @@ Rows<scalar_t> collect_rows(
   r.ids.resize(static_cast<size_t>(kept));
   r.grad.resize(static_cast<size_t>(kept));
   if (with_samples) r.sample.resize(static_cast<size_t>(kept));
-  r.seg = build_segments(r.ids.data(), static_cast<int64_t>(r.ids.size()), num_rows);
-  return r;
+  build_segments(r.ids.data(), static_cast<int64_t>(r.ids.size()), num_rows, r.seg);
 }
 
 // The touched rows are scattered over a table far larger than the caches: each row's
@@ -138,16 +149,17 @@ inline void prefetch_row(const T* row, int64_t d, bool for_write) {
   }
 }
 
-// Each distinct id's n_j: its count, plus (counting online) its samples in this step.
-// Every n_j is checked positive first; only then, counting online, are the new counts
-// written (the last check of a step has passed: nothing after this can refuse it).
-template <typename acc_t, typename count_t, typename scalar_t>
-std::vector<acc_t> touched_counts(count_t* counts, const Rows<scalar_t>& r, bool count_online) {
+// Each distinct id's n_j (into r.n): its count, plus (counting online) its samples in
+// this step. Every n_j is checked positive first; only then, counting online, are the new
+// counts written (the last check of a step has passed: nothing after this can refuse it).
+template <typename count_t, typename scalar_t>
+void touched_counts(count_t* counts, Rows<scalar_t>& r, bool count_online) {
   // The counts are read at scattered addresses, one line each: many requests in flight.
   constexpr int64_t kPrefetchCounts = 32;
   const Segments& seg = r.seg;
   const int64_t num_unique = static_cast<int64_t>(seg.unique_ids.size());
-  std::vector<count_t> c(static_cast<size_t>(num_unique));
+  static thread_local std::vector<count_t> c;  // reused, as scratch_rows
+  c.resize(static_cast<size_t>(num_unique));
   for (int64_t u = 0; u < num_unique; ++u) {
     if (u + kPrefetchCounts < num_unique) __builtin_prefetch(counts + seg.unique_ids[u + kPrefetchCounts]);
     c[u] = counts[seg.unique_ids[u]];
@@ -164,7 +176,9 @@ std::vector<acc_t> touched_counts(count_t* counts, const Rows<scalar_t>& r, bool
       c[u] = static_cast<count_t>(c[u] + static_cast<count_t>(samples));
     }
   }
-  std::vector<acc_t> n(static_cast<size_t>(num_unique));
+  using acc_t = at::opmath_type<scalar_t>;
+  std::vector<acc_t>& n = r.n;
+  n.resize(static_cast<size_t>(num_unique));
   for (int64_t u = 0; u < num_unique; ++u) {
     n[u] = static_cast<acc_t>(c[u]);
     TORCH_CHECK_VALUE(
@@ -174,13 +188,12 @@ std::vector<acc_t> touched_counts(count_t* counts, const Rows<scalar_t>& r, bool
   if (count_online) {
     for (int64_t u = 0; u < num_unique; ++u) counts[seg.unique_ids[u]] = c[u];
   }
-  return n;
 }
 
 template <typename scalar_t, typename acc_t, typename Rule>
 void apply_rule(
-    at::Tensor& weight, const Rows<scalar_t>& r, const std::vector<acc_t>& n, const Rule& rule,
-    at::Tensor* state0, at::Tensor* state1) {
+    at::Tensor& weight, const Rows<scalar_t>& r, const Rule& rule, at::Tensor* state0,
+    at::Tensor* state1) {
   const int64_t d = weight.size(1);
   const Segments& seg = r.seg;
   const int64_t num_unique = static_cast<int64_t>(seg.unique_ids.size());
@@ -215,7 +228,7 @@ void apply_rule(
         g = acc.data();
       }
       const int64_t off = seg.unique_ids[u] * d;
-      const acc_t decay = rule.decay(n[u]);
+      const acc_t decay = rule.decay(r.n[u]);
       if (s1 != nullptr) {
         for (int64_t j = 0; j < d; ++j) rule(w[off + j], g[j], decay, s0 + off + j, s1 + off + j);
       } else if (s0 != nullptr) {
@@ -238,13 +251,13 @@ void run_update(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, weight.scalar_type(), "mba_update_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const Rows<scalar_t> r =
-            collect_rows<scalar_t>(lookups, weight.size(0), check_finite, count_online);
+        Rows<scalar_t>& r = scratch_rows<scalar_t>();
+        collect_rows<scalar_t>(lookups, weight.size(0), check_finite, count_online, r);
         const RuleT<acc_t> rule = make_rule(acc_t(0));
         // The rows' n_j from counts of any of the four count dtypes.
         const auto update = [&](auto* c) {
-          const std::vector<acc_t> n = touched_counts<acc_t>(c, r, count_online);
-          apply_rule(weight, r, n, rule, state0, state1);
+          touched_counts(c, r, count_online);
+          apply_rule<scalar_t, acc_t>(weight, r, rule, state0, state1);
         };
         AT_DISPATCH_SWITCH(
             counts.scalar_type(), "mba_update_cpu_counts",
@@ -334,9 +347,10 @@ std::tuple<at::Tensor, at::Tensor> dedup_rows_cpu(
   AT_DISPATCH_FLOATING_TYPES_AND2(
       at::kHalf, at::kBFloat16, grad_rows.scalar_type(), "dedup_rows_cpu", [&] {
         using acc_t = at::opmath_type<scalar_t>;
-        const Rows<scalar_t> r = collect_rows<scalar_t>(
+        Rows<scalar_t>& r = scratch_rows<scalar_t>();
+        collect_rows<scalar_t>(
             {make_lookup(ids, grad_rows, -1)}, num_rows, /*check_finite=*/false,
-            /*with_samples=*/false);
+            /*with_samples=*/false, r);
         const Segments& seg = r.seg;
         const int64_t num_unique = static_cast<int64_t>(seg.unique_ids.size());
         unique_ids = at::empty({num_unique}, ids.options().dtype(at::kLong));
