@@ -18,6 +18,10 @@ from ``counts``:
 * a tensor (N,) (one table) or a sequence with one entry per parameter (a tensor, or
   None for online counting of that table): frequencies counted beforehand, read as is.
 
+On the ``cpu`` backend the whole step of a table (checks, online counting, update) is one
+call of ``interest_kernels::mba_*_step``; elsewhere the lookups are concatenated, counted
+(``count_ids``) and applied with ``mba_*_update``, with the same result.
+
 Tables with no gradient in a step are skipped entirely (their step count too). A table
 with a dense gradient is an error: use ``sparse=True`` or ``MBAEmbedding``.
 Counts, step counts and all state are in ``state_dict()`` and restored by
