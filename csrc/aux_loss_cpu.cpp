@@ -32,12 +32,11 @@ void activate_(at::Tensor& z, Act act) {
   if (act == Act::kRelu) z.relu_();
 }
 
-// dL/dz from dL/da and the activation a = act(z) (relu: a > 0 exactly where z > 0), in
-// one pass (a composition of elementwise ops cost 30x as much on these tall matrices).
-at::Tensor through_activation(const at::Tensor& grad, const at::Tensor& a, Act act) {
-  if (act == Act::kSigmoid) return at::sigmoid_backward(grad, a);
-  if (act == Act::kRelu) return at::threshold_backward(grad, a, 0);
-  return grad;
+// dL/da -> dL/dz in place, given the activation a = act(z) (relu: a > 0 exactly where
+// z > 0): one pass, no new (2N, U) matrix (each fresh one costs its page faults).
+void through_activation_(at::Tensor& grad, const at::Tensor& a, Act act) {
+  if (act == Act::kSigmoid) at::sigmoid_backward_out(grad, grad, a);
+  if (act == Act::kRelu) at::threshold_backward_out(grad, grad, a, 0);
 }
 
 // A (0,) bias stands for none.
@@ -207,22 +206,24 @@ aux_loss_cpu_backward(
                                     ? d_scores.sum().reshape(out_bias->sizes())
                                     : at::empty({0}, d_scores.options());
   std::vector<at::Tensor> d_weights(layers), d_biases(layers);
-  at::Tensor d_a = at::outer(d_scores, wo);
+  at::Tensor d_z = at::outer(d_scores, wo);  // dL/da of the last layer, then dL/dz
   for (size_t l = layers; l-- > 1;) {
-    const at::Tensor d_z = through_activation(d_a, saved[l], act);
+    through_activation_(d_z, saved[l], act);
     const at::Tensor w = weights[l].to(cdt);
     d_weights[l] = d_z.t().mm(saved[l - 1]);
     d_biases[l] = d_z.sum(0);
-    d_a = d_z.mm(w);
+    d_z = d_z.mm(w);
   }
   const auto [h, e] = pair_inputs(states, pos, neg, rows, p, cdt);
-  const at::Tensor d_z = through_activation(d_a, saved[0], act);
-  const at::Tensor d_zh = d_z.narrow(0, 0, n) + d_z.narrow(0, n, n);
+  through_activation_(d_z, saved[0], act);
   const at::Tensor w1 = weights[0].to(cdt);
-  d_weights[0] = at::cat({d_zh.t().mm(h), d_z.t().mm(e)}, 1);
   d_biases[0] = d_z.sum(0);
-  const at::Tensor d_h = d_zh.mm(w1.narrow(1, 0, p.hidden));
+  const at::Tensor d_w1e = d_z.t().mm(e);
   const at::Tensor d_e = d_z.mm(w1.narrow(1, p.hidden, p.emb));
+  // The state half saw h_t twice (positive and negative): its gradient is the halves' sum.
+  const at::Tensor d_zh = d_z.narrow(0, 0, n).add_(d_z.narrow(0, n, n));
+  d_weights[0] = at::cat({d_zh.t().mm(h), d_w1e}, 1);
+  const at::Tensor d_h = d_zh.mm(w1.narrow(1, 0, p.hidden));
   const int64_t flat_rows = p.batch * p.steps;
   const at::Tensor next = rows + 1;
   const auto scatter = [&](const at::Tensor& like, int64_t width, const at::Tensor& at_rows,
