@@ -134,7 +134,7 @@ class _MBAOptimizer(Optimizer):
 
     @staticmethod
     def _concatenate(lookups: list[PendingRows]) -> tuple[torch.Tensor, torch.Tensor]:
-        """ids (K,) and grad_rows (K, D) of all lookups in order, padding lookups dropped."""
+        """ids (K,) and grad_rows (K, D) of all lookups in order, padding positions dropped."""
         ids_parts, row_parts = [], []
         for lookup in lookups:
             flat, grad_rows = lookup.ids.reshape(-1), lookup.grad_rows
