@@ -1,11 +1,13 @@
 """Would fused C++ CPU kernels for DIEN's auxiliary loss (SPEC 3) and standalone Dice (SPEC 4) pay?
 
-The aux loss runs the eager reference on CPU; Dice runs the fused C++ kernels
-(``csrc/dice_cpu.cpp``, the ``cpu`` backend), built because this measurement said they
-would pay, and is timed against its reference too. Each is timed (float32, interleaved rounds, process
+Both now have C++ kernels (the ``cpu`` backend), built because this measurement said they
+would pay: the aux loss ``csrc/aux_loss_cpu.cpp`` (valid pairs only), Dice
+``csrc/dice_cpu.cpp``; each is timed against its reference too. Each is timed (float32, interleaved rounds, process
 time, medians) against the least any fused kernel must do:
 
-* aux loss, B 512, T 100, H = E = 36, MLP (100, 50), lengths uniform in [1, T]: the MLP's
+* aux loss, B 512, T 100, H = E = 36, MLP (100, 50), lengths uniform in [1, T] (``--batch``
+  and ``--min-length`` change B and the shortest length; DIEN in bench_models.py draws
+  lengths in [T/2, T]): the MLP's
   GEMMs on the valid (t, t+1) pairs only, positives and negatives (forward: the three
   layers; forward+backward: plus the input and weight gradients of the two hidden layers);
 * Dice, training, (B*T, C) = (51200, 80) (DIN's attention width): the memory passes of a
@@ -30,18 +32,23 @@ from interest_kernels import use_backend
 from interest_kernels.ops.aux_loss.op import dien_aux_loss
 from interest_kernels.ops.dice.op import dice
 
-B, T, H, UNITS, C = 512, 100, 36, (100, 50), 80
+T, H, UNITS, C = 100, 36, (100, 50), 80
 
 
-def contenders() -> dict[str, Callable[[], Any]]:
+def contenders(B: int = 512, min_length: int = 1) -> dict[str, Callable[[], Any]]:
     g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(1, T + 1, (B,), generator=g)
+    lengths = torch.randint(min_length, T + 1, (B,), generator=g)
     leaf = lambda *shape: torch.randn(*shape, generator=g).requires_grad_(True)  # noqa: E731
     states, pos, neg = leaf(B, T, H), leaf(B, T, H), leaf(B, T, H)
     ws, bs = [leaf(UNITS[0], 2 * H), leaf(UNITS[1], UNITS[0])], [leaf(UNITS[0]), leaf(UNITS[1])]
     wo, bo = leaf(1, UNITS[1]), leaf(1)
     leaves = [states, pos, neg, *ws, *bs, wo, bo]
-    aux = lambda: dien_aux_loss(states, pos, neg, ws, bs, wo, bo, lengths=lengths)  # noqa: E731
+    def aux_on(backend: str) -> Callable[[], torch.Tensor]:
+        def call() -> torch.Tensor:
+            with use_backend(backend):
+                return dien_aux_loss(states, pos, neg, ws, bs, wo, bo, lengths=lengths)
+        return call
+
     pairs = int((torch.arange(1, T)[None] < lengths[:, None]).sum())
     rows = 2 * pairs  # positives and negatives
     x0, y1, y2 = torch.randn(rows, 2 * H), torch.randn(rows, UNITS[0]), torch.randn(rows, UNITS[1])
@@ -54,7 +61,7 @@ def contenders() -> dict[str, Callable[[], Any]]:
         gemm_fwd()
         torch.mm(y2, w2), torch.mm(y2.t(), y1), torch.mm(y1, w1), torch.mm(y1.t(), x0)
 
-    x = torch.randn(B * T, C, generator=g).requires_grad_(True)
+    x = torch.randn(512 * T, C, generator=g).requires_grad_(True)  # Dice: always (51200, C)
     alpha, weight, bias = torch.rand(C).requires_grad_(True), torch.ones(C).requires_grad_(True), torch.zeros(C).requires_grad_(True)
     running = (torch.zeros(C), torch.ones(C))
     def dice_on(backend: str) -> Callable[[], torch.Tensor]:
@@ -85,8 +92,10 @@ def contenders() -> dict[str, Callable[[], Any]]:
         return run
 
     return {
-        "aux_loss/reference/fwd": no_grad(aux),
-        "aux_loss/reference/fwd+bwd": with_backward(aux, leaves),
+        "aux_loss/reference/fwd": no_grad(aux_on("reference")),
+        "aux_loss/reference/fwd+bwd": with_backward(aux_on("reference"), leaves),
+        "aux_loss/cpu/fwd": no_grad(aux_on("cpu")),
+        "aux_loss/cpu/fwd+bwd": with_backward(aux_on("cpu"), leaves),
         "aux_loss/floor/fwd": gemm_fwd,
         "aux_loss/floor/fwd+bwd": gemm_fwd_bwd,
         "dice/reference/fwd": no_grad(dice_on("reference")),
@@ -102,11 +111,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--batch", type=int, default=512, help="B of the aux loss")
+    parser.add_argument("--min-length", type=int, default=1, help="aux loss lengths uniform in [this, T]")
     parser.add_argument("--out", default="bench/results/cpu_aux_dice.local.json")
     parser.add_argument("--md", default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    fns = contenders()
+    fns = contenders(args.batch, args.min_length)
     for fn in fns.values():
         fn(), fn()
     times: dict[str, list[float]] = {k: [] for k in fns}

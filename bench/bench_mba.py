@@ -1,8 +1,11 @@
 """CPU benchmark of the MBA sparse optimiser steps (SPEC section 5).
 
 One step = backward of a lookup into a (N, 64) float32 table + the optimiser update,
-timed per step (the forward runs outside the timer); the sparse SGD steps run in
-interleaved rounds, each on its own random batches. Compared:
+timed per step (the forward runs outside the timer) in wall time and in the process's
+CPU time (which, on a machine shared with other jobs, leaves out the time the step waited
+for a core); the sparse SGD steps run in interleaved rounds, each on its own random
+batches, and their rows also give the median over rounds of each round's ratio to torch's
+step (``paired_ratio_p50``, wall and CPU). Compared:
 
 * SGD: ``MBAEmbedding`` + ``MBASGD`` (lambda > 0), ``nn.Embedding(sparse=True)`` +
   ``MBASGD``, torch's unregularised sparse SGD (``nn.Embedding(sparse=True)`` +
@@ -23,6 +26,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import time
 from typing import Callable
 
@@ -39,18 +43,21 @@ DIM = 64
 LAM = 1e-4
 
 
-def _time_steps(step: Callable[[torch.Tensor], None], batches: list[torch.Tensor], lookup, warmup: int) -> list[float]:
-    """Milliseconds of backward + update per batch (forward excluded)."""
-    times = []
+def _time_steps(
+    step: Callable[[torch.Tensor], None], batches: list[torch.Tensor], lookup, warmup: int,
+) -> tuple[list[float], list[float]]:
+    """Wall and CPU milliseconds of backward + update per batch (forward excluded)."""
+    wall, cpu = [], []
     for i, ids in enumerate(batches):
         out = lookup(ids)
         loss = out.square().sum() / ids.shape[0]
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         loss.backward()
         step(ids)
         if i >= warmup:
-            times.append((time.perf_counter() - start) * 1e3)
-    return times
+            wall.append((time.perf_counter() - start) * 1e3)
+            cpu.append((time.process_time() - start_cpu) * 1e3)
+    return wall, cpu
 
 
 def _run_case(rows: int, ids_per_batch: int, iters: int, warmup: int, which: set[str]) -> list[dict]:
@@ -62,12 +69,16 @@ def _run_case(rows: int, ids_per_batch: int, iters: int, warmup: int, which: set
     mba = MBAEmbedding.from_embedding(table)  # the same Parameter, gradient rows to the optimiser
     results = []
 
-    def record(optimizer: str, method: str, ms: list[float]) -> None:
+    def record(optimizer: str, method: str, ms: tuple[list[float], list[float]], **extra: float) -> None:
+        wall, cpu = ms
         results.append({
             "op": "mba_step", "optimizer": optimizer, "method": method, "num_rows": rows, "dim": DIM,
-            "batch_ids": ids_per_batch, "unique_ids": unique, "dtype": "float32", **dict(zip(("ms_p20", "ms_p50", "ms_p80"), percentiles(ms))),
+            "batch_ids": ids_per_batch, "unique_ids": unique, "dtype": "float32",
+            **dict(zip(("ms_p20", "ms_p50", "ms_p80"), percentiles(wall))),
+            **dict(zip(("cpu_ms_p20", "cpu_ms_p50", "cpu_ms_p80"), percentiles(cpu))), **extra,
         })
-        print(f"  {optimizer:8s} {method:34s} p50 {results[-1]['ms_p50']:9.2f} ms", flush=True)
+        print(f"  {optimizer:8s} {method:34s} p50 {results[-1]['ms_p50']:9.2f} ms, CPU {results[-1]['cpu_ms_p50']:9.2f} ms",
+              flush=True)
 
     def sparse_lookup(ids):
         return F.embedding(ids, weight, sparse=True)
@@ -89,15 +100,21 @@ def _run_case(rows: int, ids_per_batch: int, iters: int, warmup: int, which: set
             "mba (Embedding sparse=True)": (lambda ids: (sparse_opt.step(), sparse_opt.zero_grad()), sparse_lookup),
             "torch sparse, no regularisation": (lambda ids: (torch_opt.step(), torch_opt.zero_grad()), sparse_lookup),
         }
-        times = {m: [] for m in steps}
+        wall: dict[str, list[float]] = {m: [] for m in steps}
+        cpu: dict[str, list[float]] = {m: [] for m in steps}
         names = list(steps)
         for i in range(iters + warmup):
             for j in range(len(names)):
                 m = names[(i + j) % len(names)]
                 step, lookup = steps[m]
-                times[m] += _time_steps(step, [own[m][i]], lookup, 1 if i < warmup else 0)
+                w, c = _time_steps(step, [own[m][i]], lookup, 1 if i < warmup else 0)
+                wall[m] += w
+                cpu[m] += c
+        base = names[-1]
         for m in names:
-            record("sgd", m, times[m])
+            record("sgd", m, (wall[m], cpu[m]),
+                   paired_ratio_p50=statistics.median(a / b for a, b in zip(wall[m], wall[base])),
+                   cpu_paired_ratio_p50=statistics.median(a / b for a, b in zip(cpu[m], cpu[base])))
         del mba_opt, sparse_opt, torch_opt
         clear()
         opt = torch.optim.SGD([weight], lr=0.01, weight_decay=LAM)
@@ -154,12 +171,16 @@ def main() -> None:
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
         json.dump(rows, f, indent=1)
-    print(f"\n{'optimizer':9s} {'method':36s} {'rows':>9s} {'ids':>6s} {'p50 ms':>9s} {'vs torch sparse':>15s}")
+    print(f"\n{'optimizer':9s} {'method':36s} {'rows':>9s} {'ids':>6s} {'p50 ms':>9s} {'vs torch sparse':>15s}"
+          f" {'CPU p50 ms':>10s} {'CPU vs torch':>12s} {'paired wall / CPU':>18s}")
     for r in rows:
         base = next((b for b in rows if b["optimizer"] == r["optimizer"] and b["num_rows"] == r["num_rows"]
                      and b["batch_ids"] == r["batch_ids"] and b["method"].startswith("torch") and "dense" not in b["method"]), None)
         ratio = f"{r['ms_p50'] / base['ms_p50']:.2f}x" if base else ""
-        print(f"{r['optimizer']:9s} {r['method']:36s} {r['num_rows']:9d} {r['batch_ids']:6d} {r['ms_p50']:9.2f} {ratio:>15s}")
+        cpu_ratio = f"{r['cpu_ms_p50'] / base['cpu_ms_p50']:.2f}x" if base else ""
+        paired = f"{r['paired_ratio_p50']:.2f}x / {r['cpu_paired_ratio_p50']:.2f}x" if "paired_ratio_p50" in r else ""
+        print(f"{r['optimizer']:9s} {r['method']:36s} {r['num_rows']:9d} {r['batch_ids']:6d} {r['ms_p50']:9.2f} {ratio:>15s}"
+              f" {r['cpu_ms_p50']:10.2f} {cpu_ratio:>12s} {paired:>18s}")
     print(f"\nwrote {len(rows)} rows to {args.out}")
 
 

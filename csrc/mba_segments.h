@@ -20,6 +20,7 @@ struct Segments {
   std::vector<int64_t> order;       // (K,) positions sorted by (id, position)
   std::vector<int64_t> starts;      // (U + 1,) segment u covers order[starts[u] .. starts[u+1])
   std::vector<int64_t> unique_ids;  // (U,) ascending
+  std::vector<int64_t> scratch;     // the sort's buffer and bucket counts
 };
 
 // Index of the first id outside [0, num_rows), or -1 when all are in range.
@@ -30,10 +31,10 @@ inline int64_t first_out_of_range(const int64_t* ids, int64_t k, int64_t num_row
   return -1;
 }
 
-// Requires every id in [0, num_rows) (check with first_out_of_range first).
-inline Segments build_segments(const int64_t* ids, int64_t k, int64_t num_rows) {
+// Groups ids[0..k) into `seg`, reusing the memory of its vectors. Requires every id in
+// [0, num_rows) (check with first_out_of_range first).
+inline void build_segments(const int64_t* ids, int64_t k, int64_t num_rows, Segments& seg) {
   constexpr int kMaxBits = 12;
-  Segments seg;
   seg.order.resize(static_cast<size_t>(k));
   for (int64_t i = 0; i < k; ++i) seg.order[i] = i;
   int key_bits = 0;
@@ -41,10 +42,11 @@ inline Segments build_segments(const int64_t* ids, int64_t k, int64_t num_rows) 
   const int passes = (key_bits + kMaxBits - 1) / kMaxBits;
   const int bits = passes > 0 ? (key_bits + passes - 1) / passes : 0;
   const int64_t kBuckets = int64_t(1) << bits;
-  std::vector<int64_t> tmp(static_cast<size_t>(k));
-  std::vector<int64_t> count(static_cast<size_t>(kBuckets));
+  std::vector<int64_t>& tmp = seg.scratch;
+  tmp.resize(static_cast<size_t>(k + kBuckets));
+  int64_t* count = tmp.data() + k;
   for (int shift = 0; shift < key_bits; shift += bits) {
-    std::fill(count.begin(), count.end(), 0);
+    std::fill(count, count + kBuckets, 0);
     for (int64_t i = 0; i < k; ++i) ++count[(ids[seg.order[i]] >> shift) & (kBuckets - 1)];
     int64_t total = 0;
     for (int64_t b = 0; b < kBuckets; ++b) {
@@ -56,8 +58,10 @@ inline Segments build_segments(const int64_t* ids, int64_t k, int64_t num_rows) 
       const int64_t p = seg.order[i];
       tmp[count[(ids[p] >> shift) & (kBuckets - 1)]++] = p;
     }
-    seg.order.swap(tmp);
+    std::copy(tmp.begin(), tmp.begin() + k, seg.order.begin());
   }
+  seg.starts.clear();
+  seg.unique_ids.clear();
   for (int64_t i = 0; i < k; ++i) {
     const int64_t id = ids[seg.order[i]];
     if (i == 0 || id != seg.unique_ids.back()) {
@@ -66,6 +70,11 @@ inline Segments build_segments(const int64_t* ids, int64_t k, int64_t num_rows) 
     }
   }
   seg.starts.push_back(k);
+}
+
+inline Segments build_segments(const int64_t* ids, int64_t k, int64_t num_rows) {
+  Segments seg;
+  build_segments(ids, k, num_rows, seg);
   return seg;
 }
 

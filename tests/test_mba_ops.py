@@ -350,7 +350,7 @@ def test_dispatch_explains_itself(monkeypatch):
 
 @needs_ext
 def test_opcheck_registered_ops():
-    mba_op._compiled_ops()  # registers the fake implementations
+    mba_op.compiled_ops()  # registers the fake implementations
     ops = torch.ops.interest_kernels
     weight, ids, rows, counts = _batch()
     state = [torch.rand(N, D), torch.rand(N, D)]

@@ -18,6 +18,10 @@ from ``counts``:
 * a tensor (N,) (one table) or a sequence with one entry per parameter (a tensor, or
   None for online counting of that table): frequencies counted beforehand, read as is.
 
+On the ``cpu`` backend the whole step of a table (checks, online counting, update) is one
+call of ``interest_kernels::mba_*_step``; elsewhere the lookups are concatenated, counted
+(``count_ids``) and applied with ``mba_*_update``, with the same result.
+
 Tables with no gradient in a step are skipped entirely (their step count too). A table
 with a dense gradient is an error: use ``sparse=True`` or ``MBAEmbedding``.
 Counts, step counts and all state are in ``state_dict()`` and restored by
@@ -32,15 +36,17 @@ from torch.optim import Optimizer
 
 from ..ops.mba.op import (
     COUNT_DTYPES,
+    OP,
     add_counts,
+    compiled_ops,
     check_update_rows,
     mba_adagrad_update,
     mba_adam_update,
     mba_sgd_update,
 )
-from .._validation import check_float
+from .._validation import check_float, value_checks_enabled
 from ..ops.common import compute_dtype
-from ._rows import clear_rows, take_rows
+from ._rows import PendingRows, clear_rows, take_rows
 
 __all__ = ["MBAAdagrad", "MBAAdam", "MBASGD"]
 
@@ -57,6 +63,7 @@ def _nonneg(name: str, value: float) -> float:
 class _MBAOptimizer(Optimizer):
     """Shared bookkeeping: collecting rows, counts, step counts, state_dict round trip."""
 
+    _kind = ""  # "sgd", "adagrad" or "adam"
     _state_tensors: tuple[str, ...] = ()
 
     def __init__(self, params: Iterable[Any], defaults: dict[str, Any], counts: CountsArg) -> None:
@@ -107,19 +114,13 @@ class _MBAOptimizer(Optimizer):
             for p in group["params"]:
                 clear_rows(p)
 
-    def _batch(self, p: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor, list[tuple[torch.Tensor, Optional[int]]]]]:
-        """(ids (K,), grad_rows (K, D), [(ids to count, padding_idx)]) of this step, or None."""
+    def _lookups(self, p: torch.Tensor) -> list[PendingRows]:
+        """This step's lookups of table ``p``, oldest first: the rows recorded by
+        ``MBAEmbedding`` (grad_rows (K, D) in p's dtype), then a sparse ``.grad`` (whose
+        every lookup counts once)."""
         dim = p.shape[1]
-        ids_parts, row_parts, to_count = [], [], []
-        for rows in take_rows(p):
-            flat = rows.ids.reshape(-1)
-            grad_rows = rows.grad_rows.reshape(-1, dim)
-            if rows.padding_idx is not None:
-                keep = flat != rows.padding_idx
-                flat, grad_rows = flat[keep], grad_rows[keep]
-            ids_parts.append(flat)
-            row_parts.append(grad_rows.to(p.dtype))
-            to_count.append((rows.ids, rows.padding_idx))
+        lookups = [PendingRows(rows.ids, rows.grad_rows.reshape(-1, dim).to(p.dtype), rows.padding_idx)
+                   for rows in take_rows(p)]
         if p.grad is not None:
             if not p.grad.is_sparse:
                 raise TypeError(
@@ -128,15 +129,23 @@ class _MBAOptimizer(Optimizer):
                     f"{tuple(p.shape)}); optimise dense parameters with another optimiser"
                 )
             grad = p.grad
-            flat = grad._indices()[0]
+            lookups.append(PendingRows(grad._indices()[0], grad._values().reshape(-1, dim), None))
+        return lookups
+
+    @staticmethod
+    def _concatenate(lookups: list[PendingRows]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids (K,) and grad_rows (K, D) of all lookups in order, padding positions dropped."""
+        ids_parts, row_parts = [], []
+        for lookup in lookups:
+            flat, grad_rows = lookup.ids.reshape(-1), lookup.grad_rows
+            if lookup.padding_idx is not None:
+                keep = flat != lookup.padding_idx
+                flat, grad_rows = flat[keep], grad_rows[keep]
             ids_parts.append(flat)
-            row_parts.append(grad._values().reshape(-1, dim))
-            to_count.append((flat, None))
-        if not ids_parts:
-            return None
+            row_parts.append(grad_rows)
         if len(ids_parts) == 1:
-            return ids_parts[0], row_parts[0], to_count
-        return torch.cat([i.long() for i in ids_parts]), torch.cat(row_parts), to_count
+            return ids_parts[0], row_parts[0]
+        return torch.cat([i.long() for i in ids_parts]), torch.cat(row_parts)
 
     def _init_state(self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any]) -> None:
         if "counts" not in state:
@@ -160,6 +169,23 @@ class _MBAOptimizer(Optimizer):
         """Apply this optimiser's MBA update for step number ``step`` (1-based)."""
         raise NotImplementedError
 
+    def _cpu_step(
+        self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lookups: list[PendingRows],
+    ) -> tuple[torch.Tensor, ...]:
+        """The whole step on the CPU kernels in one call: checks, online counting and the
+        update of step number ``step``. Returns the tensors it wrote."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _step_args(state: dict[str, Any], lookups: list[PendingRows]) -> tuple[Any, ...]:
+        """(counts, ids, grad_rows, padding_ids, count_online, check_finite) of a step op."""
+        rows = [lookup.grad_rows for lookup in lookups]
+        return (
+            state["counts"], [lookup.ids for lookup in lookups], rows,
+            [-1 if lookup.padding_idx is None else lookup.padding_idx for lookup in lookups],
+            state["online_counts"], value_checks_enabled(*rows),
+        )
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:
         """One MBA step on every table that received gradient rows since the last step."""
@@ -169,18 +195,25 @@ class _MBAOptimizer(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             for p in group["params"]:
-                batch = self._batch(p)
-                if batch is None:
+                lookups = self._lookups(p)
+                if not lookups:
                     continue
-                ids, grad_rows, to_count = batch
-                # Before anything is counted: a refused step leaves every state unchanged.
-                check_update_rows(p, ids, grad_rows)
                 state = self.state[p]
-                self._init_state(p, state, group)
-                if state["online_counts"]:
-                    for sample_ids, padding_idx in to_count:
-                        add_counts(sample_ids, state["counts"], padding_idx)
-                self._update(p, state, group, ids, grad_rows, state["step"] + 1)
+                if OP.select(p.device, kind=self._kind).name == "cpu":
+                    # One kernel call checks everything before it counts or writes anything.
+                    self._init_state(p, state, group)
+                    written = self._cpu_step(p, state, group, state["step"] + 1, lookups)
+                    if not torch.compiler.is_compiling():  # the kernel wrote through raw pointers
+                        torch.autograd.graph.increment_version(list(written))
+                else:
+                    ids, grad_rows = self._concatenate(lookups)
+                    # Before anything is counted: a refused step leaves every state unchanged.
+                    check_update_rows(p, ids, grad_rows)
+                    self._init_state(p, state, group)
+                    if state["online_counts"]:
+                        for lookup in lookups:
+                            add_counts(lookup.ids, state["counts"], lookup.padding_idx)
+                    self._update(p, state, group, ids, grad_rows, state["step"] + 1)
                 state["step"] += 1
         return loss
 
@@ -206,6 +239,8 @@ class MBASGD(_MBAOptimizer):
         counts: frequencies n_j; None counts online (see the module docstring).
     """
 
+    _kind = "sgd"
+
     def __init__(self, params: Iterable[Any], lr: float, weight_decay: float = 0.0, counts: CountsArg = None) -> None:
         defaults = {"lr": _nonneg("lr", lr), "weight_decay": _nonneg("weight_decay", weight_decay)}
         super().__init__(params, defaults, counts)
@@ -217,6 +252,12 @@ class MBASGD(_MBAOptimizer):
         mba_sgd_update(p, ids, grad_rows, state["counts"], lr=group["lr"], weight_decay=group["weight_decay"],
                        _rows_checked=True)
 
+    def _cpu_step(
+        self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lookups: list[PendingRows],
+    ) -> tuple[torch.Tensor, ...]:
+        compiled_ops().mba_sgd_step(p, *self._step_args(state, lookups), group["lr"], group["weight_decay"])
+        return p, state["counts"]
+
 
 class MBAAdagrad(_MBAOptimizer):
     """MBA Adagrad: ``torch.optim.Adagrad``'s sparse step on ``g_j + weight_decay * w_j / n_j``.
@@ -224,6 +265,8 @@ class MBAAdagrad(_MBAOptimizer):
     State per table: ``sum`` (N, D) float32 (float64 for a float64 table), starting at
     ``initial_accumulator_value``, and the step count (which drives ``lr_decay``).
     """
+
+    _kind = "adagrad"
 
     _state_tensors = ("sum",)
 
@@ -252,6 +295,15 @@ class MBAAdagrad(_MBAOptimizer):
             _rows_checked=True,
         )
 
+    def _cpu_step(
+        self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lookups: list[PendingRows],
+    ) -> tuple[torch.Tensor, ...]:
+        compiled_ops().mba_adagrad_step(
+            p, state["sum"], *self._step_args(state, lookups), group["lr"], group["weight_decay"], group["eps"],
+            group["lr_decay"], step,
+        )
+        return p, state["sum"], state["counts"]
+
 
 class MBAAdam(_MBAOptimizer):
     """MBA Adam: ``torch.optim.SparseAdam``'s step on ``g_j + weight_decay * w_j / n_j``.
@@ -259,6 +311,8 @@ class MBAAdam(_MBAOptimizer):
     Moments ``exp_avg``/``exp_avg_sq`` (N, D) float32 change on touched rows only; the
     bias correction uses the table's global step count, as SparseAdam does.
     """
+
+    _kind = "adam"
 
     _state_tensors = ("exp_avg", "exp_avg_sq")
 
@@ -286,3 +340,13 @@ class MBAAdam(_MBAOptimizer):
             step=step, betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
             _rows_checked=True,
         )
+
+    def _cpu_step(
+        self, p: torch.Tensor, state: dict[str, Any], group: dict[str, Any], step: int, lookups: list[PendingRows],
+    ) -> tuple[torch.Tensor, ...]:
+        beta1, beta2 = group["betas"]
+        compiled_ops().mba_adam_step(
+            p, state["exp_avg"], state["exp_avg_sq"], *self._step_args(state, lookups), group["lr"], beta1, beta2,
+            group["eps"], group["weight_decay"], step,
+        )
+        return p, state["exp_avg"], state["exp_avg_sq"], state["counts"]

@@ -1,7 +1,8 @@
 """Public DIEN auxiliary loss: validation once, then the backend for the device.
 
-Only the eager reference exists (it is also what runs on CPU and CUDA): the loss is a
-few batched GEMMs over all pairs, which eager PyTorch already runs as such.
+On CPU the ``cpu`` backend (``cpu.py``, the C++ operator of ``csrc/aux_loss_cpu.cpp``)
+scores only the valid pairs, when the extension is built; elsewhere the eager reference
+runs (a few batched GEMMs over all B (T - 1) pairs, padded ones zeroed).
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from ..._backend import define_op
+from ..._backend import define_op, extension_unavailable_reason
 from ..._validation import (
     check_choice,
     check_same_dtype,
@@ -17,14 +18,28 @@ from ..._validation import (
     check_tensor,
     check_valid_positions,
 )
+from . import cpu
 from .reference import ACTIVATIONS, dien_aux_loss_reference
 
-OP = define_op("dien_aux_loss", preference={"cuda": ("reference",), "cpu": ("reference",)})
+OP = define_op("dien_aux_loss", preference={"cuda": ("reference",), "cpu": ("cpu", "reference")})
 
 
 @OP.register("reference")
 def _reference(**kw):
     return dien_aux_loss_reference(**kw)
+
+
+def _cpu_why_not(device: torch.device, **_: object) -> Optional[str]:
+    if device.type != "cpu":
+        return "the cpu backend takes CPU tensors only"
+    if not cpu.AVAILABLE:
+        return extension_unavailable_reason() or "interest_kernels._C has no dien_aux_loss_cpu_forward (rebuild it)"
+    return None
+
+
+@OP.register("cpu", why_not=_cpu_why_not)
+def _cpu(**kw):
+    return cpu.dien_aux_loss_cpu(**kw)
 
 
 def dien_aux_loss(

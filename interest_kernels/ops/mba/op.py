@@ -58,7 +58,7 @@ OP = define_op("mba_update", preference={"cpu": ("cpu", "reference"), "cuda": ("
 _fakes_registered = False
 
 
-def _compiled_ops() -> Any:
+def compiled_ops() -> Any:
     """``torch.ops.interest_kernels`` with the fake implementations registered (once)."""
     global _fakes_registered
     if not _extension.load():
@@ -79,7 +79,8 @@ def _register_fakes() -> None:
             grad_rows.new_empty((num_unique, grad_rows.shape[-1]), dtype=acc),
         )
 
-    for name in ("mba_sgd_update", "mba_adagrad_update", "mba_adam_update"):
+    for name in ("mba_sgd_update", "mba_adagrad_update", "mba_adam_update", "mba_sgd_step", "mba_adagrad_step",
+                 "mba_adam_step"):
         torch.library.register_fake(f"interest_kernels::{name}")(lambda *args, **kwargs: None)
 
 
@@ -108,7 +109,7 @@ def _reference(kind: str, **kw: Any) -> None:
 
 def _compiled(kind: str, **kw: Any) -> None:
     # The keyword names are the registered schemas' argument names (csrc/ops.cpp).
-    getattr(_compiled_ops(), f"mba_{kind}_update")(**kw)
+    getattr(compiled_ops(), f"mba_{kind}_update")(**kw)
     # The kernels write through raw pointers; bump the version counters as in-place torch
     # ops do, so autograd notices a table that some graph saved and this step changed.
     if not torch.compiler.is_compiling():
@@ -291,7 +292,7 @@ def dedup_rows(
     if impl.name == "reference":
         check_ids_in_range(ids, num_rows)
         return dedup_rows_reference(ids, grad_rows)
-    return _compiled_ops().dedup_rows(ids, grad_rows, num_rows)
+    return compiled_ops().dedup_rows(ids, grad_rows, num_rows)
 
 
 def count_ids(
