@@ -194,20 +194,21 @@ Schedule make_schedule(int64_t batch, int64_t seq_len, const std::optional<at::T
   return sc;
 }
 
-// Runs fn(block) for every block on the intra-op threads, thread t taking blocks t, t + n,
+// Runs fn(block, t) for every block on the intra-op threads, thread t taking blocks t, t + n,
 // ...: the blocks are sorted by length, so every thread gets a like share of the steps.
 template <typename F>
 void for_each_block(int64_t begin, int64_t end, const F& fn) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), end - begin));
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t k = begin + t; k < end; k += threads) fn(k);
+      for (int64_t k = begin + t; k < end; k += threads) fn(k, t);
   });
 }
 
 // ---- register-blocked matrix products ---------------------------------------------------------
 //
-// C = A B or C += A B for a block's rows: A and C given as row pointers (n of them), B
+// C = A B or C += A B for a block's rows: A and C given as row pointers (n of them; A's
+// elements k * ka apart, ka = 1 or a transposed operand's row stride), B
 // row-major (K, cols) with row stride ldb, `cols` a multiple of the vector width (B and the
 // C rows are padded to it; the pad columns of B are zero). Tiles of MR rows x NV vectors stay
 // in registers through the K loop; B's tile is reused by all row tiles while in L1. The
@@ -236,7 +237,7 @@ struct Lanes {
 };
 
 template <typename S, typename T, int MR, int NV, bool ACC>
-IK_INLINE void matmul_tile(const T* const* a, int64_t K, const T* b, int64_t ldb, T* const* c, int64_t col) {
+IK_INLINE void matmul_tile(const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, T* const* c, int64_t col) {
   using V = typename S::V;
   constexpr int64_t L = S::L;
   V acc[MR][NV];
@@ -249,7 +250,7 @@ IK_INLINE void matmul_tile(const T* const* a, int64_t K, const T* b, int64_t ldb
     const T* bk = b + k * ldb + col;
     for (int v = 0; v < NV; ++v) {
       const V w = S::load(bk + v * L);
-      for (int r = 0; r < MR; ++r) acc[r][v] += w * ar[r][k];
+      for (int r = 0; r < MR; ++r) acc[r][v] += w * ar[r][k * ka];
     }
   }
   for (int r = 0; r < MR; ++r)
@@ -258,60 +259,60 @@ IK_INLINE void matmul_tile(const T* const* a, int64_t K, const T* b, int64_t ldb
 
 // Row tiles of MR, then one of the remaining 1..MR-1 rows.
 template <typename S, typename T, int MR, int NV, bool ACC>
-IK_INLINE void matmul_rows(int64_t n, const T* const* a, int64_t K, const T* b, int64_t ldb, T* const* c,
+IK_INLINE void matmul_rows(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, T* const* c,
                            int64_t col) {
   int64_t i = 0;
-  for (; i + MR <= n; i += MR) matmul_tile<S, T, MR, NV, ACC>(a + i, K, b, ldb, c + i, col);
+  for (; i + MR <= n; i += MR) matmul_tile<S, T, MR, NV, ACC>(a + i, ka, K, b, ldb, c + i, col);
   if constexpr (MR > 1) {
-    if (n - i > 0) matmul_rows<S, T, MR - 1, NV, ACC>(n - i, a + i, K, b, ldb, c + i, col);
+    if (n - i > 0) matmul_rows<S, T, MR - 1, NV, ACC>(n - i, a + i, ka, K, b, ldb, c + i, col);
   }
 }
 
 template <typename S, typename T, int MR, int NV, bool ACC>
-IK_INLINE void matmul_width(int64_t nv, int64_t n, const T* const* a, int64_t K, const T* b, int64_t ldb,
+IK_INLINE void matmul_width(int64_t nv, int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb,
                             T* const* c, int64_t col) {
   if constexpr (NV > 1) {
-    if (nv < NV) return matmul_width<S, T, MR, NV - 1, ACC>(nv, n, a, K, b, ldb, c, col);
+    if (nv < NV) return matmul_width<S, T, MR, NV - 1, ACC>(nv, n, a, ka, K, b, ldb, c, col);
   }
-  matmul_rows<S, T, MR, NV, ACC>(n, a, K, b, ldb, c, col);
+  matmul_rows<S, T, MR, NV, ACC>(n, a, ka, K, b, ldb, c, col);
 }
 
 template <typename S, typename T, int MR, int NV, bool ACC>
-IK_INLINE void matmul(int64_t n, const T* const* a, int64_t K, const T* b, int64_t ldb, int64_t cols,
+IK_INLINE void matmul(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, int64_t cols,
                       T* const* c) {
   const int64_t vectors = cols / S::L;
   const int64_t tiles = (vectors + NV - 1) / NV;
   for (int64_t t = 0, v0 = 0; t < tiles; ++t) {
     const int64_t width = (vectors - v0 + tiles - t - 1) / (tiles - t);  // tiles of like widths
-    matmul_width<S, T, MR, NV, ACC>(width, n, a, K, b, ldb, c, v0 * S::L);
+    matmul_width<S, T, MR, NV, ACC>(width, n, a, ka, K, b, ldb, c, v0 * S::L);
     v0 += width;
   }
 }
 
 template <typename T>
-using MatmulFn = void (*)(int64_t n, const T* const* a, int64_t K, const T* b, int64_t ldb, int64_t cols,
+using MatmulFn = void (*)(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, int64_t cols,
                           T* const* c);
 
 // Portable: 16-byte vectors, 3 x 4 tiles (12 accumulators fit 16 registers).
 template <typename T, bool ACC>
-void matmul_portable(int64_t n, const T* const* a, int64_t K, const T* b, int64_t ldb, int64_t cols,
+void matmul_portable(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, int64_t cols,
                      T* const* c) {
-  matmul<Lanes<T, 16>, T, 3, 4, ACC>(n, a, K, b, ldb, cols, c);
+  matmul<Lanes<T, 16>, T, 3, 4, ACC>(n, a, ka, K, b, ldb, cols, c);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
 #define IK_MATMUL_DISPATCH 1
 // AVX-512: 4 x 6 tiles of 64-byte vectors (24 of the 32 registers).
 template <typename T, bool ACC>
-__attribute__((target("avx512f"))) void matmul_avx512(int64_t n, const T* const* a, int64_t K, const T* b,
+__attribute__((target("avx512f"))) void matmul_avx512(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b,
                                                       int64_t ldb, int64_t cols, T* const* c) {
-  matmul<Lanes<T, 64>, T, 4, 6, ACC>(n, a, K, b, ldb, cols, c);
+  matmul<Lanes<T, 64>, T, 4, 6, ACC>(n, a, ka, K, b, ldb, cols, c);
 }
 // AVX2 + FMA: 3 x 4 tiles of 32-byte vectors.
 template <typename T, bool ACC>
-__attribute__((target("avx2,fma"))) void matmul_avx2(int64_t n, const T* const* a, int64_t K, const T* b,
+__attribute__((target("avx2,fma"))) void matmul_avx2(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b,
                                                      int64_t ldb, int64_t cols, T* const* c) {
-  matmul<Lanes<T, 32>, T, 3, 4, ACC>(n, a, K, b, ldb, cols, c);
+  matmul<Lanes<T, 32>, T, 3, 4, ACC>(n, a, ka, K, b, ldb, cols, c);
 }
 #endif
 
@@ -756,14 +757,11 @@ Args prepare(const at::Tensor& x, const at::Tensor& weight_ih, const at::Tensor&
   return a;
 }
 
-// The packed inputs of the valid steps: (N, I), scaled by the scores for aigru; and the
-// packed scores (N,) when there are any.
-std::pair<at::Tensor, at::Tensor> packed_inputs(const Args& a, const Schedule& sc) {
+// The packed inputs of the valid steps: (N, I), scaled by the scores for aigru.
+at::Tensor packed_inputs(const Args& a, const Schedule& sc) {
   at::Tensor xp = a.x.index_select(0, sc.src);
-  at::Tensor ap;
-  if (a.att.defined()) ap = a.att.index_select(0, sc.src);
-  if (a.mode == kAigru) xp.mul_(ap.unsqueeze(1));
-  return {xp, ap};
+  if (a.mode == kAigru) xp.mul_(a.att.index_select(0, sc.src).unsqueeze(1));
+  return xp;
 }
 
 // The forward, block by block: per step, the block's input projections and W_hh h by the
@@ -797,7 +795,7 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& b_gi, con
   const T* h_init = h_sorted.data_ptr<T>();
   T* h_out = h_last.data_ptr<T>();
 
-  for_each_block(0, sc.blocks, [&](int64_t k) {
+  for_each_block(0, sc.blocks, [&](int64_t k, int64_t) {
     std::vector<T> buffer(R * (3 * hp + 3 * stride), T(0));
     T* h_cur = buffer.data();
     T* h_new = h_cur + R * hp;
@@ -828,7 +826,7 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& b_gi, con
         a_x[i] = x + src[p0 + i] * I;
         a_h[i] = h_cur + i * hp;
       }
-      mm.set(n, a_x, I, w_ih_p, cols, cols, c_gi);
+      mm.set(n, a_x, 1, I, w_ih_p, cols, cols, c_gi);
       if (a.mode == kAigru) {
         for (int64_t i = 0; i < n; ++i) {
           const T score = att[src[p0 + i]];
@@ -859,11 +857,11 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& b_gi, con
       g.h_last = h_out;
       g.perm = sc.perm.data() + r0;
       if (tf) {
-        mm.set(n, a_h, H, w_hh_p, rz_cols, rz_cols, c_gh);
+        mm.set(n, a_h, 1, H, w_hh_p, rz_cols, rz_cols, c_gh);
         run_reset(g);
-        mm.set(n, a_rh, H, w_hn_p, hp, hp, c_ghn);
+        mm.set(n, a_rh, 1, H, w_hn_p, hp, hp, c_ghn);
       } else {
-        mm.set(n, a_h, H, w_hh_p, cols, cols, c_gh);
+        mm.set(n, a_h, 1, H, w_hh_p, cols, cols, c_gh);
       }
       run_gates(g);
       std::swap(h_cur, h_new);
@@ -931,122 +929,170 @@ struct Grads {
   at::Tensor w_ih, w_hh, b_ih, b_hh;
 };
 
-// Blocks are folded into the weight, bias and input gradients a wave at a time: consecutive
-// blocks of at least this many packed rows (fixed by the schedule alone, so sums do not
-// depend on the thread count).
-constexpr int64_t kWaveRows = 4096;
+// Blocks are folded into the weight and bias gradients a wave of kWaveBlocks at a time:
+// each block's partial sums come from transposed products over its packed rows (while its
+// gate gradients are in cache), then the wave's partials are added in block order. Waves
+// are fixed by the schedule, so no sum depends on the number of threads.
+constexpr int64_t kWaveBlocks = 8;
 
 // The reverse scan, block by block: per step (last first) the gate pass, then dh through
-// W_hh by the register-blocked product; a wave's gate gradients are then folded in with
-// GEMMs while in cache.
+// W_hh and the input gradient through W_ih by the register-blocked product.
 template <typename T>
-void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const at::Tensor& ap,
-                   at::TensorList workspace, const at::Tensor& d_states, at::Tensor& dh, Grads& g) {
-  const int64_t H = a.hidden, R = kBlockRows;
-  const bool tf = a.tensorflow;
-  const int64_t hp = padded<T>(H);
-  const auto opts = xp.options();
-  const at::Tensor w_hh_rows = packed_rows(a.w_hh, hp);  // (3H, hp)
+void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, at::TensorList workspace,
+                   const at::Tensor& d_states, at::Tensor& dh, Grads& g) {
+  const int64_t H = a.hidden, I = a.input_size, R = kBlockRows;
+  const bool tf = a.tensorflow, aigru = a.mode == kAigru;
+  const int64_t hp = padded<T>(H), ip = padded<T>(I), cols = padded<T>(3 * H), rz_cols = padded<T>(2 * H);
+  const int64_t hh_cols = tf ? rz_cols + hp : cols;  // tensorflow: W_rz^T, then W_hn^T
+  const at::Tensor w_hh_rows = packed_rows(a.w_hh, hp);
+  const at::Tensor w_ih_rows = packed_rows(a.w_ih, ip);
   const T* w_hh_p = w_hh_rows.data_ptr<T>();
+  const T* w_ih_p = w_ih_rows.data_ptr<T>();
   const Matmul<T> mm;
-  std::vector<int64_t> waves{0};
-  for (int64_t k = 1; k <= sc.blocks; ++k)
-    if (k == sc.blocks || sc.block_base[k] - sc.block_base[waves.back()] >= kWaveRows) waves.push_back(k);
-  int64_t buffer_rows = 0;
-  for (size_t w = 0; w + 1 < waves.size(); ++w)
-    buffer_rows = std::max(buffer_rows, sc.block_base[waves[w + 1]] - sc.block_base[waves[w]]);
-  at::Tensor d_gi = at::empty({buffer_rows, 3 * H}, opts);
-  at::Tensor d_gh = tf ? at::Tensor() : at::empty({buffer_rows, 3 * H}, opts);
-  at::Tensor d_xp = g.x.defined() || (a.mode == kAigru && g.att.defined())
-                        ? at::empty({buffer_rows, a.input_size}, opts)
-                        : at::Tensor();
+  const bool want_dx = g.x.defined() || (aigru && g.att.defined());
+  // Partial sums of one block: W_ih^T (I, cols), W_hh^T (H, hh_cols), b_ih, b_hh (cols each).
+  const int64_t part_ih = 0, part_hh = I * cols, part_bih = part_hh + H * hh_cols, part_bhh = part_bih + cols;
+  const int64_t part = part_bhh + cols;
+  std::vector<T> partials(kWaveBlocks * part), total(part, T(0));
+  // Per thread: the gate gradients of a block's packed rows (d_gi, d_gh, and one more row
+  // plus a block of units for whole-vector reads past the last), dh, d(r h), dx rows.
+  int64_t block_max = 0;
+  for (int64_t k = 0; k < sc.blocks; ++k) block_max = std::max(block_max, sc.block_base[k + 1] - sc.block_base[k]);
+  const int64_t grad_rows = (block_max + 1) * 3 * H + kUnitBlock<T>;
+  const int64_t per_thread = 2 * grad_rows + 2 * R * hp + R * ip;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  std::vector<T> scratch(threads * per_thread, T(0));
+  const int64_t wide = std::max({R, I, H, int64_t(1)});
+  std::vector<const T*> operand(threads * wide);
+  std::vector<T*> result(threads * wide);
+  const T one = T(1);
+
   const Saved<T> ws{workspace[0].data_ptr<T>(), workspace[1].data_ptr<T>(), workspace[2].data_ptr<T>(),
                     workspace[3].data_ptr<T>(), workspace[4].data_ptr<T>()};
   const int64_t* src = sc.src.data_ptr<int64_t>();
+  const T* x = a.x.data_ptr<T>();
+  const T* x_packed = xp.defined() ? xp.data_ptr<T>() : nullptr;
   const T* att = a.att.defined() ? a.att.data_ptr<T>() : nullptr;
   const T* ds = d_states.defined() ? d_states.data_ptr<T>() : nullptr;
   T* d_att = g.att.defined() ? g.att.data_ptr<T>() : nullptr;
+  T* d_x = g.x.defined() ? g.x.data_ptr<T>() : nullptr;
   T* dh_rows = dh.data_ptr<T>();
 
-  for (size_t w = 0; w + 1 < waves.size(); ++w) {
-    const int64_t first = sc.block_base[waves[w]];
-    const int64_t rows = sc.block_base[waves[w + 1]] - first;
-    T* d_gi_p = d_gi.data_ptr<T>();
-    T* d_gh_p = tf ? nullptr : d_gh.data_ptr<T>();
-    for_each_block(waves[w], waves[w + 1], [&](int64_t k) {
-      std::vector<T> buffer(2 * R * hp, T(0));
-      T* dh_b = buffer.data();
-      T* d_rh = dh_b + R * hp;
-      const T* a_d[R];
-      T* c_dh[R];
-      T* c_drh[R];
-      for (int64_t i = 0; i < R; ++i) {
-        c_dh[i] = dh_b + i * hp;
-        c_drh[i] = d_rh + i * hp;
+  auto block = [&](int64_t k, int64_t thread, T* sums) {
+    T* d_gi = scratch.data() + thread * per_thread;
+    T* d_gh = d_gi + grad_rows;
+    T* dh_b = d_gh + grad_rows;
+    T* d_rh = dh_b + R * hp;
+    T* dx = d_rh + R * hp;
+    const T** a_ptr = operand.data() + thread * wide;
+    T** c_ptr = result.data() + thread * wide;
+    const int64_t r0 = sc.first_row(k), block_rows = std::min(R, a.batch - r0), base = sc.block_base[k];
+    const int64_t packed_rows = sc.block_base[k + 1] - base;
+    for (int64_t i = 0; i < block_rows; ++i) std::memcpy(dh_b + i * hp, dh_rows + (r0 + i) * H, H * sizeof(T));
+    const int64_t* off = sc.offsets(k);
+    for (int64_t s = sc.block_steps[k] - 1; s >= 0; --s) {
+      const int64_t n = off[s + 1] - off[s], p0 = base + off[s];
+      BackwardGates<T> bg;
+      bg.hidden = H;
+      bg.n = n;
+      bg.mode = a.mode;
+      bg.tensorflow = tf;
+      bg.saved = ws.at_row(p0, H);
+      bg.att = att;
+      bg.d_states = ds;
+      bg.src = src + p0;
+      bg.dh = dh_b;
+      bg.d_rh = d_rh;
+      bg.dh_stride = hp;
+      bg.d_gi = d_gi + off[s] * 3 * H;
+      bg.d_gh = d_gh + off[s] * 3 * H;
+      bg.d_att = d_att != nullptr ? d_att + p0 : nullptr;
+      run_gates(bg);
+      if (tf) {
+        for (int64_t i = 0; i < n; ++i) {
+          a_ptr[i] = bg.d_gi + i * 3 * H + 2 * H;
+          c_ptr[i] = d_rh + i * hp;
+        }
+        mm.set(n, a_ptr, 1, H, w_hh_p + 2 * H * hp, hp, hp, c_ptr);
+        run_reset(bg);
       }
-      const int64_t r0 = sc.first_row(k), block_rows = std::min(R, a.batch - r0);
-      for (int64_t i = 0; i < block_rows; ++i)
-        std::memcpy(dh_b + i * hp, dh_rows + (r0 + i) * H, H * sizeof(T));
-      const int64_t* off = sc.offsets(k);
-      for (int64_t s = sc.block_steps[k] - 1; s >= 0; --s) {
-        const int64_t n = off[s + 1] - off[s], p0 = sc.block_base[k] + off[s], q0 = p0 - first;
-        BackwardGates<T> bg;
-        bg.hidden = H;
-        bg.n = n;
-        bg.mode = a.mode;
-        bg.tensorflow = tf;
-        bg.saved = ws.at_row(p0, H);
-        bg.att = att;
-        bg.d_states = ds;
-        bg.src = src + p0;
-        bg.dh = dh_b;
-        bg.d_rh = d_rh;
-        bg.dh_stride = hp;
-        bg.d_gi = d_gi_p + q0 * 3 * H;
-        bg.d_gh = tf ? nullptr : d_gh_p + q0 * 3 * H;
-        bg.d_att = d_att != nullptr ? d_att + p0 : nullptr;
-        run_gates(bg);
-        if (tf) {
-          for (int64_t i = 0; i < n; ++i) a_d[i] = bg.d_gi + i * 3 * H + 2 * H;
-          mm.set(n, a_d, H, w_hh_p + 2 * H * hp, hp, hp, c_drh);
-          run_reset(bg);
-          for (int64_t i = 0; i < n; ++i) a_d[i] = bg.d_gi + i * 3 * H;
-          mm.add(n, a_d, 2 * H, w_hh_p, hp, hp, c_dh);
-        } else {
-          for (int64_t i = 0; i < n; ++i) a_d[i] = bg.d_gh + i * 3 * H;
-          mm.add(n, a_d, 3 * H, w_hh_p, hp, hp, c_dh);
+      for (int64_t i = 0; i < n; ++i) {
+        a_ptr[i] = tf ? bg.d_gi + i * 3 * H : bg.d_gh + i * 3 * H;
+        c_ptr[i] = dh_b + i * hp;
+      }
+      mm.add(n, a_ptr, 1, tf ? 2 * H : 3 * H, w_hh_p, hp, hp, c_ptr);
+      if (want_dx) {
+        for (int64_t i = 0; i < n; ++i) {
+          a_ptr[i] = bg.d_gi + i * 3 * H;
+          c_ptr[i] = dx + i * ip;
+        }
+        mm.set(n, a_ptr, 1, 3 * H, w_ih_p, ip, ip, c_ptr);
+        for (int64_t i = 0; i < n; ++i) {
+          T* row = dx + i * ip;
+          const int64_t flat = src[p0 + i];
+          if (aigru) {  // the scaled input's gradient gives the score's, then the input's
+            const T score = att[flat];
+            T dot = T(0);
+            for (int64_t j = 0; j < I; ++j) dot += row[j] * x[flat * I + j];
+            if (d_att != nullptr) d_att[p0 + i] = dot;
+            for (int64_t j = 0; j < I; ++j) row[j] *= score;
+          }
+          if (d_x != nullptr) std::memcpy(d_x + flat * I, row, I * sizeof(T));
         }
       }
-      for (int64_t i = 0; i < block_rows; ++i)
-        std::memcpy(dh_rows + (r0 + i) * H, dh_b + i * hp, H * sizeof(T));
-    });
-    // This wave's gate gradients are final: fold them in.
-    const at::Tensor dgi = d_gi.narrow(0, 0, rows);
-    const at::Tensor h_prev = workspace[0].narrow(0, first, rows);
-    if (g.w_ih.defined()) g.w_ih.addmm_(dgi.t(), xp.narrow(0, first, rows));
-    if (g.b_ih.defined()) g.b_ih += dgi.sum(0);
-    if (tf) {
-      if (g.w_hh.defined()) {
-        g.w_hh.narrow(0, 0, 2 * H).addmm_(dgi.narrow(1, 0, 2 * H).t(), h_prev);
-        g.w_hh.narrow(0, 2 * H, H).addmm_(dgi.narrow(1, 2 * H, H).t(), workspace[4].narrow(0, first, rows));
-      }
-      if (g.b_hh.defined()) g.b_hh += dgi.sum(0);
-    } else {
-      const at::Tensor dgh = d_gh.narrow(0, 0, rows);
-      if (g.w_hh.defined()) g.w_hh.addmm_(dgh.t(), h_prev);
-      if (g.b_hh.defined()) g.b_hh += dgh.sum(0);
     }
-    if (d_xp.defined()) {
-      at::Tensor dxp = d_xp.narrow(0, 0, rows);
-      at::mm_out(dxp, dgi, a.w_ih);  // gradient of the (scaled, for aigru) packed inputs
-      const at::Tensor idx = sc.src.narrow(0, first, rows);
-      if (a.mode == kAigru) {
-        if (g.att.defined()) g.att.narrow(0, first, rows).copy_((dxp * a.x.index_select(0, idx)).sum(1));
-        dxp.mul_(ap.narrow(0, first, rows).unsqueeze(1));
+    for (int64_t i = 0; i < block_rows; ++i) std::memcpy(dh_rows + (r0 + i) * H, dh_b + i * hp, H * sizeof(T));
+    // The block's partial sums over its packed rows: W^T partials = (inputs)^T (gate
+    // gradients), the inputs' rows `width` long (so ka = width walks a column of them).
+    auto transposed = [&](const T* rows_base, int64_t width, const T* grads, int64_t grad_cols, T* out,
+                          int64_t out_stride) {
+      for (int64_t r = 0; r < width; ++r) {
+        a_ptr[r] = rows_base + r;
+        c_ptr[r] = out + r * out_stride;
       }
-      if (g.x.defined()) g.x.index_copy_(0, idx, dxp);
+      mm.set(width, a_ptr, width, packed_rows, grads, 3 * H, grad_cols, c_ptr);
+    };
+    if (g.w_ih.defined()) transposed(x_packed + base * I, I, d_gi, cols, sums + part_ih, cols);
+    if (g.w_hh.defined()) {
+      if (tf) {
+        transposed(ws.h + base * H, H, d_gi, rz_cols, sums + part_hh, hh_cols);
+        transposed(ws.x + base * H, H, d_gi + 2 * H, hp, sums + part_hh + rz_cols, hh_cols);
+      } else {
+        transposed(ws.h + base * H, H, d_gh, cols, sums + part_hh, hh_cols);
+      }
+    }
+    auto column_sums = [&](const T* grads, T* out) {
+      a_ptr[0] = &one;
+      c_ptr[0] = out;
+      mm.set(1, a_ptr, 0, packed_rows, grads, 3 * H, cols, c_ptr);
+    };
+    if (g.b_ih.defined() || (tf && g.b_hh.defined())) column_sums(d_gi, sums + part_bih);
+    if (!tf && g.b_hh.defined()) column_sums(d_gh, sums + part_bhh);
+  };
+
+  for (int64_t w0 = 0; w0 < sc.blocks; w0 += kWaveBlocks) {
+    const int64_t w1 = std::min(sc.blocks, w0 + kWaveBlocks);
+    for_each_block(w0, w1, [&](int64_t k, int64_t thread) { block(k, thread, partials.data() + (k - w0) * part); });
+    for (int64_t k = w0; k < w1; ++k) {
+      const T* p = partials.data() + (k - w0) * part;
+      for (int64_t j = 0; j < part; ++j) total[j] += p[j];
     }
   }
+  const auto as_tensor = [&](int64_t offset, int64_t rows, int64_t stride) {
+    return at::from_blob(total.data() + offset, {rows, stride}, dh.options());
+  };
+  if (g.w_ih.defined()) g.w_ih.copy_(as_tensor(part_ih, I, cols).narrow(1, 0, 3 * H).t());
+  if (g.w_hh.defined()) {
+    const at::Tensor hh = as_tensor(part_hh, H, hh_cols);
+    if (tf) {
+      g.w_hh.narrow(0, 0, 2 * H).copy_(hh.narrow(1, 0, 2 * H).t());
+      g.w_hh.narrow(0, 2 * H, H).copy_(hh.narrow(1, rz_cols, H).t());
+    } else {
+      g.w_hh.copy_(hh.narrow(1, 0, 3 * H).t());
+    }
+  }
+  if (g.b_ih.defined()) g.b_ih.copy_(as_tensor(part_bih, 1, cols).narrow(1, 0, 3 * H).squeeze(0));
+  if (g.b_hh.defined()) g.b_hh.copy_(as_tensor(tf ? part_bih : part_bhh, 1, cols).narrow(1, 0, 3 * H).squeeze(0));
 }
 
 // Gradients of gru_scan_forward. `needs` = which of (x, att, h0, weight_ih, weight_hh,
@@ -1085,9 +1131,9 @@ gru_scan_backward(const std::optional<at::Tensor>& grad_states,
   if (needs[5]) g.b_ih = at::zeros({3 * H}, opts);
   if (needs[6]) g.b_hh = at::zeros({3 * H}, opts);
   if (sc.packed > 0) {
-    auto [xp, ap] = packed_inputs(a, sc);
+    const at::Tensor xp = needs[3] ? packed_inputs(a, sc) : at::Tensor();
     AT_DISPATCH_FLOATING_TYPES(a.cdt, "gru_scan_backward", [&] {
-      backward_scan<scalar_t>(a, sc, xp, ap, workspace, d_states, dh, g);
+      backward_scan<scalar_t>(a, sc, xp, workspace, d_states, dh, g);
     });
   }
 
