@@ -47,6 +47,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -205,6 +206,12 @@ void for_each_block(int64_t begin, int64_t end, const F& fn) {
   });
 }
 
+IK_INLINE void prefetch(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p);
+#endif
+}
+
 // ---- register-blocked matrix products ---------------------------------------------------------
 //
 // C = A B or C += A B for a block's rows: A and C given as row pointers (n of them; A's
@@ -316,14 +323,17 @@ __attribute__((target("avx2,fma"))) void matmul_avx2(int64_t n, const T* const* 
 }
 #endif
 
-// The product for this CPU: C = A B, or C += A B with `accumulate`.
+// The product for this CPU: C = A B, or C += A B with `accumulate`. The environment variable
+// INTEREST_KERNELS_GRU_MATMUL = avx2 or portable caps the choice (tests run every path).
 template <typename T>
 MatmulFn<T> pick_matmul(bool accumulate) {
+  const char* cap = std::getenv("INTEREST_KERNELS_GRU_MATMUL");
+  const std::string limit = cap != nullptr ? cap : "";
 #ifdef IK_MATMUL_DISPATCH
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f"))
+  if (limit != "avx2" && limit != "portable" && __builtin_cpu_supports("avx512f"))
     return accumulate ? matmul_avx512<T, true> : matmul_avx512<T, false>;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  if (limit != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
     return accumulate ? matmul_avx2<T, true> : matmul_avx2<T, false>;
 #endif
   return accumulate ? matmul_portable<T, true> : matmul_portable<T, false>;
@@ -825,6 +835,13 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& b_gi, con
       for (int64_t i = 0; i < n; ++i) {
         a_x[i] = x + src[p0 + i] * I;
         a_h[i] = h_cur + i * hp;
+      }
+      // The next step's input rows (one per row, T apart) are not in cache yet.
+      if (s + 1 < steps) {
+        for (int64_t i = 0; i < off[s + 2] - off[s + 1]; ++i) {
+          const char* row = reinterpret_cast<const char*>(x + src[p0 + n + i] * I);
+          for (int64_t byte = 0; byte < I * int64_t(sizeof(T)); byte += 64) prefetch(row + byte);
+        }
       }
       mm.set(n, a_x, 1, I, w_ih_p, cols, cols, c_gi);
       if (a.mode == kAigru) {
