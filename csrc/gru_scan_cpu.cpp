@@ -549,7 +549,7 @@ IK_INLINE void forward_reset(const ForwardGates<T>& g) {
 template <typename T>
 struct BackwardUnits {
   const T *h, *r, *z, *n, *x, *ds;
-  T *dh, *dgi, *dgh;  // dgi, dgh: three gates `gs` apart
+  T *dh, *dgi, *dhn;  // dgi: three gates `gs` apart; dhn (paper): r * d_pre_n
   int64_t gs;
 };
 
@@ -565,7 +565,7 @@ IK_INLINE T backward_units(const BackwardUnits<T>& u, T at) {
   const T* __restrict ds = u.ds;
   T* __restrict dh = u.dh;
   T* __restrict dgi = u.dgi;
-  T* __restrict dgh = u.dgh;
+  T* __restrict dhn = u.dhn;
   T da = T(0);
 #pragma omp simd reduction(+ : da)
   for (int64_t j = 0; j < W; ++j) {
@@ -603,9 +603,7 @@ IK_INLINE T backward_units(const BackwardUnits<T>& u, T at) {
     if constexpr (!TF) {
       const T d_pre_r = d_pre_n * x * r * (T(1) - r);
       dgi[j] = d_pre_r;
-      dgh[j] = d_pre_r;
-      dgh[gs + j] = d_pre_z;
-      dgh[2 * gs + j] = d_pre_n * r;
+      dhn[j] = d_pre_n * r;
     }
     dh[j] = direct;
   }
@@ -626,7 +624,7 @@ struct BackwardGates {
   const T* d_rh;        // tensorflow: d(r h) rows, stride dh_stride
   int64_t dh_stride;
   T* d_gi;              // rows (3H): gradients of the gates' pre-activations
-  T* d_gh;              // paper: rows (3H) [d_pre_r, d_pre_z, r d_pre_n]
+  T* d_hn;              // paper: rows (H) r d_pre_n, the gradient of W_hn h + b_hn
   T* d_att;             // this step's packed entries, or null
 };
 
@@ -638,19 +636,19 @@ IK_INLINE void backward_row(const BackwardGates<T>& g, int64_t i) {
   T* dh = g.dh + i * g.dh_stride;
   const T* ds = DS ? g.d_states + g.src[i] * H : nullptr;
   T* dgi = g.d_gi + i * 3 * H;
-  T* dgh = TF ? nullptr : g.d_gh + i * 3 * H;
+  T* dhn = TF ? nullptr : g.d_hn + i * H;
   const T at = (MODE == kAgru || MODE == kAugru) ? g.att[g.src[i]] : T(0);
   T da = T(0);
   const int64_t full = H - H % W;
   for (int64_t j = 0; j < full; j += W) {
     const BackwardUnits<T> u{sv.h + j, sv.r + j, sv.z + j, sv.n + j, sv.x + j, DS ? ds + j : nullptr,
-                             dh + j, dgi + j, TF ? nullptr : dgh + j, H};
+                             dh + j, dgi + j, TF ? nullptr : dhn + j, H};
     da += backward_units<T, MODE, TF, DS>(u, at);
   }
   if (const int64_t rest = H - full; rest > 0) {
     // Zero padding keeps the padded lanes' contribution to da at exactly 0.
     alignas(64) T in[7 * W] = {};  // h, r, z, n, x, ds, dh
-    alignas(64) T res[6 * W];      // dgi (3 gates), dgh (3 gates)
+    alignas(64) T res[4 * W];      // dgi (3 gates), dhn
     const T* src[7] = {sv.h, sv.r, sv.z, sv.n, sv.x, ds, dh};
     for (int k = 0; k < 7; ++k)
       if (src[k] != nullptr) std::memcpy(in + k * W, src[k] + full, rest * sizeof(T));
@@ -658,10 +656,9 @@ IK_INLINE void backward_row(const BackwardGates<T>& g, int64_t i) {
                              in + 6 * W, res, res + 3 * W, W};
     da += backward_units<T, MODE, TF, DS>(u, at);
     std::memcpy(dh + full, in + 6 * W, rest * sizeof(T));
-    for (int k = 0; k < 3; ++k) {
+    for (int k = 0; k < 3; ++k)
       if (k > 0 || !TF) std::memcpy(dgi + k * H + full, res + k * W, rest * sizeof(T));
-      if (!TF) std::memcpy(dgh + k * H + full, res + (3 + k) * W, rest * sizeof(T));
-    }
+    if (!TF) std::memcpy(dhn + full, res + 3 * W, rest * sizeof(T));
   }
   if (g.d_att != nullptr) g.d_att[i] = da;
 }
@@ -963,24 +960,24 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
   const int64_t H = a.hidden, I = a.input_size, R = kBlockRows;
   const bool tf = a.tensorflow, aigru = a.mode == kAigru;
   const int64_t hp = padded<T>(H), ip = padded<T>(I), cols = padded<T>(3 * H), rz_cols = padded<T>(2 * H);
-  const int64_t hh_cols = tf ? rz_cols + hp : cols;  // tensorflow: W_rz^T, then W_hn^T
+  const int64_t hh_cols = rz_cols + hp;  // W_rz^T, then W_hn^T
   const at::Tensor w_hh_rows = packed_rows(a.w_hh, hp);
   const at::Tensor w_ih_rows = packed_rows(a.w_ih, ip);
   const T* w_hh_p = w_hh_rows.data_ptr<T>();
   const T* w_ih_p = w_ih_rows.data_ptr<T>();
   const Matmul<T> mm;
   const bool want_dx = g.x.defined() || (aigru && g.att.defined());
-  // Partial sums of one block: W_ih^T (I, cols), W_hh^T (H, hh_cols), b_ih, b_hh (cols each).
+  // Partial sums of one block: W_ih^T (I, cols), W_hh^T (H, hh_cols), b_ih (cols), b_hn (hp).
   const int64_t part_ih = 0, part_hh = I * cols, part_bih = part_hh + H * hh_cols, part_bhh = part_bih + cols;
-  const int64_t part = part_bhh + cols;
+  const int64_t part = part_bhh + hp;
   std::vector<T> total(part, T(0));
-  // Per thread: the gate gradients of a block's packed rows (d_gi, d_gh, and one more row
-  // plus a block of units for whole-vector reads past the last), its packed inputs (scaled
-  // for aigru), dh, d(r h), dx rows; then the wave's partial sums.
+  // Per thread: the gate gradients of a block's packed rows (d_gi (3H), d_hn (H), each with
+  // one more row plus a block of units for whole-vector reads past the last), its packed
+  // inputs (scaled for aigru), dh, d(r h), dx rows; then the wave's partial sums.
   int64_t block_max = 0;
   for (int64_t k = 0; k < sc.blocks; ++k) block_max = std::max(block_max, sc.block_base[k + 1] - sc.block_base[k]);
-  const int64_t grad_rows = (block_max + 1) * 3 * H + kUnitBlock<T>;
-  const int64_t per_thread = 2 * grad_rows + block_max * I + 2 * R * hp + R * ip;
+  const int64_t gi_rows = (block_max + 1) * 3 * H + kUnitBlock<T>, hn_rows = (block_max + 1) * H + kUnitBlock<T>;
+  const int64_t per_thread = gi_rows + hn_rows + block_max * I + 2 * R * hp + R * ip;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   T* scratch = kept_scratch<T>(threads * per_thread + kWaveBlocks * part);
   T* partials = scratch + threads * per_thread;
@@ -1001,8 +998,8 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
 
   auto block = [&](int64_t k, int64_t thread, T* sums) {
     T* d_gi = scratch + thread * per_thread;
-    T* d_gh = d_gi + grad_rows;
-    T* x_b = d_gh + grad_rows;
+    T* d_hn = d_gi + gi_rows;
+    T* x_b = d_hn + hn_rows;
     T* dh_b = x_b + block_max * I;
     T* d_rh = dh_b + R * hp;
     T* dx = d_rh + R * hp;
@@ -1027,7 +1024,7 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
       bg.d_rh = d_rh;
       bg.dh_stride = hp;
       bg.d_gi = d_gi + off[s] * 3 * H;
-      bg.d_gh = d_gh + off[s] * 3 * H;
+      bg.d_hn = d_hn + off[s] * H;
       bg.d_att = d_att != nullptr ? d_att + p0 : nullptr;
       run_gates(bg);
       if (tf) {
@@ -1039,10 +1036,14 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
         run_reset(bg);
       }
       for (int64_t i = 0; i < n; ++i) {
-        a_ptr[i] = tf ? bg.d_gi + i * 3 * H : bg.d_gh + i * 3 * H;
+        a_ptr[i] = bg.d_gi + i * 3 * H;
         c_ptr[i] = dh_b + i * hp;
       }
-      mm.add(n, a_ptr, 1, tf ? 2 * H : 3 * H, w_hh_p, hp, hp, c_ptr);
+      mm.add(n, a_ptr, 1, 2 * H, w_hh_p, hp, hp, c_ptr);  // through W_hr, W_hz
+      if (!tf) {  // through W_hn
+        for (int64_t i = 0; i < n; ++i) a_ptr[i] = bg.d_hn + i * H;
+        mm.add(n, a_ptr, 1, H, w_hh_p + 2 * H * hp, hp, hp, c_ptr);
+      }
       if (want_dx) {
         for (int64_t i = 0; i < n; ++i) {
           a_ptr[i] = bg.d_gi + i * 3 * H;
@@ -1066,13 +1067,13 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
     for (int64_t i = 0; i < block_rows; ++i) std::memcpy(dh_rows + (r0 + i) * H, dh_b + i * hp, H * sizeof(T));
     // The block's partial sums over its packed rows: W^T partials = (inputs)^T (gate
     // gradients), the inputs' rows `width` long (so ka = width walks a column of them).
-    auto transposed = [&](const T* rows_base, int64_t width, const T* grads, int64_t grad_cols, T* out,
-                          int64_t out_stride) {
+    auto transposed = [&](const T* rows_base, int64_t width, const T* grads, int64_t grad_stride,
+                          int64_t grad_cols, T* out, int64_t out_stride) {
       for (int64_t r = 0; r < width; ++r) {
         a_ptr[r] = rows_base + r;
         c_ptr[r] = out + r * out_stride;
       }
-      mm.set(width, a_ptr, width, packed_rows, grads, 3 * H, grad_cols, c_ptr);
+      mm.set(width, a_ptr, width, packed_rows, grads, grad_stride, grad_cols, c_ptr);
     };
     if (g.w_ih.defined()) {
       for (int64_t q = 0; q < packed_rows; ++q) {
@@ -1080,23 +1081,23 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
         const T scale = aigru ? att[flat] : T(1);
         for (int64_t j = 0; j < I; ++j) x_b[q * I + j] = x[flat * I + j] * scale;
       }
-      transposed(x_b, I, d_gi, cols, sums + part_ih, cols);
+      transposed(x_b, I, d_gi, 3 * H, cols, sums + part_ih, cols);
     }
     if (g.w_hh.defined()) {
+      transposed(ws.h + base * H, H, d_gi, 3 * H, rz_cols, sums + part_hh, hh_cols);
       if (tf) {
-        transposed(ws.h + base * H, H, d_gi, rz_cols, sums + part_hh, hh_cols);
-        transposed(ws.x + base * H, H, d_gi + 2 * H, hp, sums + part_hh + rz_cols, hh_cols);
+        transposed(ws.x + base * H, H, d_gi + 2 * H, 3 * H, hp, sums + part_hh + rz_cols, hh_cols);
       } else {
-        transposed(ws.h + base * H, H, d_gh, cols, sums + part_hh, hh_cols);
+        transposed(ws.h + base * H, H, d_hn, H, hp, sums + part_hh + rz_cols, hh_cols);
       }
     }
-    auto column_sums = [&](const T* grads, T* out) {
+    auto column_sums = [&](const T* grads, int64_t grad_stride, int64_t grad_cols, T* out) {
       a_ptr[0] = &one;
       c_ptr[0] = out;
-      mm.set(1, a_ptr, 0, packed_rows, grads, 3 * H, cols, c_ptr);
+      mm.set(1, a_ptr, 0, packed_rows, grads, grad_stride, grad_cols, c_ptr);
     };
-    if (g.b_ih.defined() || (tf && g.b_hh.defined())) column_sums(d_gi, sums + part_bih);
-    if (!tf && g.b_hh.defined()) column_sums(d_gh, sums + part_bhh);
+    if (g.b_ih.defined() || g.b_hh.defined()) column_sums(d_gi, 3 * H, cols, sums + part_bih);
+    if (!tf && g.b_hh.defined()) column_sums(d_hn, H, hp, sums + part_bhh);
   };
 
   for (int64_t w0 = 0; w0 < sc.blocks; w0 += kWaveBlocks) {
@@ -1113,15 +1114,16 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
   if (g.w_ih.defined()) g.w_ih.copy_(as_tensor(part_ih, I, cols).narrow(1, 0, 3 * H).t());
   if (g.w_hh.defined()) {
     const at::Tensor hh = as_tensor(part_hh, H, hh_cols);
-    if (tf) {
-      g.w_hh.narrow(0, 0, 2 * H).copy_(hh.narrow(1, 0, 2 * H).t());
-      g.w_hh.narrow(0, 2 * H, H).copy_(hh.narrow(1, rz_cols, H).t());
-    } else {
-      g.w_hh.copy_(hh.narrow(1, 0, 3 * H).t());
-    }
+    g.w_hh.narrow(0, 0, 2 * H).copy_(hh.narrow(1, 0, 2 * H).t());
+    g.w_hh.narrow(0, 2 * H, H).copy_(hh.narrow(1, rz_cols, H).t());
   }
-  if (g.b_ih.defined()) g.b_ih.copy_(as_tensor(part_bih, 1, cols).narrow(1, 0, 3 * H).squeeze(0));
-  if (g.b_hh.defined()) g.b_hh.copy_(as_tensor(tf ? part_bih : part_bhh, 1, cols).narrow(1, 0, 3 * H).squeeze(0));
+  // b_hr, b_hz add where b_ir, b_iz do (and all of b_hh in the tensorflow variant).
+  const at::Tensor b_sums = as_tensor(part_bih, 1, cols).narrow(1, 0, 3 * H).squeeze(0);
+  if (g.b_ih.defined()) g.b_ih.copy_(b_sums);
+  if (g.b_hh.defined()) {
+    g.b_hh.copy_(b_sums);
+    if (!tf) g.b_hh.narrow(0, 2 * H, H).copy_(as_tensor(part_bhh, 1, hp).narrow(1, 0, H).squeeze(0));
+  }
 }
 
 // Gradients of gru_scan_forward. `needs` = which of (x, att, h0, weight_ih, weight_hh,
