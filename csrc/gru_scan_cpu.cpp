@@ -1026,6 +1026,12 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
       bg.d_gi = d_gi + off[s] * 3 * H;
       bg.d_hn = d_hn + off[s] * H;
       bg.d_att = d_att != nullptr ? d_att + p0 : nullptr;
+      if (ds != nullptr && s > 0) {  // the next step's rows of d_states, T apart
+        for (int64_t i = 0; i < off[s] - off[s - 1]; ++i) {
+          const char* row = reinterpret_cast<const char*>(ds + src[base + off[s - 1] + i] * H);
+          for (int64_t byte = 0; byte < H * int64_t(sizeof(T)); byte += 64) prefetch(row + byte);
+        }
+      }
       run_gates(bg);
       if (tf) {
         for (int64_t i = 0; i < n; ++i) {
