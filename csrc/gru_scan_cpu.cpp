@@ -215,9 +215,10 @@ T* kept_scratch(int64_t elements) {
   return memory.data();
 }
 
-IK_INLINE void prefetch(const void* p) {
+IK_INLINE void prefetch_range(const void* p, int64_t bytes) {
 #if defined(__GNUC__)
-  __builtin_prefetch(p);
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
 #endif
 }
 
@@ -837,12 +838,8 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& b_gi, con
         a_h[i] = h_cur + i * hp;
       }
       // The next step's input rows (one per row, T apart) are not in cache yet.
-      if (s + 1 < steps) {
-        for (int64_t i = 0; i < off[s + 2] - off[s + 1]; ++i) {
-          const char* row = reinterpret_cast<const char*>(x + src[p0 + n + i] * I);
-          for (int64_t byte = 0; byte < I * int64_t(sizeof(T)); byte += 64) prefetch(row + byte);
-        }
-      }
+      for (int64_t i = 0; s + 1 < steps && i < off[s + 2] - off[s + 1]; ++i)
+        prefetch_range(x + src[p0 + n + i] * I, I * sizeof(T));
       mm.set(n, a_x, 1, I, w_ih_p, cols, cols, c_gi);
       if (a.mode == kAigru) {
         for (int64_t i = 0; i < n; ++i) {
@@ -1026,11 +1023,10 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
       bg.d_gi = d_gi + off[s] * 3 * H;
       bg.d_hn = d_hn + off[s] * H;
       bg.d_att = d_att != nullptr ? d_att + p0 : nullptr;
-      if (ds != nullptr && s > 0) {  // the next step's rows of d_states, T apart
-        for (int64_t i = 0; i < off[s] - off[s - 1]; ++i) {
-          const char* row = reinterpret_cast<const char*>(ds + src[base + off[s - 1] + i] * H);
-          for (int64_t byte = 0; byte < H * int64_t(sizeof(T)); byte += 64) prefetch(row + byte);
-        }
+      if (s > 0) {  // the next step's saved rows (the walk runs against memory order), d_states rows
+        const int64_t prev = base + off[s - 1], rows_prev = off[s] - off[s - 1];
+        for (T* saved : {ws.h, ws.r, ws.z, ws.n, ws.x}) prefetch_range(saved + prev * H, rows_prev * H * sizeof(T));
+        for (int64_t i = 0; ds != nullptr && i < rows_prev; ++i) prefetch_range(ds + src[prev + i] * H, H * sizeof(T));
       }
       run_gates(bg);
       if (tf) {
