@@ -10,18 +10,19 @@
 // nothing and padding is never read.
 //
 // Forward: GRU rows are independent, so each block runs all its steps before the next
-// (blocks spread over the threads), its h in a small buffer that stays in L1. Per step,
-// the block's input projections x W_ih^T and W_hh h come from a register-blocked product
-// (weights transposed and padded once, read from L1; AVX-512, AVX2 or portable vectors,
-// chosen at load time), then one fused pass over the running rows computes the gates and
-// the update and writes the output, h_last and what the backward needs. No library call
-// and no thread synchronisation per step.
+// (threads take the next block as they finish one), its h in a small buffer that stays
+// in L1. Per step, the block's input projections x W_ih^T and W_hh h come from a
+// register-blocked product (weights transposed and padded once, read from L1; AVX-512,
+// AVX2 or portable vectors, chosen at load time), then one fused pass over the running
+// rows computes the gates and the update and writes the output, h_last and what the
+// backward needs. No library call and no thread synchronisation per step.
 //
 // Backward: per block, the steps in reverse: the fused gate backward writes the gate
-// gradients of the block's packed rows, and dh goes back through W_hh by the same product.
-// Consecutive blocks form waves (fixed by the schedule); once a wave's blocks are done its
-// gate gradients are folded into the weight, bias and input gradients by GEMMs, in wave
-// order, so no sum depends on the number of threads.
+// gradients of the block's packed rows, dh goes back through W_hh and the input gradient
+// through W_ih by the same product; then the block's weight and bias gradients are
+// partial sums over its packed rows (transposed products, while they are in cache). The
+// partials are added in block order, a wave of blocks at a time, so no sum depends on the
+// number of threads.
 //
 // Saved for the backward (the "workspace"): five (B*T, H) tensors in the compute dtype,
 // per packed row h_prev, r, z, n and X = W_hn h_prev + b_hn (paper) or r * h_prev
@@ -43,6 +44,7 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
 #include <climits>
 #include <cmath>
@@ -195,14 +197,16 @@ Schedule make_schedule(int64_t batch, int64_t seq_len, const std::optional<at::T
   return sc;
 }
 
-// Runs fn(block, t) for every block on the intra-op threads, thread t taking blocks t, t + n,
-// ...: the blocks are sorted by length, so every thread gets a like share of the steps.
+// Runs fn(block, t) for blocks [begin, end) on the intra-op threads, t < get_num_threads()
+// naming the thread's scratch. Threads take the next block as they finish one (longest
+// first): a thread the OS holds back costs at most one block's wait.
 template <typename F>
 void for_each_block(int64_t begin, int64_t end, const F& fn) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), end - begin));
+  std::atomic<int64_t> next{begin};
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
-      for (int64_t k = begin + t; k < end; k += threads) fn(k, t);
+      for (int64_t k = next.fetch_add(1); k < end; k = next.fetch_add(1)) fn(k, t);
   });
 }
 
