@@ -116,10 +116,18 @@ struct Schedule {
 // Zero the rows of `flat` (B*T, C), contiguous, at invalid positions.
 void zero_invalid_rows(at::Tensor& flat, const Schedule& sc) {
   if (sc.valid.empty() || flat.numel() == 0) return;
-  const int64_t row_bytes = flat.size(1) * flat.element_size();
+  const int64_t row_bytes = flat.size(1) * flat.element_size(), positions = sc.batch * sc.seq_len;
   char* base = static_cast<char*>(flat.data_ptr());
-  for (int64_t p = 0; p < sc.batch * sc.seq_len; ++p)
-    if (!sc.valid[p]) std::memset(base + p * row_bytes, 0, row_bytes);
+  for (int64_t p = 0; p < positions;) {  // one memset per run of invalid positions
+    if (sc.valid[p]) {
+      ++p;
+      continue;
+    }
+    int64_t end = p + 1;
+    while (end < positions && !sc.valid[end]) ++end;
+    std::memset(base + p * row_bytes, 0, (end - p) * row_bytes);
+    p = end;
+  }
 }
 
 // Valid steps per row from lengths (clamped to [0, T]: value checks may have been skipped)
