@@ -948,7 +948,7 @@ gru_scan_forward(
   return {states, h_last, workspace[0], workspace[1], workspace[2], workspace[3], workspace[4]};
 }
 
-// Gradients accumulated by the backward scan (compute dtype); undefined when not wanted.
+// Gradients the backward scan writes (compute dtype); undefined when not wanted.
 struct Grads {
   at::Tensor x;        // (B*T, I)
   at::Tensor att;      // packed (N,)
