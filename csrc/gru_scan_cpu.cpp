@@ -1,21 +1,28 @@
 // Fused CPU kernels for the GRU-family scans (SPEC section 2): gru, aigru, agru, augru,
 // variants paper and tensorflow, forward and backward.
 //
-// Layout. Rows are ordered once, here, by their number of valid steps (longest first),
-// and the valid steps of each row are numbered 0, 1, ...; with a mask a row's valid steps
-// are its true positions (a masked step leaves h unchanged, so skipping it is exact). At
-// scan step s the rows still running are then the prefix [0, count[s]) of that order, and
-// their data lives "packed": packed row offset[s] + i is row perm[i] at its s-th valid
-// position (PyTorch's PackedSequence layout). Finished rows and padding cost nothing and
-// padding is never read.
+// Layout. Rows are ordered once, here, by their number of valid steps (longest first), and
+// the valid steps of each row are numbered 0, 1, ...; with a mask a row's valid steps are
+// its true positions (a masked step leaves h unchanged, so skipping it is exact). The
+// sorted rows are cut into blocks of kBlockRows; at step s the rows of a block still
+// running are a prefix of it. Packed rows (what the backward's workspace holds) are
+// numbered block by block, step by step, row by row. Finished rows and padding cost
+// nothing and padding is never read.
 //
-// Forward: the valid inputs (N, I) are projected to (N, 3H) by GEMMs over groups of
-// consecutive steps (one GEMM when N is small; otherwise groups of about 1 MB of output,
-// which stay in cache until read); then per step one GEMM h_prev (n, H) x W_hh^T and one
-// fused pass over the n running rows (gates, update, writes of the output, of h_last and
-// of what the backward needs). The backward walks the steps in reverse with one GEMM per
-// step for dh, writes the gate gradients of a group of steps, and folds each group into
-// the weight, bias and input gradients with GEMMs while it is in cache.
+// Forward: GRU rows are independent, so each block runs all its steps before the next
+// (threads take the next block as they finish one), its h in a small buffer that stays
+// in L1. Per step, the block's input projections x W_ih^T and W_hh h come from a
+// register-blocked product (weights transposed and padded once, read from L1; AVX-512,
+// AVX2 or portable vectors, chosen at load time), then one fused pass over the running
+// rows computes the gates and the update and writes the output, h_last and what the
+// backward needs. No library call and no thread synchronisation per step.
+//
+// Backward: per block, the steps in reverse: the fused gate backward writes the gate
+// gradients of the block's packed rows, dh goes back through W_hh and the input gradient
+// through W_ih by the same product; then the block's weight and bias gradients are
+// partial sums over its packed rows (transposed products, while they are in cache). The
+// partials are added in block order, a wave of blocks at a time, so no sum depends on the
+// number of threads.
 //
 // Saved for the backward (the "workspace"): five (B*T, H) tensors in the compute dtype,
 // per packed row h_prev, r, z, n and X = W_hn h_prev + b_hn (paper) or r * h_prev
@@ -37,10 +44,12 @@
 
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <bit>
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <numeric>
 #include <string>
@@ -85,41 +94,45 @@ IK_INLINE double tanh_(double x) { return std::tanh(x); }
 
 // ---- the schedule -------------------------------------------------------------------------
 
+// Sorted rows are scanned in blocks of this many: a block runs all its steps before the next
+// (its state stays in L1), blocks are independent tasks.
+constexpr int64_t kBlockRows = 16;
+
 struct Schedule {
-  int64_t batch = 0, seq_len = 0, steps = 0, packed = 0;
-  std::vector<int64_t> perm;    // sorted position i -> row b
-  std::vector<int64_t> count;   // rows running at step s (steps + 1 entries, last 0)
-  std::vector<int64_t> offset;  // first packed row of step s (steps + 1 entries)
-  at::Tensor src;               // (N,) int64: flat b * T + t of each packed row
-  std::vector<uint8_t> valid;   // (B*T): position valid; empty when all are
+  int64_t batch = 0, seq_len = 0, packed = 0, blocks = 0;
+  std::vector<int64_t> perm;         // sorted position i -> row b
+  std::vector<int64_t> block_base;   // blocks + 1: first packed row of each block, then N
+  std::vector<int64_t> block_steps;  // steps of each block (those of its first, longest row)
+  std::vector<int64_t> step_start;   // where each block's entries of step_offset begin
+  std::vector<int64_t> step_offset;  // per block, steps + 1 entries: packed row of step s
+                                     // relative to the block's base (rows running: the difference)
+  at::Tensor src;                    // (N,) int64: flat b * T + t of each packed row
+  std::vector<uint8_t> valid;        // (B*T): position valid; empty when all are
+
+  int64_t first_row(int64_t block) const { return block * kBlockRows; }
+  const int64_t* offsets(int64_t block) const { return step_offset.data() + step_start[block]; }
 };
 
 // Zero the rows of `flat` (B*T, C), contiguous, at invalid positions.
 void zero_invalid_rows(at::Tensor& flat, const Schedule& sc) {
   if (sc.valid.empty() || flat.numel() == 0) return;
-  const int64_t row_bytes = flat.size(1) * flat.element_size();
+  const int64_t row_bytes = flat.size(1) * flat.element_size(), positions = sc.batch * sc.seq_len;
   char* base = static_cast<char*>(flat.data_ptr());
-  for (int64_t p = 0; p < sc.batch * sc.seq_len; ++p)
-    if (!sc.valid[p]) std::memset(base + p * row_bytes, 0, row_bytes);
-}
-
-// Consecutive steps grouped so that each group's packed rows number at most `rows` (a
-// group holds at least one step): returns the first step of each group, then `steps`.
-std::vector<int64_t> step_groups(const Schedule& sc, int64_t rows) {
-  std::vector<int64_t> starts;
-  int64_t s = 0;
-  while (s < sc.steps) {
-    starts.push_back(s);
-    int64_t last = s + 1;
-    while (last < sc.steps && sc.offset[last + 1] - sc.offset[s] <= rows) ++last;
-    s = last;
+  for (int64_t p = 0; p < positions;) {  // one memset per run of invalid positions
+    if (sc.valid[p]) {
+      ++p;
+      continue;
+    }
+    int64_t end = p + 1;
+    while (end < positions && !sc.valid[end]) ++end;
+    std::memset(base + p * row_bytes, 0, (end - p) * row_bytes);
+    p = end;
   }
-  starts.push_back(sc.steps);
-  return starts;
 }
 
 // Valid steps per row from lengths (clamped to [0, T]: value checks may have been skipped)
-// or from a mask; rows sorted by that number, longest first, ties in row order.
+// or from a mask; rows sorted by that number, longest first, ties in row order; packed rows
+// numbered block by block, within a block step by step, within a step in sorted order.
 Schedule make_schedule(int64_t batch, int64_t seq_len, const std::optional<at::Tensor>& lengths,
                        const std::optional<at::Tensor>& mask) {
   Schedule sc;
@@ -150,16 +163,24 @@ Schedule make_schedule(int64_t batch, int64_t seq_len, const std::optional<at::T
   std::iota(sc.perm.begin(), sc.perm.end(), int64_t(0));
   std::stable_sort(sc.perm.begin(), sc.perm.end(),
                    [&](int64_t a, int64_t b) { return valid[a] > valid[b]; });
-  sc.steps = batch > 0 ? valid[sc.perm[0]] : 0;
-  sc.count.assign(sc.steps + 1, 0);
-  sc.offset.assign(sc.steps + 1, 0);
-  int64_t running = batch;
-  for (int64_t s = 0; s < sc.steps; ++s) {
-    while (running > 0 && valid[sc.perm[running - 1]] <= s) --running;
-    sc.count[s] = running;
-    sc.offset[s + 1] = sc.offset[s] + running;
+  sc.blocks = (batch + kBlockRows - 1) / kBlockRows;
+  sc.block_base.assign(sc.blocks + 1, 0);
+  sc.block_steps.assign(sc.blocks, 0);
+  sc.step_start.assign(sc.blocks, 0);
+  for (int64_t k = 0; k < sc.blocks; ++k) {
+    const int64_t r0 = sc.first_row(k);
+    const int64_t steps = valid[sc.perm[r0]];
+    sc.block_steps[k] = steps;
+    sc.step_start[k] = static_cast<int64_t>(sc.step_offset.size());
+    sc.step_offset.push_back(0);
+    int64_t running = std::min(kBlockRows, batch - r0);
+    for (int64_t s = 0; s < steps; ++s) {
+      while (running > 0 && valid[sc.perm[r0 + running - 1]] <= s) --running;
+      sc.step_offset.push_back(sc.step_offset.back() + running);
+    }
+    sc.block_base[k + 1] = sc.block_base[k] + sc.step_offset.back();
   }
-  sc.packed = sc.offset[sc.steps];
+  sc.packed = sc.block_base[sc.blocks];
   if (sc.packed < batch * seq_len) {
     sc.valid.assign(batch * seq_len, 0);
     if (mask_c.defined()) {
@@ -170,19 +191,213 @@ Schedule make_schedule(int64_t batch, int64_t seq_len, const std::optional<at::T
   }
   sc.src = at::empty({sc.packed}, at::kLong);
   int64_t* src = sc.src.data_ptr<int64_t>();
-  for (int64_t s = 0; s < sc.steps; ++s) {
-    for (int64_t i = 0; i < sc.count[s]; ++i) {
-      const int64_t b = sc.perm[i];
-      const int64_t t = positions.empty() ? s : positions[b * seq_len + s];
-      src[sc.offset[s] + i] = b * seq_len + t;
+  for (int64_t k = 0; k < sc.blocks; ++k) {
+    const int64_t r0 = sc.first_row(k);
+    const int64_t* off = sc.offsets(k);
+    for (int64_t s = 0; s < sc.block_steps[k]; ++s) {
+      for (int64_t i = 0; i < off[s + 1] - off[s]; ++i) {
+        const int64_t b = sc.perm[r0 + i];
+        const int64_t t = positions.empty() ? s : positions[b * seq_len + s];
+        src[sc.block_base[k] + off[s] + i] = b * seq_len + t;
+      }
     }
   }
   return sc;
 }
 
-// ---- per-step gate passes over a block of running rows --------------------------------------
+// Runs fn(block, t) for blocks [begin, end) on the intra-op threads, t < get_num_threads()
+// naming the thread's scratch. Threads take the next block as they finish one (longest
+// first): a thread the OS holds back costs at most one block's wait.
+template <typename F>
+void for_each_block(int64_t begin, int64_t end, const F& fn) {
+  const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), end - begin));
+  std::atomic<int64_t> next{begin};
+  at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t k = next.fetch_add(1); k < end; k = next.fetch_add(1)) fn(k, t);
+  });
+}
 
-// Rows of the five saved quantities (see the top of the file), each with stride H.
+// Scratch memory the calling thread keeps between calls: a fresh allocation of this size
+// is page-faulted in anew on every call (about 1.5 us a page on the 2-core VM).
+template <typename T>
+T* kept_scratch(int64_t elements) {
+  thread_local std::vector<T> memory;
+  if (static_cast<int64_t>(memory.size()) < elements) memory.resize(elements);
+  return memory.data();
+}
+
+IK_INLINE void prefetch_range(const void* p, int64_t bytes) {
+#if defined(__GNUC__)
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b);
+#endif
+}
+
+// ---- register-blocked matrix products ---------------------------------------------------------
+//
+// C = A B or C += A B for a block's rows: A and C given as row pointers (n of them; A's
+// elements k * ka apart, ka = 1 or a transposed operand's row stride), B
+// row-major (K, cols) with row stride ldb, `cols` a multiple of the vector width (B and the
+// C rows are padded to it; the pad columns of B are zero). Tiles of MR rows x NV vectors stay
+// in registers through the K loop; B's tile is reused by all row tiles while in L1. The
+// vectors are GCC/Clang vector extensions; instantiated per instruction set below.
+
+#if defined(__GNUC__)
+// The vector types only cross calls inside functions compiled for their instruction set.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#endif
+
+template <typename T, int BYTES>
+struct Lanes {
+#if defined(__GNUC__)
+  typedef T V __attribute__((vector_size(BYTES)));
+  static constexpr int64_t L = BYTES / sizeof(T);
+#else
+  using V = T;
+  static constexpr int64_t L = 1;
+#endif
+  static IK_INLINE V load(const T* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(V));
+    return v;
+  }
+  static IK_INLINE void store(T* p, const V& v) { std::memcpy(p, &v, sizeof(V)); }
+};
+
+template <typename S, typename T, int MR, int NV, bool ACC>
+IK_INLINE void matmul_tile(const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, T* const* c, int64_t col) {
+  using V = typename S::V;
+  constexpr int64_t L = S::L;
+  V acc[MR][NV];
+  const T* ar[MR];
+  for (int r = 0; r < MR; ++r) {
+    ar[r] = a[r];
+    for (int v = 0; v < NV; ++v) acc[r][v] = ACC ? S::load(c[r] + col + v * L) : V{};
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* bk = b + k * ldb + col;
+    for (int v = 0; v < NV; ++v) {
+      const V w = S::load(bk + v * L);
+      for (int r = 0; r < MR; ++r) acc[r][v] += w * ar[r][k * ka];
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int v = 0; v < NV; ++v) S::store(c[r] + col + v * L, acc[r][v]);
+}
+
+// Row tiles of MR, then one of the remaining 1..MR-1 rows.
+template <typename S, typename T, int MR, int NV, bool ACC>
+IK_INLINE void matmul_rows(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, T* const* c,
+                           int64_t col) {
+  int64_t i = 0;
+  for (; i + MR <= n; i += MR) matmul_tile<S, T, MR, NV, ACC>(a + i, ka, K, b, ldb, c + i, col);
+  if constexpr (MR > 1) {
+    if (n - i > 0) matmul_rows<S, T, MR - 1, NV, ACC>(n - i, a + i, ka, K, b, ldb, c + i, col);
+  }
+}
+
+template <typename S, typename T, int MR, int NV, bool ACC>
+IK_INLINE void matmul_width(int64_t nv, int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb,
+                            T* const* c, int64_t col) {
+  if constexpr (NV > 1) {
+    if (nv < NV) return matmul_width<S, T, MR, NV - 1, ACC>(nv, n, a, ka, K, b, ldb, c, col);
+  }
+  matmul_rows<S, T, MR, NV, ACC>(n, a, ka, K, b, ldb, c, col);
+}
+
+template <typename S, typename T, int MR, int NV, bool ACC>
+IK_INLINE void matmul(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, int64_t cols,
+                      T* const* c) {
+  const int64_t vectors = cols / S::L;
+  const int64_t tiles = (vectors + NV - 1) / NV;
+  for (int64_t t = 0, v0 = 0; t < tiles; ++t) {
+    const int64_t width = (vectors - v0 + tiles - t - 1) / (tiles - t);  // tiles of like widths
+    matmul_width<S, T, MR, NV, ACC>(width, n, a, ka, K, b, ldb, c, v0 * S::L);
+    v0 += width;
+  }
+}
+
+template <typename T>
+using MatmulFn = void (*)(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, int64_t cols,
+                          T* const* c);
+
+// Portable: 16-byte vectors, 3 x 4 tiles (12 accumulators fit 16 registers).
+template <typename T, bool ACC>
+void matmul_portable(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b, int64_t ldb, int64_t cols,
+                     T* const* c) {
+  matmul<Lanes<T, 16>, T, 3, 4, ACC>(n, a, ka, K, b, ldb, cols, c);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#define IK_MATMUL_DISPATCH 1
+// AVX-512: 4 x 6 tiles of 64-byte vectors (24 of the 32 registers).
+template <typename T, bool ACC>
+__attribute__((target("avx512f"))) void matmul_avx512(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b,
+                                                      int64_t ldb, int64_t cols, T* const* c) {
+  matmul<Lanes<T, 64>, T, 4, 6, ACC>(n, a, ka, K, b, ldb, cols, c);
+}
+// AVX2 + FMA: 3 x 4 tiles of 32-byte vectors.
+template <typename T, bool ACC>
+__attribute__((target("avx2,fma"))) void matmul_avx2(int64_t n, const T* const* a, int64_t ka, int64_t K, const T* b,
+                                                     int64_t ldb, int64_t cols, T* const* c) {
+  matmul<Lanes<T, 32>, T, 3, 4, ACC>(n, a, ka, K, b, ldb, cols, c);
+}
+#endif
+
+// The product for this CPU: C = A B, or C += A B with `accumulate`. The environment variable
+// INTEREST_KERNELS_GRU_MATMUL = avx2 or portable caps the choice (tests run every path).
+template <typename T>
+MatmulFn<T> pick_matmul(bool accumulate) {
+  const char* cap = std::getenv("INTEREST_KERNELS_GRU_MATMUL");
+  const std::string limit = cap != nullptr ? cap : "";
+#ifdef IK_MATMUL_DISPATCH
+  __builtin_cpu_init();
+  if (limit != "avx2" && limit != "portable" && __builtin_cpu_supports("avx512f"))
+    return accumulate ? matmul_avx512<T, true> : matmul_avx512<T, false>;
+  if (limit != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+    return accumulate ? matmul_avx2<T, true> : matmul_avx2<T, false>;
+#endif
+  return accumulate ? matmul_portable<T, true> : matmul_portable<T, false>;
+}
+
+template <typename T>
+struct Matmul {
+  MatmulFn<T> set = pick_matmul<T>(false);
+  MatmulFn<T> add = pick_matmul<T>(true);
+};
+
+// Units are processed in blocks of W = one 64-byte line (16 float32, 8 float64): the
+// compiler turns a block into straight vector code. Rows of the scan's buffers are padded
+// to whole blocks (a multiple of every vector width above too).
+template <typename T>
+constexpr int64_t kUnitBlock = 64 / sizeof(T);
+
+template <typename T>
+int64_t padded(int64_t n) {
+  return (n + kUnitBlock<T> - 1) / kUnitBlock<T> * kUnitBlock<T>;
+}
+
+// w (rows, K) transposed into a zero-padded (K, padded(rows)) matrix.
+at::Tensor packed_transpose(const at::Tensor& w, int64_t cols) {
+  at::Tensor out = at::zeros({w.size(1), cols}, w.options());
+  out.narrow(1, 0, w.size(0)).copy_(w.t());
+  return out;
+}
+
+// w (rows, K) zero-padded to (rows, cols).
+at::Tensor packed_rows(const at::Tensor& w, int64_t cols) {
+  at::Tensor out = at::zeros({w.size(0), cols}, w.options());
+  out.narrow(1, 0, w.size(1)).copy_(w);
+  return out;
+}
+
+// ---- per-step gate passes over the running rows of a block ---------------------------------
+//
+// Each pass is a loop over rows of loops over the H units. The row functions are
+// specialised at compile time on mode, variant and what is written, so the unit loops
+// hold no branches and vectorise (`omp simd`; the clones below pick the instruction set).
+
 template <typename T>
 struct Saved {
   T *h = nullptr, *r = nullptr, *z = nullptr, *n = nullptr, *x = nullptr;
@@ -191,58 +406,6 @@ struct Saved {
     return {h + o, r + o, z + o, n + o, x + o};
   }
 };
-//
-// Each pass is a loop over rows of loops over the H units. The row functions are
-// specialised at compile time on mode, variant and what is written, so the unit loops
-// hold no branches and vectorise (`omp simd`; the clones below pick the instruction set).
-
-template <typename T>
-struct ForwardStep {
-  int64_t hidden;
-  int mode;
-  bool tensorflow;
-  const T* gi;       // this step's input projections (n, 3H), without bias
-  const T* b_gi;     // (3H,) bias added to gi (b_ih, plus b_hr, b_hz; tensorflow: all of b_hh)
-  const T* gh;       // (n, 3H) paper; (n, 2H) r, z for tensorflow
-  const T* gh_n;     // tensorflow: W_hn (r h) rows (n, H)
-  const T* b_hn;     // paper: (H,) (zeros without bias_hh)
-  const T* att;      // this step's packed attention scores, or null
-  const T* h_prev;   // stride hp_stride
-  int64_t hp_stride;
-  T* h_next;         // next step's h_prev rows (i < next_count), stride hn_stride
-  int64_t hn_stride;
-  int64_t next_count;
-  Saved<T> saved;    // this step's saved rows, when kept
-  bool keep;
-  T* states;         // (B*T, H) or null
-  T* h_last;         // (B, H)
-  const int64_t* src;   // this step's packed flat indices
-  const int64_t* perm;
-};
-
-// Tensorflow variant, first half: r * h (into `rh`, stride rh_stride).
-template <typename T>
-IK_INLINE void forward_reset_block(const ForwardStep<T>& a, T* rh, int64_t rh_stride, int64_t begin,
-                                   int64_t end) {
-  const int64_t H = a.hidden;
-  for (int64_t i = begin; i < end; ++i) {
-    const T* __restrict gi = a.gi + i * 3 * H;
-    const T* __restrict gh = a.gh + i * 2 * H;
-    const T* __restrict b = a.b_gi;
-    const T* __restrict h = a.h_prev + i * a.hp_stride;
-    T* __restrict out = rh + i * rh_stride;
-#pragma omp simd
-    for (int64_t j = 0; j < H; ++j) out[j] = sigmoid(gi[j] + b[j] + gh[j]) * h[j];
-  }
-}
-
-// Units are processed in blocks of a fixed width W (one 512-bit vector of floats): the
-// compiler turns a block into straight vector code. The last, partial block of a row
-// (H % W units) goes through zero-padded copies on the stack instead of a scalar
-// epilogue, which at H = 36 cost as much as the two full blocks.
-template <typename T>
-constexpr int64_t kUnitBlock = 64 / sizeof(T);
-
 // Inputs of one block of units: the three gates' parts are `gs` elements apart.
 template <typename T>
 struct ForwardUnits {
@@ -299,100 +462,107 @@ IK_INLINE void forward_units(const ForwardUnits<T>& u, T at, const SavedUnits<T>
   }
 }
 
+// One step of a block's forward: rows 0..n of its buffers.
+template <typename T>
+struct ForwardGates {
+  int64_t hidden, n, n_next;  // rows running at this step, and at the next
+  int mode;
+  bool tensorflow, keep;
+  const T* gi;          // x W_ih^T rows (scaled by the scores for aigru)
+  const T* gh;          // W_hh h rows: r, z, n (paper); r, z (tensorflow)
+  const T* ghn;         // tensorflow: W_hn (r h) rows
+  int64_t stride;       // of the gi, gh and ghn rows
+  const T* b_gi;        // (3H) padded: b_ih, plus b_hr and b_hz (tensorflow: all of b_hh)
+  const T* b_hn;        // (H) padded: paper's b_hn (zeros without bias_hh)
+  const T* h;           // h before the step, rows of stride h_stride
+  T* h_next;            // h after it
+  T* rh;                // tensorflow: r h rows
+  int64_t h_stride;
+  const T* att;         // (B*T,) scores, indexed by src; or null
+  const int64_t* src;   // this step's flat b * T + t
+  Saved<T> saved;       // this step's first saved rows (stride H), when kept
+  T* states;            // (B*T, H) or null
+  T* h_last;            // (B, H): rows i >= n_next end here, as row perm[i]
+  const int64_t* perm;
+};
+
+// The last, partial block of units (H % W) reads whole blocks from the padded buffers and
+// lands its saved quantities on the stack, copied out from there.
 template <typename T, int MODE, bool TF, bool KEEP>
-IK_INLINE void forward_row(const ForwardStep<T>& a, int64_t i) {
+IK_INLINE void forward_row(const ForwardGates<T>& g, int64_t i) {
   constexpr int64_t W = kUnitBlock<T>;
-  const int64_t H = a.hidden;
-  const T* gi = a.gi + i * 3 * H;
-  const T* gh = a.gh + i * (TF ? 2 * H : 3 * H);
-  const T* ghn = TF ? a.gh_n + i * H : a.b_hn;
-  const T* h = a.h_prev + i * a.hp_stride;
-  const T at = (MODE == kAgru || MODE == kAugru) ? a.att[i] : T(0);
-  T* out = i < a.next_count ? a.h_next + i * a.hn_stride : a.h_last + a.perm[i] * H;
-  const Saved<T> sv = KEEP ? a.saved.at_row(i, H) : Saved<T>{};
-  // tensorflow's gh holds r, z only: its n part is never read (x = r h there).
+  const int64_t H = g.hidden;
+  const T* gi = g.gi + i * g.stride;
+  const T* gh = g.gh + i * g.stride;
+  const T* ghn = TF ? g.ghn + i * g.stride : g.b_hn;
+  const T* h = g.h + i * g.h_stride;
+  T* out = g.h_next + i * g.h_stride;
+  const T at = (MODE == kAgru || MODE == kAugru) ? g.att[g.src[i]] : T(0);
+  const Saved<T> sv = KEEP ? g.saved.at_row(i, H) : Saved<T>{};
   const int64_t full = H - H % W;
   for (int64_t j = 0; j < full; j += W) {
-    const ForwardUnits<T> u{gi + j, a.b_gi + j, gh + j, ghn + j, a.b_hn + j, h + j, H};
+    const ForwardUnits<T> u{gi + j, g.b_gi + j, gh + j, ghn + j, g.b_hn + j, h + j, H};
     const SavedUnits<T> o = KEEP ? SavedUnits<T>{out + j, sv.h + j, sv.r + j, sv.z + j, sv.n + j, sv.x + j}
                                  : SavedUnits<T>{out + j, nullptr, nullptr, nullptr, nullptr, nullptr};
     forward_units<T, MODE, TF, KEEP>(u, at, o);
   }
   if (const int64_t rest = H - full; rest > 0) {
-    alignas(64) T in[3 * W * 3 + 3 * W] = {};  // gi, b, gh (3 gates each), then ghn, bhn, h
-    alignas(64) T res[6 * W];
-    T* l_gi = in;
-    T* l_b = in + 3 * W;
-    T* l_gh = in + 6 * W;
-    T* l_ghn = in + 9 * W;
-    T* l_bhn = in + 10 * W;
-    T* l_h = in + 11 * W;
-    for (int g = 0; g < 3; ++g) {
-      std::memcpy(l_gi + g * W, gi + g * H + full, rest * sizeof(T));
-      std::memcpy(l_b + g * W, a.b_gi + g * H + full, rest * sizeof(T));
-      if (g < 2 || !TF) std::memcpy(l_gh + g * W, gh + g * H + full, rest * sizeof(T));
-    }
-    if (TF) std::memcpy(l_ghn, ghn + full, rest * sizeof(T));
-    std::memcpy(l_bhn, a.b_hn + full, rest * sizeof(T));
-    std::memcpy(l_h, h + full, rest * sizeof(T));
-    const ForwardUnits<T> u{l_gi, l_b, l_gh, l_ghn, l_bhn, l_h, W};
-    const SavedUnits<T> o{res, res + W, res + 2 * W, res + 3 * W, res + 4 * W, res + 5 * W};
-    forward_units<T, MODE, TF, KEEP>(u, at, o);
-    std::memcpy(out + full, res, rest * sizeof(T));
+    alignas(64) T res[5 * W];
+    const ForwardUnits<T> u{gi + full, g.b_gi + full, gh + full, ghn + full, g.b_hn + full, h + full, H};
+    forward_units<T, MODE, TF, KEEP>(u, at, SavedUnits<T>{out + full, res, res + W, res + 2 * W, res + 3 * W, res + 4 * W});
     if constexpr (KEEP) {
       T* dst[5] = {sv.h, sv.r, sv.z, sv.n, sv.x};
-      for (int k = 0; k < 5; ++k) std::memcpy(dst[k] + full, res + (k + 1) * W, rest * sizeof(T));
+      for (int k = 0; k < 5; ++k) std::memcpy(dst[k] + full, res + k * W, rest * sizeof(T));
     }
   }
-  if (a.states != nullptr) std::memcpy(a.states + a.src[i] * H, out, H * sizeof(T));
+  if (g.states != nullptr) std::memcpy(g.states + g.src[i] * H, out, H * sizeof(T));
+  if (i >= g.n_next) std::memcpy(g.h_last + g.perm[i] * H, out, H * sizeof(T));
 }
 
 template <typename T, bool TF, bool KEEP>
-IK_INLINE void forward_block_for(const ForwardStep<T>& a, int64_t begin, int64_t end) {
-  switch (a.mode) {
+IK_INLINE void forward_rows(const ForwardGates<T>& g) {
+  switch (g.mode) {
     case kAgru:
-      for (int64_t i = begin; i < end; ++i) forward_row<T, kAgru, TF, KEEP>(a, i);
+      for (int64_t i = 0; i < g.n; ++i) forward_row<T, kAgru, TF, KEEP>(g, i);
       break;
     case kAugru:
-      for (int64_t i = begin; i < end; ++i) forward_row<T, kAugru, TF, KEEP>(a, i);
+      for (int64_t i = 0; i < g.n; ++i) forward_row<T, kAugru, TF, KEEP>(g, i);
       break;
-    default:  // gru, aigru (its inputs were scaled before the projection)
-      for (int64_t i = begin; i < end; ++i) forward_row<T, kGru, TF, KEEP>(a, i);
+    default:  // gru, aigru (its projections were scaled by the scores)
+      for (int64_t i = 0; i < g.n; ++i) forward_row<T, kGru, TF, KEEP>(g, i);
   }
 }
 
 template <typename T>
-IK_INLINE void forward_block(const ForwardStep<T>& a, int64_t begin, int64_t end) {
-  const bool keep = a.keep;
-  if (a.tensorflow) {
-    keep ? forward_block_for<T, true, true>(a, begin, end) : forward_block_for<T, true, false>(a, begin, end);
+IK_INLINE void forward_gates(const ForwardGates<T>& g) {
+  if (g.tensorflow) {
+    g.keep ? forward_rows<T, true, true>(g) : forward_rows<T, true, false>(g);
   } else {
-    keep ? forward_block_for<T, false, true>(a, begin, end) : forward_block_for<T, false, false>(a, begin, end);
+    g.keep ? forward_rows<T, false, true>(g) : forward_rows<T, false, false>(g);
   }
 }
 
+// Tensorflow variant, first half: r * h (into `rh`).
 template <typename T>
-struct BackwardStep {
-  int64_t hidden;
-  int mode;
-  bool tensorflow;
-  Saved<T> saved;     // this step's saved rows
-  const T* att;       // packed scores of this step, or null
-  const T* d_states;  // (B*T, H) or null
-  const int64_t* src;
-  T* dh;              // (n, H): in: gradient reaching h after this step; out: `direct` part
-  T* d_gi;            // this step's packed rows of (N, 3H)
-  T* d_gh;            // paper: this step's packed rows of (N, 3H) ([r, z, r * d_pre_n])
-  T* d_att;           // packed, or null
-  const T* d_rh;      // tensorflow second pass: d(r h) rows (n, H)
-};
+IK_INLINE void forward_reset(const ForwardGates<T>& g) {
+  const int64_t H = g.hidden;
+  for (int64_t i = 0; i < g.n; ++i) {
+    const T* __restrict gi = g.gi + i * g.stride;
+    const T* __restrict gh = g.gh + i * g.stride;
+    const T* __restrict b = g.b_gi;
+    const T* __restrict h = g.h + i * g.h_stride;
+    T* __restrict out = g.rh + i * g.h_stride;
+#pragma omp simd
+    for (int64_t j = 0; j < H; ++j) out[j] = sigmoid(gi[j] + b[j] + gh[j]) * h[j];
+  }
+}
 
 // One block of units of the backward (see forward_units): saved rows in, the incoming dh
 // (plus d_states when DS) in, gate gradients and the `direct` part of dh out.
 template <typename T>
 struct BackwardUnits {
   const T *h, *r, *z, *n, *x, *ds;
-  T *dh, *dgi, *dgh;  // dgi, dgh: three gates `gs` apart
+  T *dh, *dgi, *dhn;  // dgi: three gates `gs` apart; dhn (paper): r * d_pre_n
   int64_t gs;
 };
 
@@ -408,7 +578,7 @@ IK_INLINE T backward_units(const BackwardUnits<T>& u, T at) {
   const T* __restrict ds = u.ds;
   T* __restrict dh = u.dh;
   T* __restrict dgi = u.dgi;
-  T* __restrict dgh = u.dgh;
+  T* __restrict dhn = u.dhn;
   T da = T(0);
 #pragma omp simd reduction(+ : da)
   for (int64_t j = 0; j < W; ++j) {
@@ -446,36 +616,52 @@ IK_INLINE T backward_units(const BackwardUnits<T>& u, T at) {
     if constexpr (!TF) {
       const T d_pre_r = d_pre_n * x * r * (T(1) - r);
       dgi[j] = d_pre_r;
-      dgh[j] = d_pre_r;
-      dgh[gs + j] = d_pre_z;
-      dgh[2 * gs + j] = d_pre_n * r;
+      dhn[j] = d_pre_n * r;
     }
     dh[j] = direct;
   }
   return da;
 }
 
+// One step of a block's backward: rows 0..n.
+template <typename T>
+struct BackwardGates {
+  int64_t hidden, n;
+  int mode;
+  bool tensorflow;
+  Saved<T> saved;       // this step's first saved rows (stride H)
+  const T* att;         // (B*T,) scores, indexed by src; or null
+  const T* d_states;    // (B*T, H) or null
+  const int64_t* src;
+  T* dh;                // rows of stride dh_stride: in, the gradient at h after the step; out, its direct part
+  const T* d_rh;        // tensorflow: d(r h) rows, stride dh_stride
+  int64_t dh_stride;
+  T* d_gi;              // rows (3H): gradients of the gates' pre-activations
+  T* d_hn;              // paper: rows (H) r d_pre_n, the gradient of W_hn h + b_hn
+  T* d_att;             // this step's packed entries, or null
+};
+
 template <typename T, int MODE, bool TF, bool DS>
-IK_INLINE void backward_row(const BackwardStep<T>& a, int64_t i) {
+IK_INLINE void backward_row(const BackwardGates<T>& g, int64_t i) {
   constexpr int64_t W = kUnitBlock<T>;
-  const int64_t H = a.hidden;
-  const Saved<T> sv = a.saved.at_row(i, H);
-  T* dh = a.dh + i * H;
-  const T* ds = DS ? a.d_states + a.src[i] * H : nullptr;
-  T* dgi = a.d_gi + i * 3 * H;
-  T* dgh = TF ? nullptr : a.d_gh + i * 3 * H;
-  const T at = (MODE == kAgru || MODE == kAugru) ? a.att[i] : T(0);
+  const int64_t H = g.hidden;
+  const Saved<T> sv = g.saved.at_row(i, H);
+  T* dh = g.dh + i * g.dh_stride;
+  const T* ds = DS ? g.d_states + g.src[i] * H : nullptr;
+  T* dgi = g.d_gi + i * 3 * H;
+  T* dhn = TF ? nullptr : g.d_hn + i * H;
+  const T at = (MODE == kAgru || MODE == kAugru) ? g.att[g.src[i]] : T(0);
   T da = T(0);
   const int64_t full = H - H % W;
   for (int64_t j = 0; j < full; j += W) {
     const BackwardUnits<T> u{sv.h + j, sv.r + j, sv.z + j, sv.n + j, sv.x + j, DS ? ds + j : nullptr,
-                             dh + j, dgi + j, TF ? nullptr : dgh + j, H};
+                             dh + j, dgi + j, TF ? nullptr : dhn + j, H};
     da += backward_units<T, MODE, TF, DS>(u, at);
   }
   if (const int64_t rest = H - full; rest > 0) {
     // Zero padding keeps the padded lanes' contribution to da at exactly 0.
     alignas(64) T in[7 * W] = {};  // h, r, z, n, x, ds, dh
-    alignas(64) T res[6 * W];      // dgi (3 gates), dgh (3 gates)
+    alignas(64) T res[4 * W];      // dgi (3 gates), dhn
     const T* src[7] = {sv.h, sv.r, sv.z, sv.n, sv.x, ds, dh};
     for (int k = 0; k < 7; ++k)
       if (src[k] != nullptr) std::memcpy(in + k * W, src[k] + full, rest * sizeof(T));
@@ -483,49 +669,48 @@ IK_INLINE void backward_row(const BackwardStep<T>& a, int64_t i) {
                              in + 6 * W, res, res + 3 * W, W};
     da += backward_units<T, MODE, TF, DS>(u, at);
     std::memcpy(dh + full, in + 6 * W, rest * sizeof(T));
-    for (int g = 0; g < 3; ++g) {
-      if (g > 0 || !TF) std::memcpy(dgi + g * H + full, res + g * W, rest * sizeof(T));
-      if (!TF) std::memcpy(dgh + g * H + full, res + (3 + g) * W, rest * sizeof(T));
-    }
+    for (int k = 0; k < 3; ++k)
+      if (k > 0 || !TF) std::memcpy(dgi + k * H + full, res + k * W, rest * sizeof(T));
+    if (!TF) std::memcpy(dhn + full, res + 3 * W, rest * sizeof(T));
   }
-  if (a.d_att != nullptr) a.d_att[i] = da;
+  if (g.d_att != nullptr) g.d_att[i] = da;
 }
 
 template <typename T, bool TF, bool DS>
-IK_INLINE void backward_block_for(const BackwardStep<T>& a, int64_t begin, int64_t end) {
-  switch (a.mode) {
+IK_INLINE void backward_rows(const BackwardGates<T>& g) {
+  switch (g.mode) {
     case kAgru:
-      for (int64_t i = begin; i < end; ++i) backward_row<T, kAgru, TF, DS>(a, i);
+      for (int64_t i = 0; i < g.n; ++i) backward_row<T, kAgru, TF, DS>(g, i);
       break;
     case kAugru:
-      for (int64_t i = begin; i < end; ++i) backward_row<T, kAugru, TF, DS>(a, i);
+      for (int64_t i = 0; i < g.n; ++i) backward_row<T, kAugru, TF, DS>(g, i);
       break;
     default:
-      for (int64_t i = begin; i < end; ++i) backward_row<T, kGru, TF, DS>(a, i);
+      for (int64_t i = 0; i < g.n; ++i) backward_row<T, kGru, TF, DS>(g, i);
   }
 }
 
 template <typename T>
-IK_INLINE void backward_block(const BackwardStep<T>& a, int64_t begin, int64_t end) {
-  const bool ds = a.d_states != nullptr;
-  if (a.tensorflow) {
-    ds ? backward_block_for<T, true, true>(a, begin, end) : backward_block_for<T, true, false>(a, begin, end);
+IK_INLINE void backward_gates(const BackwardGates<T>& g) {
+  const bool ds = g.d_states != nullptr;
+  if (g.tensorflow) {
+    ds ? backward_rows<T, true, true>(g) : backward_rows<T, true, false>(g);
   } else {
-    ds ? backward_block_for<T, false, true>(a, begin, end) : backward_block_for<T, false, false>(a, begin, end);
+    ds ? backward_rows<T, false, true>(g) : backward_rows<T, false, false>(g);
   }
 }
 
 // Tensorflow variant, second pass: the reset gate acted on h before W_hn, so d(r h) feeds
 // both r's pre-activation and dh.
 template <typename T>
-IK_INLINE void backward_reset_block(const BackwardStep<T>& a, int64_t begin, int64_t end) {
-  const int64_t H = a.hidden;
-  for (int64_t i = begin; i < end; ++i) {
-    const T* __restrict h = a.saved.h + i * H;
-    const T* __restrict r = a.saved.r + i * H;
-    const T* __restrict drh = a.d_rh + i * H;
-    T* __restrict dh = a.dh + i * H;
-    T* __restrict dgi = a.d_gi + i * 3 * H;
+IK_INLINE void backward_reset(const BackwardGates<T>& g) {
+  const int64_t H = g.hidden;
+  for (int64_t i = 0; i < g.n; ++i) {
+    const T* __restrict h = g.saved.h + i * H;
+    const T* __restrict r = g.saved.r + i * H;
+    const T* __restrict drh = g.d_rh + i * g.dh_stride;
+    T* __restrict dh = g.dh + i * g.dh_stride;
+    T* __restrict dgi = g.d_gi + i * 3 * H;
 #pragma omp simd
     for (int64_t j = 0; j < H; ++j) {
       dgi[j] = drh[j] * h[j] * r[j] * (T(1) - r[j]);
@@ -537,39 +722,19 @@ IK_INLINE void backward_reset_block(const BackwardStep<T>& a, int64_t begin, int
 // float32 passes compiled for several x86 instruction sets (IK_CLONES, fast_math.h); double
 // and other targets use the plain instantiation.
 
-IK_CLONES void forward_block_f32(const ForwardStep<float>& a, int64_t begin, int64_t end) {
-  forward_block(a, begin, end);
-}
-IK_CLONES void forward_reset_block_f32(const ForwardStep<float>& a, float* rh, int64_t stride,
-                                       int64_t begin, int64_t end) {
-  forward_reset_block(a, rh, stride, begin, end);
-}
-IK_CLONES void backward_block_f32(const BackwardStep<float>& a, int64_t begin, int64_t end) {
-  backward_block(a, begin, end);
-}
-IK_CLONES void backward_reset_block_f32(const BackwardStep<float>& a, int64_t begin, int64_t end) {
-  backward_reset_block(a, begin, end);
-}
+IK_CLONES void forward_gates_f32(const ForwardGates<float>& g) { forward_gates(g); }
+IK_CLONES void forward_reset_f32(const ForwardGates<float>& g) { forward_reset(g); }
+IK_CLONES void backward_gates_f32(const BackwardGates<float>& g) { backward_gates(g); }
+IK_CLONES void backward_reset_f32(const BackwardGates<float>& g) { backward_reset(g); }
 
-void run_forward(const ForwardStep<float>& a, int64_t b, int64_t e) { forward_block_f32(a, b, e); }
-void run_forward(const ForwardStep<double>& a, int64_t b, int64_t e) { forward_block(a, b, e); }
-void run_reset(const ForwardStep<float>& a, float* rh, int64_t st, int64_t b, int64_t e) {
-  forward_reset_block_f32(a, rh, st, b, e);
-}
-void run_reset(const ForwardStep<double>& a, double* rh, int64_t st, int64_t b, int64_t e) {
-  forward_reset_block(a, rh, st, b, e);
-}
-void run_backward(const BackwardStep<float>& a, int64_t b, int64_t e) { backward_block_f32(a, b, e); }
-void run_backward(const BackwardStep<double>& a, int64_t b, int64_t e) { backward_block(a, b, e); }
-void run_backward_reset(const BackwardStep<float>& a, int64_t b, int64_t e) {
-  backward_reset_block_f32(a, b, e);
-}
-void run_backward_reset(const BackwardStep<double>& a, int64_t b, int64_t e) {
-  backward_reset_block(a, b, e);
-}
-
-// Rows per parallel_for task: enough elementwise work to pay for a task.
-int64_t grain_rows(int64_t hidden) { return std::max<int64_t>(8, 4096 / std::max<int64_t>(hidden, 1)); }
+void run_gates(const ForwardGates<float>& g) { forward_gates_f32(g); }
+void run_gates(const ForwardGates<double>& g) { forward_gates(g); }
+void run_reset(const ForwardGates<float>& g) { forward_reset_f32(g); }
+void run_reset(const ForwardGates<double>& g) { forward_reset(g); }
+void run_gates(const BackwardGates<float>& g) { backward_gates_f32(g); }
+void run_gates(const BackwardGates<double>& g) { backward_gates(g); }
+void run_reset(const BackwardGates<float>& g) { backward_reset_f32(g); }
+void run_reset(const BackwardGates<double>& g) { backward_reset(g); }
 
 // ---- shared argument handling ------------------------------------------------------------------
 
@@ -621,110 +786,114 @@ Args prepare(const at::Tensor& x, const at::Tensor& weight_ih, const at::Tensor&
   return a;
 }
 
-// The packed inputs of the valid steps: (N, I), scaled by the scores for aigru; and the
-// packed scores (N,) when there are any.
-std::pair<at::Tensor, at::Tensor> packed_inputs(const Args& a, const Schedule& sc) {
-  at::Tensor xp = a.x.index_select(0, sc.src);
-  at::Tensor ap;
-  if (a.att.defined()) ap = a.att.index_select(0, sc.src);
-  if (a.mode == kAigru) xp.mul_(ap.unsqueeze(1));
-  return {xp, ap};
-}
-
-// Packed rows of input projections computed per GEMM: a chunk of consecutive steps whose
-// (rows, 3H) block stays in cache until the steps read it (measured 1.6x faster than one
-// (N, I) x (I, 3H) GEMM at B 512, T 100, H 36 on one core: the single GEMM's 22 MB output
-// goes to memory and back).
-constexpr int64_t kProjectionChunkBytes = 1 << 20;
-
+// The forward, block by block: per step, the block's input projections and W_hh h by the
+// register-blocked products into small row buffers, then the gate pass. Weights are
+// transposed and zero-padded once: (I, 3H) and (H, 3H) (tensorflow: (H, 2H) and (H, H)).
 template <typename T>
-void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const at::Tensor& ap,
-                  const at::Tensor& b_gi, const at::Tensor& b_hn, const at::Tensor& h_init,
-                  at::Tensor& states, at::Tensor& h_last, std::vector<at::Tensor>& workspace) {
-  const int64_t H = a.hidden, B = a.batch;
-  const auto opts = xp.options();
-  const bool keep = !workspace.empty();
-  const at::Tensor w_ih_t = a.w_ih.t();
-  const at::Tensor w_rz_t = a.w_hh.narrow(0, 0, 2 * H).t();
-  const at::Tensor w_hn_t = a.w_hh.narrow(0, 2 * H, H).t();
-  const at::Tensor w_hh_t = a.w_hh.t();
-  const int64_t chunk_rows = std::max<int64_t>(sc.count[0], kProjectionChunkBytes / (3 * H * sizeof(T)));
-  at::Tensor gi = at::empty({std::min(chunk_rows, sc.packed), 3 * H}, opts);
-  at::Tensor gh = at::empty({B, a.tensorflow ? 2 * H : 3 * H}, opts);
-  at::Tensor gh_n, rh;
-  if (a.tensorflow) {
-    gh_n = at::empty({B, H}, opts);
-    if (!keep) rh = at::empty({B, H}, opts);
-  }
-  // h_prev rows of each step: in the workspace when kept, else two alternating buffers.
-  at::Tensor ping;
-  if (keep) {
-    workspace[0].narrow(0, 0, sc.count[0]).copy_(h_init.narrow(0, 0, sc.count[0]));
-  } else {
-    ping = at::empty({2, B, H}, opts);
-    ping[0].copy_(h_init);
-  }
-  T* st = states.numel() > 0 ? states.data_ptr<T>() : nullptr;
+void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& b_gi, const at::Tensor& b_hn,
+                  const at::Tensor& h_sorted, at::Tensor& states, at::Tensor& h_last,
+                  std::vector<at::Tensor>& workspace) {
+  const int64_t H = a.hidden, I = a.input_size, R = kBlockRows;
+  const bool tf = a.tensorflow, keep = !workspace.empty();
+  const int64_t hp = padded<T>(H), cols = padded<T>(3 * H), rz_cols = padded<T>(2 * H);
+  const int64_t stride = cols + kUnitBlock<T>;  // room for the partial unit block's reads
+  const at::Tensor w_ih_t = packed_transpose(a.w_ih, cols);
+  const at::Tensor w_hh_t = tf ? packed_transpose(a.w_hh.narrow(0, 0, 2 * H), rz_cols)
+                               : packed_transpose(a.w_hh, cols);
+  const at::Tensor w_hn_t = tf ? packed_transpose(a.w_hh.narrow(0, 2 * H, H), hp) : w_hh_t;
+  const T* w_ih_p = w_ih_t.data_ptr<T>();
+  const T* w_hh_p = w_hh_t.data_ptr<T>();
+  const T* w_hn_p = w_hn_t.data_ptr<T>();
+  const Matmul<T> mm;
+  const T* x = a.x.data_ptr<T>();
+  const T* att = a.att.defined() ? a.att.data_ptr<T>() : nullptr;
   Saved<T> ws;
   if (keep) {
     ws = {workspace[0].data_ptr<T>(), workspace[1].data_ptr<T>(), workspace[2].data_ptr<T>(),
           workspace[3].data_ptr<T>(), workspace[4].data_ptr<T>()};
   }
+  T* st = states.numel() > 0 ? states.data_ptr<T>() : nullptr;
   const int64_t* src = sc.src.data_ptr<int64_t>();
-  const int64_t grain = grain_rows(H);
+  const T* h_init = h_sorted.data_ptr<T>();
+  T* h_out = h_last.data_ptr<T>();
 
-  const std::vector<int64_t> groups = step_groups(sc, chunk_rows);
-  int64_t group = 0, chunk_begin = 0;  // packed rows from chunk_begin have projections in `gi`
-  for (int64_t s = 0; s < sc.steps; ++s) {
-    const int64_t n = sc.count[s], off = sc.offset[s];
-    if (s == groups[group]) {
-      chunk_begin = off;
-      const int64_t rows = sc.offset[groups[++group]] - off;
-      at::Tensor gi_chunk = gi.narrow(0, 0, rows);
-      at::mm_out(gi_chunk, xp.narrow(0, off, rows), w_ih_t);
+  const int64_t per_thread = R * (3 * hp + 3 * stride);
+  T* scratch = kept_scratch<T>(std::max<int64_t>(1, at::get_num_threads()) * per_thread);
+  for_each_block(0, sc.blocks, [&](int64_t k, int64_t thread) {
+    T* h_cur = scratch + thread * per_thread;
+    T* h_new = h_cur + R * hp;
+    T* rh = h_new + R * hp;
+    T* gi = rh + R * hp;
+    T* gh = gi + R * stride;
+    T* ghn = gh + R * stride;
+    const T* a_x[R];
+    const T* a_h[R];
+    const T* a_rh[R];
+    T* c_gi[R];
+    T* c_gh[R];
+    T* c_ghn[R];
+    for (int64_t i = 0; i < R; ++i) {
+      a_rh[i] = rh + i * hp;
+      c_gi[i] = gi + i * stride;
+      c_gh[i] = gh + i * stride;
+      c_ghn[i] = ghn + i * stride;
     }
-    at::Tensor hp = keep ? workspace[0].narrow(0, off, n) : ping[s % 2].narrow(0, 0, n);
-    at::Tensor gh_s = gh.narrow(0, 0, n);
-    at::mm_out(gh_s, hp, a.tensorflow ? w_rz_t : w_hh_t);
-
-    ForwardStep<T> f;
-    f.hidden = H;
-    f.mode = a.mode;
-    f.tensorflow = a.tensorflow;
-    f.gi = gi.data_ptr<T>() + (off - chunk_begin) * 3 * H;
-    f.b_gi = b_gi.data_ptr<T>();
-    f.gh = gh.data_ptr<T>();
-    f.gh_n = a.tensorflow ? gh_n.data_ptr<T>() : nullptr;
-    f.b_hn = b_hn.data_ptr<T>();
-    f.att = ap.defined() ? ap.data_ptr<T>() + off : nullptr;
-    f.h_prev = hp.data_ptr<T>();
-    f.hp_stride = hp.stride(0);
-    f.next_count = sc.count[s + 1];
-    f.keep = keep;
-    if (keep) {
-      f.h_next = ws.h + sc.offset[s + 1] * H;
-      f.saved = ws.at_row(off, H);
-    } else {
-      f.h_next = ping[(s + 1) % 2].data_ptr<T>();
+    const int64_t r0 = sc.first_row(k);
+    for (int64_t i = 0; i < std::min(R, a.batch - r0); ++i)
+      std::memcpy(h_cur + i * hp, h_init + (r0 + i) * H, H * sizeof(T));
+    const int64_t* off = sc.offsets(k);
+    const int64_t steps = sc.block_steps[k];
+    for (int64_t s = 0; s < steps; ++s) {
+      const int64_t n = off[s + 1] - off[s], p0 = sc.block_base[k] + off[s];
+      for (int64_t i = 0; i < n; ++i) {
+        a_x[i] = x + src[p0 + i] * I;
+        a_h[i] = h_cur + i * hp;
+      }
+      // The next step's input rows (one per row, T apart) are not in cache yet.
+      for (int64_t i = 0; s + 1 < steps && i < off[s + 2] - off[s + 1]; ++i)
+        prefetch_range(x + src[p0 + n + i] * I, I * sizeof(T));
+      mm.set(n, a_x, 1, I, w_ih_p, cols, cols, c_gi);
+      if (a.mode == kAigru) {
+        for (int64_t i = 0; i < n; ++i) {
+          const T score = att[src[p0 + i]];
+          for (int64_t j = 0; j < 3 * H; ++j) c_gi[i][j] *= score;
+        }
+      }
+      ForwardGates<T> g;
+      g.hidden = H;
+      g.n = n;
+      g.n_next = s + 1 < steps ? off[s + 2] - off[s + 1] : 0;
+      g.mode = a.mode;
+      g.tensorflow = tf;
+      g.keep = keep;
+      g.gi = gi;
+      g.gh = gh;
+      g.ghn = ghn;
+      g.stride = stride;
+      g.b_gi = b_gi.data_ptr<T>();
+      g.b_hn = b_hn.data_ptr<T>();
+      g.h = h_cur;
+      g.h_next = h_new;
+      g.rh = rh;
+      g.h_stride = hp;
+      g.att = att;
+      g.src = src + p0;
+      g.saved = keep ? ws.at_row(p0, H) : Saved<T>{};
+      g.states = st;
+      g.h_last = h_out;
+      g.perm = sc.perm.data() + r0;
+      if (tf) {
+        mm.set(n, a_h, 1, H, w_hh_p, rz_cols, rz_cols, c_gh);
+        run_reset(g);
+        mm.set(n, a_rh, 1, H, w_hn_p, hp, hp, c_ghn);
+      } else {
+        mm.set(n, a_h, 1, H, w_hh_p, cols, cols, c_gh);
+      }
+      run_gates(g);
+      std::swap(h_cur, h_new);
     }
-    f.hn_stride = H;
-    f.states = st;
-    f.h_last = h_last.data_ptr<T>();
-    f.src = src + off;
-    f.perm = sc.perm.data();
-
-    if (a.tensorflow) {
-      // r * h_prev, then W_hn (r h): into the workspace's X column when kept.
-      T* rh_ptr = keep ? ws.x + off * H : rh.data_ptr<T>();
-      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_reset(f, rh_ptr, H, b, e); });
-      at::Tensor rh_s = keep ? workspace[4].narrow(0, off, n) : rh.narrow(0, 0, n);
-      at::Tensor ghn_s = gh_n.narrow(0, 0, n);
-      at::mm_out(ghn_s, rh_s, w_hn_t);
-    }
-    at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_forward(f, b, e); });
-  }
+  });
 }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
 gru_scan_forward(
     const at::Tensor& x, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
@@ -752,21 +921,22 @@ gru_scan_forward(
   for (int k = 0; keep_for_backward && k < 5; ++k) workspace.push_back(at::empty({B * T, H}, opts));
 
   if (sc.packed > 0) {
-    auto [xp, ap] = packed_inputs(a, sc);
-    // b_hr and b_hz only ever add to gi's r and z parts; in the tensorflow variant b_hn too.
-    at::Tensor b_gi = a.b_ih.defined() ? a.b_ih.clone() : at::zeros({3 * H}, opts);
-    at::Tensor b_hn = at::zeros({H}, opts);
-    if (a.b_hh.defined()) {
-      if (a.tensorflow) {
-        b_gi += a.b_hh;
-      } else {
-        b_gi.narrow(0, 0, 2 * H) += a.b_hh.narrow(0, 0, 2 * H);
-        b_hn.copy_(a.b_hh.narrow(0, 2 * H, H));
-      }
-    }
-    const at::Tensor h_sorted = h_init.index_select(0, at::tensor(sc.perm, at::kLong));
     AT_DISPATCH_FLOATING_TYPES(a.cdt, "gru_scan_forward", [&] {
-      forward_scan<scalar_t>(a, sc, xp, ap, b_gi, b_hn, h_sorted, states, h_last, workspace);
+      // b_hr and b_hz only ever add to gi's r and z parts; in the tensorflow variant b_hn
+      // too. Both padded for the gate passes' whole-block reads.
+      at::Tensor b_gi = at::zeros({padded<scalar_t>(3 * H) + kUnitBlock<scalar_t>}, opts);
+      at::Tensor b_hn = at::zeros({padded<scalar_t>(H)}, opts);
+      if (a.b_ih.defined()) b_gi.narrow(0, 0, 3 * H).copy_(a.b_ih);
+      if (a.b_hh.defined()) {
+        if (a.tensorflow) {
+          b_gi.narrow(0, 0, 3 * H) += a.b_hh;
+        } else {
+          b_gi.narrow(0, 0, 2 * H) += a.b_hh.narrow(0, 0, 2 * H);
+          b_hn.narrow(0, 0, H).copy_(a.b_hh.narrow(0, 2 * H, H));
+        }
+      }
+      const at::Tensor h_sorted = h_init.index_select(0, at::tensor(sc.perm, at::kLong));
+      forward_scan<scalar_t>(a, sc, b_gi, b_hn, h_sorted, states, h_last, workspace);
     });
   }
   if (return_states) states = states.view({B, T, H});
@@ -778,92 +948,195 @@ gru_scan_forward(
   return {states, h_last, workspace[0], workspace[1], workspace[2], workspace[3], workspace[4]};
 }
 
-// Gradients accumulated by the backward scan (compute dtype); undefined when not wanted.
+// Gradients the backward scan writes (compute dtype); undefined when not wanted.
 struct Grads {
   at::Tensor x;        // (B*T, I)
   at::Tensor att;      // packed (N,)
   at::Tensor w_ih, w_hh, b_ih, b_hh;
 };
 
-// The reverse scan, a group of steps at a time: the group's gate gradients stay in cache
-// while they are folded into the weight, bias and input gradients with GEMMs.
+// Blocks are folded into the weight and bias gradients a wave of kWaveBlocks at a time:
+// each block's partial sums come from transposed products over its packed rows (while its
+// gate gradients are in cache), then the wave's partials are added in block order. Waves
+// are fixed by the schedule, so no sum depends on the number of threads.
+constexpr int64_t kWaveBlocks = 8;
+
+// The reverse scan, block by block: per step (last first) the gate pass, then dh through
+// W_hh and the input gradient through W_ih by the register-blocked product.
 template <typename T>
-void backward_scan(const Args& a, const Schedule& sc, const at::Tensor& xp, const at::Tensor& ap,
-                   at::TensorList workspace, const at::Tensor& d_states, at::Tensor& dh, Grads& g) {
-  const int64_t H = a.hidden;
-  const auto opts = xp.options();
-  const at::Tensor w_hn = a.w_hh.narrow(0, 2 * H, H);
-  const at::Tensor w_rz = a.w_hh.narrow(0, 0, 2 * H);
-  const int64_t chunk_rows = std::max<int64_t>(sc.count[0], kProjectionChunkBytes / (3 * H * sizeof(T)));
-  const std::vector<int64_t> groups = step_groups(sc, chunk_rows);
-  const int64_t buffer_rows = std::min(chunk_rows, sc.packed);
-  at::Tensor d_gi = at::empty({buffer_rows, 3 * H}, opts);
-  at::Tensor d_gh = a.tensorflow ? at::Tensor() : at::empty({buffer_rows, 3 * H}, opts);
-  at::Tensor d_xp = g.x.defined() || (a.mode == kAigru && g.att.defined())
-                        ? at::empty({buffer_rows, a.input_size}, opts)
-                        : at::Tensor();
-  at::Tensor d_rh = a.tensorflow ? at::empty({a.batch, H}, opts) : at::Tensor();
+void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
+                   const at::Tensor& d_states, at::Tensor& dh, Grads& g) {
+  const int64_t H = a.hidden, I = a.input_size, R = kBlockRows;
+  const bool tf = a.tensorflow, aigru = a.mode == kAigru;
+  const int64_t hp = padded<T>(H), ip = padded<T>(I), cols = padded<T>(3 * H), rz_cols = padded<T>(2 * H);
+  const int64_t hh_cols = rz_cols + hp;  // W_rz^T, then W_hn^T
+  const at::Tensor w_hh_rows = packed_rows(a.w_hh, hp);
+  const at::Tensor w_ih_rows = packed_rows(a.w_ih, ip);
+  const T* w_hh_p = w_hh_rows.data_ptr<T>();
+  const T* w_ih_p = w_ih_rows.data_ptr<T>();
+  const Matmul<T> mm;
+  const bool want_dx = g.x.defined() || (aigru && g.att.defined());
+  // Partial sums of one block: W_ih^T (I, cols), W_hh^T (H, hh_cols), b_ih (cols), b_hn (hp).
+  const int64_t part_ih = 0, part_hh = I * cols, part_bih = part_hh + H * hh_cols, part_bhh = part_bih + cols;
+  const int64_t part = part_bhh + hp;
+  std::vector<T> total(part, T(0));
+  // Per thread: the gate gradients of a block's packed rows (d_gi (3H), d_hn (H), each with
+  // one more row plus a block of units for whole-vector reads past the last), its packed
+  // inputs (scaled for aigru), dh, d(r h), dx rows; then the wave's partial sums.
+  int64_t block_max = 0;
+  for (int64_t k = 0; k < sc.blocks; ++k) block_max = std::max(block_max, sc.block_base[k + 1] - sc.block_base[k]);
+  const int64_t gi_rows = (block_max + 1) * 3 * H + kUnitBlock<T>, hn_rows = (block_max + 1) * H + kUnitBlock<T>;
+  const int64_t per_thread = gi_rows + hn_rows + block_max * I + 2 * R * hp + R * ip;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  T* scratch = kept_scratch<T>(threads * per_thread + kWaveBlocks * part);
+  T* partials = scratch + threads * per_thread;
+  const int64_t wide = std::max({R, I, H, int64_t(1)});
+  std::vector<const T*> operand(threads * wide);
+  std::vector<T*> result(threads * wide);
+  const T one = T(1);
+
   const Saved<T> ws{workspace[0].data_ptr<T>(), workspace[1].data_ptr<T>(), workspace[2].data_ptr<T>(),
                     workspace[3].data_ptr<T>(), workspace[4].data_ptr<T>()};
   const int64_t* src = sc.src.data_ptr<int64_t>();
-  const int64_t grain = grain_rows(H);
+  const T* x = a.x.data_ptr<T>();
+  const T* att = a.att.defined() ? a.att.data_ptr<T>() : nullptr;
+  const T* ds = d_states.defined() ? d_states.data_ptr<T>() : nullptr;
+  T* d_att = g.att.defined() ? g.att.data_ptr<T>() : nullptr;
+  T* d_x = g.x.defined() ? g.x.data_ptr<T>() : nullptr;
+  T* dh_rows = dh.data_ptr<T>();
 
-  for (int64_t group = static_cast<int64_t>(groups.size()) - 2; group >= 0; --group) {
-    const int64_t first = sc.offset[groups[group]];
-    const int64_t rows = sc.offset[groups[group + 1]] - first;
-    for (int64_t s = groups[group + 1] - 1; s >= groups[group]; --s) {
-      const int64_t n = sc.count[s], off = sc.offset[s];
-      BackwardStep<T> st;
-      st.hidden = H;
-      st.mode = a.mode;
-      st.tensorflow = a.tensorflow;
-      st.saved = ws.at_row(off, H);
-      st.att = ap.defined() ? ap.data_ptr<T>() + off : nullptr;
-      st.d_states = d_states.defined() ? d_states.data_ptr<T>() : nullptr;
-      st.src = src + off;
-      st.dh = dh.data_ptr<T>();
-      st.d_gi = d_gi.data_ptr<T>() + (off - first) * 3 * H;
-      st.d_gh = a.tensorflow ? nullptr : d_gh.data_ptr<T>() + (off - first) * 3 * H;
-      st.d_att = g.att.defined() ? g.att.data_ptr<T>() + off : nullptr;
-      st.d_rh = a.tensorflow ? d_rh.data_ptr<T>() : nullptr;
-      at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_backward(st, b, e); });
-      at::Tensor dh_s = dh.narrow(0, 0, n);
-      at::Tensor d_gi_s = d_gi.narrow(0, off - first, n);
-      if (a.tensorflow) {
-        at::Tensor d_rh_s = d_rh.narrow(0, 0, n);
-        at::mm_out(d_rh_s, d_gi_s.narrow(1, 2 * H, H), w_hn);
-        at::parallel_for(0, n, grain, [&](int64_t b, int64_t e) { run_backward_reset(st, b, e); });
-        dh_s.addmm_(d_gi_s.narrow(1, 0, 2 * H), w_rz);
+  auto block = [&](int64_t k, int64_t thread, T* sums) {
+    T* d_gi = scratch + thread * per_thread;
+    T* d_hn = d_gi + gi_rows;
+    T* x_b = d_hn + hn_rows;
+    T* dh_b = x_b + block_max * I;
+    T* d_rh = dh_b + R * hp;
+    T* dx = d_rh + R * hp;
+    const T** a_ptr = operand.data() + thread * wide;
+    T** c_ptr = result.data() + thread * wide;
+    const int64_t r0 = sc.first_row(k), block_rows = std::min(R, a.batch - r0), base = sc.block_base[k];
+    const int64_t packed_rows = sc.block_base[k + 1] - base;
+    for (int64_t i = 0; i < block_rows; ++i) std::memcpy(dh_b + i * hp, dh_rows + (r0 + i) * H, H * sizeof(T));
+    const int64_t* off = sc.offsets(k);
+    for (int64_t s = sc.block_steps[k] - 1; s >= 0; --s) {
+      const int64_t n = off[s + 1] - off[s], p0 = base + off[s];
+      BackwardGates<T> bg;
+      bg.hidden = H;
+      bg.n = n;
+      bg.mode = a.mode;
+      bg.tensorflow = tf;
+      bg.saved = ws.at_row(p0, H);
+      bg.att = att;
+      bg.d_states = ds;
+      bg.src = src + p0;
+      bg.dh = dh_b;
+      bg.d_rh = d_rh;
+      bg.dh_stride = hp;
+      bg.d_gi = d_gi + off[s] * 3 * H;
+      bg.d_hn = d_hn + off[s] * H;
+      bg.d_att = d_att != nullptr ? d_att + p0 : nullptr;
+      if (s > 0) {  // the next step's saved rows (the walk runs against memory order), d_states rows
+        const int64_t prev = base + off[s - 1], rows_prev = off[s] - off[s - 1];
+        for (T* saved : {ws.h, ws.r, ws.z, ws.n, ws.x}) prefetch_range(saved + prev * H, rows_prev * H * sizeof(T));
+        for (int64_t i = 0; ds != nullptr && i < rows_prev; ++i) prefetch_range(ds + src[prev + i] * H, H * sizeof(T));
+      }
+      run_gates(bg);
+      if (tf) {
+        for (int64_t i = 0; i < n; ++i) {
+          a_ptr[i] = bg.d_gi + i * 3 * H + 2 * H;
+          c_ptr[i] = d_rh + i * hp;
+        }
+        mm.set(n, a_ptr, 1, H, w_hh_p + 2 * H * hp, hp, hp, c_ptr);
+        run_reset(bg);
+      }
+      for (int64_t i = 0; i < n; ++i) {
+        a_ptr[i] = bg.d_gi + i * 3 * H;
+        c_ptr[i] = dh_b + i * hp;
+      }
+      mm.add(n, a_ptr, 1, 2 * H, w_hh_p, hp, hp, c_ptr);  // through W_hr, W_hz
+      if (!tf) {  // through W_hn
+        for (int64_t i = 0; i < n; ++i) a_ptr[i] = bg.d_hn + i * H;
+        mm.add(n, a_ptr, 1, H, w_hh_p + 2 * H * hp, hp, hp, c_ptr);
+      }
+      if (want_dx) {
+        for (int64_t i = 0; i < n; ++i) {
+          a_ptr[i] = bg.d_gi + i * 3 * H;
+          c_ptr[i] = dx + i * ip;
+        }
+        mm.set(n, a_ptr, 1, 3 * H, w_ih_p, ip, ip, c_ptr);
+        for (int64_t i = 0; i < n; ++i) {
+          T* row = dx + i * ip;
+          const int64_t flat = src[p0 + i];
+          if (aigru) {  // the scaled input's gradient gives the score's, then the input's
+            const T score = att[flat];
+            T dot = T(0);
+            for (int64_t j = 0; j < I; ++j) dot += row[j] * x[flat * I + j];
+            if (d_att != nullptr) d_att[p0 + i] = dot;
+            for (int64_t j = 0; j < I; ++j) row[j] *= score;
+          }
+          if (d_x != nullptr) std::memcpy(d_x + flat * I, row, I * sizeof(T));
+        }
+      }
+    }
+    for (int64_t i = 0; i < block_rows; ++i) std::memcpy(dh_rows + (r0 + i) * H, dh_b + i * hp, H * sizeof(T));
+    // The block's partial sums over its packed rows: W^T partials = (inputs)^T (gate
+    // gradients), the inputs' rows `width` long (so ka = width walks a column of them).
+    auto transposed = [&](const T* rows_base, int64_t width, const T* grads, int64_t grad_stride,
+                          int64_t grad_cols, T* out, int64_t out_stride) {
+      for (int64_t r = 0; r < width; ++r) {
+        a_ptr[r] = rows_base + r;
+        c_ptr[r] = out + r * out_stride;
+      }
+      mm.set(width, a_ptr, width, packed_rows, grads, grad_stride, grad_cols, c_ptr);
+    };
+    if (g.w_ih.defined()) {
+      for (int64_t q = 0; q < packed_rows; ++q) {
+        const int64_t flat = src[base + q];
+        const T scale = aigru ? att[flat] : T(1);
+        for (int64_t j = 0; j < I; ++j) x_b[q * I + j] = x[flat * I + j] * scale;
+      }
+      transposed(x_b, I, d_gi, 3 * H, cols, sums + part_ih, cols);
+    }
+    if (g.w_hh.defined()) {
+      transposed(ws.h + base * H, H, d_gi, 3 * H, rz_cols, sums + part_hh, hh_cols);
+      if (tf) {
+        transposed(ws.x + base * H, H, d_gi + 2 * H, 3 * H, hp, sums + part_hh + rz_cols, hh_cols);
       } else {
-        dh_s.addmm_(d_gh.narrow(0, off - first, n), a.w_hh);
+        transposed(ws.h + base * H, H, d_hn, H, hp, sums + part_hh + rz_cols, hh_cols);
       }
     }
-    // This group's gate gradients are final: fold them in.
-    const at::Tensor dgi = d_gi.narrow(0, 0, rows);
-    const at::Tensor h_prev = workspace[0].narrow(0, first, rows);
-    if (g.w_ih.defined()) g.w_ih.addmm_(dgi.t(), xp.narrow(0, first, rows));
-    if (g.b_ih.defined()) g.b_ih += dgi.sum(0);
-    if (a.tensorflow) {
-      if (g.w_hh.defined()) {
-        g.w_hh.narrow(0, 0, 2 * H).addmm_(dgi.narrow(1, 0, 2 * H).t(), h_prev);
-        g.w_hh.narrow(0, 2 * H, H).addmm_(dgi.narrow(1, 2 * H, H).t(), workspace[4].narrow(0, first, rows));
-      }
-      if (g.b_hh.defined()) g.b_hh += dgi.sum(0);
-    } else {
-      const at::Tensor dgh = d_gh.narrow(0, 0, rows);
-      if (g.w_hh.defined()) g.w_hh.addmm_(dgh.t(), h_prev);
-      if (g.b_hh.defined()) g.b_hh += dgh.sum(0);
+    auto column_sums = [&](const T* grads, int64_t grad_stride, int64_t grad_cols, T* out) {
+      a_ptr[0] = &one;
+      c_ptr[0] = out;
+      mm.set(1, a_ptr, 0, packed_rows, grads, grad_stride, grad_cols, c_ptr);
+    };
+    if (g.b_ih.defined() || g.b_hh.defined()) column_sums(d_gi, 3 * H, cols, sums + part_bih);
+    if (!tf && g.b_hh.defined()) column_sums(d_hn, H, hp, sums + part_bhh);
+  };
+
+  for (int64_t w0 = 0; w0 < sc.blocks; w0 += kWaveBlocks) {
+    const int64_t w1 = std::min(sc.blocks, w0 + kWaveBlocks);
+    for_each_block(w0, w1, [&](int64_t k, int64_t thread) { block(k, thread, partials + (k - w0) * part); });
+    for (int64_t k = w0; k < w1; ++k) {
+      const T* p = partials + (k - w0) * part;
+      for (int64_t j = 0; j < part; ++j) total[j] += p[j];
     }
-    if (d_xp.defined()) {
-      at::Tensor dxp = d_xp.narrow(0, 0, rows);
-      at::mm_out(dxp, dgi, a.w_ih);  // gradient of the (scaled, for aigru) packed inputs
-      const at::Tensor idx = sc.src.narrow(0, first, rows);
-      if (a.mode == kAigru) {
-        if (g.att.defined()) g.att.narrow(0, first, rows).copy_((dxp * a.x.index_select(0, idx)).sum(1));
-        dxp.mul_(ap.narrow(0, first, rows).unsqueeze(1));
-      }
-      if (g.x.defined()) g.x.index_copy_(0, idx, dxp);
-    }
+  }
+  const auto as_tensor = [&](int64_t offset, int64_t rows, int64_t stride) {
+    return at::from_blob(total.data() + offset, {rows, stride}, dh.options());
+  };
+  if (g.w_ih.defined()) g.w_ih.copy_(as_tensor(part_ih, I, cols).narrow(1, 0, 3 * H).t());
+  if (g.w_hh.defined()) {
+    const at::Tensor hh = as_tensor(part_hh, H, hh_cols);
+    g.w_hh.narrow(0, 0, 2 * H).copy_(hh.narrow(1, 0, 2 * H).t());
+    g.w_hh.narrow(0, 2 * H, H).copy_(hh.narrow(1, rz_cols, H).t());
+  }
+  // b_hr, b_hz add where b_ir, b_iz do (and all of b_hh in the tensorflow variant).
+  const at::Tensor b_sums = as_tensor(part_bih, 1, cols).narrow(1, 0, 3 * H).squeeze(0);
+  if (g.b_ih.defined()) g.b_ih.copy_(b_sums);
+  if (g.b_hh.defined()) {
+    g.b_hh.copy_(b_sums);
+    if (!tf) g.b_hh.narrow(0, 2 * H, H).copy_(as_tensor(part_bhh, 1, hp).narrow(1, 0, H).squeeze(0));
   }
 }
 
@@ -903,9 +1176,8 @@ gru_scan_backward(const std::optional<at::Tensor>& grad_states,
   if (needs[5]) g.b_ih = at::zeros({3 * H}, opts);
   if (needs[6]) g.b_hh = at::zeros({3 * H}, opts);
   if (sc.packed > 0) {
-    auto [xp, ap] = packed_inputs(a, sc);
     AT_DISPATCH_FLOATING_TYPES(a.cdt, "gru_scan_backward", [&] {
-      backward_scan<scalar_t>(a, sc, xp, ap, workspace, d_states, dh, g);
+      backward_scan<scalar_t>(a, sc, workspace, d_states, dh, g);
     });
   }
 

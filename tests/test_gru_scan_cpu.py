@@ -104,6 +104,34 @@ def test_unit_blocks_and_partial_block_match_reference(mode, variant, dtype, hid
     check_against_reference(_cpu_op, gru_scan_reference, inp, grad=_grad_names(inp), dtype=dtype)
 
 
+# Sorted rows run in blocks of 16, weight gradients are summed per wave of 8 blocks, and the
+# products have AVX-512, AVX2 and portable paths (INTEREST_KERNELS_GRU_MATMUL caps the
+# choice; the CPU's best otherwise): a batch of several blocks and waves, the last block
+# partial, ties and zero lengths; widths around every vector width.
+@pytest.mark.parametrize("matmul", ["best", "avx2", "portable"])
+@pytest.mark.parametrize(
+    "mode,variant,hidden,input_size,dtype",
+    [("augru", "paper", 1, 3, torch.float32), ("agru", "tensorflow", 5, 17, torch.float32),
+     ("aigru", "paper", 17, 5, torch.float64), ("gru", "tensorflow", 36, 36, torch.float32),
+     ("augru", "tensorflow", 128, 20, torch.float32)],
+)
+def test_blocks_waves_and_product_paths_match_reference(monkeypatch, matmul, mode, variant, hidden,
+                                                        input_size, dtype):
+    if matmul != "best":
+        monkeypatch.setenv("INTEREST_KERNELS_GRU_MATMUL", matmul)
+    gen = torch.Generator().manual_seed(hidden)
+    batch, seq_len = 150, 6
+    inp = dict(_inputs(mode, batch=batch, seq_len=seq_len, input_size=input_size, hidden=hidden, dtype=dtype),
+               mode=mode, variant=variant)
+    for name in ("weight_ih", "weight_hh"):
+        inp[name] = inp[name] * max(hidden, input_size) ** -0.5
+    if variant == "paper":
+        inp["lengths"] = torch.randint(0, seq_len + 1, (batch,), generator=gen)
+    else:
+        inp["mask"] = torch.rand(batch, seq_len, generator=gen) < 0.7
+    check_against_reference(_cpu_op, gru_scan_reference, inp, grad=_grad_names(inp), dtype=dtype)
+
+
 @pytest.mark.parametrize("mode,variant", [("augru", "paper"), ("aigru", "tensorflow"), ("gru", "tensorflow")])
 @pytest.mark.parametrize("valid", ["lengths", "mask"])
 def test_padding_is_never_read(mode, variant, valid):

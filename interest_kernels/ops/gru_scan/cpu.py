@@ -1,8 +1,9 @@
 """CPU backend of the GRU-family scans: the fused C++ kernels of ``csrc/gru_scan_cpu.cpp``.
 
-``torch.ops.interest_kernels.gru_scan_forward`` runs the whole scan (one GEMM for the
-input projection of every valid step, then per step one small GEMM and one fused gate
-pass over the rows still running) and ``gru_scan_backward`` its reverse. Rows are ordered
+``torch.ops.interest_kernels.gru_scan_forward`` runs the whole scan (blocks of 16 rows,
+each through all its steps with its state in L1: per step the input and recurrent
+products by a register-blocked kernel, then one fused gate pass over the rows still
+running) and ``gru_scan_backward`` its reverse. Rows are ordered
 by their number of valid steps inside C++, so nothing in Python reads the values of
 ``lengths`` or ``mask``: the op traces as one node under ``torch.compile(fullgraph=True)``,
 ``torch.export`` (dynamic B and T) and ``torch.jit.trace``.
