@@ -560,29 +560,37 @@ __attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, i
 
 // Row-major C (M x N) (+)= op(A) (M x K) B (K x N) with AVX-512: a block of MR rows x NV
 // vectors of 16 columns of C stays in registers (the last vector masked to N), started
-// from C (accumulate), from the row vector init (N,), or from zero.
+// from C (accumulate), from the row vector init (N,), or from zero. The loops over r and
+// v are unrolled so that c and b live in registers.
 template <int NV, int MR, bool kTransA>
-__attribute__((target("avx512f"), always_inline)) inline void sgemm_block_avx512(
+__attribute__((target("avx512f"), noinline)) void sgemm_block_avx512(
     int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
     __mmask16 last, const float* init, bool accumulate) {
   __m512 c[MR][NV];
+#pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) {
     const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
     const __m512 start = init ? _mm512_maskz_loadu_ps(m, init + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r)
       c[r][v] = accumulate ? _mm512_maskz_loadu_ps(m, C + r * ldc + 16 * v) : start;
   }
   for (int64_t k = 0; k < K; ++k) {
     const float* bk = B + k * ldb;
     __m512 b[NV];
+#pragma GCC unroll 8
     for (int v = 0; v < NV - 1; ++v) b[v] = _mm512_loadu_ps(bk + 16 * v);
     b[NV - 1] = _mm512_maskz_loadu_ps(last, bk + 16 * (NV - 1));
+#pragma GCC unroll 16
     for (int r = 0; r < MR; ++r) {
       const __m512 a = _mm512_set1_ps(kTransA ? A[k * lda + r] : A[r * lda + k]);
+#pragma GCC unroll 8
       for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
     }
   }
+#pragma GCC unroll 16
   for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
     for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
     _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, c[r][NV - 1]);
   }
@@ -592,34 +600,35 @@ __attribute__((target("avx512f"), always_inline)) inline void sgemm_block_avx512
 // FMAs in flight to hide their latency.
 constexpr int avx512_rows(int nv) { return nv <= 2 ? 12 : nv == 3 ? 8 : nv == 4 ? 6 : 4; }
 
-// The last rem (< MR) rows of a column panel in one block of exactly rem rows.
+// One block of exactly rows (1..R) rows.
 template <int NV, int R, bool kTransA>
-__attribute__((target("avx512f"))) void sgemm_tail_rows_avx512(
-    int64_t rem, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+__attribute__((target("avx512f"))) void sgemm_rows_avx512(
+    int64_t rows, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
     int64_t ldc, __mmask16 last, const float* init, bool accumulate) {
   if constexpr (R > 0) {
-    if (rem == R) {
+    if (rows == R) {
       sgemm_block_avx512<NV, R, kTransA>(K, A, lda, B, ldb, C, ldc, last, init, accumulate);
     } else {
-      sgemm_tail_rows_avx512<NV, R - 1, kTransA>(rem, K, A, lda, B, ldb, C, ldc, last, init,
-                                                 accumulate);
+      sgemm_rows_avx512<NV, R - 1, kTransA>(rows, K, A, lda, B, ldb, C, ldc, last, init,
+                                            accumulate);
     }
   }
 }
 
-// One panel of at most 16 NV columns over all M rows.
+// One panel of at most 16 NV columns over all M rows, in ceil(M / MR) blocks of nearly
+// equal height (a short last block would wait on the latency of its few accumulators).
 template <int NV, bool kTransA>
 __attribute__((target("avx512f"))) void sgemm_panel_avx512(
     int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
     int64_t ldc, __mmask16 last, const float* init, bool accumulate) {
   constexpr int MR = avx512_rows(NV);
   const int64_t a_step = kTransA ? 1 : lda;
-  int64_t i = 0;
-  for (; i + MR <= M; i += MR)
-    sgemm_block_avx512<NV, MR, kTransA>(K, A + i * a_step, lda, B, ldb, C + i * ldc, ldc, last,
-                                        init, accumulate);
-  sgemm_tail_rows_avx512<NV, MR - 1, kTransA>(M - i, K, A + i * a_step, lda, B, ldb, C + i * ldc,
-                                              ldc, last, init, accumulate);
+  const int64_t blocks = (M + MR - 1) / MR;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = M * blk / blocks, i1 = M * (blk + 1) / blocks;
+    sgemm_rows_avx512<NV, MR, kTransA>(i1 - i0, K, A + i0 * a_step, lda, B, ldb, C + i0 * ldc, ldc,
+                                       last, init, accumulate);
+  }
 }
 
 // Row-major C (M x N) (+)= op(A) (M x K) B (K x N): panels of 64 columns, the last one (up
