@@ -117,11 +117,10 @@ Isa simd_isa() {
 }
 
 #if defined(__x86_64__)
-// sigmoid(x) = 1 / (1 + e^-x) on 16 floats: e^-x = 2^n e^r with n = round(-x / ln 2) and
-// r = -x - n ln 2 (ln 2 in two parts), e^r by a degree-6 polynomial fitted on
-// |r| <= ln 2 / 2 (relative error 3e-9 before rounding), 2^n by scalef, the reciprocal
-// by rcp14 and one Newton step (about 1e-7 relative in all; NaN propagates).
-IK_AVX512 __attribute__((always_inline)) inline __m512 sigmoid16(__m512 x) {
+// e^-x on 16 floats (x clamped to [-88, 88]): e^-x = 2^n e^r with n = round(-x / ln 2)
+// and r = -x - n ln 2 (ln 2 in two parts), e^r by a degree-6 polynomial fitted on
+// |r| <= ln 2 / 2 (relative error 3e-9 before rounding), 2^n by scalef. NaN propagates.
+IK_AVX512 __attribute__((always_inline)) inline __m512 exp_neg16(__m512 x) {
   x = _mm512_max_ps(_mm512_set1_ps(-88.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
@@ -135,7 +134,14 @@ IK_AVX512 __attribute__((always_inline)) inline __m512 sigmoid16(__m512 x) {
   q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
   q = _mm512_fmadd_ps(q, r, one);
   q = _mm512_fmadd_ps(q, r, one);
-  const __m512 d = _mm512_add_ps(_mm512_scalef_ps(q, n), one);
+  return _mm512_scalef_ps(q, n);
+}
+
+// sigmoid(x) = 1 / (1 + e^-x), the reciprocal by rcp14 and one Newton step (about 1e-7
+// relative in all).
+IK_AVX512 __attribute__((always_inline)) inline __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 d = _mm512_add_ps(exp_neg16(x), one);
   const __m512 inv = _mm512_rcp14_ps(d);
   return _mm512_fmadd_ps(inv, _mm512_fnmadd_ps(d, inv, one), inv);
 }
@@ -377,6 +383,15 @@ IK_AVX512 void first_layer_grads_avx512(const float* q, const float* dm, const f
       acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wp + i), dmi, acc);
     }
     gq[d] += _mm512_reduce_add_ps(acc);
+  }
+}
+
+// a[t] = e^(s[t] - shift) for t < n.
+IK_AVX512 void exp_shifted_avx512(const float* s, float shift, int64_t n, float* a) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = first_lanes(n - t);
+    _mm512_mask_storeu_ps(a + t, m, exp_neg16(_mm512_sub_ps(sh, _mm512_maskz_loadu_ps(m, s + t))));
   }
 }
 #endif
@@ -808,7 +823,7 @@ struct Workspace {
   std::vector<T> kbuf, m, mt, qterm, s, ds, dm, dqterm, dk;
   const T* keys_tile = nullptr;  // the rows of the current tile (load_keys)
   std::vector<T> z[kMaxLayers], h[kMaxLayers];
-  std::vector<T> gz, gh;
+  std::vector<T> gz, gh, ones;
   std::vector<T> moment_sums;
   Workspace(const Problem<T>& p, bool backward) {
     const int64_t tile = std::min(kTileRows, std::max<int64_t>(p.T_, 1));
@@ -829,6 +844,7 @@ struct Workspace {
       dk.resize(tile * p.D);
       gz.resize(tile * p.max_h());
       gh.resize(tile * p.max_h());
+      ones.assign(tile, T(1));
     }
   }
 };
@@ -1002,6 +1018,17 @@ void score_tile(const Problem<T>& p, const Workspace<T>& ws, int64_t g, int64_t 
   row_dots(hL, wo, p.co[g], nt, HL, s);
 }
 
+// a[t] = e^(s[t] - shift) for t < n.
+template <typename T>
+void exp_shifted(const T* s, T shift, int64_t n, T* a) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd_isa() == Isa::kAvx512) return exp_shifted_avx512(s, shift, n, a);
+  }
+#endif
+  for (int64_t t = 0; t < n; ++t) a[t] = std::exp(s[t] - shift);
+}
+
 // Attention weights a (T,) from the scores s of the first n positions, normalised over
 // the valid ones (padding gets weight 0), and the pooled output (D,).
 template <typename T>
@@ -1012,12 +1039,13 @@ void normalize_and_pool(const Problem<T>& p, int64_t row, const T* k, int64_t n,
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t t = 0; t < n; ++t)
       if (p.valid(row, t)) mx = std::max(mx, s[t]);
+    exp_shifted(s, mx, n, a);
     T sum = 0;
-    for (int64_t t = 0; t < T_; ++t) {
-      const bool v = t < n && p.valid(row, t);
-      a[t] = v ? std::exp(s[t] - mx) : T(0);
+    for (int64_t t = 0; t < n; ++t) {
+      if (!p.valid(row, t)) a[t] = T(0);
       sum += a[t];
     }
+    std::fill(a + n, a + T_, T(0));
     const T inv = sum > T(0) ? T(1) / sum : T(0);
     for (int64_t t = 0; t < T_; ++t) a[t] *= inv;
   } else {
@@ -1142,15 +1170,11 @@ void top_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
   T* gco = gr.co.template data_ptr<T>() + g;
   // A softmax is invariant to the score bias: its gradient is exactly zero there (the sum
   // of the ds would be rounding noise, which Adam would turn into full-size steps).
-  const bool bias_counts = !p.softmax;
-  for (int64_t i = 0; i < nt; ++i) {
-    const T d = ds[i];
-    if (bias_counts) *gco += d;
-    for (int64_t j = 0; j < HL; ++j) {
-      dh[i * HL + j] = d * wo[j];
-      gwo[j] += d * h[i * HL + j];
-    }
-  }
+  if (!p.softmax)
+    for (int64_t i = 0; i < nt; ++i) *gco += ds[i];
+  // dh = ds wo^T and gwo += ds^T h as GEMMs (rank one, and one row).
+  tile_gemm<T>(nt, HL, 1, ds, 1, wo, HL, dh, HL, false);
+  tile_gemm<T>(1, HL, nt, ds, 1, h, HL, gwo, HL, true, true);
   act_backward(p.act, z, h, dh, dz, nt, HL, p.ap_of(top_l, 0, g), p.ap_of(top_l, 1, g),
                p.ap_of(top_l, 2, g), gr.apg(p, top_l, 0, g), gr.apg(p, top_l, 1, g),
                gr.apg(p, top_l, 2, g));
@@ -1162,9 +1186,9 @@ template <typename T>
 void hidden_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int l, int64_t g,
                           int64_t nt, const T* dz, const T* z_prev, const T* h_prev, T* dz_prev) {
   const int64_t Hl = p.H[l], Hp = p.H[l - 1];
-  T* gc = gr.c[l].template data_ptr<T>() + g * Hl;
-  for (int64_t i = 0; i < nt; ++i)
-    for (int64_t j = 0; j < Hl; ++j) gc[j] += dz[i * Hl + j];
+  // Column sums as a one-row GEMM with a vector of ones.
+  tile_gemm<T>(1, Hl, nt, ws.ones.data(), 1, dz, Hl, gr.c[l].template data_ptr<T>() + g * Hl, Hl,
+               true, true);
   T* dh = ws.gh.data();
   tile_gemm<T>(Hl, Hp, nt, dz, Hl, h_prev, Hp, gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp,
                true, true);
@@ -1179,9 +1203,7 @@ void hidden_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, i
 template <typename T>
 void first_backward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t nt, const T* dz) {
   const int64_t H1 = p.H[0];
-  T* dq = ws.dqterm.data();
-  for (int64_t i = 0; i < nt; ++i)
-    for (int64_t j = 0; j < H1; ++j) dq[j] += dz[i * H1 + j];
+  tile_gemm<T>(1, H1, nt, ws.ones.data(), 1, dz, H1, ws.dqterm.data(), H1, true, true);
   tile_gemm<T>(p.D, H1, nt, ws.keys_tile, p.D, dz, H1, ws.dm.data(), H1, true, true);
   tile_gemm<T>(nt, p.D, H1, dz, H1, ws.mt.data(), p.D, ws.dk.data(), p.D, false);
 }
