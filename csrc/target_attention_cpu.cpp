@@ -1038,7 +1038,7 @@ void normalize_and_pool(const Problem<T>& p, int64_t row, const T* k, int64_t n,
   if (p.softmax) {
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t t = 0; t < n; ++t)
-      if (p.valid(row, t)) mx = std::max(mx, s[t]);
+      if (p.valid(row, t) && s[t] > mx) mx = s[t];
     exp_shifted(s, mx, n, a);
     T sum = 0;
     for (int64_t t = 0; t < n; ++t) {
