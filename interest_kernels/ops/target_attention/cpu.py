@@ -9,9 +9,10 @@ pooling, with the hidden activations in a per-thread workspace (nothing of size
 (B, T, H) is written). Its backward recomputes them tile by tile. It serves inference.
 
 ``target_attention_cpu_train`` is the same layer keeping each layer's pre-activation
-(B, E, T, H_l) for its backward, which then skips the recomputation (measured faster
-when gradients are needed: ``bench/results/cpu_attention.md``). Dice in training runs
-only there: its batch statistics cover every position of the layer (padding included,
+(B, E, T, H_l) for its backward, which then skips the recomputation (slower than
+recomputing since the kernels use AVX-512, even with full histories: writing and
+faulting in the buffers costs more than the GEMMs they save, ``bench/results/cpu_attention.md``).
+Dice in training runs only there: its batch statistics cover every position of the layer (padding included,
 SPEC section 1), so the operator goes one layer at a time over the batch, computes each
 layer's mean and biased variance, and its backward adds the statistics' gradient. The
 running statistics are updated here from the statistics it returns.
@@ -34,9 +35,10 @@ from ..dice.reference import DiceParams, update_running_stats
 _NS = "interest_kernels"
 
 # Whether a forward that needs gradients keeps the pre-activations (B, E, T, sum H_l) for
-# its backward (measured faster: bench/results/cpu_attention.md) or lets the backward
-# recompute them (less memory). Dice with batch statistics always keeps them.
-SAVE_PRE_ACTIVATIONS = True
+# its backward or lets the backward recompute them (less memory, and measured faster with
+# full and padded histories alike: bench/results/cpu_attention.md). Dice with batch
+# statistics always keeps them.
+SAVE_PRE_ACTIVATIONS = False
 
 
 def unavailable_reason() -> Optional[str]:
