@@ -1095,44 +1095,42 @@ void forward_item(const Problem<T>& p, Workspace<T>& ws, int64_t b, int64_t e, T
 
 // ---- backward -----------------------------------------------------------------------
 
-// Gradient accumulators of one block of queries (all zero-initialised, summed later).
+// Gradient accumulators of one block of queries: slices of one zeroed buffer, the same
+// layout in every block (blocks are summed element by element, in block order).
 template <typename T>
 struct Grads {
-  at::Tensor wqd_t, wkd_t, wp_t;              // (G, D, H1)
-  std::vector<at::Tensor> w, c;               // (G, H_l, H_{l-1}) (layer 0 unused), (G, H_l)
-  at::Tensor wo, co;                          // (G, H_L), (G,)
-  std::vector<at::Tensor> ap;                 // like the activation parameters
-  Grads(const Problem<T>& p, const at::TensorOptions& opts) {
-    const int64_t G = p.G, D = p.D;
-    wqd_t = at::zeros({G, D, p.H[0]}, opts);
-    wkd_t = at::zeros({G, D, p.H[0]}, opts);
-    wp_t = at::zeros({G, D, p.H[0]}, opts);
+  T* wqd_t = nullptr;             // (G, D, H1), and wkd_t, wp_t
+  T* wkd_t = nullptr;
+  T* wp_t = nullptr;
+  T* w[kMaxLayers] = {};          // (G, H_l, H_{l-1}), layers 1..
+  T* c[kMaxLayers] = {};          // (G, H_l)
+  T* wo = nullptr;                // (G, H_L)
+  T* co = nullptr;                // (G,)
+  T* ap[kMaxLayers][3] = {};      // like the activation parameters, (G, H_l)
+  // Points the accumulators into base (null: only counts); returns the elements used.
+  int64_t place(const Problem<T>& p, T* base) {
+    int64_t used = 0;
+    auto take = [&](int64_t n) {
+      T* at = base ? base + used : nullptr;
+      used += n;
+      return at;
+    };
+    const int64_t G = p.G, H1 = p.H[0];
+    wqd_t = take(G * p.D * H1);
+    wkd_t = take(G * p.D * H1);
+    wp_t = take(G * p.D * H1);
     for (int l = 0; l < p.L; ++l) {
-      w.push_back(l == 0 ? at::Tensor() : at::zeros({G, p.H[l], p.H[l - 1]}, opts));
-      c.push_back(at::zeros({G, p.H[l]}, opts));
+      if (l > 0) w[l] = take(G * p.H[l] * p.H[l - 1]);
+      c[l] = take(G * p.H[l]);
     }
-    wo = at::zeros({G, p.H[p.L - 1]}, opts);
-    co = at::zeros({G}, opts);
-    const int k = act_param_count(p.act);
+    wo = take(G * p.H[p.L - 1]);
+    co = take(G);
     for (int l = 0; l < p.L; ++l)
-      for (int i = 0; i < k; ++i) ap.push_back(at::zeros({G, p.H[l]}, opts));
+      for (int i = 0; i < act_param_count(p.act); ++i) ap[l][i] = take(G * p.H[l]);
+    return used;
   }
-  T* apg(const Problem<T>& p, int l, int i, int64_t g) {
-    const int k = act_param_count(p.act);
-    if (i >= k) return nullptr;
-    return ap[l * k + i].template data_ptr<T>() + g * p.H[l];
-  }
-  void add(const Grads& o) {
-    wqd_t += o.wqd_t;
-    wkd_t += o.wkd_t;
-    wp_t += o.wp_t;
-    for (size_t l = 0; l < w.size(); ++l) {
-      if (w[l].defined()) w[l] += o.w[l];
-      c[l] += o.c[l];
-    }
-    wo += o.wo;
-    co += o.co;
-    for (size_t i = 0; i < ap.size(); ++i) ap[i] += o.ap[i];
+  T* apg(const Problem<T>& p, int l, int i, int64_t g) const {
+    return ap[l][i] ? ap[l][i] + g * p.H[l] : nullptr;
   }
 };
 
@@ -1166,8 +1164,8 @@ void top_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
   const int64_t HL = p.H[top_l];
   T* dh = ws.gh.data();
   const T* wo = p.wo + g * HL;
-  T* gwo = gr.wo.template data_ptr<T>() + g * HL;
-  T* gco = gr.co.template data_ptr<T>() + g;
+  T* gwo = gr.wo + g * HL;
+  T* gco = gr.co + g;
   // A softmax is invariant to the score bias: its gradient is exactly zero there (the sum
   // of the ds would be rounding noise, which Adam would turn into full-size steps).
   if (!p.softmax)
@@ -1187,11 +1185,9 @@ void hidden_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, i
                           int64_t nt, const T* dz, const T* z_prev, const T* h_prev, T* dz_prev) {
   const int64_t Hl = p.H[l], Hp = p.H[l - 1];
   // Column sums as a one-row GEMM with a vector of ones.
-  tile_gemm<T>(1, Hl, nt, ws.ones.data(), 1, dz, Hl, gr.c[l].template data_ptr<T>() + g * Hl, Hl,
-               true, true);
+  tile_gemm<T>(1, Hl, nt, ws.ones.data(), 1, dz, Hl, gr.c[l] + g * Hl, Hl, true, true);
   T* dh = ws.gh.data();
-  tile_gemm<T>(Hl, Hp, nt, dz, Hl, h_prev, Hp, gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp,
-               true, true);
+  tile_gemm<T>(Hl, Hp, nt, dz, Hl, h_prev, Hp, gr.w[l] + g * Hl * Hp, Hp, true, true);
   tile_gemm<T>(nt, Hp, Hl, dz, Hl, p.w[l] + g * Hl * Hp, Hp, dh, Hp, false);
   act_backward(p.act, z_prev, h_prev, dh, dz_prev, nt, Hp, p.ap_of(l - 1, 0, g),
                p.ap_of(l - 1, 1, g), p.ap_of(l - 1, 2, g), gr.apg(p, l - 1, 0, g),
@@ -1254,14 +1250,14 @@ template <typename T>
 void first_layer_backward(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, const T* q,
                           T* gq, int64_t g) {
   const int64_t D = p.D, H1 = p.H[0], off = g * D * H1;
-  T* gc1 = gr.c[0].template data_ptr<T>() + g * H1;
+  T* gc1 = gr.c[0] + g * H1;
   const T* dqt = ws.dqterm.data();
   for (int64_t j = 0; j < H1; ++j) gc1[j] += dqt[j];
   const T* wqd = p.wqd_t.template data_ptr<T>() + off;
   const T* wp = p.wp_t.template data_ptr<T>() + off;
-  T* gwqd = gr.wqd_t.template data_ptr<T>() + off;
-  T* gwkd = gr.wkd_t.template data_ptr<T>() + off;
-  T* gwp = gr.wp_t.template data_ptr<T>() + off;
+  T* gwqd = gr.wqd_t + off;
+  T* gwkd = gr.wkd_t + off;
+  T* gwp = gr.wp_t + off;
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
     if (simd_isa() == Isa::kAvx512)
@@ -1331,8 +1327,9 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor
 template <typename T>
 struct BackwardState {
   at::Tensor gq, gk_items;
+  at::Tensor accumulators;  // (blocks, per_block), zeros
   std::vector<Grads<T>> grads;
-  int64_t blocks;
+  int64_t blocks, per_block;
   BackwardState(const Problem<T>& p, const at::TensorOptions& opts) {
     gq = at::zeros({p.B, p.Eq, p.D}, opts);
     // With a shared history, several queries read one key row: each query gets its own
@@ -1340,28 +1337,49 @@ struct BackwardState {
     // Every row is written by the item's backward.
     gk_items = at::empty({p.B, p.E, p.T_, p.D}, opts);
     blocks = accumulator_blocks(p.B);
-    grads.reserve(blocks);
-    for (int64_t c = 0; c < blocks; ++c) grads.emplace_back(p, opts);
+    per_block = Grads<T>().place(p, nullptr);
+    accumulators = at::zeros({blocks, per_block}, opts);
+    grads.resize(blocks);
+    for (int64_t c = 0; c < blocks; ++c) grads[c].place(p, accumulators.data_ptr<T>() + c * per_block);
   }
   T* gq_of(const Problem<T>& p, int64_t b, int64_t e) {
     return gq.data_ptr<T>() + (b * p.Eq + (p.Eq > 1 ? e : 0)) * p.D;
   }
   T* gk_of(const Problem<T>& p, int64_t item) { return gk_items.data_ptr<T>() + item * p.T_ * p.D; }
-  // Sums the blocks' accumulators (in block order) and maps the identity's pieces back to
+  // Adds blocks 1.. into block 0 (in block order) on the n accumulators from the one
+  // block 0 has at `from`; with clear, those of blocks 1.. become zero.
+  void reduce(const T* from, int64_t n, bool clear) {
+    T* dst = const_cast<T*>(from);
+    for (int64_t c = 1; c < blocks; ++c) {
+      T* src = dst + c * per_block;
+      for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+      if (clear) std::fill(src, src + n, T(0));
+    }
+  }
+  // Sums the blocks' accumulators and maps the identity's pieces back to
   // W_1 = [W_q | W_k | W_d | W_p].
   BackwardResult finish(const Problem<T>& p, const at::Tensor& key_index,
                         const at::TensorOptions& opts) {
-    Grads<T>& gr = grads[0];
-    for (int64_t c = 1; c < blocks; ++c) gr.add(grads[c]);
+    const Grads<T>& gr = grads[0];
+    reduce(gr.wqd_t, per_block, false);
+    auto tensor_of = [&](const T* data, at::IntArrayRef sizes) {
+      return at::from_blob(const_cast<T*>(data), sizes, opts).clone();
+    };
     at::Tensor gk = gk_items;
     if (key_index.defined()) {
       gk = at::zeros({p.R, p.E, p.T_, p.D}, opts).index_add_(0, key_index, gk_items);
     }
-    at::Tensor gqd = gr.wqd_t.transpose(-1, -2), gkd = gr.wkd_t.transpose(-1, -2);
-    at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, gr.wp_t.transpose(-1, -2)}, -1);
-    std::vector<at::Tensor> gw{gw1};
-    for (int l = 1; l < p.L; ++l) gw.push_back(gr.w[l]);
-    return {gq, gk, gw, gr.c, gr.wo, gr.co, gr.ap};
+    const int64_t G = p.G, D = p.D, H1 = p.H[0];
+    at::Tensor gqd = tensor_of(gr.wqd_t, {G, D, H1}).transpose(-1, -2);
+    at::Tensor gkd = tensor_of(gr.wkd_t, {G, D, H1}).transpose(-1, -2);
+    at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, tensor_of(gr.wp_t, {G, D, H1}).transpose(-1, -2)}, -1);
+    std::vector<at::Tensor> gw{gw1}, gc, gap;
+    for (int l = 0; l < p.L; ++l) {
+      if (l > 0) gw.push_back(tensor_of(gr.w[l], {G, p.H[l], p.H[l - 1]}));
+      gc.push_back(tensor_of(gr.c[l], {G, p.H[l]}));
+      for (int i = 0; i < act_param_count(p.act); ++i) gap.push_back(tensor_of(gr.ap[l][i], {G, p.H[l]}));
+    }
+    return {gq, gk, gw, gc, tensor_of(gr.wo, {G, p.H[p.L - 1]}), tensor_of(gr.co, {G}), gap};
   }
 };
 
@@ -1584,14 +1602,9 @@ BackwardResult dice_stats_backward(Problem<T>& p, const SavedZ<T>& saved, const 
   // Layer l's statistics part: sums the blocks' dscale/dshift, turns them into
   // dgamma/dbeta (kept in block 0) and the coefficients c0, c1.
   auto finish_layer = [&](int l) {
-    std::vector<at::Tensor>& ap0 = st.grads[0].ap;
-    for (int64_t c = 1; c < st.blocks; ++c)
-      for (int i = 0; i < 3; ++i) {
-        ap0[l * 3 + i] += st.grads[c].ap[l * 3 + i];
-        st.grads[c].ap[l * 3 + i].zero_();
-      }
-    stats.backward(p, l, ap0[l * 3 + 1].template data_ptr<T>(), ap0[l * 3 + 2].template data_ptr<T>(),
-                   c0, c1);
+    const Grads<T>& g0 = st.grads[0];
+    for (int i = 0; i < 3; ++i) st.reduce(g0.ap[l][i], p.G * p.H[l], true);
+    stats.backward(p, l, g0.ap[l][1], g0.ap[l][2], c0, c1);
   };
   // dz of nt rows of layer l: the activation's part plus the statistics'.
   auto complete_dz = [&](int l, int64_t g, int64_t nt, const T* z, T* dz) {
