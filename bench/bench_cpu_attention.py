@@ -12,15 +12,19 @@ Cases (float32, every history full length):
   scores the history expanded to (1000, 100, 36); ours reads the one history row through
   ``key_index`` (and, for reference, the expanded history too).
 
-With gradients the ``cpu`` backend keeps the pre-activations for the backward; ``ours
-(recompute)`` is the same with ``SAVE_PRE_ACTIVATIONS`` off (the backward recomputes the
-hidden layers), the measurement behind that default. Dice in training always keeps them.
+With gradients the ``cpu`` backend lets the backward recompute the hidden layers; ``ours
+(saving)`` is the same with ``SAVE_PRE_ACTIVATIONS`` on (the forward keeps the
+pre-activations for the backward), the measurement behind that default. Dice in training
+always keeps them.
 
 Timing: ``--rounds`` interleaved rounds (each implementation once per round, order
-rotating), medians (p20/p50/p80 reported) per thread count (1 and 2). The floor is the
-FLOPs of SPEC's identity form (per position ``2 D H1 + 2 H1 H2 + 2 H2 + 2 D``; forward +
-backward counts 3x the forward, no recomputation) at the rate of float32 GEMMs of the
-layer shapes on a cache-resident tile (torch.mm, MKL), measured in the same run.
+rotating), medians (p20/p50/p80 reported) per thread count (1 and 2), wall-clock and the
+process's CPU time. The floor is the FLOPs of SPEC's identity form (per position
+``2 D H1 + 2 H1 H2 + 2 H2 + 2 D``; forward + backward counts 3x the forward, no
+recomputation) at the rate of float32 GEMMs of the layer shapes on a cache-resident tile
+(torch.mm, MKL), measured in the same run. On AMD CPUs MKL runs a non-AVX-512 path and
+the fused kernels can pass this floor; ``bench/fma_peak.cpp`` measures the core's FMA
+ceiling.
 
     python bench/bench_cpu_attention.py --out bench/results/cpu_attention.json
 """
@@ -110,18 +114,18 @@ def din_runners(activation: str, batch: int, seq_len: int) -> dict[str, dict[str
     return {
         "fwd": {"deepctr": fwd(peer), "ours": fwd(ours)},
         "fwd+bwd": {"deepctr": full(peer, params_peer), "ours": full(ours, params_ours),
-                    "ours (recompute)": recomputing(full(ours, params_ours))},
+                    "ours (saving)": saving(full(ours, params_ours))},
     }
 
 
-def recomputing(run: Callable[[], Any]) -> Callable[[], Any]:
-    """``run`` with the backward recomputing the hidden layers instead of reading them."""
+def saving(run: Callable[[], Any]) -> Callable[[], Any]:
+    """``run`` with the forward keeping the pre-activations for the backward."""
     def wrapped():
-        ta_cpu.SAVE_PRE_ACTIVATIONS = False
+        ta_cpu.SAVE_PRE_ACTIVATIONS = True
         try:
             run()
         finally:
-            ta_cpu.SAVE_PRE_ACTIVATIONS = True
+            ta_cpu.SAVE_PRE_ACTIVATIONS = False
     return wrapped
 
 
@@ -160,7 +164,7 @@ def dien_runners(batch: int, seq_len: int) -> dict[str, dict[str, Callable[[], A
         "fwd": {"deepctr": fwd(peer, peer_scores), "ours": fwd(ours, our_scores)},
         "fwd+bwd": {"deepctr": full(peer, params_peer, peer_scores),
                     "ours": full(ours, params_ours, our_scores),
-                    "ours (recompute)": recomputing(full(ours, params_ours, our_scores))},
+                    "ours (saving)": saving(full(ours, params_ours, our_scores))},
     }
 
 
@@ -188,18 +192,22 @@ def serving_runners(candidates: int, seq_len: int) -> dict[str, dict[str, Callab
     return {"no-grad": {"deepctr": run_peer, "ours (key_index)": run_shared, "ours (expanded)": run_expanded}}
 
 
-def interleaved(runners: dict[str, Callable[[], Any]], rounds: int) -> dict[str, list[float]]:
+def interleaved(runners: dict[str, Callable[[], Any]], rounds: int
+                ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and process CPU times (ms) of each runner, rounds interleaved."""
     names = list(runners)
     for fn in runners.values():
         fn()  # warm-up
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         for i in range(len(names)):
             name = names[(r + i) % len(names)]
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             runners[name]()
-            times[name].append((time.perf_counter() - t0) * 1e3)
-    return times
+            wall[name].append((time.perf_counter() - t0) * 1e3)
+            cpu[name].append((time.process_time() - c0) * 1e3)
+    return wall, cpu
 
 
 def main() -> None:
@@ -228,21 +236,25 @@ def main() -> None:
         with use_backend("cpu"):
             for case, batch, modes, units, positions in cases:
                 for mode, runners in modes.items():
-                    times = interleaved(runners, args.rounds)
+                    times, cpu_times = interleaved(runners, args.rounds)
                     base = statistics.median(times["deepctr"])
+                    cpu_base = statistics.median(cpu_times["deepctr"])
                     flops = identity_form_flops(positions, units) * (3 if mode == "fwd+bwd" else 1)
                     floor_ms = flops / rate * 1e3
                     for impl, t in times.items():
                         p20, p50, p80 = percentiles(t)
+                        cpu_p50 = statistics.median(cpu_times[impl])
                         row = dict(case=case, mode=mode, impl=impl, threads=threads, batch=batch,
                                    seq_len=args.seq_len, dim=D, units=list(units),
                                    p20_ms=p20, p50_ms=p50, p80_ms=p80,
                                    speedup_vs_deepctr=base / p50, floor_ms=floor_ms,
+                                   cpu_p50_ms=cpu_p50, cpu_speedup_vs_deepctr=cpu_base / cpu_p50,
                                    fraction_of_floor=floor_ms / p50, gemm_gflops=rate / 1e9)
                         rows.append(row)
                         print(f"{threads}t {case:12s} {mode:8s} {impl:18s} p50 {p50:8.2f} ms  "
                               f"x{base / p50:5.2f} vs deepctr  floor {floor_ms:6.2f} ms "
-                              f"({floor_ms / p50:5.1%})", flush=True)
+                              f"({floor_ms / p50:5.1%})  cpu {cpu_p50:8.2f} ms x{cpu_base / cpu_p50:5.2f}",
+                              flush=True)
     load = {"start": [round(x, 2) for x in load_start], "end": [round(x, 2) for x in os.getloadavg()]}
     result = {"command": " ".join(["python"] + sys.argv), "env": environment(torch.device("cpu")),
               "rounds": args.rounds, "load_average_1_5_15min": load, "rows": rows}
@@ -255,13 +267,16 @@ def main() -> None:
                 f"{result['env']}, {args.rounds} interleaved rounds, medians; float32, histories full "
                 f"length (dien-attention: lengths spread over 1..T). Load average (1, 5, 15 min) at start {load['start']}, at end {load['end']} "
                 f"({os.cpu_count()} cores). Floor: FLOPs of the identity form (fwd+bwd: 3x fwd) at the GEMM rate "
-                "measured in the same run.\n\n"
-                "| threads | case | mode | impl | p50 ms | p20-p80 ms | vs DeepCTR | floor ms | of floor |\n"
-                "|---|---|---|---|---|---|---|---|---|\n")
+                "measured in the same run. CPU ms: the process's CPU time per call (all threads; with 1 "
+                "thread it is not inflated when other jobs time-slice the core, as wall-clock time is).\n\n"
+                "| threads | case | mode | impl | p50 ms | p20-p80 ms | vs DeepCTR | floor ms | of floor "
+                "| CPU ms | vs DeepCTR (CPU) |\n"
+                "|---|---|---|---|---|---|---|---|---|---|---|\n")
         for r in rows:
             f.write(f"| {r['threads']} | {r['case']} | {r['mode']} | {r['impl']} | {r['p50_ms']:.2f} | "
                     f"{r['p20_ms']:.2f}-{r['p80_ms']:.2f} | {r['speedup_vs_deepctr']:.2f}x | "
-                    f"{r['floor_ms']:.2f} | {r['fraction_of_floor']:.0%} |\n")
+                    f"{r['floor_ms']:.2f} | {r['fraction_of_floor']:.0%} | {r['cpu_p50_ms']:.2f} | "
+                    f"{r['cpu_speedup_vs_deepctr']:.2f}x |\n")
     print(f"wrote {args.out} and {md}")
 
 

@@ -22,6 +22,7 @@
 // summed in block order (the same bits for any thread count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/Version.h>
 #include <torch/library.h>
 
 #if defined(__x86_64__)
@@ -39,6 +40,8 @@
 
 // Float compares and conversions may be vectorised (torch itself builds this way).
 #pragma GCC optimize("no-trapping-math", "no-math-errno")
+// GCC 12's AVX-512 headers start some intrinsics from a self-initialised "undefined" vector.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 namespace interest_kernels {
 namespace target_attention {
@@ -89,8 +92,63 @@ inline double sigmoid_of(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 #if defined(__x86_64__)
 #define IK_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#define IK_AVX512 __attribute__((target("avx512f")))
 #else
 #define IK_CLONES
+#endif
+
+// The widest hand-written kernels (AVX-512 intrinsics, or the AVX2 tile GEMM) this CPU
+// runs and torch allows: ATEN_CPU_CAPABILITY caps them as it caps torch's own kernels.
+enum class Isa { kDefault, kAvx2, kAvx512 };
+Isa simd_isa() {
+#if defined(__x86_64__)
+  static const Isa isa = [] {
+    const std::string cap = at::get_cpu_capability();
+    if (cap == "AVX512" && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
+    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") &&
+        __builtin_cpu_supports("fma"))
+      return Isa::kAvx2;
+    return Isa::kDefault;
+  }();
+  return isa;
+#else
+  return Isa::kDefault;
+#endif
+}
+
+#if defined(__x86_64__)
+// e^-x on 16 floats (x clamped to [-88, 88]): e^-x = 2^n e^r with n = round(-x / ln 2)
+// and r = -x - n ln 2 (ln 2 in two parts), e^r by a degree-6 polynomial fitted on
+// |r| <= ln 2 / 2 (relative error 3e-9 before rounding), 2^n by scalef. NaN propagates.
+IK_AVX512 __attribute__((always_inline)) inline __m512 exp_neg16(__m512 x) {
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693145751953125f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+  const __m512 one = _mm512_set1_ps(1.0f);
+  __m512 q = _mm512_set1_ps(1.394858118146658e-3f);
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(8.375128731131554e-3f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(4.1666217148303986e-2f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.16666415333747864f));
+  q = _mm512_fmadd_ps(q, r, _mm512_set1_ps(0.5f));
+  q = _mm512_fmadd_ps(q, r, one);
+  q = _mm512_fmadd_ps(q, r, one);
+  return _mm512_scalef_ps(q, n);
+}
+
+// sigmoid(x) = 1 / (1 + e^-x), the reciprocal by rcp14 and one Newton step (about 1e-7
+// relative in all).
+IK_AVX512 __attribute__((always_inline)) inline __m512 sigmoid16(__m512 x) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 d = _mm512_add_ps(exp_neg16(x), one);
+  const __m512 inv = _mm512_rcp14_ps(d);
+  return _mm512_fmadd_ps(inv, _mm512_fnmadd_ps(d, inv, one), inv);
+}
+
+IK_AVX512 __attribute__((always_inline)) inline __mmask16 first_lanes(int64_t count) {
+  return count >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << count) - 1u);
+}
 #endif
 
 // h = act(z) on rows x cols (row-major); params (cols,) each.
@@ -179,8 +237,171 @@ __attribute__((always_inline)) inline void act_backward_impl(Act act, const T* _
   }
 }
 
+#if defined(__x86_64__)
+// Sigmoid and Dice (the activations with an exponential) in AVX-512 intrinsics; the
+// compiler's vectorisation of exp_poly and of the division costs about three times more.
+IK_AVX512 void act_forward_avx512(Act act, const float* z, float* h, int64_t rows, int64_t cols,
+                                  const float* p0, const float* p1, const float* p2) {
+  if (act == Act::kSigmoid) {
+    const int64_t n = rows * cols;
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = first_lanes(n - i);
+      _mm512_mask_storeu_ps(h + i, m, sigmoid16(_mm512_maskz_loadu_ps(m, z + i)));
+    }
+    return;
+  }
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 m = first_lanes(cols - j);
+    const __m512 alpha = _mm512_maskz_loadu_ps(m, p0 + j), scale = _mm512_maskz_loadu_ps(m, p1 + j),
+                 shift = _mm512_maskz_loadu_ps(m, p2 + j);
+    const __m512 gate = _mm512_sub_ps(one, alpha);
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 x = _mm512_maskz_loadu_ps(m, z + r * cols + j);
+      const __m512 p = sigmoid16(_mm512_fmadd_ps(x, scale, shift));
+      _mm512_mask_storeu_ps(h + r * cols + j, m, _mm512_mul_ps(x, _mm512_fmadd_ps(gate, p, alpha)));
+    }
+  }
+}
+
+// Dice's backward (see act_backward_impl) on 16 channels at a time.
+IK_AVX512 void dice_backward_avx512(const float* z, const float* dh, float* dz, int64_t rows,
+                                    int64_t cols, const float* p0, const float* p1, const float* p2,
+                                    float* g0, float* g1, float* g2) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  for (int64_t j = 0; j < cols; j += 16) {
+    const __mmask16 m = first_lanes(cols - j);
+    const __m512 alpha = _mm512_maskz_loadu_ps(m, p0 + j), scale = _mm512_maskz_loadu_ps(m, p1 + j),
+                 shift = _mm512_maskz_loadu_ps(m, p2 + j);
+    const __m512 gate = _mm512_sub_ps(one, alpha);
+    __m512 ga = _mm512_setzero_ps(), gs = _mm512_setzero_ps(), gb = _mm512_setzero_ps();
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 x = _mm512_maskz_loadu_ps(m, z + r * cols + j);
+      const __m512 d = _mm512_maskz_loadu_ps(m, dh + r * cols + j);
+      const __m512 p = sigmoid16(_mm512_fmadd_ps(x, scale, shift));
+      const __m512 q = _mm512_sub_ps(one, p);
+      const __m512 gz = _mm512_mul_ps(d, x);
+      const __m512 dpre = _mm512_mul_ps(_mm512_mul_ps(gz, gate), _mm512_mul_ps(p, q));
+      _mm512_mask_storeu_ps(dz + r * cols + j, m,
+                            _mm512_fmadd_ps(d, _mm512_fmadd_ps(gate, p, alpha), _mm512_mul_ps(dpre, scale)));
+      ga = _mm512_fmadd_ps(gz, q, ga);
+      gs = _mm512_fmadd_ps(dpre, x, gs);
+      gb = _mm512_add_ps(gb, dpre);
+    }
+    _mm512_mask_storeu_ps(g0 + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, g0 + j), ga));
+    _mm512_mask_storeu_ps(g1 + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, g1 + j), gs));
+    _mm512_mask_storeu_ps(g2 + j, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, g2 + j), gb));
+  }
+}
+
+// row_dots (below): 16 columns at a time, then one horizontal sum per row.
+IK_AVX512 void row_dots_avx512(const float* h, const float* w, float bias, int64_t rows,
+                               int64_t cols, float* s, const bool* valid) {
+  for (int64_t i = 0; i < rows; ++i) {
+    if (valid && !valid[i]) {
+      s[i] = 0.0f;
+      continue;
+    }
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < cols; j += 16) {
+      const __mmask16 m = first_lanes(cols - j);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, h + i * cols + j), _mm512_maskz_loadu_ps(m, w + j), acc);
+    }
+    s[i] = bias + _mm512_reduce_add_ps(acc);
+  }
+}
+
+// out (D) = sum of a[t] k[t] over the rows t < n (only where valid[t] when given): 64
+// columns at a time in registers, even and odd rows in separate sums.
+IK_AVX512 void pool_rows_avx512(const float* a, const float* k, int64_t n, int64_t D,
+                                const bool* valid, float* out) {
+  for (int64_t d0 = 0; d0 < D; d0 += 64) {
+    __mmask16 m[4];
+    for (int v = 0; v < 4; ++v) m[v] = d0 + 16 * v < D ? first_lanes(D - d0 - 16 * v) : __mmask16(0);
+    __m512 even[4], odd[4];
+    for (int v = 0; v < 4; ++v) even[v] = odd[v] = _mm512_setzero_ps();
+    auto add_row = [&](__m512* acc, int64_t t) {
+      if (valid && !valid[t]) return;  // padding (NaN included) is not read
+      const __m512 at = _mm512_set1_ps(a[t]);
+      for (int v = 0; v < 4; ++v)
+        if (m[v]) acc[v] = _mm512_fmadd_ps(at, _mm512_maskz_loadu_ps(m[v], k + t * D + d0 + 16 * v), acc[v]);
+    };
+    int64_t t = 0;
+    for (; t + 2 <= n; t += 2) {
+      add_row(even, t);
+      add_row(odd, t + 1);
+    }
+    if (t < n) add_row(even, t);
+    for (int v = 0; v < 4; ++v)
+      if (m[v]) _mm512_mask_storeu_ps(out + d0 + 16 * v, m[v], _mm512_add_ps(even[v], odd[v]));
+  }
+}
+
+// The first layer's terms (see first_layer_terms_impl), qt kept in registers 64 columns at
+// a time.
+IK_AVX512 void first_layer_terms_avx512(const float* q, const float* wqd, const float* wkd,
+                                        const float* wp, const float* c1, int64_t D, int64_t H1,
+                                        float* qt, float* m) {
+  for (int64_t j0 = 0; j0 < H1; j0 += 64) {
+    __mmask16 mk[4];
+    __m512 acc[4];
+    for (int v = 0; v < 4; ++v) {
+      mk[v] = j0 + 16 * v < H1 ? first_lanes(H1 - j0 - 16 * v) : __mmask16(0);
+      acc[v] = _mm512_maskz_loadu_ps(mk[v], c1 + j0 + 16 * v);
+    }
+    for (int64_t d = 0; d < D; ++d) {
+      const __m512 qd = _mm512_set1_ps(q[d]);
+      const int64_t at = d * H1 + j0;
+      for (int v = 0; v < 4; ++v) {
+        if (!mk[v]) continue;
+        acc[v] = _mm512_fmadd_ps(qd, _mm512_maskz_loadu_ps(mk[v], wqd + at + 16 * v), acc[v]);
+        _mm512_mask_storeu_ps(m + at + 16 * v, mk[v],
+                              _mm512_fmadd_ps(qd, _mm512_maskz_loadu_ps(mk[v], wp + at + 16 * v),
+                                              _mm512_maskz_loadu_ps(mk[v], wkd + at + 16 * v)));
+      }
+    }
+    for (int v = 0; v < 4; ++v)
+      if (mk[v]) _mm512_mask_storeu_ps(qt + j0 + 16 * v, mk[v], acc[v]);
+  }
+}
+
+// first_layer_grads (below) on 16 columns at a time, one horizontal sum per row of dm.
+IK_AVX512 void first_layer_grads_avx512(const float* q, const float* dm, const float* dqt,
+                                        const float* wqd, const float* wp, int64_t D, int64_t H1,
+                                        float* gwqd, float* gwkd, float* gwp, float* gq) {
+  for (int64_t d = 0; d < D; ++d) {
+    const __m512 qd = _mm512_set1_ps(q[d]);
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t j = 0; j < H1; j += 16) {
+      const __mmask16 m = first_lanes(H1 - j);
+      const int64_t i = d * H1 + j;
+      const __m512 dq = _mm512_maskz_loadu_ps(m, dqt + j), dmi = _mm512_maskz_loadu_ps(m, dm + i);
+      _mm512_mask_storeu_ps(gwqd + i, m, _mm512_fmadd_ps(qd, dq, _mm512_maskz_loadu_ps(m, gwqd + i)));
+      _mm512_mask_storeu_ps(gwkd + i, m, _mm512_add_ps(dmi, _mm512_maskz_loadu_ps(m, gwkd + i)));
+      _mm512_mask_storeu_ps(gwp + i, m, _mm512_fmadd_ps(qd, dmi, _mm512_maskz_loadu_ps(m, gwp + i)));
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wqd + i), dq, acc);
+      acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, wp + i), dmi, acc);
+    }
+    gq[d] += _mm512_reduce_add_ps(acc);
+  }
+}
+
+// a[t] = e^(s[t] - shift) for t < n.
+IK_AVX512 void exp_shifted_avx512(const float* s, float shift, int64_t n, float* a) {
+  const __m512 sh = _mm512_set1_ps(shift);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = first_lanes(n - t);
+    _mm512_mask_storeu_ps(a + t, m, exp_neg16(_mm512_sub_ps(sh, _mm512_maskz_loadu_ps(m, s + t))));
+  }
+}
+#endif
+
 IK_CLONES void act_forward(Act act, const float* z, float* h, int64_t rows, int64_t cols,
                            const float* p0, const float* p1, const float* p2) {
+#if defined(__x86_64__)
+  if ((act == Act::kSigmoid || act == Act::kDice) && simd_isa() == Isa::kAvx512)
+    return act_forward_avx512(act, z, h, rows, cols, p0, p1, p2);
+#endif
   act_forward_impl<float>(act, z, h, rows, cols, p0, p1, p2);
 }
 void act_forward(Act act, const double* z, double* h, int64_t rows, int64_t cols,
@@ -190,6 +411,10 @@ void act_forward(Act act, const double* z, double* h, int64_t rows, int64_t cols
 IK_CLONES void act_backward(Act act, const float* z, const float* h, const float* dh, float* dz,
                             int64_t rows, int64_t cols, const float* p0, const float* p1,
                             const float* p2, float* g0, float* g1, float* g2) {
+#if defined(__x86_64__)
+  if (act == Act::kDice && simd_isa() == Isa::kAvx512)
+    return dice_backward_avx512(z, dh, dz, rows, cols, p0, p1, p2, g0, g1, g2);
+#endif
   act_backward_impl<float>(act, z, h, dh, dz, rows, cols, p0, p1, p2, g0, g1, g2);
 }
 void act_backward(Act act, const double* z, const double* h, const double* dh, double* dz,
@@ -348,19 +573,132 @@ __attribute__((target("avx2,fma"))) void sgemm_tile_avx2(int64_t M, int64_t N, i
   }
 }
 
-bool cpu_has_avx2_fma() {
-  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return has;
+// Row-major C (M x N) (+)= op(A) (M x K) B (K x N) with AVX-512: a block of MR rows x NV
+// vectors of 16 columns of C stays in registers (the last vector masked to N), started
+// from C (accumulate), from the row vector init (N,), or from zero. The loops over r and
+// v are unrolled so that c and b live in registers.
+template <int NV, int MR, bool kTransA>
+__attribute__((target("avx512f"), noinline)) void sgemm_block_avx512(
+    int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C, int64_t ldc,
+    __mmask16 last, const float* init, bool accumulate) {
+  __m512 c[MR][NV];
+#pragma GCC unroll 8
+  for (int v = 0; v < NV; ++v) {
+    const __mmask16 m = v == NV - 1 ? last : __mmask16(0xFFFF);
+    const __m512 start = init ? _mm512_maskz_loadu_ps(m, init + 16 * v) : _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r)
+      c[r][v] = accumulate ? _mm512_maskz_loadu_ps(m, C + r * ldc + 16 * v) : start;
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const float* bk = B + k * ldb;
+    __m512 b[NV];
+#pragma GCC unroll 8
+    for (int v = 0; v < NV - 1; ++v) b[v] = _mm512_loadu_ps(bk + 16 * v);
+    b[NV - 1] = _mm512_maskz_loadu_ps(last, bk + 16 * (NV - 1));
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; ++r) {
+      const __m512 a = _mm512_set1_ps(kTransA ? A[k * lda + r] : A[r * lda + k]);
+#pragma GCC unroll 8
+      for (int v = 0; v < NV; ++v) c[r][v] = _mm512_fmadd_ps(a, b[v], c[r][v]);
+    }
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < MR; ++r) {
+#pragma GCC unroll 8
+    for (int v = 0; v < NV - 1; ++v) _mm512_storeu_ps(C + r * ldc + 16 * v, c[r][v]);
+    _mm512_mask_storeu_ps(C + r * ldc + 16 * (NV - 1), last, c[r][NV - 1]);
+  }
 }
+
+// Rows per register block for NV vectors: about 24 accumulators, enough independent
+// FMAs in flight to hide their latency.
+constexpr int avx512_rows(int nv) { return nv <= 2 ? 12 : nv == 3 ? 8 : nv == 4 ? 6 : 4; }
+
+// One block of exactly rows (1..R) rows.
+template <int NV, int R, bool kTransA>
+__attribute__((target("avx512f"))) void sgemm_rows_avx512(
+    int64_t rows, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+    int64_t ldc, __mmask16 last, const float* init, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R) {
+      sgemm_block_avx512<NV, R, kTransA>(K, A, lda, B, ldb, C, ldc, last, init, accumulate);
+    } else {
+      sgemm_rows_avx512<NV, R - 1, kTransA>(rows, K, A, lda, B, ldb, C, ldc, last, init,
+                                            accumulate);
+    }
+  }
+}
+
+// One panel of at most 16 NV columns over all M rows, in ceil(M / MR) blocks of nearly
+// equal height (a short last block would wait on the latency of its few accumulators).
+template <int NV, bool kTransA>
+__attribute__((target("avx512f"))) void sgemm_panel_avx512(
+    int64_t M, int64_t K, const float* A, int64_t lda, const float* B, int64_t ldb, float* C,
+    int64_t ldc, __mmask16 last, const float* init, bool accumulate) {
+  constexpr int MR = avx512_rows(NV);
+  const int64_t a_step = kTransA ? 1 : lda;
+  const int64_t blocks = (M + MR - 1) / MR;
+  for (int64_t blk = 0; blk < blocks; ++blk) {
+    const int64_t i0 = M * blk / blocks, i1 = M * (blk + 1) / blocks;
+    sgemm_rows_avx512<NV, MR, kTransA>(i1 - i0, K, A + i0 * a_step, lda, B, ldb, C + i0 * ldc, ldc,
+                                       last, init, accumulate);
+  }
+}
+
+// Row-major C (M x N) (+)= op(A) (M x K) B (K x N): panels of 64 columns, the last one (up
+// to 80) in a single pass.
+template <bool kTransA>
+__attribute__((target("avx512f"))) void sgemm_tile_avx512(int64_t M, int64_t N, int64_t K,
+                                                          const float* A, int64_t lda,
+                                                          const float* B, int64_t ldb, float* C,
+                                                          int64_t ldc, const float* init,
+                                                          bool accumulate) {
+  int64_t j0 = 0;
+  for (; N - j0 > 80; j0 += 64)
+    sgemm_panel_avx512<4, kTransA>(M, K, A, lda, B + j0, ldb, C + j0, ldc, 0xFFFF,
+                                   init ? init + j0 : nullptr, accumulate);
+  const int64_t rest = N - j0;
+  if (M == 0 || rest <= 0) return;
+  const int nv = static_cast<int>((rest + 15) / 16);
+  const int tail = static_cast<int>(rest - 16 * (nv - 1));
+  const __mmask16 last = static_cast<__mmask16>((1u << tail) - 1u);
+  const float* in = init ? init + j0 : nullptr;
+  switch (nv) {
+    case 1: sgemm_panel_avx512<1, kTransA>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, in, accumulate); break;
+    case 2: sgemm_panel_avx512<2, kTransA>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, in, accumulate); break;
+    case 3: sgemm_panel_avx512<3, kTransA>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, in, accumulate); break;
+    case 4: sgemm_panel_avx512<4, kTransA>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, in, accumulate); break;
+    default: sgemm_panel_avx512<5, kTransA>(M, K, A, lda, B + j0, ldb, C + j0, ldc, last, in, accumulate); break;
+  }
+}
+
 #endif  // __x86_64__
 
-// Row-major C (M x N) (+)= op(A) (M x K) B (K x N); op(A) = A^T with trans_a.
+// Row-major C (M x N) = op(A) (M x K) B (K x N) + (C with accumulate, else the row vector
+// init (N,) when given, else 0); op(A) = A^T with trans_a.
 template <typename T>
 void tile_gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B, int64_t ldb,
-               T* C, int64_t ldc, bool accumulate, bool trans_a = false) {
+               T* C, int64_t ldc, bool accumulate, bool trans_a = false, const T* init = nullptr) {
 #if defined(__x86_64__)
   if constexpr (std::is_same_v<T, float>) {
-    if (cpu_has_avx2_fma()) {
+    if (simd_isa() == Isa::kAvx512) {
+      if (trans_a) {
+        sgemm_tile_avx512<true>(M, N, K, A, lda, B, ldb, C, ldc, init, accumulate);
+      } else {
+        sgemm_tile_avx512<false>(M, N, K, A, lda, B, ldb, C, ldc, init, accumulate);
+      }
+      return;
+    }
+  }
+#endif
+  if (init && !accumulate) {
+    for (int64_t i = 0; i < M; ++i) std::copy(init, init + N, C + i * ldc);
+    accumulate = true;
+  }
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd_isa() == Isa::kAvx2) {
       if (trans_a) {
         sgemm_tile_avx2<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
       } else {
@@ -391,6 +729,7 @@ struct Problem {
   const bool* mask = nullptr;
   // First layer split by SPEC's identity, (G, D, H1) each, and the bias (G, H1).
   at::Tensor wqd_t, wkd_t, wp_t;
+  at::Tensor wkd_rows, wp_rows;  // (W_k - W_d) and W_p as (G, H1, D)
   const T* c[kMaxLayers] = {};
   const T* w[kMaxLayers] = {};  // layers 2.. (G, H_l, H_{l-1})
   const T* w_t[kMaxLayers] = {};  // the same transposed, (G, H_{l-1}, H_l)
@@ -408,6 +747,10 @@ struct Problem {
   // Rows of a history that need computing: positions from the length on are padding.
   int64_t rows_needed(int64_t row) const {
     if (all_positions || !lengths) return T_;
+    return length_of(row);
+  }
+  // The history's length clamped to [0, T] (lengths given).
+  int64_t length_of(int64_t row) const {
     return std::min<int64_t>(std::max<int64_t>(lengths[row], 0), T_);
   }
   const T* ap_of(int l, int i, int64_t g) const {
@@ -419,11 +762,12 @@ struct Problem {
 };
 
 std::vector<at::Tensor> first_layer_parts(const at::Tensor& w1, int64_t D) {
-  // w1 (G, H1, 4D) = [W_q | W_k | W_d | W_p] -> (W_q + W_d)^T, (W_k - W_d)^T, W_p^T as (G, D, H1).
+  // w1 (G, H1, 4D) = [W_q | W_k | W_d | W_p] -> (W_q + W_d)^T, (W_k - W_d)^T, W_p^T as
+  // (G, D, H1), and W_k - W_d, W_p as (G, H1, D).
   auto parts = w1.split(D, -1);
-  return {(parts[0] + parts[2]).transpose(-1, -2).contiguous(),
-          (parts[1] - parts[2]).transpose(-1, -2).contiguous(),
-          parts[3].transpose(-1, -2).contiguous()};
+  at::Tensor wkd = (parts[1] - parts[2]).contiguous(), wp = parts[3].contiguous();
+  return {(parts[0] + parts[2]).transpose(-1, -2).contiguous(), wkd.transpose(-1, -2).contiguous(),
+          wp.transpose(-1, -2).contiguous(), wkd, wp};
 }
 
 template <typename T>
@@ -455,6 +799,8 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
   p.wqd_t = parts[0];
   p.wkd_t = parts[1];
   p.wp_t = parts[2];
+  p.wkd_rows = parts[3];
+  p.wp_rows = parts[4];
   for (int l = 0; l < p.L; ++l) {
     p.c[l] = biases[l].data_ptr<T>();
     if (l > 0) {
@@ -475,8 +821,9 @@ Problem<T> make_problem(const at::Tensor& query, const at::Tensor& keys,
 template <typename T>
 struct Workspace {
   std::vector<T> kbuf, m, mt, qterm, s, ds, dm, dqterm, dk;
+  const T* keys_tile = nullptr;  // the rows of the current tile (load_keys)
   std::vector<T> z[kMaxLayers], h[kMaxLayers];
-  std::vector<T> gz, gh;
+  std::vector<T> gz, gh, ones;
   std::vector<T> moment_sums;
   Workspace(const Problem<T>& p, bool backward) {
     const int64_t tile = std::min(kTileRows, std::max<int64_t>(p.T_, 1));
@@ -497,67 +844,105 @@ struct Workspace {
       dk.resize(tile * p.D);
       gz.resize(tile * p.max_h());
       gh.resize(tile * p.max_h());
+      ones.assign(tile, T(1));
     }
   }
 };
+
+// The first layer's terms of one query q (D): qt (H1) = c1 + sum_d q_d wqd[d] and
+// m (D x H1) = wkd + diag(q) wp, from the (D, H1) parts.
+template <typename T>
+__attribute__((always_inline)) inline void first_layer_terms_impl(
+    const T* __restrict__ q, const T* __restrict__ wqd, const T* __restrict__ wkd,
+    const T* __restrict__ wp, const T* __restrict__ c1, int64_t D, int64_t H1, T* __restrict__ qt,
+    T* __restrict__ m) {
+  std::copy(c1, c1 + H1, qt);
+  for (int64_t d = 0; d < D; ++d) {
+    const T qd = q[d];
+    for (int64_t j = 0; j < H1; ++j) {
+      qt[j] += qd * wqd[d * H1 + j];
+      m[d * H1 + j] = wkd[d * H1 + j] + qd * wp[d * H1 + j];
+    }
+  }
+}
+IK_CLONES void first_layer_terms(const float* q, const float* wqd, const float* wkd,
+                                 const float* wp, const float* c1, int64_t D, int64_t H1,
+                                 float* qt, float* m) {
+#if defined(__x86_64__)
+  if (simd_isa() == Isa::kAvx512) return first_layer_terms_avx512(q, wqd, wkd, wp, c1, D, H1, qt, m);
+#endif
+  first_layer_terms_impl<float>(q, wqd, wkd, wp, c1, D, H1, qt, m);
+}
+void first_layer_terms(const double* q, const double* wqd, const double* wkd, const double* wp,
+                       const double* c1, int64_t D, int64_t H1, double* qt, double* m) {
+  first_layer_terms_impl<double>(q, wqd, wkd, wp, c1, D, H1, qt, m);
+}
+
+// M^T (H1 x D) = wkd^T + wp^T diag(q), from the (H1, D) parts.
+template <typename T>
+__attribute__((always_inline)) inline void first_layer_transposed_impl(
+    const T* __restrict__ q, const T* __restrict__ wkd_rows, const T* __restrict__ wp_rows,
+    int64_t D, int64_t H1, T* __restrict__ mt) {
+  for (int64_t j = 0; j < H1; ++j)
+    for (int64_t d = 0; d < D; ++d) mt[j * D + d] = wkd_rows[j * D + d] + wp_rows[j * D + d] * q[d];
+}
+IK_CLONES void first_layer_transposed(const float* q, const float* wkd_rows, const float* wp_rows,
+                                      int64_t D, int64_t H1, float* mt) {
+  first_layer_transposed_impl<float>(q, wkd_rows, wp_rows, D, H1, mt);
+}
+void first_layer_transposed(const double* q, const double* wkd_rows, const double* wp_rows,
+                            int64_t D, int64_t H1, double* mt) {
+  first_layer_transposed_impl<double>(q, wkd_rows, wp_rows, D, H1, mt);
+}
 
 // qterm and M of item (b, e), into the workspace (and M^T for the backward).
 template <typename T>
 void first_layer_setup(const Problem<T>& p, Workspace<T>& ws, const T* q, int64_t g,
                        bool transposed = false) {
-  const int64_t D = p.D, H1 = p.H[0];
-  const T* wqd = p.wqd_t.template data_ptr<T>() + g * D * H1;
-  const T* wkd = p.wkd_t.template data_ptr<T>() + g * D * H1;
-  const T* wp = p.wp_t.template data_ptr<T>() + g * D * H1;
-  const T* c1 = p.c[0] + g * H1;
-  T* qt = ws.qterm.data();
-  std::copy(c1, c1 + H1, qt);
-  T* m = ws.m.data();
-  for (int64_t d = 0; d < D; ++d) {
-    const T qd = q[d];
-    const T* a = wqd + d * H1;
-    const T* kd = wkd + d * H1;
-    const T* pd = wp + d * H1;
-    T* md = m + d * H1;
-    for (int64_t j = 0; j < H1; ++j) {
-      qt[j] += qd * a[j];
-      md[j] = kd[j] + qd * pd[j];
-    }
-  }
+  const int64_t D = p.D, H1 = p.H[0], off = g * D * H1;
+  first_layer_terms(q, p.wqd_t.template data_ptr<T>() + off, p.wkd_t.template data_ptr<T>() + off,
+                    p.wp_t.template data_ptr<T>() + off, p.c[0] + g * H1, D, H1, ws.qterm.data(),
+                    ws.m.data());
   if (transposed)
-    for (int64_t d = 0; d < D; ++d)
-      for (int64_t j = 0; j < H1; ++j) ws.mt[j * D + d] = m[d * H1 + j];
+    first_layer_transposed(q, p.wkd_rows.template data_ptr<T>() + off,
+                           p.wp_rows.template data_ptr<T>() + off, D, H1, ws.mt.data());
 }
 
-// Keys t0..t0+nt of the item into kbuf; padded positions become zero rows (their
-// contents, NaN included, never reach an output), except with all_positions.
+// Points ws.keys_tile at keys t0..t0+nt of the item. Only a mask can leave padding among
+// the rows computed (lengths stop them at the length): then the keys are copied into
+// kbuf with padded positions as zero rows (their contents, NaN included, never reach an
+// output), except with all_positions.
 template <typename T>
 void load_keys(const Problem<T>& p, Workspace<T>& ws, const T* k, int64_t row, int64_t t0,
                int64_t nt) {
   const int64_t D = p.D;
+  if (!p.mask || p.all_positions) {
+    ws.keys_tile = k + t0 * D;
+    return;
+  }
   for (int64_t i = 0; i < nt; ++i) {
     T* dst = ws.kbuf.data() + i * D;
-    if (!p.all_positions && !p.valid(row, t0 + i)) {
+    if (!p.valid(row, t0 + i)) {
       std::fill(dst, dst + D, T(0));
     } else {
       std::copy(k + (t0 + i) * D, k + (t0 + i + 1) * D, dst);
     }
   }
+  ws.keys_tile = ws.kbuf.data();
 }
 
 // Pre-activation of layer l on nt rows: z = input W_l^T + bias, the input being the keys
-// in kbuf through the identity (layer 0) or h_prev (nt x H_{l-1}).
+// of the tile (load_keys) through the identity (layer 0) or h_prev (nt x H_{l-1}).
 template <typename T>
 void layer_forward(const Problem<T>& p, const Workspace<T>& ws, int l, int64_t g, int64_t nt,
                    const T* h_prev, T* z) {
   const int64_t Hl = p.H[l];
   const T* bias = l == 0 ? ws.qterm.data() : p.c[l] + g * Hl;
-  for (int64_t i = 0; i < nt; ++i) std::copy(bias, bias + Hl, z + i * Hl);
   if (l == 0) {
-    tile_gemm<T>(nt, Hl, p.D, ws.kbuf.data(), p.D, ws.m.data(), Hl, z, Hl, true);
+    tile_gemm<T>(nt, Hl, p.D, ws.keys_tile, p.D, ws.m.data(), Hl, z, Hl, false, false, bias);
   } else {
     const int64_t Hp = p.H[l - 1];
-    tile_gemm<T>(nt, Hl, Hp, h_prev, Hp, p.w_t[l] + g * Hp * Hl, Hl, z, Hl, true);
+    tile_gemm<T>(nt, Hl, Hp, h_prev, Hp, p.w_t[l] + g * Hp * Hl, Hl, z, Hl, false, false, bias);
   }
 }
 
@@ -566,7 +951,7 @@ void layer_activation(const Problem<T>& p, int l, int64_t g, int64_t nt, const T
   act_forward(p.act, z, h, nt, p.H[l], p.ap_of(l, 0, g), p.ap_of(l, 1, g), p.ap_of(l, 2, g));
 }
 
-// Layers 1..L on the nt rows of kbuf: z[l] pre-activations (into zs[l] when given, else
+// Layers 1..L on the nt keys of the tile: z[l] pre-activations (into zs[l] when given, else
 // the workspace), h[l] activations.
 template <typename T>
 void mlp_forward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t g, int64_t nt,
@@ -578,18 +963,70 @@ void mlp_forward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t g, int64_t 
   }
 }
 
+// s[i] = bias + h[i] . w for the rows x cols matrix h; with valid, rows where it is false
+// get 0 and are not read.
+template <typename T>
+void row_dots(const T* h, const T* w, T bias, int64_t rows, int64_t cols, T* s,
+              const bool* valid = nullptr) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd_isa() == Isa::kAvx512) return row_dots_avx512(h, w, bias, rows, cols, s, valid);
+  }
+#endif
+  for (int64_t i = 0; i < rows; ++i) {
+    if (valid && !valid[i]) {
+      s[i] = T(0);
+      continue;
+    }
+    T acc = bias;
+    for (int64_t j = 0; j < cols; ++j) acc += h[i * cols + j] * w[j];
+    s[i] = acc;
+  }
+}
+
+// out (D) = sum of a[t] k[t] over the rows t < n (only where valid[t] when given).
+template <typename T>
+__attribute__((always_inline)) inline void pool_rows_impl(const T* __restrict__ a,
+                                                          const T* __restrict__ k, int64_t n,
+                                                          int64_t D, const bool* __restrict__ valid,
+                                                          T* __restrict__ out) {
+  std::fill(out, out + D, T(0));
+  for (int64_t t = 0; t < n; ++t) {
+    if (valid && !valid[t]) continue;
+    const T at = a[t];
+    for (int64_t d = 0; d < D; ++d) out[d] += at * k[t * D + d];
+  }
+}
+IK_CLONES void pool_rows(const float* a, const float* k, int64_t n, int64_t D, const bool* valid,
+                         float* out) {
+#if defined(__x86_64__)
+  if (simd_isa() == Isa::kAvx512) return pool_rows_avx512(a, k, n, D, valid, out);
+#endif
+  pool_rows_impl<float>(a, k, n, D, valid, out);
+}
+void pool_rows(const double* a, const double* k, int64_t n, int64_t D, const bool* valid,
+               double* out) {
+  pool_rows_impl<double>(a, k, n, D, valid, out);
+}
+
 // Scores of nt rows from the top layer's activations.
 template <typename T>
 void score_tile(const Problem<T>& p, const Workspace<T>& ws, int64_t g, int64_t nt, T* s) {
   const int64_t HL = p.H[p.L - 1];
   const T* hL = ws.h[p.L - 1].data();
   const T* wo = p.wo + g * HL;
-  const T co = p.co[g];
-  for (int64_t i = 0; i < nt; ++i) {
-    T acc = co;
-    for (int64_t j = 0; j < HL; ++j) acc += hL[i * HL + j] * wo[j];
-    s[i] = acc;
+  row_dots(hL, wo, p.co[g], nt, HL, s);
+}
+
+// a[t] = e^(s[t] - shift) for t < n.
+template <typename T>
+void exp_shifted(const T* s, T shift, int64_t n, T* a) {
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd_isa() == Isa::kAvx512) return exp_shifted_avx512(s, shift, n, a);
   }
+#endif
+  for (int64_t t = 0; t < n; ++t) a[t] = std::exp(s[t] - shift);
 }
 
 // Attention weights a (T,) from the scores s of the first n positions, normalised over
@@ -601,25 +1038,20 @@ void normalize_and_pool(const Problem<T>& p, int64_t row, const T* k, int64_t n,
   if (p.softmax) {
     T mx = -std::numeric_limits<T>::infinity();
     for (int64_t t = 0; t < n; ++t)
-      if (p.valid(row, t)) mx = std::max(mx, s[t]);
+      if (p.valid(row, t) && s[t] > mx) mx = s[t];
+    exp_shifted(s, mx, n, a);
     T sum = 0;
-    for (int64_t t = 0; t < T_; ++t) {
-      const bool v = t < n && p.valid(row, t);
-      a[t] = v ? std::exp(s[t] - mx) : T(0);
+    for (int64_t t = 0; t < n; ++t) {
+      if (!p.valid(row, t)) a[t] = T(0);
       sum += a[t];
     }
+    std::fill(a + n, a + T_, T(0));
     const T inv = sum > T(0) ? T(1) / sum : T(0);
     for (int64_t t = 0; t < T_; ++t) a[t] *= inv;
   } else {
     for (int64_t t = 0; t < T_; ++t) a[t] = (t < n && p.valid(row, t)) ? s[t] : T(0);
   }
-  std::fill(out, out + D, T(0));
-  for (int64_t t = 0; t < n; ++t) {
-    if (!p.valid(row, t)) continue;
-    const T at_ = a[t];
-    const T* kt = k + t * D;
-    for (int64_t d = 0; d < D; ++d) out[d] += at_ * kt[d];
-  }
+  pool_rows(a, k, n, D, p.mask ? p.mask + row * T_ : nullptr, out);
 }
 
 // Contiguous blocks of queries, one per thread; fn(block, b_begin, b_end).
@@ -663,44 +1095,42 @@ void forward_item(const Problem<T>& p, Workspace<T>& ws, int64_t b, int64_t e, T
 
 // ---- backward -----------------------------------------------------------------------
 
-// Gradient accumulators of one block of queries (all zero-initialised, summed later).
+// Gradient accumulators of one block of queries: slices of one zeroed buffer, the same
+// layout in every block (blocks are summed element by element, in block order).
 template <typename T>
 struct Grads {
-  at::Tensor wqd_t, wkd_t, wp_t;              // (G, D, H1)
-  std::vector<at::Tensor> w, c;               // (G, H_l, H_{l-1}) (layer 0 unused), (G, H_l)
-  at::Tensor wo, co;                          // (G, H_L), (G,)
-  std::vector<at::Tensor> ap;                 // like the activation parameters
-  Grads(const Problem<T>& p, const at::TensorOptions& opts) {
-    const int64_t G = p.G, D = p.D;
-    wqd_t = at::zeros({G, D, p.H[0]}, opts);
-    wkd_t = at::zeros({G, D, p.H[0]}, opts);
-    wp_t = at::zeros({G, D, p.H[0]}, opts);
+  T* wqd_t = nullptr;             // (G, D, H1), and wkd_t, wp_t
+  T* wkd_t = nullptr;
+  T* wp_t = nullptr;
+  T* w[kMaxLayers] = {};          // (G, H_l, H_{l-1}), layers 1..
+  T* c[kMaxLayers] = {};          // (G, H_l)
+  T* wo = nullptr;                // (G, H_L)
+  T* co = nullptr;                // (G,)
+  T* ap[kMaxLayers][3] = {};      // like the activation parameters, (G, H_l)
+  // Points the accumulators into base (null: only counts); returns the elements used.
+  int64_t place(const Problem<T>& p, T* base) {
+    int64_t used = 0;
+    auto take = [&](int64_t n) {
+      T* at = base ? base + used : nullptr;
+      used += n;
+      return at;
+    };
+    const int64_t G = p.G, H1 = p.H[0];
+    wqd_t = take(G * p.D * H1);
+    wkd_t = take(G * p.D * H1);
+    wp_t = take(G * p.D * H1);
     for (int l = 0; l < p.L; ++l) {
-      w.push_back(l == 0 ? at::Tensor() : at::zeros({G, p.H[l], p.H[l - 1]}, opts));
-      c.push_back(at::zeros({G, p.H[l]}, opts));
+      if (l > 0) w[l] = take(G * p.H[l] * p.H[l - 1]);
+      c[l] = take(G * p.H[l]);
     }
-    wo = at::zeros({G, p.H[p.L - 1]}, opts);
-    co = at::zeros({G}, opts);
-    const int k = act_param_count(p.act);
+    wo = take(G * p.H[p.L - 1]);
+    co = take(G);
     for (int l = 0; l < p.L; ++l)
-      for (int i = 0; i < k; ++i) ap.push_back(at::zeros({G, p.H[l]}, opts));
+      for (int i = 0; i < act_param_count(p.act); ++i) ap[l][i] = take(G * p.H[l]);
+    return used;
   }
-  T* apg(const Problem<T>& p, int l, int i, int64_t g) {
-    const int k = act_param_count(p.act);
-    if (i >= k) return nullptr;
-    return ap[l * k + i].template data_ptr<T>() + g * p.H[l];
-  }
-  void add(const Grads& o) {
-    wqd_t += o.wqd_t;
-    wkd_t += o.wkd_t;
-    wp_t += o.wp_t;
-    for (size_t l = 0; l < w.size(); ++l) {
-      if (w[l].defined()) w[l] += o.w[l];
-      c[l] += o.c[l];
-    }
-    wo += o.wo;
-    co += o.co;
-    for (size_t i = 0; i < ap.size(); ++i) ap[i] += o.ap[i];
+  T* apg(const Problem<T>& p, int l, int i, int64_t g) const {
+    return ap[l][i] ? ap[l][i] + g * p.H[l] : nullptr;
   }
 };
 
@@ -709,22 +1139,20 @@ struct Grads {
 template <typename T>
 void score_gradients(const Problem<T>& p, int64_t row, const T* k, int64_t n, const T* gout,
                      const T* gscores, const T* scores, T* ds) {
-  const int64_t D = p.D;
+  // Valid positions: t < nv (lengths; n itself covers padding with all_positions) and,
+  // with a mask, where it is set.
+  const int64_t nv = p.lengths ? std::min(n, p.length_of(row)) : n;
+  const bool* valid = p.mask ? p.mask + row * p.T_ : nullptr;
+  row_dots(k, gout, T(0), nv, p.D, ds, valid);
   T dot = 0;
-  for (int64_t t = 0; t < n; ++t) {
-    if (!p.valid(row, t)) {
-      ds[t] = 0;
-      continue;
-    }
-    T da = gscores ? gscores[t] : T(0);
-    const T* kt = k + t * D;
-    for (int64_t d = 0; d < D; ++d) da += gout[d] * kt[d];
-    ds[t] = da;
-    dot += da * scores[t];
+  for (int64_t t = 0; t < nv; ++t) {
+    if (valid && !valid[t]) continue;
+    if (gscores) ds[t] += gscores[t];
+    dot += ds[t] * scores[t];
   }
   if (p.softmax)
-    for (int64_t t = 0; t < n; ++t) ds[t] = scores[t] * (ds[t] - dot);
-  for (int64_t t = n; t < p.T_; ++t) ds[t] = 0;
+    for (int64_t t = 0; t < nv; ++t) ds[t] = scores[t] * (ds[t] - dot);
+  std::fill(ds + nv, ds + p.T_, T(0));
 }
 
 // From the score gradients ds (nt,) to dz of the top layer (into dz); h the top layer's
@@ -736,19 +1164,15 @@ void top_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int6
   const int64_t HL = p.H[top_l];
   T* dh = ws.gh.data();
   const T* wo = p.wo + g * HL;
-  T* gwo = gr.wo.template data_ptr<T>() + g * HL;
-  T* gco = gr.co.template data_ptr<T>() + g;
+  T* gwo = gr.wo + g * HL;
+  T* gco = gr.co + g;
   // A softmax is invariant to the score bias: its gradient is exactly zero there (the sum
   // of the ds would be rounding noise, which Adam would turn into full-size steps).
-  const bool bias_counts = !p.softmax;
-  for (int64_t i = 0; i < nt; ++i) {
-    const T d = ds[i];
-    if (bias_counts) *gco += d;
-    for (int64_t j = 0; j < HL; ++j) {
-      dh[i * HL + j] = d * wo[j];
-      gwo[j] += d * h[i * HL + j];
-    }
-  }
+  if (!p.softmax)
+    for (int64_t i = 0; i < nt; ++i) *gco += ds[i];
+  // dh = ds wo^T and gwo += ds^T h as GEMMs (rank one, and one row).
+  tile_gemm<T>(nt, HL, 1, ds, 1, wo, HL, dh, HL, false);
+  tile_gemm<T>(1, HL, nt, ds, 1, h, HL, gwo, HL, true, true);
   act_backward(p.act, z, h, dh, dz, nt, HL, p.ap_of(top_l, 0, g), p.ap_of(top_l, 1, g),
                p.ap_of(top_l, 2, g), gr.apg(p, top_l, 0, g), gr.apg(p, top_l, 1, g),
                gr.apg(p, top_l, 2, g));
@@ -760,27 +1184,23 @@ template <typename T>
 void hidden_backward_tile(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, int l, int64_t g,
                           int64_t nt, const T* dz, const T* z_prev, const T* h_prev, T* dz_prev) {
   const int64_t Hl = p.H[l], Hp = p.H[l - 1];
-  T* gc = gr.c[l].template data_ptr<T>() + g * Hl;
-  for (int64_t i = 0; i < nt; ++i)
-    for (int64_t j = 0; j < Hl; ++j) gc[j] += dz[i * Hl + j];
+  // Column sums as a one-row GEMM with a vector of ones.
+  tile_gemm<T>(1, Hl, nt, ws.ones.data(), 1, dz, Hl, gr.c[l] + g * Hl, Hl, true, true);
   T* dh = ws.gh.data();
-  tile_gemm<T>(Hl, Hp, nt, dz, Hl, h_prev, Hp, gr.w[l].template data_ptr<T>() + g * Hl * Hp, Hp,
-               true, true);
+  tile_gemm<T>(Hl, Hp, nt, dz, Hl, h_prev, Hp, gr.w[l] + g * Hl * Hp, Hp, true, true);
   tile_gemm<T>(nt, Hp, Hl, dz, Hl, p.w[l] + g * Hl * Hp, Hp, dh, Hp, false);
   act_backward(p.act, z_prev, h_prev, dh, dz_prev, nt, Hp, p.ap_of(l - 1, 0, g),
                p.ap_of(l - 1, 1, g), p.ap_of(l - 1, 2, g), gr.apg(p, l - 1, 0, g),
                gr.apg(p, l - 1, 1, g), gr.apg(p, l - 1, 2, g));
 }
 
-// First layer backward on nt rows of kbuf: dM and dqterm into the workspace, the keys'
+// First layer backward on the nt keys of the tile: dM and dqterm into the workspace, the keys'
 // MLP gradient into ws.dk.
 template <typename T>
 void first_backward_tile(const Problem<T>& p, Workspace<T>& ws, int64_t nt, const T* dz) {
   const int64_t H1 = p.H[0];
-  T* dq = ws.dqterm.data();
-  for (int64_t i = 0; i < nt; ++i)
-    for (int64_t j = 0; j < H1; ++j) dq[j] += dz[i * H1 + j];
-  tile_gemm<T>(p.D, H1, nt, ws.kbuf.data(), p.D, dz, H1, ws.dm.data(), H1, true, true);
+  tile_gemm<T>(1, H1, nt, ws.ones.data(), 1, dz, H1, ws.dqterm.data(), H1, true, true);
+  tile_gemm<T>(p.D, H1, nt, ws.keys_tile, p.D, dz, H1, ws.dm.data(), H1, true, true);
   tile_gemm<T>(nt, p.D, H1, dz, H1, ws.mt.data(), p.D, ws.dk.data(), p.D, false);
 }
 
@@ -806,20 +1226,11 @@ void write_key_gradients(const Problem<T>& p, const Workspace<T>& ws, int64_t ro
   }
 }
 
-// Gradients of the first-layer pieces of item (b, e) from dM and dqterm.
+// Gradients of the first-layer pieces of one query q from dm (D x H1) and dqt (H1): the
+// (D, H1) weight parts' gradients added, and gq (D) += wqd dqt + rowsums(wp * dm).
 template <typename T>
-void first_layer_backward(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, const T* q,
-                          T* gq, int64_t g) {
-  const int64_t D = p.D, H1 = p.H[0];
-  const T* wqd = p.wqd_t.template data_ptr<T>() + g * D * H1;
-  const T* wp = p.wp_t.template data_ptr<T>() + g * D * H1;
-  T* gwqd = gr.wqd_t.template data_ptr<T>() + g * D * H1;
-  T* gwkd = gr.wkd_t.template data_ptr<T>() + g * D * H1;
-  T* gwp = gr.wp_t.template data_ptr<T>() + g * D * H1;
-  T* gc1 = gr.c[0].template data_ptr<T>() + g * H1;
-  const T* dm = ws.dm.data();
-  const T* dqt = ws.dqterm.data();
-  for (int64_t j = 0; j < H1; ++j) gc1[j] += dqt[j];
+void first_layer_grads(const T* q, const T* dm, const T* dqt, const T* wqd, const T* wp,
+                       int64_t D, int64_t H1, T* gwqd, T* gwkd, T* gwp, T* gq) {
   for (int64_t d = 0; d < D; ++d) {
     const T qd = q[d];
     T acc = 0;
@@ -832,6 +1243,28 @@ void first_layer_backward(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, c
     }
     gq[d] += acc;
   }
+}
+
+// Gradients of the first-layer pieces of item (b, e) from dM and dqterm.
+template <typename T>
+void first_layer_backward(const Problem<T>& p, Workspace<T>& ws, Grads<T>& gr, const T* q,
+                          T* gq, int64_t g) {
+  const int64_t D = p.D, H1 = p.H[0], off = g * D * H1;
+  T* gc1 = gr.c[0] + g * H1;
+  const T* dqt = ws.dqterm.data();
+  for (int64_t j = 0; j < H1; ++j) gc1[j] += dqt[j];
+  const T* wqd = p.wqd_t.template data_ptr<T>() + off;
+  const T* wp = p.wp_t.template data_ptr<T>() + off;
+  T* gwqd = gr.wqd_t + off;
+  T* gwkd = gr.wkd_t + off;
+  T* gwp = gr.wp_t + off;
+#if defined(__x86_64__)
+  if constexpr (std::is_same_v<T, float>) {
+    if (simd_isa() == Isa::kAvx512)
+      return first_layer_grads_avx512(q, ws.dm.data(), dqt, wqd, wp, D, H1, gwqd, gwkd, gwp, gq);
+  }
+#endif
+  first_layer_grads(q, ws.dm.data(), dqt, wqd, wp, D, H1, gwqd, gwkd, gwp, gq);
 }
 
 // Pre-activations saved by the training forward, (B, E, T, H_l) per layer; null when the
@@ -894,8 +1327,9 @@ using BackwardResult = std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor
 template <typename T>
 struct BackwardState {
   at::Tensor gq, gk_items;
+  at::Tensor accumulators;  // (blocks, per_block), zeros
   std::vector<Grads<T>> grads;
-  int64_t blocks;
+  int64_t blocks, per_block;
   BackwardState(const Problem<T>& p, const at::TensorOptions& opts) {
     gq = at::zeros({p.B, p.Eq, p.D}, opts);
     // With a shared history, several queries read one key row: each query gets its own
@@ -903,28 +1337,49 @@ struct BackwardState {
     // Every row is written by the item's backward.
     gk_items = at::empty({p.B, p.E, p.T_, p.D}, opts);
     blocks = accumulator_blocks(p.B);
-    grads.reserve(blocks);
-    for (int64_t c = 0; c < blocks; ++c) grads.emplace_back(p, opts);
+    per_block = Grads<T>().place(p, nullptr);
+    accumulators = at::zeros({blocks, per_block}, opts);
+    grads.resize(blocks);
+    for (int64_t c = 0; c < blocks; ++c) grads[c].place(p, accumulators.data_ptr<T>() + c * per_block);
   }
   T* gq_of(const Problem<T>& p, int64_t b, int64_t e) {
     return gq.data_ptr<T>() + (b * p.Eq + (p.Eq > 1 ? e : 0)) * p.D;
   }
   T* gk_of(const Problem<T>& p, int64_t item) { return gk_items.data_ptr<T>() + item * p.T_ * p.D; }
-  // Sums the blocks' accumulators (in block order) and maps the identity's pieces back to
+  // Adds blocks 1.. into block 0 (in block order) on the n accumulators from the one
+  // block 0 has at `from`; with clear, those of blocks 1.. become zero.
+  void reduce(const T* from, int64_t n, bool clear) {
+    T* dst = const_cast<T*>(from);
+    for (int64_t c = 1; c < blocks; ++c) {
+      T* src = dst + c * per_block;
+      for (int64_t i = 0; i < n; ++i) dst[i] += src[i];
+      if (clear) std::fill(src, src + n, T(0));
+    }
+  }
+  // Sums the blocks' accumulators and maps the identity's pieces back to
   // W_1 = [W_q | W_k | W_d | W_p].
   BackwardResult finish(const Problem<T>& p, const at::Tensor& key_index,
                         const at::TensorOptions& opts) {
-    Grads<T>& gr = grads[0];
-    for (int64_t c = 1; c < blocks; ++c) gr.add(grads[c]);
+    const Grads<T>& gr = grads[0];
+    reduce(gr.wqd_t, per_block, false);
+    auto tensor_of = [&](const T* data, at::IntArrayRef sizes) {
+      return at::from_blob(const_cast<T*>(data), sizes, opts).clone();
+    };
     at::Tensor gk = gk_items;
     if (key_index.defined()) {
       gk = at::zeros({p.R, p.E, p.T_, p.D}, opts).index_add_(0, key_index, gk_items);
     }
-    at::Tensor gqd = gr.wqd_t.transpose(-1, -2), gkd = gr.wkd_t.transpose(-1, -2);
-    at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, gr.wp_t.transpose(-1, -2)}, -1);
-    std::vector<at::Tensor> gw{gw1};
-    for (int l = 1; l < p.L; ++l) gw.push_back(gr.w[l]);
-    return {gq, gk, gw, gr.c, gr.wo, gr.co, gr.ap};
+    const int64_t G = p.G, D = p.D, H1 = p.H[0];
+    at::Tensor gqd = tensor_of(gr.wqd_t, {G, D, H1}).transpose(-1, -2);
+    at::Tensor gkd = tensor_of(gr.wkd_t, {G, D, H1}).transpose(-1, -2);
+    at::Tensor gw1 = at::cat({gqd, gkd, gqd - gkd, tensor_of(gr.wp_t, {G, D, H1}).transpose(-1, -2)}, -1);
+    std::vector<at::Tensor> gw{gw1}, gc, gap;
+    for (int l = 0; l < p.L; ++l) {
+      if (l > 0) gw.push_back(tensor_of(gr.w[l], {G, p.H[l], p.H[l - 1]}));
+      gc.push_back(tensor_of(gr.c[l], {G, p.H[l]}));
+      for (int i = 0; i < act_param_count(p.act); ++i) gap.push_back(tensor_of(gr.ap[l][i], {G, p.H[l]}));
+    }
+    return {gq, gk, gw, gc, tensor_of(gr.wo, {G, p.H[p.L - 1]}), tensor_of(gr.co, {G}), gap};
   }
 };
 
@@ -1147,14 +1602,9 @@ BackwardResult dice_stats_backward(Problem<T>& p, const SavedZ<T>& saved, const 
   // Layer l's statistics part: sums the blocks' dscale/dshift, turns them into
   // dgamma/dbeta (kept in block 0) and the coefficients c0, c1.
   auto finish_layer = [&](int l) {
-    std::vector<at::Tensor>& ap0 = st.grads[0].ap;
-    for (int64_t c = 1; c < st.blocks; ++c)
-      for (int i = 0; i < 3; ++i) {
-        ap0[l * 3 + i] += st.grads[c].ap[l * 3 + i];
-        st.grads[c].ap[l * 3 + i].zero_();
-      }
-    stats.backward(p, l, ap0[l * 3 + 1].template data_ptr<T>(), ap0[l * 3 + 2].template data_ptr<T>(),
-                   c0, c1);
+    const Grads<T>& g0 = st.grads[0];
+    for (int i = 0; i < 3; ++i) st.reduce(g0.ap[l][i], p.G * p.H[l], true);
+    stats.backward(p, l, g0.ap[l][1], g0.ap[l][2], c0, c1);
   };
   // dz of nt rows of layer l: the activation's part plus the statistics'.
   auto complete_dz = [&](int l, int64_t g, int64_t nt, const T* z, T* dz) {

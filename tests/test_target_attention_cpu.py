@@ -359,3 +359,52 @@ def test_save_pre_activations_argument_picks_the_operator(default, monkeypatch):
     query, keys = torch.randn(3, 4, dtype=F64, requires_grad=True), torch.randn(3, 5, 4, dtype=F64)
     layer(query, keys, torch.tensor([5, 2, 1])).sum().backward()
     assert ran == [ta_cpu._FORWARD] and query.grad is not None
+
+
+# --- the hand-written SIMD kernels ---------------------------------------------------------
+
+# Layer widths that reach every register block of the float32 tile GEMMs (1 to 5 vectors
+# of 16 columns, 64-column panels past 80, masked last vectors), keys of several widths
+# (the keys' gradient is a GEMM D columns wide) and row counts with every tail height.
+WIDE = {
+    "d36-units-80-40": dict(dim=36, units=(80, 40)),
+    "d20-units-100-16-3": dict(dim=20, units=(100, 16, 3)),
+    "d17-units-64-33": dict(dim=17, units=(64, 33)),
+}
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "dice"])
+@pytest.mark.parametrize("case", list(WIDE))
+@pytest.mark.parametrize("saved", [True, False], ids=["saved", "recomputed"])
+def test_wide_layers(case, activation, saved, monkeypatch):
+    monkeypatch.setattr(ta_cpu, "SAVE_PRE_ACTIVATIONS", saved)
+    check(cases.make_case(batch=4, seq_len=37, activation=activation, normalization="none",
+                          dice_training=activation == "dice" and saved, **WIDE[case]))
+
+
+_NARROWER_ISA_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import torch
+from test_target_attention_cpu import WIDE, cases, check
+assert torch.backends.cpu.get_cpu_capability() == {capability!r}.upper()
+for activation in ("sigmoid", "dice"):
+    for valid in ("lengths", "mask"):
+        check(cases.make_case(batch=4, seq_len=29, activation=activation, valid=valid,
+                              dice_training=activation == "dice", **WIDE["d20-units-100-16-3"]))
+"""
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_narrower_instruction_sets(capability):
+    """ATEN_CPU_CAPABILITY caps the kernels as it caps torch's: the AVX2 tile GEMM and the
+    compiler-vectorised and BLAS paths (what CPUs without AVX-512 run) match the reference."""
+    import os
+    import subprocess
+    import sys
+
+    if capability == "avx2" and not torch.backends.cpu.get_cpu_capability().startswith("AVX"):
+        pytest.skip("no AVX2 on this CPU")
+    script = _NARROWER_ISA_SCRIPT.format(tests=os.path.dirname(__file__), capability=capability)
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=capability)
+    subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=300)

@@ -6,15 +6,18 @@
 (``W_1 x = (W_q + W_d) q + (W_k - W_d) k + W_p (q * k)``, one (rows x D) x (D x H_1)
 GEMM per tile of keys), the hidden layers, the scores, the normalisation and the
 pooling, with the hidden activations in a per-thread workspace (nothing of size
-(B, T, H) is written). Its backward recomputes them tile by tile. It serves inference.
+(B, T, H) is written). Its backward recomputes them tile by tile. It serves inference
+and, by default, training.
 
 ``target_attention_cpu_train`` is the same layer keeping each layer's pre-activation
-(B, E, T, H_l) for its backward, which then skips the recomputation (measured faster
-when gradients are needed: ``bench/results/cpu_attention.md``). Dice in training runs
-only there: its batch statistics cover every position of the layer (padding included,
-SPEC section 1), so the operator goes one layer at a time over the batch, computes each
-layer's mean and biased variance, and its backward adds the statistics' gradient. The
-running statistics are updated here from the statistics it returns.
+(B, E, T, H_l) for its backward, which then skips the recomputation: no faster with the
+AVX-512 kernels, even with full histories (writing and faulting in the buffers costs as
+much as the GEMMs they save: ``bench/results/cpu_attention_avx512.md``), so it is used when
+asked (``save_pre_activations=True``) and for Dice in training: its batch statistics cover
+every position of the layer (padding included, SPEC section 1), so the operator goes one
+layer at a time over the batch, computes each layer's mean and biased variance, and its
+backward adds the statistics' gradient. The running statistics are updated here from the
+statistics it returns.
 
 Nothing here reads tensor values on the host: ``torch.compile(fullgraph=True)``,
 ``torch.export`` and ``torch.jit.trace`` see opaque operators with fake implementations.
@@ -34,9 +37,10 @@ from ..dice.reference import DiceParams, update_running_stats
 _NS = "interest_kernels"
 
 # Whether a forward that needs gradients keeps the pre-activations (B, E, T, sum H_l) for
-# its backward (measured faster: bench/results/cpu_attention.md) or lets the backward
-# recompute them (less memory). Dice with batch statistics always keeps them.
-SAVE_PRE_ACTIVATIONS = True
+# its backward or lets the backward recompute them (less memory, and as fast with full
+# histories, faster with padded ones: bench/results/cpu_attention_avx512.md). Dice with
+# batch statistics always keeps them.
+SAVE_PRE_ACTIVATIONS = False
 
 
 def unavailable_reason() -> Optional[str]:

@@ -137,8 +137,8 @@ def target_attention(
         return_scores: also return the attention weights.
         save_pre_activations: cpu backend, with gradients: keep each layer's
             pre-activation (B, T, H_l) for the backward (True) or let the backward
-            recompute the valid rows (False: less memory, as fast or faster for padded
-            histories); None takes ``ops.target_attention.cpu.SAVE_PRE_ACTIVATIONS``.
+            recompute the valid rows (False: less memory, as fast or faster); None takes
+            ``ops.target_attention.cpu.SAVE_PRE_ACTIVATIONS`` (False).
             Dice with batch statistics always keeps them. Results are identical.
 
     Returns:
