@@ -1015,7 +1015,7 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
     const T** a_ptr = operand.data() + thread * wide;
     T** c_ptr = result.data() + thread * wide;
     const int64_t r0 = sc.first_row(k), block_rows = std::min(R, a.batch - r0), base = sc.block_base[k];
-    const int64_t packed_rows = sc.block_base[k + 1] - base;
+    const int64_t block_row_count = sc.block_base[k + 1] - base;
     for (int64_t i = 0; i < block_rows; ++i) std::memcpy(dh_b + i * hp, dh_rows + (r0 + i) * H, H * sizeof(T));
     const int64_t* off = sc.offsets(k);
     for (int64_t s = sc.block_steps[k] - 1; s >= 0; --s) {
@@ -1087,10 +1087,10 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
         a_ptr[r] = rows_base + r;
         c_ptr[r] = out + r * out_stride;
       }
-      mm.set(width, a_ptr, width, packed_rows, grads, grad_stride, grad_cols, c_ptr);
+      mm.set(width, a_ptr, width, block_row_count, grads, grad_stride, grad_cols, c_ptr);
     };
     if (g.w_ih.defined()) {
-      for (int64_t q = 0; q < packed_rows; ++q) {
+      for (int64_t q = 0; q < block_row_count; ++q) {
         const int64_t flat = src[base + q];
         const T scale = aigru ? att[flat] : T(1);
         for (int64_t j = 0; j < I; ++j) x_b[q * I + j] = x[flat * I + j] * scale;
@@ -1108,7 +1108,7 @@ void backward_scan(const Args& a, const Schedule& sc, at::TensorList workspace,
     auto column_sums = [&](const T* grads, int64_t grad_stride, int64_t grad_cols, T* out) {
       a_ptr[0] = &one;
       c_ptr[0] = out;
-      mm.set(1, a_ptr, 0, packed_rows, grads, grad_stride, grad_cols, c_ptr);
+      mm.set(1, a_ptr, 0, block_row_count, grads, grad_stride, grad_cols, c_ptr);
     };
     if (g.b_ih.defined() || g.b_hh.defined()) column_sums(d_gi, 3 * H, cols, sums + part_bih);
     if (!tf && g.b_hh.defined()) column_sums(d_hn, H, hp, sums + part_bhh);
@@ -1161,6 +1161,14 @@ gru_scan_backward(const std::optional<at::Tensor>& grad_states,
                           w.scalar_type() == a.cdt,
                       "workspace must come from gru_scan_forward with keep_for_backward");
   }
+
+  TORCH_CHECK_VALUE(!grad_h_last.has_value() || grad_h_last->sizes() == at::IntArrayRef({B, H}),
+                    "grad_h_last must have shape (B, H) = (", B, ", ", H, "), got ",
+                    grad_h_last.has_value() ? grad_h_last->sizes() : at::IntArrayRef{});
+  TORCH_CHECK_VALUE(!grad_states.has_value() || grad_states->numel() == 0 ||
+                        grad_states->sizes() == at::IntArrayRef({B, T, H}),
+                    "grad_states must have shape (B, T, H) = (", B, ", ", T, ", ", H, ") or be empty, got ",
+                    grad_states.has_value() ? grad_states->sizes() : at::IntArrayRef{});
 
   const at::Tensor perm = at::tensor(sc.perm, at::kLong);
   at::Tensor dh = grad_h_last.has_value() ? grad_h_last->to(a.cdt).index_select(0, perm).contiguous()

@@ -18,6 +18,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -77,9 +78,10 @@ struct Rows {
   std::vector<acc_t> n;               // (U,) n_j of each distinct id
 };
 
-// The calling thread's Rows, reused from call to call. Freed at the end of each call,
-// these vectors let the allocator hand the top of its heap back to the system, and the
-// next large tensor (the next backward's gradient) faulted its pages in again.
+// The calling thread's Rows, kept from call to call (about five words per id of the
+// largest step, held until the thread exits): freeing them at the end of each call let
+// the allocator hand the top of its heap back to the system, and the next large tensor
+// (the next backward's gradient) faulted its pages in again.
 template <typename scalar_t>
 Rows<scalar_t>& scratch_rows() {
   static thread_local Rows<scalar_t> rows;
@@ -173,7 +175,12 @@ void touched_counts(count_t* counts, Rows<scalar_t>& r, bool count_online) {
         samples += s != last;
         last = s;
       }
-      c[u] = static_cast<count_t>(c[u] + static_cast<count_t>(samples));
+      if constexpr (std::is_integral_v<count_t>) {
+        TORCH_CHECK_VALUE(c[u] <= std::numeric_limits<count_t>::max() - samples, "counts: id ",
+                          seg.unique_ids[u], " has count ", c[u], "; adding this step's ", samples,
+                          " samples overflows the counts' dtype; nothing was written");
+      }
+      c[u] = static_cast<count_t>(c[u] + samples);
     }
   }
   using acc_t = at::opmath_type<scalar_t>;
@@ -377,8 +384,8 @@ TORCH_LIBRARY_FRAGMENT(interest_kernels, m) {
   // The MBA optimisers' step on one table (CPU only): ids[l], grad_rows[l] (ids[l].shape +
   // (D,) or (ids[l].numel(), D)) and padding_ids[l] (-1: none) for each lookup l since the
   // last step. count_online adds each touched id's samples to counts first (an id counts
-  // once per sample ids[l][b] when ids[l] has two or more dimensions, once per lookup
-  // otherwise); check_finite refuses non-finite gradient rows. Nothing is written when
+  // once per sample ids[l][b] when ids[l] has two or more dimensions; each element of a
+  // 1-D ids[l] is a sample of its own); check_finite refuses non-finite gradient rows. Nothing is written when
   // any check fails.
   m.def(
       "mba_sgd_step(Tensor(a!) weight, Tensor(b!) counts, Tensor[] ids, Tensor[] grad_rows, "

@@ -126,6 +126,16 @@ def test_refused_step_writes_nothing(kind):
         assert torch.equal(value, before[key]) if isinstance(value, torch.Tensor) else value == before[key], key
 
 
+@pytest.mark.parametrize("kind", ["sgd", "adagrad", "adam"])
+def test_refused_first_step_creates_no_state(kind):
+    emb = MBAEmbedding(N, D)
+    opt = _optimizer(kind, emb.weight)
+    (emb(torch.tensor([1, 2])).sum() * float("inf")).backward()
+    with use_backend("cpu"), pytest.raises(ValueError, match="NaN or Inf"):
+        opt.step()
+    assert not opt.state[emb.weight]
+
+
 def test_op_refuses_bad_arguments_before_writing():
     ops = mba_op.compiled_ops()
     weight, counts = torch.randn(N, D), torch.ones(N, dtype=torch.int64)
@@ -178,3 +188,15 @@ def test_opcheck_step_ops():
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)
+
+
+def test_count_overflow_is_refused_before_writing():
+    ops = mba_op.compiled_ops()
+    weight = torch.randn(N, D)
+    counts = torch.full((N,), torch.iinfo(torch.int32).max, dtype=torch.int32)
+    before = weight.clone()
+    with pytest.raises(ValueError, match="overflows the counts' dtype"):
+        ops.mba_sgd_step(weight, counts, [torch.tensor([[1], [1]])], [torch.randn(2, 1, D)], [-1],
+                         True, True, LR, LAM)
+    assert torch.equal(weight, before)
+    assert torch.equal(counts, torch.full((N,), torch.iinfo(torch.int32).max, dtype=torch.int32))

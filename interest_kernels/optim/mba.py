@@ -116,8 +116,8 @@ class _MBAOptimizer(Optimizer):
 
     def _lookups(self, p: torch.Tensor) -> list[PendingRows]:
         """This step's lookups of table ``p``, oldest first: the rows recorded by
-        ``MBAEmbedding`` (grad_rows (K, D) in p's dtype), then a sparse ``.grad`` (whose
-        every lookup counts once)."""
+        ``MBAEmbedding`` (grad_rows (K, D) in p's dtype), then a sparse ``.grad`` (each of
+        whose rows counts as one sample)."""
         dim = p.shape[1]
         lookups = [PendingRows(rows.ids, rows.grad_rows.reshape(-1, dim).to(p.dtype), rows.padding_idx)
                    for rows in take_rows(p)]
@@ -200,9 +200,16 @@ class _MBAOptimizer(Optimizer):
                     continue
                 state = self.state[p]
                 if OP.select(p.device, kind=self._kind).name == "cpu":
-                    # One kernel call checks everything before it counts or writes anything.
+                    # One kernel call checks everything before it counts or writes anything;
+                    # state created for a refused first step is dropped again.
+                    had = set(state)
                     self._init_state(p, state, group)
-                    written = self._cpu_step(p, state, group, state["step"] + 1, lookups)
+                    try:
+                        written = self._cpu_step(p, state, group, state["step"] + 1, lookups)
+                    except Exception:
+                        for key in set(state) - had:
+                            del state[key]
+                        raise
                     if not torch.compiler.is_compiling():  # the kernel wrote through raw pointers
                         torch.autograd.graph.increment_version(list(written))
                 else:

@@ -67,7 +67,6 @@ def first_layer_grad_kernel(
     wp_fwd = wp
     if LOWP:
         wp_fwd = wp.to(DT)
-    wp_reg = wp  # float32, for dq (below)
     if LAYERS >= 2:
         HZ = H2
         offs_z = offs_h2
@@ -115,7 +114,7 @@ def first_layer_grad_kernel(
             gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (CH1, BD)
             gwkd += gm
             gwp += gm * q[None, :]
-            dq += tl.sum(wp_reg * gm, axis=0)
+            dq += tl.sum(wp * gm, axis=0)
             # the first tile stores its sum, the next ones add theirs (nothing to zero)
             add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
         tl.store(dq_ptr + (tl.program_id(2).to(tl.int64) * B * E + r) * D + offs_d, dq,
