@@ -345,12 +345,16 @@ __attribute__((target("avx2,fma"))) void matmul_avx2(int64_t n, const T* const* 
 }
 #endif
 
-// The product for this CPU: C = A B, or C += A B with `accumulate`. The environment variable
-// INTEREST_KERNELS_GRU_MATMUL = avx2 or portable caps the choice (tests run every path).
+// The product for this CPU: C = A B, or C += A B with `accumulate`. ATEN_CPU_CAPABILITY
+// caps the choice as it caps torch's kernels (read once by torch); the environment variable
+// INTEREST_KERNELS_GRU_MATMUL = avx2 or portable caps it per call (tests run every path).
 template <typename T>
 MatmulFn<T> pick_matmul(bool accumulate) {
   const char* cap = std::getenv("INTEREST_KERNELS_GRU_MATMUL");
-  const std::string limit = cap != nullptr ? cap : "";
+  std::string limit = cap != nullptr ? cap : "";
+  const std::string torch_cap = at::get_cpu_capability();
+  if (torch_cap == "AVX2" && limit.empty()) limit = "avx2";
+  if (torch_cap != "AVX2" && torch_cap != "AVX512") limit = "portable";
 #ifdef IK_MATMUL_DISPATCH
   __builtin_cpu_init();
   if (limit != "avx2" && limit != "portable" && __builtin_cpu_supports("avx512f"))

@@ -30,10 +30,10 @@
 #endif
 
 #include <algorithm>
-#include <type_traits>
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -65,7 +65,9 @@ int act_param_count(Act act) { return act == Act::kPrelu ? 1 : act == Act::kDice
 
 // ---- elementwise math ------------------------------------------------------------
 // The float versions are compiled for AVX-512, AVX2 and the baseline and picked at
-// load time; exp is a polynomial the compiler vectorises (relative error ~1e-7).
+// load time; exp_poly is a Taylor polynomial the compiler vectorises (relative error
+// ~1e-7 for x >= -87; below, it returns e^-87, so sigmoid(x <= -87) = 6e-39). The
+// hand-written AVX-512 paths use exp_neg16 below.
 
 __attribute__((always_inline)) inline float exp_poly(float x) {
   x = x < -87.0f ? -87.0f : x;
@@ -117,11 +119,12 @@ Isa simd_isa() {
 }
 
 #if defined(__x86_64__)
-// e^-x on 16 floats (x clamped to [-88, 88]): e^-x = 2^n e^r with n = round(-x / ln 2)
+// e^-x on 16 floats (x clamped to [-88, 104]: e^-104 scales to 0, so that a softmax
+// weight far below the row's maximum is 0 as std::exp gives): e^-x = 2^n e^r with n = round(-x / ln 2)
 // and r = -x - n ln 2 (ln 2 in two parts), e^r by a degree-6 polynomial fitted on
 // |r| <= ln 2 / 2 (relative error 3e-9 before rounding), 2^n by scalef. NaN propagates.
 IK_AVX512 __attribute__((always_inline)) inline __m512 exp_neg16(__m512 x) {
-  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), _mm512_min_ps(_mm512_set1_ps(88.0f), x));
+  x = _mm512_max_ps(_mm512_set1_ps(-88.0f), _mm512_min_ps(_mm512_set1_ps(104.0f), x));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(-1.44269504088896341f)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmsub_ps(n, _mm512_set1_ps(0.693145751953125f), x);
@@ -1727,7 +1730,14 @@ struct Args {
   int64_t D() const { return query.size(2); }
   int64_t G() const { return weights[0].size(0); }
   at::ScalarType dtype() const { return query.scalar_type(); }
-  // Every argument's shape against the problem's dimensions (sizes only, no data read).
+  static void check_range(const at::Tensor& t, const char* name, int64_t lo, int64_t hi) {
+    const int64_t* v = t.data_ptr<int64_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) {
+      TORCH_CHECK_VALUE(v[i] >= lo && v[i] <= hi, name, "[", i, "] = ", v[i], " is outside [", lo, ", ", hi, "]");
+    }
+  }
+
+  // Every argument's shape against the problem's dimensions, and the index values.
   void check_shapes() const {
     const int64_t R = keys.size(0);
     TORCH_CHECK_VALUE(keys.size(3) == D(), "keys: last dimension ", keys.size(3), " differs from query's D = ", D());
@@ -1740,6 +1750,9 @@ struct Args {
     }
     if (lengths) check_tensor(*lengths, "lengths", at::kLong, {R});
     if (mask) check_tensor(*mask, "mask", at::kBool, {R, T()});
+    // The values that address memory (a host read of B + R integers, on the CPU only).
+    if (key_index) check_range(*key_index, "key_index", 0, R - 1);
+    if (lengths) check_range(*lengths, "lengths", 0, T());
     const size_t L = weights.size();
     TORCH_CHECK_VALUE(L >= 1 && L <= kMaxLayers, "weights: 1 to 3 layers, got ", L);
     TORCH_CHECK_VALUE(biases.size() == L, "biases: one per layer (", L, "), got ", biases.size());

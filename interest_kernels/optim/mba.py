@@ -200,16 +200,9 @@ class _MBAOptimizer(Optimizer):
                     continue
                 state = self.state[p]
                 if OP.select(p.device, kind=self._kind).name == "cpu":
-                    # One kernel call checks everything before it counts or writes anything;
-                    # state created for a refused first step is dropped again.
-                    had = set(state)
+                    # One kernel call checks everything before it counts or writes anything.
                     self._init_state(p, state, group)
-                    try:
-                        written = self._cpu_step(p, state, group, state["step"] + 1, lookups)
-                    except Exception:
-                        for key in set(state) - had:
-                            del state[key]
-                        raise
+                    written = self._cpu_step(p, state, group, state["step"] + 1, lookups)
                     if not torch.compiler.is_compiling():  # the kernel wrote through raw pointers
                         torch.autograd.graph.increment_version(list(written))
                 else:

@@ -37,9 +37,10 @@ from ..dice.reference import DiceParams, update_running_stats
 _NS = "interest_kernels"
 
 # Whether a forward that needs gradients keeps the pre-activations (B, E, T, sum H_l) for
-# its backward or lets the backward recompute them (less memory, and as fast with full
-# histories, faster with padded ones: bench/results/cpu_attention_avx512.md). Dice with
-# batch statistics always keeps them.
+# its backward or lets the backward recompute them (less memory; on an AVX-512 CPU as fast
+# with full histories and faster with padded ones, bench/results/cpu_attention_avx512.md;
+# with the AVX2 kernels 1-11% slower with full histories). Dice with batch statistics
+# always keeps them.
 SAVE_PRE_ACTIVATIONS = False
 
 
