@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import interest_kernels.ops.target_attention.cpu as ta_cpu
-from bench_cpu_attention import gemm_rate
+from bench_cpu_attention import gemm_rate, identity_form_flops, interleaved
 
 B, T, D = 1024, 100, 36
 
@@ -73,20 +72,11 @@ def main() -> None:
     runs["bwd dice batch statistics (train op)"] = lambda: ops.target_attention_cpu_train_backward(
         g, None, s, pre, st, *dargs, "dice", "softmax", eps)
     rate = gemm_rate(10)
-    floor = B * T * (2 * D * 80 + 2 * 80 * 40 + 2 * 40 + 2 * D) / rate * 1e3
-    names = list(runs)
-    for fn in runs.values():
-        fn()
-    times = {n: [] for n in names}
-    for r in range(a.rounds):
-        for i in range(len(names)):
-            n = names[(r + i) % len(names)]
-            t0 = time.perf_counter()
-            runs[n]()
-            times[n].append((time.perf_counter() - t0) * 1e3)
+    floor = identity_form_flops(B * T) / rate * 1e3
+    times, _ = interleaved(runs, a.rounds)
     print(f"threads {a.threads}, GEMM rate {rate / 1e9:.1f} GFLOP/s, forward floor {floor:.2f} ms, "
           f"fwd+bwd floor {3 * floor:.2f} ms")
-    for n in names:
+    for n in runs:
         print(f"{n:60s} {statistics.median(times[n]):8.2f} ms")
 
 

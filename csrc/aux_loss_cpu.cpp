@@ -7,6 +7,7 @@
 // layers as one (2N, .) batch of GEMMs. The forward returns, besides the loss, the pairs'
 // rows and every layer's activations, which the backward reuses.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <torch/library.h>
 
 #include <string>
@@ -41,10 +42,6 @@ void through_activation_(at::Tensor& grad, const at::Tensor& a, Act act) {
 
 // A (0,) bias stands for none.
 bool has_bias(const at::Tensor& bias) { return bias.numel() > 0; }
-
-at::ScalarType compute_type(const at::Tensor& states) {
-  return states.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
 
 // The problem's shapes, every argument checked against them.
 struct Problem {
@@ -138,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, std::vector<at::Tensor>> aux_loss_cpu_forward
     const std::optional<at::Tensor>& out_bias, const std::string& activation) {
   const Problem p = check_problem(states, pos, neg, valid, weights, biases, out_weight, out_bias);
   const Act act = parse_activation(activation);
-  const at::ScalarType cdt = compute_type(states);
+  const at::ScalarType cdt = at::toOpMathType(states.scalar_type());
   const at::Tensor rows = pair_rows(valid, p);
   const int64_t n = rows.numel();
   const auto [h, e] = pair_inputs(states, pos, neg, rows, p, cdt);
@@ -177,7 +174,7 @@ aux_loss_cpu_backward(
     const at::Tensor& rows, at::TensorList saved) {
   const Problem p = check_problem(states, pos, neg, valid, weights, biases, out_weight, out_bias);
   const Act act = parse_activation(activation);
-  const at::ScalarType cdt = compute_type(states);
+  const at::ScalarType cdt = at::toOpMathType(states.scalar_type());
   const int64_t n = rows.numel();
   const size_t layers = weights.size();
   TORCH_CHECK_VALUE(grad.numel() == 1, "grad must hold one value, got ", grad.sizes());
@@ -228,10 +225,9 @@ aux_loss_cpu_backward(
   const at::Tensor next = rows + 1;
   const auto scatter = [&](const at::Tensor& like, int64_t width, const at::Tensor& at_rows,
                            const at::Tensor& values) {
-    return at::zeros({flat_rows, width}, values.options())
-        .index_copy_(0, at_rows, values)
-        .reshape(like.sizes())
-        .to(like.scalar_type());
+    return at::zeros({flat_rows, width}, like.options())
+        .index_copy_(0, at_rows, values.to(like.scalar_type()))
+        .view(like.sizes());
   };
   for (size_t l = 0; l < layers; ++l) {
     d_weights[l] = d_weights[l].to(weights[l].scalar_type());

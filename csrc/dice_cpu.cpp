@@ -12,6 +12,7 @@
 // order, so results do not depend on the thread count. float16/bfloat16 inputs are
 // computed in float32 and float64 in float64; the outputs have x's dtype.
 #include <ATen/ATen.h>
+#include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -68,7 +69,7 @@ Params prepare(const at::Tensor& x, const at::Tensor& alpha, const std::optional
   TORCH_CHECK_VALUE(x.dim() == 2, "dice_cpu: x must be (N, C), got shape ", x.sizes());
   const int64_t C = x.size(1);
   Params p;
-  p.cdt = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  p.cdt = at::toOpMathType(x.scalar_type());
   p.x = x.to(p.cdt).contiguous();
   auto channel = [&](const at::Tensor& t, const char* name) {
     check_channel(t, name, C);
@@ -100,11 +101,6 @@ Affine<T> affine(const Params& p, const at::Tensor& mean, const at::Tensor& invs
   return a;
 }
 
-template <typename T>
-IK_INLINE T sigmoid(T v) {
-  return T(1) / (T(1) + fast_exp(-v));
-}
-
 // ---- row kernels (float32 ones compiled per instruction set) ------------------------------
 
 // acc[c] += x (mu null) or (x - mu[c])^2 over rows [begin, end).
@@ -134,7 +130,7 @@ IK_INLINE void apply_rows(const T* __restrict xs, T* __restrict o, int64_t begin
     T* __restrict orow = o + n * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T q = sigmoid(scale[c] * xr[c] + shift[c]);
+      const T q = fast_sigmoid(scale[c] * xr[c] + shift[c]);
       orow[c] = xr[c] * (al[c] + q * (T(1) - al[c]));
     }
   }
@@ -155,7 +151,7 @@ IK_INLINE void grad_sum_rows(const T* __restrict xs, const T* __restrict gs, int
     const T* __restrict gr = gs + n * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T q = sigmoid(scale[c] * xr[c] + shift[c]);
+      const T q = fast_sigmoid(scale[c] * xr[c] + shift[c]);
       const T dy = gr[c] * xr[c] * (T(1) - al[c]) * q * (T(1) - q);
       a_alpha[c] += gr[c] * xr[c] * (T(1) - q);
       a_dy[c] += dy;
@@ -177,7 +173,7 @@ IK_INLINE void grad_dx_rows(const T* __restrict xs, const T* __restrict gs, T* _
     T* __restrict dr = d + n * C;
 #pragma omp simd
     for (int64_t c = 0; c < C; ++c) {
-      const T q = sigmoid(scale[c] * xr[c] + shift[c]);
+      const T q = fast_sigmoid(scale[c] * xr[c] + shift[c]);
       const T dy = gr[c] * xr[c] * (T(1) - al[c]) * q * (T(1) - q);
       const T xhat = (xr[c] - mus[c]) * iss[c];
       dr[c] = gr[c] * (al[c] + q * (T(1) - al[c])) + k[c] * (dy - m_dy[c] - xhat * m_dyx[c]);

@@ -1,4 +1,4 @@
-// Branch-free exp for the CPU kernels' elementwise loops: loops over it vectorise (GCC),
+// Branch-free exp (and sigmoid) for the CPU kernels' elementwise loops: loops over it vectorise (GCC),
 // unlike calls to std::exp. Shared by gru_scan_cpu.cpp and dice_cpu.cpp.
 #pragma once
 
@@ -48,5 +48,10 @@ IK_INLINE float fast_exp(float x) {
 }
 
 IK_INLINE double fast_exp(double x) { return std::exp(x); }
+
+template <typename T>
+IK_INLINE T fast_sigmoid(T x) {
+  return T(1) / (T(1) + fast_exp(-x));
+}
 
 }  // namespace interest_kernels

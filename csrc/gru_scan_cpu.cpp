@@ -40,13 +40,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "fast_math.h"
 
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <bit>
-#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -77,11 +76,6 @@ bool parse_tensorflow(const std::string& variant) {
 }
 
 // ---- elementwise math -------------------------------------------------------------------
-
-template <typename T>
-IK_INLINE T sigmoid(T x) {
-  return T(1) / (T(1) + fast_exp(-x));
-}
 
 // tanh through e^{-2|x|}: (1 - e) / (1 + e) with the sign of x.
 template <typename T>
@@ -345,21 +339,18 @@ __attribute__((target("avx2,fma"))) void matmul_avx2(int64_t n, const T* const* 
 }
 #endif
 
-// The product for this CPU: C = A B, or C += A B with `accumulate`. ATEN_CPU_CAPABILITY
-// caps the choice as it caps torch's kernels (read once by torch); the environment variable
-// INTEREST_KERNELS_GRU_MATMUL = avx2 or portable caps it per call (tests run every path).
+// The product for this CPU: C = A B, or C += A B with `accumulate`, on the widest kernels
+// simd_isa() allows; the environment variable INTEREST_KERNELS_GRU_MATMUL = avx2 or portable
+// caps it further per call (tests run every path).
 template <typename T>
 MatmulFn<T> pick_matmul(bool accumulate) {
   const char* cap = std::getenv("INTEREST_KERNELS_GRU_MATMUL");
-  std::string limit = cap != nullptr ? cap : "";
-  const std::string torch_cap = at::get_cpu_capability();
-  if (torch_cap == "AVX2" && limit.empty()) limit = "avx2";
-  if (torch_cap != "AVX2" && torch_cap != "AVX512") limit = "portable";
+  const std::string limit = cap != nullptr ? cap : "";
 #ifdef IK_MATMUL_DISPATCH
-  __builtin_cpu_init();
-  if (limit != "avx2" && limit != "portable" && __builtin_cpu_supports("avx512f"))
+  const Isa isa = simd_isa();
+  if (isa == Isa::kAvx512 && limit != "avx2" && limit != "portable")
     return accumulate ? matmul_avx512<T, true> : matmul_avx512<T, false>;
-  if (limit != "portable" && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
+  if (isa != Isa::kDefault && limit != "portable")
     return accumulate ? matmul_avx2<T, true> : matmul_avx2<T, false>;
 #endif
   return accumulate ? matmul_portable<T, true> : matmul_portable<T, false>;
@@ -382,14 +373,7 @@ int64_t padded(int64_t n) {
   return (n + kUnitBlock<T> - 1) / kUnitBlock<T> * kUnitBlock<T>;
 }
 
-// w (rows, K) transposed into a zero-padded (K, padded(rows)) matrix.
-at::Tensor packed_transpose(const at::Tensor& w, int64_t cols) {
-  at::Tensor out = at::zeros({w.size(1), cols}, w.options());
-  out.narrow(1, 0, w.size(0)).copy_(w.t());
-  return out;
-}
-
-// w (rows, K) zero-padded to (rows, cols).
+// w (rows, K), any strides (a transpose too), zero-padded to a contiguous (rows, cols).
 at::Tensor packed_rows(const at::Tensor& w, int64_t cols) {
   at::Tensor out = at::zeros({w.size(0), cols}, w.options());
   out.narrow(1, 0, w.size(1)).copy_(w);
@@ -440,8 +424,8 @@ IK_INLINE void forward_units(const ForwardUnits<T>& u, T at, const SavedUnits<T>
   T* __restrict sv_x = o.x;
 #pragma omp simd
   for (int64_t j = 0; j < W; ++j) {
-    const T r = sigmoid(gi[j] + b[j] + gh[j]);
-    const T z = sigmoid(gi[gs + j] + b[gs + j] + gh[gs + j]);
+    const T r = fast_sigmoid(gi[j] + b[j] + gh[j]);
+    const T z = fast_sigmoid(gi[gs + j] + b[gs + j] + gh[gs + j]);
     // paper: x = W_hn h + b_hn, n = tanh(gi_n + r x); tensorflow: x = r h, n = tanh(gi_n + W_hn x)
     const T x = TF ? r * h[j] : gh[2 * gs + j] + bhn[j];
     const T n = tanh_(TF ? gi[2 * gs + j] + b[2 * gs + j] + ghn[j] : gi[2 * gs + j] + b[2 * gs + j] + r * x);
@@ -557,7 +541,7 @@ IK_INLINE void forward_reset(const ForwardGates<T>& g) {
     const T* __restrict h = g.h + i * g.h_stride;
     T* __restrict out = g.rh + i * g.h_stride;
 #pragma omp simd
-    for (int64_t j = 0; j < H; ++j) out[j] = sigmoid(gi[j] + b[j] + gh[j]) * h[j];
+    for (int64_t j = 0; j < H; ++j) out[j] = fast_sigmoid(gi[j] + b[j] + gh[j]) * h[j];
   }
 }
 
@@ -801,10 +785,10 @@ void forward_scan(const Args& a, const Schedule& sc, const at::Tensor& b_gi, con
   const bool tf = a.tensorflow, keep = !workspace.empty();
   const int64_t hp = padded<T>(H), cols = padded<T>(3 * H), rz_cols = padded<T>(2 * H);
   const int64_t stride = cols + kUnitBlock<T>;  // room for the partial unit block's reads
-  const at::Tensor w_ih_t = packed_transpose(a.w_ih, cols);
-  const at::Tensor w_hh_t = tf ? packed_transpose(a.w_hh.narrow(0, 0, 2 * H), rz_cols)
-                               : packed_transpose(a.w_hh, cols);
-  const at::Tensor w_hn_t = tf ? packed_transpose(a.w_hh.narrow(0, 2 * H, H), hp) : w_hh_t;
+  const at::Tensor w_ih_t = packed_rows(a.w_ih.t(), cols);
+  const at::Tensor w_hh_t = tf ? packed_rows(a.w_hh.narrow(0, 0, 2 * H).t(), rz_cols)
+                               : packed_rows(a.w_hh.t(), cols);
+  const at::Tensor w_hn_t = tf ? packed_rows(a.w_hh.narrow(0, 2 * H, H).t(), hp) : w_hh_t;
   const T* w_ih_p = w_ih_t.data_ptr<T>();
   const T* w_hh_p = w_hh_t.data_ptr<T>();
   const T* w_hn_p = w_hn_t.data_ptr<T>();

@@ -8,6 +8,7 @@
 // address order, which costs fewer page-table walks than the batch's random order.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <stdexcept>
 #include <string>
@@ -20,7 +21,8 @@ struct Segments {
   std::vector<int64_t> order;       // (K,) positions sorted by (id, position)
   std::vector<int64_t> starts;      // (U + 1,) segment u covers order[starts[u] .. starts[u+1])
   std::vector<int64_t> unique_ids;  // (U,) ascending
-  std::vector<int64_t> scratch;     // the sort's buffer and bucket counts
+  std::vector<int64_t> scratch;     // the sort's other buffer of positions
+  std::vector<int64_t> counts;      // the sort's bucket counts
 };
 
 // Index of the first id outside [0, num_rows), or -1 when all are in range.
@@ -42,9 +44,9 @@ inline void build_segments(const int64_t* ids, int64_t k, int64_t num_rows, Segm
   const int passes = (key_bits + kMaxBits - 1) / kMaxBits;
   const int bits = passes > 0 ? (key_bits + passes - 1) / passes : 0;
   const int64_t kBuckets = int64_t(1) << bits;
-  std::vector<int64_t>& tmp = seg.scratch;
-  tmp.resize(static_cast<size_t>(k + kBuckets));
-  int64_t* count = tmp.data() + k;
+  seg.scratch.resize(static_cast<size_t>(k));
+  seg.counts.resize(static_cast<size_t>(kBuckets));
+  int64_t* count = seg.counts.data();
   for (int shift = 0; shift < key_bits; shift += bits) {
     std::fill(count, count + kBuckets, 0);
     for (int64_t i = 0; i < k; ++i) ++count[(ids[seg.order[i]] >> shift) & (kBuckets - 1)];
@@ -56,9 +58,9 @@ inline void build_segments(const int64_t* ids, int64_t k, int64_t num_rows, Segm
     }
     for (int64_t i = 0; i < k; ++i) {
       const int64_t p = seg.order[i];
-      tmp[count[(ids[p] >> shift) & (kBuckets - 1)]++] = p;
+      seg.scratch[count[(ids[p] >> shift) & (kBuckets - 1)]++] = p;
     }
-    std::copy(tmp.begin(), tmp.begin() + k, seg.order.begin());
+    seg.order.swap(seg.scratch);
   }
   seg.starts.clear();
   seg.unique_ids.clear();

@@ -22,19 +22,20 @@
 // summed in block order (the same bits for any thread count).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/Version.h>
 #include <torch/library.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
 #endif
 
+#include "cpu_isa.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <limits>
-#include <type_traits>
 #include <string>
+#include <type_traits>
 #include <tuple>
 #include <vector>
 
@@ -98,25 +99,6 @@ inline double sigmoid_of(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 #else
 #define IK_CLONES
 #endif
-
-// The widest hand-written kernels (AVX-512 intrinsics, or the AVX2 tile GEMM) this CPU
-// runs and torch allows: ATEN_CPU_CAPABILITY caps them as it caps torch's own kernels.
-enum class Isa { kDefault, kAvx2, kAvx512 };
-Isa simd_isa() {
-#if defined(__x86_64__)
-  static const Isa isa = [] {
-    const std::string cap = at::get_cpu_capability();
-    if (cap == "AVX512" && __builtin_cpu_supports("avx512f")) return Isa::kAvx512;
-    if ((cap == "AVX512" || cap == "AVX2") && __builtin_cpu_supports("avx2") &&
-        __builtin_cpu_supports("fma"))
-      return Isa::kAvx2;
-    return Isa::kDefault;
-  }();
-  return isa;
-#else
-  return Isa::kDefault;
-#endif
-}
 
 #if defined(__x86_64__)
 // e^-x on 16 floats (x clamped to [-88, 104]: e^-104 scales to 0, so that a softmax
@@ -1595,9 +1577,11 @@ BackwardResult dice_stats_backward(Problem<T>& p, const SavedZ<T>& saved, const 
                                    const T* scores, const at::TensorOptions& opts) {
   BackwardState<T> st(p, opts);
   const int top = static_cast<int>(p.L) - 1;
-  // dz of the layer being processed, (B, E, T, H_l), the activation's part only.
+  // dz of the layer being processed, (B, E, T, H_l), the activation's part only: at most
+  // two layers' at a time (the one read and the one below it, written).
   std::vector<at::Tensor> dz_store(p.L);
-  for (int l = 0; l < p.L; ++l) dz_store[l] = at::empty({p.B * p.E * p.T_ * p.H[l]}, opts);
+  auto allocate_dz = [&](int l) { dz_store[l] = at::empty({p.B * p.E * p.T_ * p.H[l]}, opts); };
+  allocate_dz(top);
   auto dz_tile = [&](int l, int64_t item, int64_t t0) {
     return dz_store[l].template data_ptr<T>() + (item * p.T_ + t0) * p.H[l];
   };
@@ -1633,6 +1617,7 @@ BackwardResult dice_stats_backward(Problem<T>& p, const SavedZ<T>& saved, const 
   });
   for (int l = top; l > 0; --l) {
     finish_layer(l);
+    allocate_dz(l - 1);
     for_each_block(p.B, st.blocks, [&](int64_t c, int64_t b0, int64_t b1) {
       Workspace<T> ws(p, true);
       for_each_item(p, b0, b1, [&](int64_t, int64_t, int64_t item, int64_t, int64_t g, int64_t n) {
@@ -1647,6 +1632,7 @@ BackwardResult dice_stats_backward(Problem<T>& p, const SavedZ<T>& saved, const 
         }
       });
     });
+    dz_store[l] = at::Tensor();
   }
   finish_layer(0);
   for_each_block(p.B, st.blocks, [&](int64_t c, int64_t b0, int64_t b1) {

@@ -15,15 +15,13 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from interest_kernels.data import generate_amazon
 from interest_kernels.data.common import BatchIterator
 from interest_kernels.distributed import ShardedBatches, exchange_rows, init_from_env
 from interest_kernels.distributed.trainer import DistributedTrainer, resume_config
 from interest_kernels.train import Trainer, TrainConfig, build_dataset, main, run
 
-from distributed_runs import free_port, train_steps
+from distributed_runs import spawn_two, train_steps
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -90,14 +88,7 @@ def _worker(rank: int, port: int, data: str, out: str) -> None:
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory):
     """The 2-process runs of every case (and a checkpoint after RESUME_AT steps)."""
-    root = tmp_path_factory.mktemp("dist")
-    # 39 users x 3 = 117 training samples: every epoch ends with a global batch of 5 (3 + 2 rows).
-    data = generate_amazon(str(root / "data"), num_users=39, num_items=50, num_cats=5, train_per_user=3,
-                           test_per_user=1, min_len=1, max_len=6, seed=0)
-    out = root / "out"
-    out.mkdir()
-    mp.spawn(_worker, args=(free_port(), f"amazon:{data}", str(out)), nprocs=WORLD, join=True)
-    return f"amazon:{data}", out
+    return spawn_two(_worker, tmp_path_factory.mktemp("dist"))
 
 
 # DIEN's evolving attention normalises its scores with a softmax: its score bias has a zero

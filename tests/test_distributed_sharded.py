@@ -16,13 +16,11 @@ import os
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from interest_kernels.data import generate_amazon
 from interest_kernels.distributed.sharded import torchrec_unavailable_reason
 from interest_kernels.train import Trainer, TrainConfig, build_dataset, main, run
 
-from distributed_runs import free_port, train_steps
+from distributed_runs import spawn_two, train_steps
 
 _REASON = torchrec_unavailable_reason()
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -128,14 +126,7 @@ def _refused_step(rank: int, data: str, dataset, context) -> dict:
 def sharded_run(tmp_path_factory):
     if _REASON is not None:
         pytest.skip(str(_REASON))
-    root = tmp_path_factory.mktemp("sharded")
-    # 39 users x 3 = 117 training samples: each epoch ends with a global batch of 5 (3 + 2 rows).
-    data = generate_amazon(str(root / "data"), num_users=39, num_items=50, num_cats=5, train_per_user=3,
-                           test_per_user=1, min_len=1, max_len=6, seed=0)
-    out = root / "out"
-    out.mkdir()
-    mp.spawn(_worker, args=(free_port(), f"amazon:{data}", str(out)), nprocs=WORLD, join=True)
-    return f"amazon:{data}", out
+    return spawn_two(_worker, tmp_path_factory.mktemp("sharded"))
 
 
 def _single(data: str, model: str, sparse: str, batch_size: int, steps: int = STEPS) -> Trainer:

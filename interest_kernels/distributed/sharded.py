@@ -233,15 +233,16 @@ class ShardedTables:
                              torch.bincount(count_owner, minlength=world)], dim=1)  # (W, 2) sent
         received = torch.empty_like(sizes)
         dist.all_to_all_single(received, sizes)
-        send_ids = torch.cat([part for pair in zip(ids[grad_order].split(sizes[:, 0].tolist()),
-                                                   counted[count_order].split(sizes[:, 1].tolist()))
+        sent, got = sizes.tolist(), received.tolist()  # (W, 2) each: the only reads of sizes
+        sent_rows, got_rows = [g for g, _ in sent], [g for g, _ in got]
+        send_ids = torch.cat([part for pair in zip(ids[grad_order].split(sent_rows),
+                                                   counted[count_order].split([c for _, c in sent]))
                               for part in pair])
-        recv_ids = send_ids.new_empty(int(received.sum()))
-        dist.all_to_all_single(recv_ids, send_ids, received.sum(1).tolist(), sizes.sum(1).tolist())
-        recv_rows = rows.new_empty(int(received[:, 0].sum()), table.width)
-        dist.all_to_all_single(recv_rows, rows[grad_order].contiguous(), received[:, 0].tolist(),
-                               sizes[:, 0].tolist())
-        parts = recv_ids.split(received.reshape(-1).tolist())
+        recv_ids = send_ids.new_empty(sum(map(sum, got)))
+        dist.all_to_all_single(recv_ids, send_ids, [sum(pair) for pair in got], [sum(pair) for pair in sent])
+        recv_rows = rows.new_empty(sum(got_rows), table.width)
+        dist.all_to_all_single(recv_rows, rows[grad_order].contiguous(), got_rows, sent_rows)
+        parts = recv_ids.split([n for pair in got for n in pair])
         return torch.cat(parts[0::2]), recv_rows, torch.cat(parts[1::2])
 
     # --- whole tables (checkpoints) ------------------------------------------------------------

@@ -52,11 +52,9 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Any, ...]) -
     ctx.save_for_backward(states, pos, neg, valid, out_weight, out_bias, rows, *weights, *biases, *saved)
 
 
-def _backward(ctx: Any, grad: Optional[torch.Tensor], *_: Any) -> tuple[Any, ...]:
+def _backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     states, pos, neg, valid, out_weight, out_bias, rows, *rest = ctx.saved_tensors
     weights, biases, saved = rest[: ctx.layers], rest[ctx.layers: 2 * ctx.layers], rest[2 * ctx.layers:]
-    if grad is None:
-        return (None,) * 9
     d_states, d_pos, d_neg, d_weights, d_biases, d_out_weight, d_out_bias = (
         torch.ops.interest_kernels.dien_aux_loss_cpu_backward(
             grad, states, pos, neg, valid, weights, biases, out_weight, out_bias, ctx.activation, rows, saved))

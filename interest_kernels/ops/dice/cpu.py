@@ -49,10 +49,8 @@ def _setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[torch.Tensor
     ctx.training = training
 
 
-def _backward(ctx: Any, grad_out: Optional[torch.Tensor], *_grad_stats: Any) -> tuple[Optional[torch.Tensor], ...]:
+def _backward(ctx: Any, grad_out: torch.Tensor, *_grad_stats: Any) -> tuple[Optional[torch.Tensor], ...]:
     x, alpha, weight, bias, mean, invstd = ctx.saved_tensors
-    if grad_out is None:
-        return (None,) * 8
     d_x, d_alpha, d_weight, d_bias = torch.ops.interest_kernels.dice_cpu_backward(
         grad_out, x, alpha, weight, bias, mean, invstd, ctx.training)
     wanted = ctx.needs_input_grad

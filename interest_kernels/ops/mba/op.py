@@ -156,7 +156,7 @@ def check_ids_in_range(ids: torch.Tensor, num_rows: int) -> None:
         return
     flat = ids.reshape(-1)
     low, high = torch.aminmax(flat)  # one pass; the position is searched for only on failure
-    if int(low) >= 0 and int(high) < num_rows:
+    if bool((low >= 0) & (high < num_rows)):
         return
     bad = (flat < 0) | (flat >= num_rows)
     if bool(bad.any()):

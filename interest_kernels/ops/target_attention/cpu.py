@@ -166,9 +166,7 @@ def _register() -> None:
 # --- the backend ---------------------------------------------------------------------
 
 
-def _dice_running_params(
-    params: DiceParams, groups: int, units: int, dt: torch.dtype, positions: int
-) -> list[torch.Tensor]:
+def _dice_running_params(params: DiceParams, groups: int, units: int, dt: torch.dtype) -> list[torch.Tensor]:
     """[alpha, scale, shift] (G, H) of a Dice layer normalised by its running statistics
     (eval), or with no positions to take batch statistics from (mean 0, variance 1; the
     running ones stay as they are)."""
@@ -223,7 +221,6 @@ def target_attention_cpu(
     dt = compute_dtype(out_dtype)
     multi_head = keys.dim() == 4
     per_head = weights[0].dim() == 3
-    dim = keys.shape[-1]
     k = keys.to(dt) if multi_head else keys.to(dt).unsqueeze(1)  # (R, E, T, D)
     q = query.to(dt) if query.dim() == 3 else query.to(dt).unsqueeze(1)  # (B, E|1, D)
     groups = k.shape[1] if per_head else 1
@@ -242,12 +239,12 @@ def target_attention_cpu(
     act_params: list[torch.Tensor] = []
     if activation == "prelu":
         act_params = [a.to(dt).reshape(groups, h) for a, h in zip(prelu_weights, units)]
-    elif activation == "dice" and batch_stats:
+    elif batch_stats:
         for p, h in zip(dice_params, units):
             act_params += _dice_batch_params(p, groups, h, dt)
     elif activation == "dice":
         for p, h in zip(dice_params, units):
-            act_params += _dice_running_params(p, groups, h, dt, positions)
+            act_params += _dice_running_params(p, groups, h, dt)
 
     args = (q, k, key_index, lengths, mask, ws, cs, w_o, c_o, act_params, activation, normalization)
     # A jit trace must not depend on the grad mode (its check re-traces under no_grad): it
@@ -258,8 +255,7 @@ def target_attention_cpu(
         out, scores, _, stats = call(_TRAIN, *args, [p.eps for p in dice_params])
         for p, st in zip(dice_params, stats):
             if p.running_mean is not None and p.running_var is not None:
-                update_running_stats(p.running_mean, p.running_var, st[:, 0].detach(),
-                                     st[:, 1].detach(), positions, p.momentum)
+                update_running_stats(p.running_mean, p.running_var, st[:, 0], st[:, 1], positions, p.momentum)
     elif needs_grad and (SAVE_PRE_ACTIVATIONS if save_pre_activations is None else save_pre_activations):
         out, scores, _, _ = call(_TRAIN, *args, None)
     else:

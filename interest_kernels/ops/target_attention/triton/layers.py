@@ -125,20 +125,6 @@ def tile_vectors(qt_ptr, b2_ptr, b3_ptr, a_g, H1, H2, H3, offs_h1, offs_h2, offs
 
 
 @triton.jit
-def act_params(ptr, offs, n, LOAD: tl.constexpr):
-    """One layer's per-unit (slope or alpha, scale, shift) rows, zeros when unused."""
-    if LOAD:
-        pa = load_vec(ptr, offs, n)
-        ps = load_vec(ptr + n, offs, n)
-        pb = load_vec(ptr + 2 * n, offs, n)
-    else:
-        pa = tl.zeros(offs.shape, tl.float32)
-        ps = pa
-        pb = pa
-    return pa, ps, pb
-
-
-@triton.jit
 def act_fwd(z, pa, ps, pb, ACT: tl.constexpr):
     """Activation of pre-activations z (BT, H): identity, sigmoid, relu, prelu, dice."""
     if ACT == 1:
@@ -210,35 +196,22 @@ def valid_positions(offs_t, T, kb, len_ptr, mask_ptr,
 
 
 @triton.jit
-def load_weights(w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3,
-                 LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT_LAYERS: tl.constexpr,
-                 FIRST: tl.constexpr = True):
-    """A program's on-chip copy of one group's MLP (loaded once, fp32, zero-padded):
-    W_kd, W_p (BH1, BD); W_2^T (BH1, BH2), c_2; W_3^T (BH2, BH3), c_3 (of the first
-    ``LAYERS`` layers of a pack of ``PACK_LAYERS``); and the activation parameters
-    (pa, ps, pb) of the first ``ACT_LAYERS`` layers.
-    Absent layers (and W_kd, W_p unless FIRST) get zero stand-ins."""
-    o_wp, o_w2, o_b2, o_w3, o_b3, _, _, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
-    wkd = tl.zeros([offs_h1.shape[0], offs_d.shape[0]], tl.float32)
-    wp = wkd
-    if FIRST:
-        wkd = load_mat(w_g, offs_h1, offs_d, H1, D, False)
-        wp = load_mat(w_g + o_wp, offs_h1, offs_d, H1, D, False)
+def load_weights(w_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3,
+                 LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr):
+    """A program's on-chip copy of one group's weight matrices (loaded once, fp32,
+    zero-padded): W_kd, W_p (BH1, BD); W_2^T (BH1, BH2); W_3^T (BH2, BH3) (of the first
+    ``LAYERS`` layers of a pack of ``PACK_LAYERS``; absent layers get zero stand-ins).
+    The per-unit vectors come per tile (``tile_vectors``)."""
+    o_wp, o_w2, _, o_w3, _, _, _, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
+    wkd = load_mat(w_g, offs_h1, offs_d, H1, D, False)
+    wp = load_mat(w_g + o_wp, offs_h1, offs_d, H1, D, False)
     w2t = tl.zeros([offs_h1.shape[0], offs_h2.shape[0]], tl.float32)
-    b2 = tl.zeros(offs_h2.shape, tl.float32)
     w3t = tl.zeros([offs_h2.shape[0], offs_h3.shape[0]], tl.float32)
-    b3 = tl.zeros(offs_h3.shape, tl.float32)
     if LAYERS >= 2:
         w2t = load_mat(w_g + o_w2, offs_h1, offs_h2, H2, H1, True)
-        b2 = load_vec(w_g + o_b2, offs_h2, H2)
     if LAYERS >= 3:
         w3t = load_mat(w_g + o_w3, offs_h2, offs_h3, H3, H2, True)
-        b3 = load_vec(w_g + o_b3, offs_h3, H3)
-    pa1, ps1, pb1 = act_params(a_g, offs_h1, H1, ACT_LAYERS >= 1)
-    pa2, ps2, pb2 = act_params(a_g + 3 * H1, offs_h2, H2, ACT_LAYERS >= 2)
-    pa3, ps3, pb3 = act_params(a_g + 3 * (H1 + H2), offs_h3, H3, ACT_LAYERS >= 3)
-    return (wkd, wp, w2t, b2, w3t, b3,
-            pa1, ps1, pb1, pa2, ps2, pb2, pa3, ps3, pb3)
+    return wkd, wp, w2t, w3t
 
 
 @triton.jit

@@ -41,9 +41,8 @@ def dice_stats_kernel(
     a_g = act_ptr + g * A_ROW
 
     # the weight matrices on chip, the per-unit vectors per tile (layers.tile_vec)
-    (wkd, wp, w2t, _, w3t, _, _, _, _, _, _, _, _, _, _) = load_weights(
-        w_g, a_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS, PACK_LAYERS,
-        ACT_LAYERS)
+    wkd, wp, w2t, w3t = load_weights(w_g, D, H1, H2, H3, offs_d, offs_h1, offs_h2, offs_h3, LAYERS,
+                                     PACK_LAYERS)
     o_wp, o_w2, o_b2, o_w3, o_b3, o_wo, o_bo, w_row = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
     if LOWP:
         w2t = w2t.to(DT)
