@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib.util
+import operator
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -178,9 +179,10 @@ class Op:
 
         Under ``torch.compile`` the choice is made once, while tracing, and becomes a
         constant of the graph (the forced backend lives in a context variable that
-        Dynamo cannot trace).
+        Dynamo cannot trace). A size that is symbolic there (``dynamic=True``) is made
+        concrete first: the choice depends on it, so the graph is specialised on it.
         """
-        name = _select_name(id(self), device, tuple(facts.items()))
+        name = _select_name(id(self), device, tuple((k, _concrete(v)) for k, v in facts.items()))
         return self.implementations[name]
 
     def _select_name(self, device: torch.device, facts: dict[str, Any]) -> str:
@@ -219,6 +221,17 @@ class Op:
             f"{self.name}: no backend can run this call on {device}:\n  "
             + "\n  ".join(tried)
         )
+
+
+def _concrete(value: Any) -> Any:
+    """``value`` with every symbolic integer in it (a traced size) replaced by its value
+    (``operator.index`` specialises it under Dynamo, where ``int`` would keep it symbolic
+    and a traced size passes ``isinstance(size, int)``, not ``torch.SymInt``)."""
+    if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+        return operator.index(value)
+    if isinstance(value, tuple):
+        return tuple(_concrete(v) for v in value)
+    return value
 
 
 def _assume_constant_result(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -138,20 +138,22 @@ def check_in_range(
 ) -> None:
     """Every value of the integer tensor ``t`` lies in [low, high] (or [low, high)).
 
-    Runs only when value checks do: on the device without synchronising where
-    :func:`checks_on_device` says so, else by reading the minimum and maximum back.
+    ``what`` names ``high`` in words. Runs only when value checks do: on the device
+    without synchronising where :func:`checks_on_device` says so (the message then
+    names the bound: a traced size formatted into it would be specialised), else by
+    reading the minimum and maximum back.
     """
     if t.numel() == 0 or not value_checks_enabled(t):
         return
-    interval = f"[{low}, {high}{']' if high_inclusive else ')'}"
+    close = "]" if high_inclusive else ")"
     if checks_on_device(t):
         inside = (t >= low) & ((t <= high) if high_inclusive else (t < high))
-        torch._assert_async(inside.all(), f"{name} must lie in {interval} ({what})")
+        torch._assert_async(inside.all(), f"{name} must lie in [{low}, {what}{close}")
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < low or hi > high or (hi == high and not high_inclusive):
         bad = lo if lo < low else hi
-        raise ValueError(f"{name} must lie in {interval} ({what}), found {bad}")
+        raise ValueError(f"{name} must lie in [{low}, {high}{close} ({what}), found {bad}")
 
 
 def check_float(
@@ -169,7 +171,9 @@ def check_float(
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"{name} must be a float, got {type(value).__name__} {value!r}")
     value = float(value)
-    if not math.isfinite(value):
+    # comparisons, not math.isfinite: they also take a float Dynamo traces symbolically
+    # (dynamic=True), specialising it; NaN fails both
+    if not -math.inf < value < math.inf:
         raise ValueError(f"{name} must be finite, got {value}")
     too_low = value <= low if low_open else value < low
     too_high = value >= high if high_open else value > high
@@ -213,7 +217,7 @@ def check_valid_positions(
     if lengths is not None:
         check_tensor("lengths", lengths, ndim=1, dtypes=INDEX_DTYPES, device=device)
         check_shape("lengths", lengths, (batch,), "one length per row of the batch")
-        check_in_range("lengths", lengths, 0, seq_len, f"T = {seq_len}")
+        check_in_range("lengths", lengths, 0, seq_len, "T")
     if mask is not None:
         check_tensor(
             "mask", mask, ndim=2, dtypes=(torch.bool,) + INDEX_DTYPES + FLOAT_DTYPES, device=device

@@ -89,6 +89,29 @@ def test_compiled_loss_backward_matches_eager(cls):
         torch.testing.assert_close(compiled_rows[name][1], rows, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("cls", MODELS)
+def test_compiled_loss_with_dynamic_shapes(cls):
+    """``dynamic=True`` (sizes and float attributes traced symbolically): the loss equals
+    eager's at two batch sizes and history lengths, with no recompilation."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    spec = _spec()
+    model = _model(cls).train()
+    loss = lambda b: model.loss(b)[0]  # noqa: E731
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(loss, fullgraph=True, dynamic=True, backend=counter)
+    frames = []
+    for b, t in ((6, 5), (9, 7)):
+        batch = _batch(spec, b, t)
+        _restart_sampler(model)
+        got = compiled(batch)
+        _restart_sampler(model)
+        torch.testing.assert_close(got, loss(batch), rtol=1e-5, atol=1e-6)
+        frames.append(counter.frame_count)
+    assert frames[0] > 0 and frames[1] == frames[0]
+
+
 @pytest.mark.parametrize("cls", [DIEN])
 def test_compiled_training_with_torch_embeddings_matches_eager(cls):
     """embedding="torch": the compiled loss's backward leaves the sparse table gradients

@@ -190,6 +190,26 @@ def test_compile_fullgraph(backend):
     assert mod.layers[0].weight.grad is not None and torch.isfinite(mod.layers[0].weight.grad).all()
 
 
+@pytest.mark.parametrize("backend", ["cpu", "reference", "triton"])
+def test_compile_dynamic_shapes(backend):
+    """``dynamic=True`` makes D symbolic too: the backend choice specialises on it (once),
+    while a new batch size and history length reuse the graph."""
+    torch._dynamo.reset()
+    mod = TargetAttention(4, (8, 6), return_scores=True)
+    _randomize(mod, 0.3)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(mod, fullgraph=True, dynamic=True, backend=counter)
+    with use_backend(backend):
+        for batch, seq in ((3, 5), (6, 9)):
+            q, k = torch.randn(batch, 4), torch.randn(batch, seq, 4)
+            lengths = torch.randint(0, seq + 1, (batch,))
+            for x, y in zip(compiled(q, k, lengths=lengths), mod(q, k, lengths=lengths)):
+                torch.testing.assert_close(x, y)
+    assert counter.frame_count == 1
+
+
 # --- graph capture on CPU: nothing data-dependent in Python ------------------------------
 
 CAPTURE_CASES = {

@@ -179,7 +179,7 @@ def target_attention(
         check_tensor("key_index", key_index, ndim=1, dtypes=INDEX_DTYPES, device=device)
         check_shape("key_index", key_index, (batch,), "one history row per query")
         rows = keys.shape[0]
-        check_in_range("key_index", key_index, 0, rows, f"the {rows} history rows of keys",
+        check_in_range("key_index", key_index, 0, rows, "the history rows of keys",
                        high_inclusive=False)
         key_index = key_index.long()
     else:
@@ -309,7 +309,6 @@ def target_attention(
         num_layers=num_layers,
         hidden_units=tuple(units),
         dim=dim,
-        seq_len=seq_len,
         multi_head=multi_head,
         per_head=per_head,
         shared_history=key_index is not None,
