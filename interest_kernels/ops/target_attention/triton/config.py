@@ -50,6 +50,10 @@ DATA_GRAD_WARPS = 4
 # First-layer units per chunk: per program of the weight-gradient kernel (weight_grads.py)
 # and per step of the data-gradient kernel's layer-1 chain (backward.py).
 UNIT_CHUNK = 64
+# H200 dense tensor-core FLOPs per byte of L2 traffic (989 TFLOP/s 16-bit, 494 TF32, 67
+# IEEE float32, over the ~10 TB/s L2 that bench/traffic.py assumes), by dot precision:
+# the weight-gradient kernel's cost model for sizing its unit chunks' grids (ops.py).
+DOT_FLOPS_PER_L2_BYTE = {"16-bit": 99, "tf32": 49, "ieee": 7}
 # On-chip limits (padded sizes). The backward holds the most (the first layer's per-row
 # matrix, the deeper layers' weights and W_3's gradient accumulator) and its shared
 # memory grows with the padded weight-matrix elements H_1 x D + H_2 x H_1 + H_3 x H_2.
