@@ -432,7 +432,7 @@ def test_launch_matches_the_gpu(device, monkeypatch):
     busiest = -(-150 // min(150, sms))  # rows of the busiest program at one program per SM
     for name, grid, kw in launches:
         warps = 4 if name == "attention_bwd_kernel" else 8  # config.DATA_GRAD_WARPS
-        assert grid[:2] == (-(-150 // busiest), 1) and grid[2:] in ((), (1,))
+        assert grid == (-(-150 // busiest), 1)
         assert sms != 132 or grid[0] == 75
         assert (kw["BLOCK_T"], kw["num_warps"], kw["num_stages"]) == (64, warps, 1)
     assert config.num_sms(torch.device("cpu")) == 132

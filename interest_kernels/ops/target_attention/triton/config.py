@@ -6,9 +6,10 @@ interpreter computes every dot exactly).
 
 * Grid: persistent, about one program per SM. ``NUM_SMS`` is the H200's 132 under the
   interpreter and the device's SM count on a GPU; a head's rows are walked (strided) by
-  at most ``min(B, max(1, NUM_SMS // E))`` programs (the weight-gradient kernel divides
-  the SMs among its unit chunks too), and by no more than keep the busiest program's
-  row count: 150 rows take 75 programs of 2, not 132 of which 18 walk 2.
+  at most ``min(B, max(1, NUM_SMS // E))`` programs (the weight-gradient kernel gives
+  half of them to its first unit chunk and to its narrower second one only as many as
+  keep it as fast, ``ops._chunk_programs``), and by no more than keep the busiest
+  program's row count: 150 rows take 75 programs of 2, not 132 of which 18 walk 2.
 * Tiles: ``BLOCK_T`` = 64 key positions, so every ``tl.dot`` whose rows are positions has
   M = 64 (Hopper's warpgroup MMA size); every width (D, each layer) is padded to a power
   of two, at least 16. A row shorter than 64 positions leaves lanes of its tile masked.

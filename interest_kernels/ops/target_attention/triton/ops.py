@@ -60,8 +60,8 @@ def _balanced(batch: int, cap: int) -> int:
 
 
 def _programs(rows: int, heads: int, device: torch.device, share: int = 1) -> int:
-    """Programs per head of the persistent grid (grid = (programs, heads[, share])) for
-    R = B*E rows: the SMs shared among the heads (and ``share`` unit chunks), at most one
+    """Programs per head of the persistent grid (grid = (programs, heads)) for R = B*E
+    rows: the SMs shared among the heads (and ``share`` unit chunks), at most one
     program per row, at least one, no more than keep the busiest program's row count;
     symbolic sizes stay symbolic (no guard on a dynamic batch)."""
     batch = rows // heads
@@ -71,13 +71,17 @@ def _programs(rows: int, heads: int, device: torch.device, share: int = 1) -> in
 
 def _chunk_row_cost(width: int, dim: int, dz_cols: int, layers: int, dtype: torch.dtype,
                     flags: dict) -> int:
-    """Estimated cost of one key tile of a row in the weight-gradient kernel for a unit
-    chunk of padded width ``width``, in L2 bytes: the bytes it reads (keys and its dz
-    columns) plus its dot FLOPs over the tensor-core FLOPs per L2 byte
-    (``config.DOT_FLOPS_PER_L2_BYTE``), at the GPU's dot precisions (``launch_config``).
-    With two layers, z1's two dots (BD x width per position, in the input dtype) and the
-    gradient dots dz2^T a1, dz2 W_2 (BH2 x width) and k^T dz1 (BD x width); with one, only
-    k^T dz1."""
+    """Estimated time of one key tile (``BLOCK_T`` positions; a row costs this times its
+    tiles, the same for every chunk) of the weight-gradient kernel for a unit chunk of
+    padded width ``width``, in L2 bytes: the bytes it reads, keys (D x dtype size per
+    position) and its dz columns (``dz_cols`` x 4), plus its dot FLOPs over the
+    tensor-core FLOPs per L2 byte (``config.DOT_FLOPS_PER_L2_BYTE``) at the GPU's dot
+    precisions (``launch_config``). The FLOPs per position, with two layers: z1's two
+    dots, 2 x 2 BD width (input dtype), and the gradient dots dz2^T a1, dz2 W_2 and
+    k^T dz1, 2 (2 BH2 + BD) width (bfloat16, else float32 at PREC); with one layer
+    only k^T dz1, 2 BD width. At the float16 benchmark (D 64, H2 40): 61122 for 64 units,
+    29103 for 16 (float32: 80122, 39997). Weight loads and the partial's store are per
+    program, not per row, and left out."""
     bd, bh2 = flags["BD"], flags["BH2"]
     fwd_rate = DOT_FLOPS_PER_L2_BYTE["16-bit" if dtype.itemsize == 2 else flags["PREC"]]
     bwd_rate = DOT_FLOPS_PER_L2_BYTE["16-bit" if dtype == torch.bfloat16 else flags["PREC"]]
@@ -90,22 +94,24 @@ def _chunk_row_cost(width: int, dim: int, dz_cols: int, layers: int, dtype: torc
 def _chunk_programs(rows: int, heads: int, device: torch.device, units: list[int],
                     layers: int, dim: int, dtype: torch.dtype, flags: dict):
     """Programs per head of the weight-gradient kernel's first and second unit chunk
-    (0 for one chunk). The first (widest) chunk takes its share of the SMs as
-    :func:`_programs` gives it (``share`` = the number of chunks); the second, narrower
-    one the fewest programs whose busiest one costs no more than the first's busiest
-    (:func:`_chunk_row_cost` per row): at the float16 benchmark (80 = 64 + 16 units, B
-    256) 64 programs of 4 rows and 32 of 8, not 64 of 4: fewer weight reads and
-    partial rows for the same makespan. Sizes stay symbolic (integer arithmetic)."""
+    (0 for one chunk; the grid is (their sum, heads)). The first chunk (``UNIT_CHUNK``
+    units, the widest) takes half the SMs as :func:`_programs` gives it; the second the
+    fewest programs whose busiest one (``ceil(B / P1)`` rows) costs no more than the
+    first's (:func:`_chunk_row_cost` per row): at the float32 and float16 benchmark (80 =
+    64 + 16 units, B 256) 64 programs of 4 rows and 32 of 8, not 64 of 4, i.e. fewer
+    weight reads and partial rows for the same estimated makespan. (Giving the SMs this
+    frees to the first chunk would shorten it, 86 programs of 3 rows, and the tail's to
+    43 of 6, but the extra weight reads and partial rows cost 1.6 MB: float16 backward
+    1.56x its floor instead of 1.48x.) Sizes stay symbolic (integer arithmetic on the
+    batch, which may be a SymInt)."""
     n0 = min(units[0], UNIT_CHUNK)
     n1 = units[0] - n0
     p0 = _programs(rows, heads, device, share=1 if n1 == 0 else 2)
     if n1 == 0:
         return p0, 0
-    width0 = pad(n0)
-    width1 = pad(n1)
-    cost0, cost1 = (_chunk_row_cost(w, dim, units[1] if layers >= 2 else n, layers,
+    cost0, cost1 = (_chunk_row_cost(pad(n), dim, units[1] if layers >= 2 else n, layers,
                                     dtype, flags)
-                    for w, n in ((width0, n0), (width1, n1)))
+                    for n in (n0, n1))
     batch = rows // heads
     per0 = (batch + p0 - 1) // p0  # rows of chunk 0's busiest program
     per1 = torch.sym_max(1, per0 * cost0 // cost1)
