@@ -304,6 +304,16 @@ def test_unit_chunk_program_counts():
                 assert 1 <= p1 <= p0 <= min(batch, 66)
                 assert -(-batch // p1) * costs[1] <= -(-batch // p0) * costs[0]
         assert ops._chunk_programs(132, 1, cpu, [64, 40], 2, 64, dtype, flags) == (132, 0)
+    # a symbolic batch (torch.compile / export with dynamic shapes) stays symbolic: no guard
+    from torch._dynamo.source import ConstantSource
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv
+
+    env = ShapeEnv()
+    batch = env.create_unspecified_symint_and_symbol(256, ConstantSource("batch"),
+                                                     DimDynamic.DYNAMIC)
+    progs = ops._chunk_programs(batch, 1, cpu, [80, 40], 2, 64, dtype, flags)
+    assert env.guards == []
+    assert [int(p.node.expr.subs(batch.node.expr, 256)) for p in progs] == [64, 37]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="compiled kernels need a GPU")
