@@ -6,9 +6,10 @@ interpreter computes every dot exactly).
 
 * Grid: persistent, about one program per SM. ``NUM_SMS`` is the H200's 132 under the
   interpreter and the device's SM count on a GPU; a head's rows are walked (strided) by
-  at most ``min(B, max(1, NUM_SMS // E))`` programs (the weight-gradient kernel divides
-  the SMs among its unit chunks too), and by no more than keep the busiest program's
-  row count: 150 rows take 75 programs of 2, not 132 of which 18 walk 2.
+  at most ``min(B, max(1, NUM_SMS // E))`` programs (the weight-gradient kernel gives
+  half of them to its first unit chunk and to its narrower second one only as many as
+  keep it as fast, ``ops._chunk_programs``), and by no more than keep the busiest
+  program's row count: 150 rows take 75 programs of 2, not 132 of which 18 walk 2.
 * Tiles: ``BLOCK_T`` = 64 key positions, so every ``tl.dot`` whose rows are positions has
   M = 64 (Hopper's warpgroup MMA size); every width (D, each layer) is padded to a power
   of two, at least 16. A row shorter than 64 positions leaves lanes of its tile masked.
@@ -50,6 +51,10 @@ DATA_GRAD_WARPS = 4
 # First-layer units per chunk: per program of the weight-gradient kernel (weight_grads.py)
 # and per step of the data-gradient kernel's layer-1 chain (backward.py).
 UNIT_CHUNK = 64
+# H200 dense tensor-core FLOPs per byte of L2 traffic (989 TFLOP/s 16-bit, 494 TF32, 67
+# IEEE float32, over the ~10 TB/s L2 that bench/traffic.py assumes), by dot precision:
+# the weight-gradient kernel's cost model for sizing its unit chunks' grids (ops.py).
+DOT_FLOPS_PER_L2_BYTE = {"16-bit": 99, "tf32": 49, "ieee": 7}
 # On-chip limits (padded sizes). The backward holds the most (the first layer's per-row
 # matrix, the deeper layers' weights and W_3's gradient accumulator) and its shared
 # memory grows with the padded weight-matrix elements H_1 x D + H_2 x H_1 + H_3 x H_2.

@@ -26,7 +26,8 @@ import torch
 from ...func_transforms import TransformableOp, register_sliced_vmap
 from ...traceable_triton import wrap_triton
 from .backward import attention_bwd_kernel
-from .config import ACTIVATIONS, DATA_GRAD_WARPS, UNIT_CHUNK, launch_config, num_sms, pad
+from .config import (ACTIVATIONS, BLOCK_T, DATA_GRAD_WARPS, DOT_FLOPS_PER_L2_BYTE, UNIT_CHUNK,
+                     launch_config, num_sms, pad)
 from .forward import attention_fwd_kernel
 from .pack import act_prefix, weight_prefix
 from .segment import sum_rows_by_history
@@ -59,13 +60,62 @@ def _balanced(batch: int, cap: int) -> int:
 
 
 def _programs(rows: int, heads: int, device: torch.device, share: int = 1) -> int:
-    """Programs per head of the persistent grid (grid = (programs, heads[, share])) for
-    R = B*E rows: the SMs shared among the heads (and ``share`` unit chunks), at most one
+    """Programs per head of the persistent grid (grid = (programs, heads)) for R = B*E
+    rows: the SMs shared among the heads (and ``share`` unit chunks), at most one
     program per row, at least one, no more than keep the busiest program's row count;
     symbolic sizes stay symbolic (no guard on a dynamic batch)."""
     batch = rows // heads
     cap = torch.sym_max(1, torch.sym_min(batch, num_sms(device) // (heads * share)))
     return _balanced(batch, cap)
+
+
+def _chunk_row_cost(width: int, dim: int, dz_cols: int, layers: int, dtype: torch.dtype,
+                    flags: dict) -> int:
+    """Estimated time of one key tile (``BLOCK_T`` positions; a row costs this times its
+    tiles, the same for every chunk) of the weight-gradient kernel for a unit chunk of
+    padded width ``width``, in L2 bytes: the bytes it reads, keys (D x dtype size per
+    position) and its dz columns (``dz_cols`` x 4), plus its dot FLOPs over the
+    tensor-core FLOPs per L2 byte (``config.DOT_FLOPS_PER_L2_BYTE``) at the GPU's dot
+    precisions (``launch_config``). The FLOPs per position, with two layers: z1's two
+    dots, 2 x 2 BD width (input dtype), and the gradient dots dz2^T a1, dz2 W_2 and
+    k^T dz1, 2 (2 BH2 + BD) width (bfloat16, else float32 at PREC); with one layer
+    only k^T dz1, 2 BD width. At the float16 benchmark (D 64, H2 40): 61122 for 64 units,
+    29103 for 16 (float32: 80122, 39997). Weight loads and the partial's store are per
+    program, not per row, and left out."""
+    bd, bh2 = flags["BD"], flags["BH2"]
+    fwd_rate = DOT_FLOPS_PER_L2_BYTE["16-bit" if dtype.itemsize == 2 else flags["PREC"]]
+    bwd_rate = DOT_FLOPS_PER_L2_BYTE["16-bit" if dtype == torch.bfloat16 else flags["PREC"]]
+    fwd_flops = 2 * BLOCK_T * width * 2 * bd if layers >= 2 else 0
+    bwd_flops = 2 * BLOCK_T * width * ((2 * bh2 if layers >= 2 else 0) + bd)
+    read = BLOCK_T * (dim * dtype.itemsize + dz_cols * 4)
+    return read + fwd_flops // fwd_rate + bwd_flops // bwd_rate
+
+
+def _chunk_programs(rows: int, heads: int, device: torch.device, units: list[int],
+                    layers: int, dim: int, dtype: torch.dtype, flags: dict):
+    """Programs per head of the weight-gradient kernel's first and second unit chunk
+    (0 for one chunk; the grid is (their sum, heads)). The first chunk (``UNIT_CHUNK``
+    units, the widest) takes half the SMs as :func:`_programs` gives it; the second the
+    fewest programs whose busiest one (``ceil(B / P1)`` rows) costs no more than the
+    first's (:func:`_chunk_row_cost` per row): at the float32 and float16 benchmark (80 =
+    64 + 16 units, B 256) 64 programs of 4 rows and 32 of 8, not 64 of 4, i.e. fewer
+    weight reads and partial rows for the same estimated makespan. (Giving the SMs this
+    frees to the first chunk would shorten it, 86 programs of 3 rows, and the tail's to
+    43 of 6, but the extra weight reads and partial rows cost 1.6 MB: float16 backward
+    1.56x its floor instead of 1.48x.) Sizes stay symbolic (integer arithmetic on the
+    batch, which may be a SymInt)."""
+    n0 = min(units[0], UNIT_CHUNK)
+    n1 = units[0] - n0
+    p0 = _programs(rows, heads, device, share=1 if n1 == 0 else 2)
+    if n1 == 0:
+        return p0, 0
+    cost0, cost1 = (_chunk_row_cost(pad(n), dim, units[1] if layers >= 2 else n, layers,
+                                    dtype, flags)
+                    for n in (n0, n1))
+    batch = rows // heads
+    per0 = (batch + p0 - 1) // p0  # rows of chunk 0's busiest program
+    per1 = torch.sym_max(1, per0 * cost0 // cost1)
+    return p0, torch.sym_max(1, (batch + per1 - 1) // per1)
 
 
 def _flags(keys, key_index, wpack, units, activation):
@@ -178,12 +228,14 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
     gw = torch.empty(slots, wpack.shape[1], **f32)
     # the first kernel's dz2 (dz1 with one layer), from which the second one takes the
     # gradients of W_kd, W_p and W_2 (the first m_cols of a weight row; those of gw stay
-    # unwritten) in chunks of first-layer units, one partial row per program
+    # unwritten) in chunks of first-layer units, one partial per program
     dz = torch.empty(rows, seq_len, units[1] if layers >= 2 else units[0], **f32)
     m_cols = 2 * units[0] * dim + (units[1] * units[0] if layers >= 2 else 0)
-    n_chunks = -(-units[0] // UNIT_CHUNK)
-    n_prog_m = _programs(rows, heads, dev, share=n_chunks)
-    gm = torch.empty(heads * n_prog_m, m_cols, **f32)
+    flags = _flags(keys, key_index, wpack, units, activation)
+    chunks = [n for n in (min(units[0], UNIT_CHUNK), units[0] - UNIT_CHUNK) if n > 0]
+    progs = _chunk_programs(rows, heads, dev, units, layers, dim, keys.dtype, flags)
+    per_unit = 2 * dim + (units[1] if layers >= 2 else 0)  # partial floats per unit
+    gm = torch.empty(sum(heads * p * n * per_unit for p, n in zip(progs, chunks)), **f32)
     ga = torch.empty(slots, apack.shape[1], **f32) if apack is not None else None
     if rows == 0 or seq_len == 0:
         dq = torch.zeros(rows, dim, **f32)
@@ -192,7 +244,6 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
                 t.zero_()
     else:
         dummy = qterm.new_empty(1)  # stands in for absent inputs; never read
-        flags = _flags(keys, key_index, wpack, units, activation)
         flags["CH1"] = min(flags["BH1"], UNIT_CHUNK)
         flags["CH1B"] = pad(units[0] - flags["CH1"]) if units[0] > flags["CH1"] else 0
         wrap_triton(attention_bwd_kernel)[(n_prog, heads)](
@@ -208,12 +259,11 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
         )
         flags.pop("BH1")
         flags.pop("BH3")
-        flags.pop("CH1B")
-        dq = torch.empty(n_chunks, rows, dim, **f32)  # each unit chunk's part
-        wrap_triton(first_layer_grad_kernel)[(n_prog_m, heads, n_chunks)](
+        dq = torch.empty(len(chunks), rows, dim, **f32)  # each unit chunk's part
+        wrap_triton(first_layer_grad_kernel)[(progs[0] + progs[1], heads)](
             qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
             mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
-            dz, dq, dqt, gm, *_shape_args(query, keys, wpack, apack, units, heads), m_cols,
+            dz, dq, dqt, gm, *_shape_args(query, keys, wpack, apack, units, heads), progs[0],
             LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers,
             HAS_LEN=lengths is not None, HAS_MASK=mask is not None, STATS=stats, **flags,
         )
@@ -231,10 +281,32 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
             sums = torch.cat([sums, sums.new_zeros(groups, like.shape[1] - sums.shape[1])], 1)
         return sums.to(like.dtype)
 
-    gw = torch.cat([total(gm, n_prog_m, m_cols),
+    gw = torch.cat([_first_layer_totals(gm, progs, chunks, heads, groups, dim, units, layers),
                     total(gw[:, m_cols:], n_prog, w_used - m_cols)], dim=1)
     ga = padded(total(ga, n_prog, a_used), apack) if ga is not None else None
     return [dqt, dq.to(query.dtype), dk, padded(gw, wpack), ga]
+
+
+def _first_layer_totals(parts, progs, chunks, heads, groups, dim, units, layers):
+    """The weight-gradient kernel's partials (each chunk c: (heads, programs_c, units_c,
+    [W_kd row D | W_p row D | W_2 column H2]) as blocks, flat) summed over the programs
+    (and the heads of a shared MLP, in one deterministic order) into the start of a
+    packed weight row, (G, m_cols): W_kd, W_p (H1, D), W_2 (H2, H1)."""
+    blocks = {"wkd": [], "wp": [], "w2t": []}
+    start = 0
+    for p, n in zip(progs, chunks):
+        size = heads * p * n * (2 * dim + (units[1] if layers >= 2 else 0))
+        part = parts[start:start + size].view(heads, p, -1)
+        start = start + size
+        part = part.sum(dim=1) if groups > 1 else part.sum(dim=(0, 1)).unsqueeze(0)
+        blocks["wkd"].append(part[:, :n * dim].view(groups, n, dim))
+        blocks["wp"].append(part[:, n * dim:2 * n * dim].view(groups, n, dim))
+        if layers >= 2:
+            blocks["w2t"].append(part[:, 2 * n * dim:].view(groups, n, units[1]))
+    out = [torch.cat(blocks["wkd"], 1).flatten(1), torch.cat(blocks["wp"], 1).flatten(1)]
+    if layers >= 2:
+        out.append(torch.cat(blocks["w2t"], 1).transpose(1, 2).flatten(1))
+    return torch.cat(out, 1)
 
 
 def _fill(grads, ref: torch.Tensor) -> list[torch.Tensor]:

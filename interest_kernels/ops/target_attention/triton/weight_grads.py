@@ -5,20 +5,27 @@ kernel wrote.
 Kept out of the data-gradient kernel (``backward.py``) because there the three (H1, D)
 / (H1, H2) float32 accumulators held across the tile loop took most of the registers
 and spilled on sm_90 (bench/results/sm90_target_attention_spills.md). Here a program
-holds them for one chunk of at most ``UNIT_CHUNK`` first-layer units (grid
-(programs, heads, chunks)): the first layer's units are independent given dz2, so a
-chunk recomputes only its own units, ``z1 = k W_kd^T + (k q) W_p^T + qt`` with its
-chunk of W_kd and W_p on chip for the whole program (no per-row M_r, whose weights
-would be read again for every row), ``a1 = act(z1)``, ``dz1 = act'(z1) (dz2 W_2)``, and
-accumulates ``W_2``'s gradient ``dz2^T a1`` and ``M_r = W_kd + W_p diag(q)``'s
-``dz1^T k``, split into W_kd's and W_p's (times q); per row, its chunk's part of q's
-gradient ``sum_t k_t (dz1 W_p)_t = sum_h W_p * (dz1^T k)`` (from the same product, so
-that the key tile need not stay live to the end) and of the q-term's, ``sum_t dz1_t``. With one
-layer, dz (R, T, H1) is dz1 itself and nothing is recomputed. Each program writes its
-chunk of its own row of a (programs, ...) partial buffer (about one program per SM over
-all chunks, as each writes a row), and the chunks' parts of dq go to (chunks, R, D):
-the caller sums both (deterministic, no atomics). A masked position's dz is zero and
-its key is not read (Dice's statistics cover every position, padded ones too).
+holds them for one chunk of first-layer units: the first ``UNIT_CHUNK`` (CH1) units,
+or the rest (at most ``MAX_UNITS`` = 2 chunks), padded to its own width CH1B (80 units:
+64 and 16, not 64 and 64 of which 48 masked). The first layer's units are independent
+given dz2, so a chunk recomputes only its own units, ``z1 = k W_kd^T + (k q) W_p^T +
+qt`` with its chunk of W_kd and W_p on chip for the whole program (no per-row M_r,
+whose weights would be read again for every row), ``a1 = act(z1)``, ``dz1 = act'(z1)
+(dz2 W_2)``, and accumulates ``W_2``'s gradient ``dz2^T a1`` and ``M_r = W_kd + W_p
+diag(q)``'s ``dz1^T k``, split into W_kd's and W_p's (times q); per row, its chunk's
+part of q's gradient ``sum_t k_t (dz1 W_p)_t = sum_h W_p * (dz1^T k)`` (from the same
+product, so that the key tile need not stay live to the end) and of the q-term's,
+``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and nothing is recomputed.
+A chunk narrower than a key tile holds its accumulators transposed, (D, units) and (H2,
+units), so that its gradient dots ``k^T dz1`` and ``dz2^T a1`` have M = D and H2 rather
+than its width (Hopper's warpgroup MMA wants M >= 64).
+
+Grid (programs of chunk 0 + programs of chunk 1, heads): each chunk walks all rows with
+its own program count (``ops._chunk_programs``: the narrower chunk's programs take more
+rows each). Each program writes one float32 partial of its chunk's gradients, and the
+chunks' parts of dq go to (chunks, R, D): the caller sums both (deterministic, no
+atomics). A masked position's dz is zero and its key is not read (Dice's statistics
+cover every position, padded ones too).
 """
 from __future__ import annotations
 
@@ -29,39 +36,82 @@ from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_v
                      store_mat, tile_act_params, tile_vec, valid_positions, weight_offsets)
 
 
-@triton.jit(do_not_specialize=["B", "T", "N"])
+@triton.jit(do_not_specialize=["B", "T", "N", "P0"])
 def first_layer_grad_kernel(
     qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_ptr, act_ptr, dz_ptr, dq_ptr,
     dqt_ptr, gw_ptr,
-    B, T, N, E, D, H1, H2, H3, W_ROW, A_ROW, GW_ROW,
+    B, T, N, E, D, H1, H2, H3, W_ROW, A_ROW, P0,
     LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT: tl.constexpr,
     ACT_LAYERS: tl.constexpr, PER_HEAD: tl.constexpr, HAS_KIDX: tl.constexpr,
     HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
-    BLOCK_T: tl.constexpr, BD: tl.constexpr, CH1: tl.constexpr, BH2: tl.constexpr,
-    LOWP: tl.constexpr, LOWP_BWD: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BD: tl.constexpr, CH1: tl.constexpr, CH1B: tl.constexpr,
+    BH2: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr, PREC: tl.constexpr,
 ):
     """Inputs as the backward kernel's, plus dz (R, T, H2) fp32 (dz1 (R, T, H1) when
-    LAYERS == 1). Writes, for c = program_id(2), the rows [c CH1, (c + 1) CH1) of
-    W_kd's, W_p's and the columns of W_2's gradient in this program's row of gw
-    (E*P, GW_ROW) fp32 (laid out as the start of a weight row: W_kd, W_p, W_2), dq[c]
-    (chunks, R, D) fp32 and the chunk's columns of dqt (R, H1) fp32 for its rows."""
+    LAYERS == 1). Grid (P0 + P1, E): programs [0, P0) take the units [0, n_0), n_0 =
+    min(H1, CH1), the others (when CH1B > 0) the n_1 = H1 - CH1 units after them, padded
+    to CH1B. Program p of chunk c (p counted within the chunk) writes its partial of the
+    chunk's gradients, ``[W_kd rows (n_c, D), W_p rows (n_c, D), W_2^T rows (n_c, H2)]``
+    (m_c = n_c (2 D + H2) floats, no W_2 part with one layer), to gw fp32 at
+    ``(e P_c + p) m_c``, after E P0 m_0 for chunk 1; dq[c] (chunks, R, D) fp32 and the
+    chunk's columns of dqt (R, H1) fp32 for its rows."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
-    n_prog = tl.num_programs(0)
-    slot = e * n_prog + pid
     g = e if PER_HEAD else 0
+    w_g = w_ptr + g * W_ROW
+    a_g = act_ptr + g * A_ROW
+    row_w = 2 * D  # partial floats per unit
+    if LAYERS >= 2:
+        row_w += H2
+    n0 = tl.minimum(H1, CH1)
+    if pid < P0:
+        chunk_grads(qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_g, a_g, dz_ptr,
+                    dq_ptr, dqt_ptr, gw_ptr + (e * P0 + pid).to(tl.int64) * n0 * row_w,
+                    0, 0, pid, P0, e, n0, B, T, N, E, D, H1, H2, H3, LAYERS, PACK_LAYERS, ACT,
+                    ACT_LAYERS, HAS_KIDX, HAS_LEN, HAS_MASK, STATS, BLOCK_T, BD, CH1, BH2,
+                    LOWP, LOWP_BWD, PREC, False)
+    elif CH1B > 0:
+        p1 = tl.num_programs(0) - P0
+        gw_1 = gw_ptr + (E * P0).to(tl.int64) * n0 * row_w
+        chunk_grads(qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_g, a_g, dz_ptr,
+                    dq_ptr, dqt_ptr,
+                    gw_1 + (e * p1 + pid - P0).to(tl.int64) * (H1 - CH1) * row_w,
+                    1, CH1, pid - P0, p1, e, H1 - CH1, B, T, N, E, D, H1, H2, H3, LAYERS,
+                    PACK_LAYERS, ACT, ACT_LAYERS, HAS_KIDX, HAS_LEN, HAS_MASK, STATS, BLOCK_T,
+                    BD, CH1B, BH2, LOWP, LOWP_BWD, PREC, CH1B < BLOCK_T)
+
+
+@triton.jit
+def chunk_grads(
+    qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_g, a_g, dz_ptr, dq_ptr, dqt_ptr,
+    gw_s, c, u0, pid, n_prog, e, n_c, B, T, N, E, D, H1, H2, H3,
+    LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT: tl.constexpr,
+    ACT_LAYERS: tl.constexpr, HAS_KIDX: tl.constexpr, HAS_LEN: tl.constexpr,
+    HAS_MASK: tl.constexpr, STATS: tl.constexpr, BLOCK_T: tl.constexpr, BD: tl.constexpr,
+    CW: tl.constexpr, BH2: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr,
+    PREC: tl.constexpr, ACC_T: tl.constexpr,
+):
+    """Program ``pid`` of the ``n_prog`` of unit chunk c (units [u0, u0 + n_c), padded
+    to CW) of head e: the rows b = pid, pid + n_prog, ... and its partial at gw_s.
+    ACC_T: the matrices (weights and accumulators) held transposed, (BD, CW) and
+    (BH2, CW), for a chunk narrower than a key tile (its gradient dots then have M = BD
+    and BH2, not CW)."""
     DT = k_ptr.dtype.element_ty
     offs_d = tl.arange(0, BD)
-    offs_h1 = tl.program_id(2) * CH1 + tl.arange(0, CH1)
+    offs_h1 = u0 + tl.arange(0, CW)
     offs_h2 = tl.arange(0, BH2)
     offs_bt = tl.arange(0, BLOCK_T)
     dm = offs_d < D
-    w_g = w_ptr + g * W_ROW
-    a_g = act_ptr + g * A_ROW
     o_wp, o_w2, _, _, _, _, _, _ = weight_offsets(D, H1, H2, H3, PACK_LAYERS)
-    wp = load_mat(w_g + o_wp, offs_h1, offs_d, H1, D, False)  # (CH1, BD)
+    if ACC_T:
+        wp = load_mat(w_g + o_wp, offs_d, offs_h1, H1, D, True)  # (BD, CW)
+    else:
+        wp = load_mat(w_g + o_wp, offs_h1, offs_d, H1, D, False)  # (CW, BD)
     if LAYERS >= 2:
-        wkd = load_mat(w_g, offs_h1, offs_d, H1, D, False)
+        if ACC_T:
+            wkd = load_mat(w_g, offs_d, offs_h1, H1, D, True)
+        else:
+            wkd = load_mat(w_g, offs_h1, offs_d, H1, D, False)
         if LOWP:
             wkd = wkd.to(DT)
     wp_fwd = wp
@@ -70,15 +120,23 @@ def first_layer_grad_kernel(
     if LAYERS >= 2:
         HZ = H2
         offs_z = offs_h2
-        w2t = load_mat(w_g + o_w2, offs_h1, offs_h2, H2, H1, True)  # (CH1, BH2)
+        if ACC_T:
+            w2 = load_mat(w_g + o_w2, offs_h2, offs_h1, H2, H1, False)  # (BH2, CW)
+        else:
+            w2 = load_mat(w_g + o_w2, offs_h1, offs_h2, H2, H1, True)  # W_2^T (CW, BH2)
         if LOWP:
-            w2t = w2t.to(DT)
+            w2 = w2.to(DT)
     else:
         HZ = H1
         offs_z = offs_h1
-    gwkd = tl.zeros([CH1, BD], tl.float32)
-    gwp = tl.zeros([CH1, BD], tl.float32)
-    gw2t = tl.zeros([CH1, BH2], tl.float32)
+    if ACC_T:
+        gwkd = tl.zeros([BD, CW], tl.float32)
+        gwp = tl.zeros([BD, CW], tl.float32)
+        gw2 = tl.zeros([BH2, CW], tl.float32)
+    else:
+        gwkd = tl.zeros([CW, BD], tl.float32)
+        gwp = tl.zeros([CW, BD], tl.float32)
+        gw2 = tl.zeros([CW, BH2], tl.float32)
     for b in range(pid, B, n_prog):
         r = b * E + e
         kb = history_row(kidx_ptr, b, N, HAS_KIDX)
@@ -97,34 +155,60 @@ def first_layer_grad_kernel(
                 valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :],
                         mask=valid[:, None] & dm[None, :], other=0.0)
-            dz = tl.load(dz_base + offs_t[:, None] * HZ + offs_z[None, :],
-                         mask=tm[:, None] & (offs_z[None, :] < HZ), other=0.0)
+            # float32: dz's tile is loaded after the forward dots (its registers are free
+            # during them; the float32 kernel spilled 384 B, now 124), 16-bit: before them
+            # (late it spilled more)
+            if LOWP:
+                dz = tl.load(dz_base + offs_t[:, None] * HZ + offs_z[None, :],
+                             mask=tm[:, None] & (offs_z[None, :] < HZ), other=0.0)
             if LAYERS >= 2:
                 qt = tile_vec(qt_ptr + r * H1, offs_h1, H1, t0, T)
                 pa1, ps1, pb1 = tile_act_params(a_g, offs_h1, H1, t0, T, ACT_LAYERS >= 1)
-                z1 = (mm(k, tl.trans(wkd), LOWP, DT, PREC)
-                      + mm(k.to(tl.float32) * q[None, :], tl.trans(wp_fwd), LOWP, DT, PREC)
-                      + qt[None, :])
+                if ACC_T:
+                    z1 = (mm(k, wkd, LOWP, DT, PREC)
+                          + mm(k.to(tl.float32) * q[None, :], wp_fwd, LOWP, DT, PREC)
+                          + qt[None, :])
+                else:
+                    z1 = (mm(k, tl.trans(wkd), LOWP, DT, PREC)
+                          + mm(k.to(tl.float32) * q[None, :], tl.trans(wp_fwd), LOWP, DT, PREC)
+                          + qt[None, :])
                 a1 = act_fwd(z1, pa1, ps1, pb1, ACT)
-                gw2t += mm(tl.trans(a1), dz, LOWP_BWD, DT, PREC)
-                dz1 = act_bwd(z1, a1, mm(dz, tl.trans(w2t), LOWP_BWD, DT, PREC),
-                              pa1, ps1, pb1, ACT)[0]
+            if not LOWP:
+                dz = tl.load(dz_base + offs_t[:, None] * HZ + offs_z[None, :],
+                             mask=tm[:, None] & (offs_z[None, :] < HZ), other=0.0)
+            if LAYERS >= 2:
+                if ACC_T:
+                    gw2 += mm(tl.trans(dz), a1, LOWP_BWD, DT, PREC)
+                    da1 = mm(dz, w2, LOWP_BWD, DT, PREC)
+                else:
+                    gw2 += mm(tl.trans(a1), dz, LOWP_BWD, DT, PREC)
+                    da1 = mm(dz, tl.trans(w2), LOWP_BWD, DT, PREC)
+                dz1 = act_bwd(z1, a1, da1, pa1, ps1, pb1, ACT)[0]
             else:
                 dz1 = dz
-            gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (CH1, BD)
-            gwkd += gm
-            gwp += gm * q[None, :]
-            dq += tl.sum(wp * gm, axis=0)
+            if ACC_T:
+                gm = mm(tl.trans(k), dz1, LOWP_BWD, DT, PREC)  # (BD, CW)
+                gwkd += gm
+                gwp += gm * q[:, None]
+                dq += tl.sum(wp * gm, axis=1)
+            else:
+                gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (CW, BD)
+                gwkd += gm
+                gwp += gm * q[None, :]
+                dq += tl.sum(wp * gm, axis=0)
             # the first tile stores its sum, the next ones add theirs (nothing to zero)
             add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
-        tl.store(dq_ptr + (tl.program_id(2).to(tl.int64) * B * E + r) * D + offs_d, dq,
-                 mask=dm)
-    gw_s = gw_ptr + slot * GW_ROW
+        tl.store(dq_ptr + (c * B * E + r).to(tl.int64) * D + offs_d, dq, mask=dm)
     # A zero the compiler cannot tell (pid < n_prog) in the offsets: otherwise they are the
     # weight loads' offsets above, kept (spilled) across the loops to be reused here.
-    zero = pid // (n_prog + 1)
-    offs_h1 = offs_h1 + zero
-    store_mat(gw_s, gwkd, offs_h1, offs_d, H1, D, False)
-    store_mat(gw_s + o_wp, gwp, offs_h1, offs_d, H1, D, False)
-    if LAYERS >= 2:
-        store_mat(gw_s + o_w2, gw2t, offs_h1, offs_h2, H2, H1, True)
+    offs_u = tl.arange(0, CW) + pid // (n_prog + 1)
+    if ACC_T:
+        store_mat(gw_s, gwkd, offs_d, offs_u, n_c, D, True)
+        store_mat(gw_s + n_c * D, gwp, offs_d, offs_u, n_c, D, True)
+        if LAYERS >= 2:
+            store_mat(gw_s + 2 * n_c * D, gw2, offs_h2, offs_u, n_c, H2, True)
+    else:
+        store_mat(gw_s, gwkd, offs_u, offs_d, n_c, D, False)
+        store_mat(gw_s + n_c * D, gwp, offs_u, offs_d, n_c, D, False)
+        if LAYERS >= 2:
+            store_mat(gw_s + 2 * n_c * D, gw2, offs_u, offs_h2, n_c, H2, False)
