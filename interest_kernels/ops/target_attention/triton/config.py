@@ -62,11 +62,17 @@ DOT_FLOPS_PER_L2_BYTE = {"16-bit": 99, "tf32": 49, "ieee": 7}
 # 16384 elements (units (80, 40), D = 64) took 224 KB in float32 and 192 KB in float16,
 # 24576 took 352 KB in float32, 288 KB in float16 and 120 KB in bfloat16
 # (bench/results/target_attention_triton.md); the split backward takes 128 / 112 KB at
-# 16384 (sm90_target_attention.md). Re-measured for it (sm90_target_attention_spills.md,
-# "width limits"): D 128 with units (80, 40) fits shared memory (208 KB float32) but every
-# kernel spills more than the admitted configurations at its dtype (float32 backward
-# 1092 B against 788 B), and units (200, 80) need 512 / 416 KB (float32 / float16), so the
-# limits stand.
+# 16384 (sm90_target_attention.md). Rule for widening: admit a configuration at a dtype
+# when every kernel fits 227 KB of shared memory and spills (stores and loads, per kernel
+# and activation form) no more than the worst admitted configuration at that dtype.
+# Re-measured after the data-gradient kernel took layer 1 in UNIT_CHUNK chunks
+# (sm90_target_attention_spills.md, "Round 5c"): D 128 with units (80, 40) fits shared
+# memory (at most 176 KB float32) and its weight-gradient kernel is within the admitted
+# worst, but in float32 and float16 its forward (which still holds layer 1 padded to 128
+# units: sigmoid 372 B float32, 104 B float16, against 180 B and 0 B admitted), its Dice
+# statistics kernel and its data-gradient kernel (float32 sigmoid 680/740 B against
+# 532/584 B; H_2 = 40 is not a multiple of 16: 444 B with H_2 = 48) spill more, and
+# units (200, 80) need 512 / 416 KB (float32 / float16), so the limits stand.
 MAX_DIM = 128
 MAX_UNITS = 128
 MAX_WEIGHT_ELEMENTS = {torch.float32: 16384, torch.float16: 16384, torch.bfloat16: 32768}
