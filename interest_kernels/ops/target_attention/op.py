@@ -70,8 +70,9 @@ def _triton_why_not(device: torch.device, **facts) -> Optional[str]:
 @OP.register(
     "triton",
     why_not=_triton_why_not,
-    limits="float32/float16/bfloat16 inputs, 1 to 3 hidden layers; on CUDA D <= 256 and at "
-    "most 512 units in the second layer",
+    limits="float32/float16/bfloat16 inputs, 1 to 3 hidden layers of at most 128 units, D <= "
+    "128, at most 16384 weight-matrix elements with every width padded to a power of two "
+    "(32768 in bfloat16): the weights stay on chip (triton/config.py)",
 )
 def _triton(**kw):
     from .triton import target_attention_triton  # lazy: triton is imported only when used
