@@ -103,6 +103,19 @@ def _add_layer_grads(pb, pa, pw, offs, n, gb, ga, gs, gbb, gw, HAS_B: tl.constex
 
 
 @triton.jit
+def _attention_weight_grad(k, dout_row, dsc_row, offs_d, offs_t, valid, D, t0, T,
+                           HAS_DSC: tl.constexpr):
+    """da (BLOCK_T,): the upstream gradient of each position's attention weight, the
+    key's dot with dout (plus the score's own upstream gradient; a padded score's is
+    never read)."""
+    dout = tile_vec(dout_row, offs_d, D, t0, T)
+    da = tl.sum(k.to(tl.float32) * dout[None, :], axis=1)
+    if HAS_DSC:
+        da += tl.where(valid, load_vec(dsc_row, offs_t, T), 0.0)
+    return da
+
+
+@triton.jit
 def _mt_chunk(w_g, o_wp, q, offs_c, offs_d, H1, D, zero, LOWP: tl.constexpr, DT: tl.constexpr):
     """Columns ``offs_c`` of the row's first-layer matrix M_r^T = (W_kd + W_p diag(q))^T:
     (BD, CH). ``zero`` is a row-dependent 0 (see the row loop) added to the offsets, so
@@ -310,6 +323,12 @@ def attention_bwd_kernel(
                 valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                 kmask = valid[:, None] & dm[None, :]
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            if not STATS and ACT == 3:
+                # PReLU keeps the top layer's z live next to its a (its gradient reads z):
+                # the key tile's registers are freed first (for the other activations
+                # later is better: sm90_target_attention_spills.md, round 5b)
+                da = _attention_weight_grad(k, dout_ptr + r * D, dsc_ptr + r * T, offs_d,
+                                            offs_t, valid, D, t0, T, HAS_DSC)
             # Forward, the first layer in unit chunks, none of them kept: the chain
             # below recomputes each (a (BLOCK_T, 128) float32 tile kept live through
             # the layers above took 64 registers per thread and spilled).
@@ -362,10 +381,9 @@ def attention_bwd_kernel(
                                  ACT)
                     s += tl.sum(a1 * _vec(w_g + o_wo, offs_c1, H1, t0, T)[None, :], axis=1)
             if not STATS:
-                dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)
-                da = tl.sum(k.to(tl.float32) * dout[None, :], axis=1)
-                if HAS_DSC:  # a padded score's upstream gradient is never read either
-                    da += tl.where(valid, load_vec(dsc_ptr + r * T, offs_t, T), 0.0)
+                if ACT != 3:
+                    da = _attention_weight_grad(k, dout_ptr + r * D, dsc_ptr + r * T, offs_d,
+                                                offs_t, valid, D, t0, T, HAS_DSC)
                 if SOFTMAX:
                     p = tl.where(valid, tl.exp(tl.where(valid, s - lse, 0.0)), 0.0)
                     ds = p * (da - delta)
