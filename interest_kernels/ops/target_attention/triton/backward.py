@@ -69,7 +69,8 @@ def _layer_vecs(pv, pa, offs, n, t0, T, HAS_V: tl.constexpr, ACT: tl.constexpr,
                 HAS_ACT: tl.constexpr):
     """A tile's float32 per-unit inputs of a layer as one tile (layers.tile_vecs): (HAS_V)
     the vector at pv (the row's q-term) and (HAS_ACT) the activation parameters at pa
-    (PReLU's slope, Dice's three), zeros where absent."""
+    (PReLU's slope, Dice's three), zeros where absent. The q-term alone is a plain
+    ``tile_vec``: as a tile it took more registers (round 5b of the spills notes)."""
     if HAS_ACT and ACT == 4:
         v, a, s, b = tile_vecs(pv, pa, pa + n, pa + 2 * n, offs, n, t0, T, 14 + HAS_V)
     elif HAS_ACT and ACT == 3:
