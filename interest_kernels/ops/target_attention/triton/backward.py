@@ -18,7 +18,9 @@ no atomics); the per-unit ones (biases, score layer, activation parameters) are 
 in place in that row across the program's tiles, and
 the per-unit inputs (q-term, biases, score weights, activation parameters) are loaded
 per tile: a per-unit vector held in registers across the tile loop costs a quarter of
-its length per thread in the MMA layout. The key gradient of a tile is stored as soon as
+its length per thread in the MMA layout. Both go through tiles of up to four vectors
+(``layers.tile_vecs``, ``add_to_vecs``): a vector loaded alone holds an address per two
+units across the loops. The key gradient of a tile is stored as soon as
 it is known. The deeper layers' weights stay on chip for the whole program; W_kd and W_p
 are read once per row (from L2).
 
@@ -30,8 +32,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec, mm,
-                     store_mat, tile_act_params, tile_vec, valid_positions, weight_offsets)
+from .layers import (act_bwd, act_fwd, add_to_vecs, history_row, load_mat, load_vec, mm,
+                     store_mat, tile_vec, tile_vecs, valid_positions, weight_offsets)
 
 
 @triton.jit
@@ -56,13 +58,62 @@ def _zero_act(ptr, offs, n):
 
 
 @triton.jit
-def _add_act_grads(ptr, ga, gs, gb, offs, n, ACT: tl.constexpr):
-    """Adds a tile's activation-parameter gradients to the partial rows at ``ptr``: Dice's
-    three, PReLU's slope only (its other two rows stay zero)."""
-    add_to_vec(ptr, offs, n, ga)
-    if ACT == 4:
-        add_to_vec(ptr + n, offs, n, gs)
-        add_to_vec(ptr + 2 * n, offs, n, gb)
+def _vec(ptr, offs, n, t0, T):
+    """A per-unit vector loaded per tile as a tile of its own (layers.tile_vecs)."""
+    v, _1, _2, _3 = tile_vecs(ptr, ptr, ptr, ptr, offs, n, t0, T, 1)
+    return v
+
+
+@triton.jit
+def _layer_vecs(pv, pa, offs, n, t0, T, HAS_V: tl.constexpr, ACT: tl.constexpr,
+                HAS_ACT: tl.constexpr):
+    """A tile's float32 per-unit inputs of a layer as one tile (layers.tile_vecs): (HAS_V)
+    the vector at pv (the row's q-term) and (HAS_ACT) the activation parameters at pa
+    (PReLU's slope, Dice's three), zeros where absent. The q-term alone is a plain
+    ``tile_vec``: as a tile it took more registers (round 5b of the spills notes)."""
+    if HAS_ACT and ACT == 4:
+        v, a, s, b = tile_vecs(pv, pa, pa + n, pa + 2 * n, offs, n, t0, T, 14 + HAS_V)
+    elif HAS_ACT and ACT == 3:
+        v, a, s, b = tile_vecs(pv, pa, pa, pa, offs, n, t0, T, 2 + HAS_V)
+    else:
+        if HAS_V:
+            v = tile_vec(pv, offs, n, t0, T)
+        else:
+            v = tl.zeros(offs.shape, tl.float32)
+        a = v
+        s = v
+        b = v
+    return v, a, s, b
+
+
+@triton.jit
+def _add_layer_grads(pb, pa, pw, offs, n, gb, ga, gs, gbb, gw, HAS_B: tl.constexpr,
+                     HAS_W: tl.constexpr, ACT: tl.constexpr, HAS_ACT: tl.constexpr):
+    """Adds a tile's per-unit gradients of a layer to this program's partial rows, in as
+    few tiles as fit (layers.add_to_vecs): (HAS_B) its bias's gb at pb, (HAS_W) the score
+    weights' gw at pw, (HAS_ACT) its activation parameters' at pa (PReLU's slope, ga;
+    Dice's ga, gs, gbb; PReLU's other two rows stay zero)."""
+    if HAS_ACT and ACT == 4:
+        add_to_vecs(pb, pa, pa + n, pa + 2 * n, offs, n, gb, ga, gs, gbb, 14 + HAS_B)
+        if HAS_W:
+            add_to_vecs(pw, pw, pw, pw, offs, n, gw, gw, gw, gw, 1)
+    elif HAS_ACT and ACT == 3:
+        add_to_vecs(pb, pa, pw, pw, offs, n, gb, ga, gw, gw, 2 + HAS_B + 4 * HAS_W)
+    elif HAS_B or HAS_W:
+        add_to_vecs(pb, pw, pw, pw, offs, n, gb, gw, gw, gw, HAS_B + 2 * HAS_W)
+
+
+@triton.jit
+def _attention_weight_grad(k, dout_row, dsc_row, offs_d, offs_t, valid, D, t0, T,
+                           HAS_DSC: tl.constexpr):
+    """da (BLOCK_T,): the upstream gradient of each position's attention weight, the
+    key's dot with dout (plus the score's own upstream gradient; a padded score's is
+    never read)."""
+    dout = tile_vec(dout_row, offs_d, D, t0, T)
+    da = tl.sum(k.to(tl.float32) * dout[None, :], axis=1)
+    if HAS_DSC:
+        da += tl.where(valid, load_vec(dsc_row, offs_t, T), 0.0)
+    return da
 
 
 @triton.jit
@@ -99,14 +150,13 @@ def _weights(ptr, offs_r, offs_c, n_r, n_c, LOWP: tl.constexpr, LOWP_BWD: tl.con
 
 
 @triton.jit
-def _z1_chunk(k, mt, qt_ptr, offs_c, H1, t0, T, AGAIN: tl.constexpr, LOWP: tl.constexpr,
-              DT: tl.constexpr, PREC: tl.constexpr):
+def _z1_chunk(k, mt, qt, AGAIN: tl.constexpr, LOWP: tl.constexpr, DT: tl.constexpr,
+              PREC: tl.constexpr):
     """A unit chunk's first-layer pre-activation z1 = k M_r^T + qt (BLOCK_T, CH). AGAIN
     (the backward's recomputation) adds the q-term as the dot's accumulator, so that the
     compiler does not merge it with the forward's and keep z1 live in between."""
-    qt = tile_vec(qt_ptr, offs_c, H1, t0, T)
     if AGAIN:
-        acc = tl.zeros([k.shape[0], offs_c.shape[0]], tl.float32) + qt[None, :]
+        acc = tl.zeros([k.shape[0], qt.shape[0]], tl.float32) + qt[None, :]
         if LOWP:
             z1 = tl.dot(k.to(DT), mt.to(DT), acc=acc)
         else:
@@ -128,25 +178,24 @@ def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
     statistics' gradient; dz1 is then stored for the weight-gradient kernel. Adds the
     chunk's per-unit gradients (activation parameters, and with one layer the score
     layer's) to this program's partial rows."""
-    z1 = _z1_chunk(k, mt, qt_ptr, offs_c, H1, t0, T, True, LOWP, DT, PREC)
-    pa, ps, pb = tile_act_params(a_g, offs_c, H1, t0, T, ACT_LAYERS >= 1)
+    qt, pa, ps, pb = _layer_vecs(qt_ptr, a_g, offs_c, H1, t0, T, True, ACT, ACT_LAYERS >= 1)
+    z1 = _z1_chunk(k, mt, qt, True, LOWP, DT, PREC)
     if LAYERS >= 2:
         a1 = act_fwd(z1, pa, ps, pb, ACT)
         dz1, x0, x1, x2 = act_bwd(z1, a1, da1, pa, ps, pb, ACT)
-        if ACT_LAYERS >= 1:
-            _add_act_grads(ga_s, x0, x1, x2, offs_c, H1, ACT)
+        _add_layer_grads(ga_s, ga_s, ga_s, offs_c, H1, x0, x0, x1, x2, x0, False, False, ACT,
+                         ACT_LAYERS >= 1)
     else:
         if STATS:
-            gs1 = tile_vec(gst_g, offs_c, H1, t0, T)
-            gs2 = tile_vec(gst_g + H1, offs_c, H1, t0, T)
+            gs1, gs2, _s2, _s3 = tile_vecs(gst_g, gst_g + H1, gst_g, gst_g, offs_c, H1, t0, T, 3)
             dz1 = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * z1, 0.0)
         else:
             a1 = act_fwd(z1, pa, ps, pb, ACT)
-            wo = tile_vec(w_g + o_wo, offs_c, H1, t0, T)
-            add_to_vec(gw_s + o_wo, offs_c, H1, tl.sum(ds[:, None] * a1, axis=0))
+            wo = _vec(w_g + o_wo, offs_c, H1, t0, T)
             dz1, x0, x1, x2 = act_bwd(z1, a1, ds[:, None] * wo[None, :], pa, ps, pb, ACT)
-            if ACT_LAYERS >= 1:
-                _add_act_grads(ga_s, x0, x1, x2, offs_c, H1, ACT)
+            _add_layer_grads(ga_s, ga_s, gw_s + o_wo, offs_c, H1, x0, x0, x1, x2,
+                             tl.sum(ds[:, None] * a1, axis=0), False, True, ACT,
+                             ACT_LAYERS >= 1)
         tl.store(dz_ptr + r.to(tl.int64) * T * H1 + offs_t[:, None] * H1 + offs_c[None, :],
                  dz1, mask=tm[:, None] & (offs_c[None, :] < H1))
     return mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
@@ -275,57 +324,67 @@ def attention_bwd_kernel(
                 valid = valid_positions(offs_t, T, kb, len_ptr, mask_ptr, HAS_LEN, HAS_MASK)
                 kmask = valid[:, None] & dm[None, :]
             k = tl.load(k_base + offs_t[:, None] * D + offs_d[None, :], mask=kmask, other=0.0)
+            if not STATS and ACT == 3:
+                # PReLU keeps the top layer's z live next to its a (its gradient reads z):
+                # the key tile's registers are freed first (for the other activations
+                # later is better: sm90_target_attention_spills.md, round 5b)
+                da = _attention_weight_grad(k, dout_ptr + r * D, dsc_ptr + r * T, offs_d,
+                                            offs_t, valid, D, t0, T, HAS_DSC)
             # Forward, the first layer in unit chunks, none of them kept: the chain
             # below recomputes each (a (BLOCK_T, 128) float32 tile kept live through
             # the layers above took 64 registers per thread and spilled).
             ds = tl.zeros([BLOCK_T], tl.float32)
+            # (per-unit vectors come in tiles of up to four: layers.tile_vecs)
             if LAYERS >= 2:
-                pa1, ps1, pb1 = tile_act_params(a_g, offs_c0, H1, t0, T, ACT_LAYERS >= 1)
-                a1 = act_fwd(_z1_chunk(k, mt0, qt_r, offs_c0, H1, t0, T, False, LOWP, DT,
-                                       PREC), pa1, ps1, pb1, ACT)
-                z2 = mm(a1, w2t0, LOWP, DT, PREC) + tile_vec(w_g + o_b2, offs_h2, H2, t0, T)[None, :]
+                qt, pa1, ps1, pb1 = _layer_vecs(qt_r, a_g, offs_c0, H1, t0, T, True, ACT,
+                                                ACT_LAYERS >= 1)
+                a1 = act_fwd(_z1_chunk(k, mt0, qt, False, LOWP, DT, PREC), pa1, ps1, pb1, ACT)
+                z2 = mm(a1, w2t0, LOWP, DT, PREC) + _vec(w_g + o_b2, offs_h2, H2, t0, T)[None, :]
                 if CH1B > 0:
-                    pa1, ps1, pb1 = tile_act_params(a_g, offs_c1, H1, t0, T, ACT_LAYERS >= 1)
-                    a1 = act_fwd(_z1_chunk(k, mt1, qt_r, offs_c1, H1, t0, T, False, LOWP, DT,
-                                           PREC), pa1, ps1, pb1, ACT)
+                    qt, pa1, ps1, pb1 = _layer_vecs(qt_r, a_g, offs_c1, H1, t0, T, True, ACT,
+                                                    ACT_LAYERS >= 1)
+                    a1 = act_fwd(_z1_chunk(k, mt1, qt, False, LOWP, DT, PREC), pa1, ps1, pb1,
+                                 ACT)
                     z2 += mm(a1, w2t1, LOWP, DT, PREC)
-                pa2, ps2, pb2 = tile_act_params(a_g + 3 * H1, offs_h2, H2, t0, T,
-                                                ACT_LAYERS >= 2)
+                _v, pa2, ps2, pb2 = _layer_vecs(a_g, a_g + 3 * H1, offs_h2, H2, t0, T, False,
+                                                ACT, ACT_LAYERS >= 2)
                 if LAYERS >= 3:
                     a2 = act_fwd(z2, pa2, ps2, pb2, ACT)
-                    z3 = (mm(a2, w3t, LOWP, DT, PREC)
-                          + tile_vec(w_g + o_b3, offs_h3, H3, t0, T)[None, :])
+                    z3 = mm(a2, w3t, LOWP, DT, PREC) + _vec(w_g + o_b3, offs_h3, H3, t0, T)[None, :]
+                    _v, pat, pst, pbt = _layer_vecs(a_g, a_g + 3 * (H1 + H2), offs_h3, H3, t0, T,
+                                                    False, ACT, ACT_LAYERS >= 3)
                     zt = z3
-                    pat, pst, pbt = tile_act_params(a_g + 3 * (H1 + H2), offs_h3, H3, t0, T,
-                                                    ACT_LAYERS >= 3)
                     ga_top = ga_s + 3 * (H1 + H2)
                 else:
                     zt = z2
                     pat, pst, pbt = pa2, ps2, pb2
-                    ga_top = ga_s + 3 * H1
                 if STATS:
-                    gs1 = tile_vec(gst_g, offs_top, HT, t0, T)
-                    gs2 = tile_vec(gst_g + HT, offs_top, HT, t0, T)
+                    gs1, gs2, _s2, _s3 = tile_vecs(gst_g, gst_g + HT, gst_g, gst_g, offs_top, HT,
+                                                   t0, T, 3)
                     dtop = tl.where(tm[:, None], gs1[None, :] + 2.0 * gs2[None, :] * zt, 0.0)
+                    gwo = tl.zeros(offs_top.shape, tl.float32)  # no score layer, no
+                    x0 = gwo  # activation at the top: no gradients of theirs
+                    x1 = gwo
+                    x2 = gwo
                 else:
                     at = act_fwd(zt, pat, pst, pbt, ACT)
-                    wo = tile_vec(w_g + o_wo, offs_top, HT, t0, T)
+                    wo = _vec(w_g + o_wo, offs_top, HT, t0, T)
                     s = tl.sum(at * wo[None, :], axis=1) + bo
             elif not STATS:  # one layer: the score from the first layer's chunks
-                pa1, ps1, pb1 = tile_act_params(a_g, offs_c0, H1, t0, T, ACT_LAYERS >= 1)
-                a1 = act_fwd(_z1_chunk(k, mt0, qt_r, offs_c0, H1, t0, T, False, LOWP, DT,
-                                       PREC), pa1, ps1, pb1, ACT)
-                s = tl.sum(a1 * tile_vec(w_g + o_wo, offs_c0, H1, t0, T)[None, :], axis=1) + bo
+                qt, pa1, ps1, pb1 = _layer_vecs(qt_r, a_g, offs_c0, H1, t0, T, True, ACT,
+                                                ACT_LAYERS >= 1)
+                a1 = act_fwd(_z1_chunk(k, mt0, qt, False, LOWP, DT, PREC), pa1, ps1, pb1, ACT)
+                s = tl.sum(a1 * _vec(w_g + o_wo, offs_c0, H1, t0, T)[None, :], axis=1) + bo
                 if CH1B > 0:
-                    pa1, ps1, pb1 = tile_act_params(a_g, offs_c1, H1, t0, T, ACT_LAYERS >= 1)
-                    a1 = act_fwd(_z1_chunk(k, mt1, qt_r, offs_c1, H1, t0, T, False, LOWP, DT,
-                                           PREC), pa1, ps1, pb1, ACT)
-                    s += tl.sum(a1 * tile_vec(w_g + o_wo, offs_c1, H1, t0, T)[None, :], axis=1)
+                    qt, pa1, ps1, pb1 = _layer_vecs(qt_r, a_g, offs_c1, H1, t0, T, True, ACT,
+                                                    ACT_LAYERS >= 1)
+                    a1 = act_fwd(_z1_chunk(k, mt1, qt, False, LOWP, DT, PREC), pa1, ps1, pb1,
+                                 ACT)
+                    s += tl.sum(a1 * _vec(w_g + o_wo, offs_c1, H1, t0, T)[None, :], axis=1)
             if not STATS:
-                dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)
-                da = tl.sum(k.to(tl.float32) * dout[None, :], axis=1)
-                if HAS_DSC:  # a padded score's upstream gradient is never read either
-                    da += tl.where(valid, load_vec(dsc_ptr + r * T, offs_t, T), 0.0)
+                if ACT != 3:
+                    da = _attention_weight_grad(k, dout_ptr + r * D, dsc_ptr + r * T, offs_d,
+                                                offs_t, valid, D, t0, T, HAS_DSC)
                 if SOFTMAX:
                     p = tl.where(valid, tl.exp(tl.where(valid, s - lse, 0.0)), 0.0)
                     ds = p * (da - delta)
@@ -334,30 +393,32 @@ def attention_bwd_kernel(
                     ds = tl.where(valid, da, 0.0)
                 gbo += tl.sum(ds, axis=0)
                 if LAYERS >= 2:
-                    add_to_vec(gw_s + o_wo, offs_top, HT, tl.sum(ds[:, None] * at, axis=0))
+                    gwo = tl.sum(ds[:, None] * at, axis=0)
                     dtop, x0, x1, x2 = act_bwd(zt, at, ds[:, None] * wo[None, :], pat, pst,
                                                pbt, ACT)
-                    if ACT_LAYERS >= LAYERS:
-                        _add_act_grads(ga_top, x0, x1, x2, offs_top, HT, ACT)
             # Backward below the top; a layer's activation parameters are loaded again and
             # a = act(z) recomputed where the activation reads z (PReLU, Dice).
             if LAYERS == 3:
                 dz3 = dtop
-                pa2, ps2, pb2 = tile_act_params(a_g + 3 * H1, offs_h2, H2, t0, T,
-                                                ACT_LAYERS >= 2)
+                _add_layer_grads(gw_s + o_b3, ga_top, gw_s + o_wo, offs_h3, H3,
+                                 tl.sum(dz3, axis=0), x0, x1, x2, gwo, True, not STATS, ACT,
+                                 ACT_LAYERS >= 3)
+                _v, pa2, ps2, pb2 = _layer_vecs(a_g, a_g + 3 * H1, offs_h2, H2, t0, T, False,
+                                                ACT, ACT_LAYERS >= 2)
                 a2 = _act_again(z2, a2, pa2, ps2, pb2, ACT)
                 gw3t += mm(tl.trans(a2), dz3, LOWP_BWD, DT, PREC)
-                add_to_vec(gw_s + o_b3, offs_h3, H3, tl.sum(dz3, axis=0))
                 dz2, x0, x1, x2 = act_bwd(z2, a2, mm(dz3, w3, LOWP_BWD, DT, PREC),
                                           pa2, ps2, pb2, ACT)
-                if ACT_LAYERS >= 2:
-                    _add_act_grads(ga_s + 3 * H1, x0, x1, x2, offs_h2, H2, ACT)
+                gwo = x0  # (a stand-in of layer 2's width: the score layer is layer 3)
             elif LAYERS == 2:
                 dz2 = dtop
             if LAYERS >= 2:
                 tl.store(dz_ptr + r.to(tl.int64) * T * H2 + offs_t[:, None] * H2
                          + offs_h2[None, :], dz2, mask=tm[:, None] & (offs_h2[None, :] < H2))
-                add_to_vec(gw_s + o_b2, offs_h2, H2, tl.sum(dz2, axis=0))
+                # layer 2's per-unit gradients (with two layers, the score layer's too)
+                _add_layer_grads(gw_s + o_b2, ga_s + 3 * H1, gw_s + o_wo, offs_h2, H2,
+                                 tl.sum(dz2, axis=0), x0, x1, x2, gwo, True,
+                                 LAYERS == 2 and not STATS, ACT, ACT_LAYERS >= 2)
             # the first layer, chunk by chunk, recomputed: its part of the key gradient
             # (both chunks' upstream gradients first, so that dz2 need not stay live)
             da1_0 = ds  # (unused with one layer)

@@ -93,6 +93,55 @@ def add_to_vec(ptr, offs, n, x, ADD=True):
 
 
 @triton.jit
+def _vecs_tile(p0, p1, p2, p3, offs, n, USE: tl.constexpr):
+    """Addresses and mask of the (H,) vectors at p0..p3 as one (H, 2, 2) tile: vector
+    2 i + j at [:, i, j], present where bit 2 i + j of USE is set. An absent vector's
+    slot gets an address of its own (never read): with equal slot addresses the compiler
+    takes the tile for one vector and lays it out as such (two units per thread),
+    which spills more (sm90_target_attention_spills.md, round 5b)."""
+    if (USE & 1) == 0:
+        p0 = p1 + 3 * n
+    if (USE & 2) == 0:
+        p1 = p0 + n
+    if (USE & 4) == 0:
+        p2 = p0 + 2 * n
+    if (USE & 8) == 0:
+        p3 = p0 + 3 * n
+    i = tl.arange(0, 2)[None, :, None]
+    j = tl.arange(0, 2)[None, None, :]
+    ptrs = tl.where(i == 0, tl.where(j == 0, p0, p1), tl.where(j == 0, p2, p3))
+    return ptrs + offs[:, None, None], ((USE >> (2 * i + j)) & 1) != 0
+
+
+@triton.jit
+def tile_vecs(p0, p1, p2, p3, offs, n, t0, T, USE: tl.constexpr):
+    """Up to four (H,) vectors at p0..p3 (those named by the bits of USE; the others
+    come back as zeros), loaded per tile (as ``tile_vec``) as one (H, 2, 2) tile.
+
+    Loaded alone, a vector takes the layout of its use, the column slice of an MMA tile,
+    with a 64-bit address per two columns (eight for 64 units) that the compiler computes
+    once and holds across the loops; a load of at least as many elements as the program
+    has threads keeps a layout of its own, two addresses per thread here."""
+    ptrs, use = _vecs_tile(p0, p1, p2, p3, offs, n, USE)
+    o = offs[:, None, None]
+    x = tl.load(ptrs, mask=use & (o < n) & (o * 0 + t0 < T), other=0.0)
+    x02, x13 = tl.split(x.to(tl.float32))
+    v0, v2 = tl.split(x02)
+    v1, v3 = tl.split(x13)
+    return v0, v1, v2, v3
+
+
+@triton.jit
+def add_to_vecs(p0, p1, p2, p3, offs, n, x0, x1, x2, x3, USE: tl.constexpr):
+    """``add_to_vec`` of those of x0..x3 named by the bits of USE to p0..p3, as one
+    (H, 2, 2) tile (see ``tile_vecs``)."""
+    ptrs, use = _vecs_tile(p0, p1, p2, p3, offs, n, USE)
+    m = use & (offs[:, None, None] < n)
+    x = tl.join(tl.join(x0, x2), tl.join(x1, x3))
+    tl.store(ptrs, tl.load(ptrs, mask=m, other=0.0) + x, mask=m)
+
+
+@triton.jit
 def tile_act_params(ptr, offs, n, t0, T, LOAD: tl.constexpr):
     """``act_params`` loaded per tile (see ``tile_vec``)."""
     if LOAD:
