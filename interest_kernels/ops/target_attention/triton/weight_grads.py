@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec, mm,
-                     store_mat, tile_act_params, tile_vec, valid_positions, weight_offsets)
+                     store_mat, tile_act_params, tile_vec, tile_vecs, valid_positions,
+                     weight_offsets)
 
 
 @triton.jit(do_not_specialize=["B", "T", "N", "P0"])
@@ -79,6 +80,25 @@ def first_layer_grad_kernel(
                     1, CH1, pid - P0, p1, e, H1 - CH1, B, T, N, E, D, H1, H2, H3, LAYERS,
                     PACK_LAYERS, ACT, ACT_LAYERS, HAS_KIDX, HAS_LEN, HAS_MASK, STATS, BLOCK_T,
                     BD, CH1B, BH2, LOWP, LOWP_BWD, PREC, CH1B < BLOCK_T)
+
+
+@triton.jit
+def _layer1_vecs(pq, pa, offs, n, t0, T, ACT: tl.constexpr, HAS_ACT: tl.constexpr,
+                 LOWP_BWD: tl.constexpr):
+    """A tile's first-layer per-unit inputs (the row's q-term at pq, the activation
+    parameters at pa, zeros where absent), loaded per tile (``layers.tile_vec``), as one
+    (H, 2, 2) tile (``layers.tile_vecs``) where that measured fewer sm_90 spills: PReLU
+    (q-term and slope) with float32 gradient dots (float32, float16 inputs), the q-term
+    alone with 16-bit ones (bfloat16); else as plain vectors (sigmoid float32 / float16
+    and Dice spilled more as tiles; sm90_target_attention_spills.md, round 5e)."""
+    if HAS_ACT and ACT == 3 and not LOWP_BWD:
+        v, a, s, b = tile_vecs(pq, pa, pa, pa, offs, n, t0, T, 3)
+    elif not HAS_ACT and LOWP_BWD:
+        v, a, s, b = tile_vecs(pq, pq, pq, pq, offs, n, t0, T, 1)
+    else:
+        v = tile_vec(pq, offs, n, t0, T)
+        a, s, b = tile_act_params(pa, offs, n, t0, T, HAS_ACT)
+    return v, a, s, b
 
 
 @triton.jit
@@ -162,8 +182,8 @@ def chunk_grads(
                 dz = tl.load(dz_base + offs_t[:, None] * HZ + offs_z[None, :],
                              mask=tm[:, None] & (offs_z[None, :] < HZ), other=0.0)
             if LAYERS >= 2:
-                qt = tile_vec(qt_ptr + r * H1, offs_h1, H1, t0, T)
-                pa1, ps1, pb1 = tile_act_params(a_g, offs_h1, H1, t0, T, ACT_LAYERS >= 1)
+                qt, pa1, ps1, pb1 = _layer1_vecs(qt_ptr + r * H1, a_g, offs_h1, H1, t0, T, ACT,
+                                                 ACT_LAYERS >= 1, LOWP_BWD)
                 if ACC_T:
                     z1 = (mm(k, wkd, LOWP, DT, PREC)
                           + mm(k.to(tl.float32) * q[None, :], wp_fwd, LOWP, DT, PREC)
