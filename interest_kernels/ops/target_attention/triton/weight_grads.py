@@ -214,7 +214,13 @@ def chunk_grads(
             else:
                 gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (CW, BD)
                 gwkd += gm
-                gwp += gm * q[None, :]
+                if LOWP and not LOWP_BWD and ACT_LAYERS == 0:
+                    gwp += gm * q[None, :]
+                else:
+                    # q again, per tile, in gm's layout: fewer sm_90 spills than the row's
+                    # copy held (all forms but float16 without activation parameters;
+                    # round 5e of sm90_target_attention_spills.md)
+                    gwp += gm * tile_vec(q_ptr + r * D, offs_d, D, t0, T)[None, :]
                 dq += tl.sum(wp * gm, axis=0)
             # the first tile stores its sum, the next ones add theirs (nothing to zero)
             add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
