@@ -102,6 +102,18 @@ def _layer1_vecs(pq, pa, offs, n, t0, T, ACT: tl.constexpr, HAS_ACT: tl.constexp
 
 
 @triton.jit
+def _query(q, ptr, offs, n, t0, T, AGAIN: tl.constexpr):
+    """The row's query q (loaded once per row), or (AGAIN) the same vector loaded again
+    for this tile at ptr (``layers.tile_vec``: an L1 hit, in the layout of its use). The
+    chunk-0 path takes it again where that measured fewer sm_90 spills: in the forward's
+    k q for float32 inputs and Dice, in W_p's gradient in every form but float16 without
+    activation parameters (sm90_target_attention_spills.md, round 5e)."""
+    if AGAIN:
+        q = tile_vec(ptr, offs, n, t0, T)
+    return q
+
+
+@triton.jit
 def chunk_grads(
     qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_g, a_g, dz_ptr, dq_ptr, dqt_ptr,
     gw_s, c, u0, pid, n_prog, e, n_c, B, T, N, E, D, H1, H2, H3,
@@ -190,7 +202,9 @@ def chunk_grads(
                           + qt[None, :])
                 else:
                     z1 = (mm(k, tl.trans(wkd), LOWP, DT, PREC)
-                          + mm(k.to(tl.float32) * q[None, :], tl.trans(wp_fwd), LOWP, DT, PREC)
+                          + mm(k.to(tl.float32) * _query(q, q_ptr + r * D, offs_d, D, t0, T,
+                                                         not LOWP or ACT == 4)[None, :],
+                               tl.trans(wp_fwd), LOWP, DT, PREC)
                           + qt[None, :])
                 a1 = act_fwd(z1, pa1, ps1, pb1, ACT)
             if not LOWP:
@@ -214,13 +228,8 @@ def chunk_grads(
             else:
                 gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (CW, BD)
                 gwkd += gm
-                if LOWP and not LOWP_BWD and ACT_LAYERS == 0:
-                    gwp += gm * q[None, :]
-                else:
-                    # q again, per tile, in gm's layout: fewer sm_90 spills than the row's
-                    # copy held (all forms but float16 without activation parameters;
-                    # round 5e of sm90_target_attention_spills.md)
-                    gwp += gm * tile_vec(q_ptr + r * D, offs_d, D, t0, T)[None, :]
+                gwp += gm * _query(q, q_ptr + r * D, offs_d, D, t0, T,
+                                   not (LOWP and not LOWP_BWD and ACT_LAYERS == 0))[None, :]
                 dq += tl.sum(wp * gm, axis=0)
             # the first tile stores its sum, the next ones add theirs (nothing to zero)
             add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
