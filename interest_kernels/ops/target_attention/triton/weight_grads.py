@@ -169,12 +169,18 @@ def chunk_grads(
         gwkd = tl.zeros([CW, BD], tl.float32)
         gwp = tl.zeros([CW, BD], tl.float32)
         gw2 = tl.zeros([CW, BH2], tl.float32)
+    # the chunk-0 path's uses of q that load it again per tile (``_query``)
+    Q_FWD: tl.constexpr = not LOWP or ACT == 4
+    Q_GRAD: tl.constexpr = not (LOWP and not LOWP_BWD and ACT_LAYERS == 0)
     for b in range(pid, B, n_prog):
         r = b * E + e
         kb = history_row(kidx_ptr, b, N, HAS_KIDX)
         k_base = k_ptr + (kb * E + e) * T * D
         dz_base = dz_ptr + r.to(tl.int64) * T * HZ
-        q = load_vec(q_ptr + r * D, offs_d, D)
+        if ACC_T or (LAYERS >= 2 and not Q_FWD) or not Q_GRAD:
+            q = load_vec(q_ptr + r * D, offs_d, D)
+        else:  # every use loads it again per tile
+            q = tl.zeros([BD], tl.float32)
         dq = tl.zeros([BD], tl.float32)
         for t0 in range(0, T, BLOCK_T):
             # the previous tile's in-place dqt sums are visible to every thread from here on
@@ -203,7 +209,7 @@ def chunk_grads(
                 else:
                     z1 = (mm(k, tl.trans(wkd), LOWP, DT, PREC)
                           + mm(k.to(tl.float32) * _query(q, q_ptr + r * D, offs_d, D, t0, T,
-                                                         not LOWP or ACT == 4)[None, :],
+                                                         Q_FWD)[None, :],
                                tl.trans(wp_fwd), LOWP, DT, PREC)
                           + qt[None, :])
                 a1 = act_fwd(z1, pa1, ps1, pb1, ACT)
@@ -228,8 +234,7 @@ def chunk_grads(
             else:
                 gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (CW, BD)
                 gwkd += gm
-                gwp += gm * _query(q, q_ptr + r * D, offs_d, D, t0, T,
-                                   not (LOWP and not LOWP_BWD and ACT_LAYERS == 0))[None, :]
+                gwp += gm * _query(q, q_ptr + r * D, offs_d, D, t0, T, Q_GRAD)[None, :]
                 dq += tl.sum(wp * gm, axis=0)
             # the first tile stores its sum, the next ones add theirs (nothing to zero)
             add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
