@@ -33,7 +33,8 @@ import triton
 import triton.language as tl
 
 from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec, mm,
-                     store_mat, tile_act_params, tile_vec, valid_positions, weight_offsets)
+                     store_mat, tile_act_params, tile_vec, tile_vecs, valid_positions,
+                     weight_offsets)
 
 
 @triton.jit(do_not_specialize=["B", "T", "N", "P0"])
@@ -79,6 +80,37 @@ def first_layer_grad_kernel(
                     1, CH1, pid - P0, p1, e, H1 - CH1, B, T, N, E, D, H1, H2, H3, LAYERS,
                     PACK_LAYERS, ACT, ACT_LAYERS, HAS_KIDX, HAS_LEN, HAS_MASK, STATS, BLOCK_T,
                     BD, CH1B, BH2, LOWP, LOWP_BWD, PREC, CH1B < BLOCK_T)
+
+
+@triton.jit
+def _layer1_vecs(pq, pa, offs, n, t0, T, ACT: tl.constexpr, HAS_ACT: tl.constexpr,
+                 LOWP_BWD: tl.constexpr):
+    """A tile's first-layer per-unit inputs (the row's q-term at pq, the activation
+    parameters at pa, zeros where absent), loaded per tile (``layers.tile_vec``), as one
+    (H, 2, 2) tile (``layers.tile_vecs``) where that measured fewer sm_90 spills: PReLU
+    (q-term and slope) with float32 gradient dots (float32, float16 inputs), the q-term
+    alone with 16-bit ones (bfloat16); else as plain vectors (sigmoid float32 / float16
+    and Dice spilled more as tiles; sm90_target_attention_spills.md, round 5e)."""
+    if HAS_ACT and ACT == 3 and not LOWP_BWD:
+        v, a, s, b = tile_vecs(pq, pa, pa, pa, offs, n, t0, T, 3)
+    elif not HAS_ACT and LOWP_BWD:
+        v, a, s, b = tile_vecs(pq, pq, pq, pq, offs, n, t0, T, 1)
+    else:
+        v = tile_vec(pq, offs, n, t0, T)
+        a, s, b = tile_act_params(pa, offs, n, t0, T, HAS_ACT)
+    return v, a, s, b
+
+
+@triton.jit
+def _query(q, ptr, offs, n, t0, T, AGAIN: tl.constexpr):
+    """The row's query q (loaded once per row), or (AGAIN) the same vector loaded again
+    for this tile at ptr (``layers.tile_vec``: an L1 hit, in the layout of its use). The
+    chunk-0 path takes it again where that measured fewer sm_90 spills: in the forward's
+    k q for float32 inputs and Dice, in W_p's gradient in every form but float16 without
+    activation parameters (sm90_target_attention_spills.md, round 5e)."""
+    if AGAIN:
+        q = tile_vec(ptr, offs, n, t0, T)
+    return q
 
 
 @triton.jit
@@ -137,12 +169,18 @@ def chunk_grads(
         gwkd = tl.zeros([CW, BD], tl.float32)
         gwp = tl.zeros([CW, BD], tl.float32)
         gw2 = tl.zeros([CW, BH2], tl.float32)
+    # the chunk-0 path's uses of q that load it again per tile (``_query``)
+    Q_FWD: tl.constexpr = not LOWP or ACT == 4
+    Q_GRAD: tl.constexpr = not (LOWP and not LOWP_BWD and ACT_LAYERS == 0)
     for b in range(pid, B, n_prog):
         r = b * E + e
         kb = history_row(kidx_ptr, b, N, HAS_KIDX)
         k_base = k_ptr + (kb * E + e) * T * D
         dz_base = dz_ptr + r.to(tl.int64) * T * HZ
-        q = load_vec(q_ptr + r * D, offs_d, D)
+        if ACC_T or (LAYERS >= 2 and not Q_FWD) or not Q_GRAD:
+            q = load_vec(q_ptr + r * D, offs_d, D)
+        else:  # every use loads it again per tile
+            q = tl.zeros([BD], tl.float32)
         dq = tl.zeros([BD], tl.float32)
         for t0 in range(0, T, BLOCK_T):
             # the previous tile's in-place dqt sums are visible to every thread from here on
@@ -162,15 +200,17 @@ def chunk_grads(
                 dz = tl.load(dz_base + offs_t[:, None] * HZ + offs_z[None, :],
                              mask=tm[:, None] & (offs_z[None, :] < HZ), other=0.0)
             if LAYERS >= 2:
-                qt = tile_vec(qt_ptr + r * H1, offs_h1, H1, t0, T)
-                pa1, ps1, pb1 = tile_act_params(a_g, offs_h1, H1, t0, T, ACT_LAYERS >= 1)
+                qt, pa1, ps1, pb1 = _layer1_vecs(qt_ptr + r * H1, a_g, offs_h1, H1, t0, T, ACT,
+                                                 ACT_LAYERS >= 1, LOWP_BWD)
                 if ACC_T:
                     z1 = (mm(k, wkd, LOWP, DT, PREC)
                           + mm(k.to(tl.float32) * q[None, :], wp_fwd, LOWP, DT, PREC)
                           + qt[None, :])
                 else:
                     z1 = (mm(k, tl.trans(wkd), LOWP, DT, PREC)
-                          + mm(k.to(tl.float32) * q[None, :], tl.trans(wp_fwd), LOWP, DT, PREC)
+                          + mm(k.to(tl.float32) * _query(q, q_ptr + r * D, offs_d, D, t0, T,
+                                                         Q_FWD)[None, :],
+                               tl.trans(wp_fwd), LOWP, DT, PREC)
                           + qt[None, :])
                 a1 = act_fwd(z1, pa1, ps1, pb1, ACT)
             if not LOWP:
@@ -194,7 +234,7 @@ def chunk_grads(
             else:
                 gm = mm(tl.trans(dz1), k, LOWP_BWD, DT, PREC)  # (CW, BD)
                 gwkd += gm
-                gwp += gm * q[None, :]
+                gwp += gm * _query(q, q_ptr + r * D, offs_d, D, t0, T, Q_GRAD)[None, :]
                 dq += tl.sum(wp * gm, axis=0)
             # the first tile stores its sum, the next ones add theirs (nothing to zero)
             add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
