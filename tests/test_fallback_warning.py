@@ -22,7 +22,7 @@ def _forget_warnings():
 
 
 def _op(name="toy_fallback"):
-    """A fast backend that declines wide calls, like Triton declining D > 256 on CUDA."""
+    """A fast backend that declines wide calls, like the Triton kernels declining a wide D."""
     op = Op(name, preference={"cpu": ("triton", "reference")})
     op.register("reference")(lambda: "reference")
     op.register("triton", why_not=lambda dim, **_: f"D = {dim} > 256" if dim > 256 else None,
@@ -57,7 +57,7 @@ def test_forced_backend_and_accepted_calls_do_not_warn():
 def test_info_lists_the_limits():
     text = report()
     assert "limits:" in text
-    assert "target_attention / triton:" in text and "D <= 256" in text
+    assert "target_attention / triton:" in text and "D <= 128" in text
     assert "mba_update / cpu:" in text
 
 
