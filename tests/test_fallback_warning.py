@@ -57,7 +57,11 @@ def test_forced_backend_and_accepted_calls_do_not_warn():
 def test_info_lists_the_limits():
     text = report()
     assert "limits:" in text
-    assert "target_attention / triton:" in text and "D <= 128" in text
+    from interest_kernels.ops.target_attention.triton import config
+
+    assert "target_attention / triton:" in text and f"D <= {config.MAX_DIM}" in text
+    assert f"at most {config.MAX_UNITS} units" in text
+    assert all(str(n) in text for n in config.MAX_WEIGHT_ELEMENTS.values())
     assert "mba_update / cpu:" in text
 
 

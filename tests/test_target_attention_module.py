@@ -194,19 +194,26 @@ def test_compile_fullgraph(backend):
 def test_compile_dynamic_shapes(backend):
     """``dynamic=True`` makes D symbolic too: the backend choice specialises on it (once),
     while a new batch size and history length reuse the graph."""
-    torch._dynamo.reset()
-    mod = TargetAttention(4, (8, 6), return_scores=True)
-    _randomize(mod, 0.3)
     from torch._dynamo.testing import CompileCounterWithBackend
 
+    torch._dynamo.reset()
+    mod = TargetAttention(4, (80, 40), return_scores=True)  # two first-layer unit chunks
+    _randomize(mod, 0.3)
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(mod, fullgraph=True, dynamic=True, backend=counter)
     with use_backend(backend):
         for batch, seq in ((3, 5), (6, 9)):
-            q, k = torch.randn(batch, 4), torch.randn(batch, seq, 4)
+            q, k = torch.randn(batch, 4), torch.randn(batch, seq, 4, requires_grad=True)
             lengths = torch.randint(0, seq + 1, (batch,))
-            for x, y in zip(compiled(q, k, lengths=lengths), mod(q, k, lengths=lengths)):
-                torch.testing.assert_close(x, y)
+            results = []
+            for fn in (compiled, mod):
+                mod.zero_grad(set_to_none=True)
+                k.grad = None
+                out, scores = fn(q, k, lengths=lengths)
+                (out.square().sum() + scores.sum()).backward()
+                results.append([out, scores, k.grad] + [p.grad for p in mod.parameters()])
+            for x, y in zip(*results):
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
     assert counter.frame_count == 1
 
 

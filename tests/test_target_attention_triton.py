@@ -272,6 +272,12 @@ TAIL_CHUNK_CASES = {
     "tail-8-of-72-one-layer-B1": dict(units=(72,), dim=8, batch=1, seq_len=5, valid="none"),
     "tail-per-head-shared-history": dict(units=(72, 8), heads=2, per_head=True, rows=2,
                                          batch=3, dim=8, seq_len=5),
+    "tail-shared-mlp-3-heads-mask": dict(units=(72, 8), heads=3, batch=3, dim=8, seq_len=5,
+                                         valid="mask"),
+    "tail-dice-train": dict(units=(80, 40), activation="dice", dice_training=True, dim=8,
+                            batch=4, seq_len=6),
+    "tail-three-layers-prelu": dict(units=(80, 24, 8), activation="prelu", dim=8, batch=3,
+                                    seq_len=5),
 }
 
 
@@ -282,14 +288,15 @@ def test_tail_unit_chunk(case, device):
                             inp, grad=grad_names(inp))
 
 
-def test_unit_chunk_program_counts():
+def test_unit_chunk_program_counts(monkeypatch):
     """The weight-gradient kernel's grid: at the benchmark (B 256, 80 = 64 + 16 units) the
     tail chunk takes 32 programs of 8 rows beside chunk 0's 64 of 4 (bfloat16, whose
     gradient dots are 16-bit too and so cheaper next to the reads: 37 of 7); for any batch each
     chunk has 1 to B programs and the tail's busiest program costs no more than chunk
     0's (``_chunk_row_cost`` per row); one chunk gets the whole grid."""
-    from interest_kernels.ops.target_attention.triton import ops
+    from interest_kernels.ops.target_attention.triton import config, ops
 
+    monkeypatch.delenv(config.FP32_DOTS_ENV, raising=False)  # the counts below are TF32's
     cpu = torch.device("cpu")
     for dtype, tail in ((torch.float32, 32), (torch.float16, 32), (torch.bfloat16, 37)):
         keys = torch.empty(1, 1, 64, dtype=dtype)
@@ -311,7 +318,10 @@ def test_unit_chunk_program_counts():
     env = ShapeEnv()
     batch = env.create_unspecified_symint_and_symbol(256, ConstantSource("batch"),
                                                      DimDynamic.DYNAMIC)
-    progs = ops._chunk_programs(batch, 1, cpu, [80, 40], 2, 64, dtype, flags)
+    bf16 = torch.bfloat16
+    flags = ops._flags(torch.empty(1, 1, 64, dtype=bf16), None, torch.empty(1, 1), (80, 40),
+                       "sigmoid")
+    progs = ops._chunk_programs(batch, 1, cpu, [80, 40], 2, 64, bf16, flags)
     assert env.guards == []
     assert [int(p.node.expr.subs(batch.node.expr, 256)) for p in progs] == [64, 37]
 

@@ -19,8 +19,9 @@ in place in that row across the program's tiles, and
 the per-unit inputs (q-term, biases, score weights, activation parameters) are loaded
 per tile: a per-unit vector held in registers across the tile loop costs a quarter of
 its length per thread in the MMA layout. Both go through tiles of up to four vectors
-(``layers.tile_vecs``, ``add_to_vecs``): a vector loaded alone holds an address per two
-units across the loops. The key gradient of a tile is stored as soon as
+(``layers.tile_vecs``, ``add_to_vecs``) where a layer has more than one (a vector loaded
+alone holds an address per two units across the loops); a lone q-term is a plain
+``tile_vec``. The key gradient of a tile is stored as soon as
 it is known. The deeper layers' weights stay on chip for the whole program; W_kd and W_p
 are read once per row (from L2).
 
@@ -80,9 +81,9 @@ def _layer_vecs(pv, pa, offs, n, t0, T, HAS_V: tl.constexpr, ACT: tl.constexpr,
             v = tile_vec(pv, offs, n, t0, T)
         else:
             v = tl.zeros(offs.shape, tl.float32)
-        a = v
-        s = v
-        b = v
+        a = tl.zeros(offs.shape, tl.float32)  # no activation parameters
+        s = a
+        b = a
     return v, a, s, b
 
 

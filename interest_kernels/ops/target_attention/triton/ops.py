@@ -288,8 +288,9 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
 
 
 def _first_layer_totals(parts, progs, chunks, heads, groups, dim, units, layers):
-    """The weight-gradient kernel's partials (each chunk c: (heads, programs_c, units_c,
-    [W_kd row D | W_p row D | W_2 column H2]) as blocks, flat) summed over the programs
+    """The weight-gradient kernel's partials (each chunk c: (heads, programs_c, [W_kd
+    (units_c, D) | W_p (units_c, D) | W_2^T (units_c, H2)]), the chunks one after the
+    other in one flat buffer) summed over the programs
     (and the heads of a shared MLP, in one deterministic order) into the start of a
     packed weight row, (G, m_cols): W_kd, W_p (H1, D), W_2 (H2, H1)."""
     blocks = {"wkd": [], "wp": [], "w2t": []}

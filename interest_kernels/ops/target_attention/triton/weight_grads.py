@@ -6,7 +6,7 @@ Kept out of the data-gradient kernel (``backward.py``) because there the three (
 / (H1, H2) float32 accumulators held across the tile loop took most of the registers
 and spilled on sm_90 (bench/results/sm90_target_attention_spills.md). Here a program
 holds them for one chunk of first-layer units: the first ``UNIT_CHUNK`` (CH1) units,
-or the rest (at most ``MAX_UNITS`` = 2 chunks), padded to its own width CH1B (80 units:
+or the rest (``MAX_UNITS`` = 128: at most 2 chunks), padded to its own width CH1B (80 units:
 64 and 16, not 64 and 64 of which 48 masked). The first layer's units are independent
 given dz2, so a chunk recomputes only its own units, ``z1 = k W_kd^T + (k q) W_p^T +
 qt`` with its chunk of W_kd and W_p on chip for the whole program (no per-row M_r,
@@ -16,7 +16,7 @@ diag(q)``'s ``dz1^T k``, split into W_kd's and W_p's (times q); per row, its chu
 part of q's gradient ``sum_t k_t (dz1 W_p)_t = sum_h W_p * (dz1^T k)`` (from the same
 product, so that the key tile need not stay live to the end) and of the q-term's,
 ``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and nothing is recomputed.
-A chunk narrower than a key tile holds its accumulators transposed, (D, units) and (H2,
+The tail chunk, when narrower than a key tile, holds its accumulators transposed, (D, units) and (H2,
 units), so that its gradient dots ``k^T dz1`` and ``dz2^T a1`` have M = D and H2 rather
 than its width (Hopper's warpgroup MMA wants M >= 64).
 
@@ -105,7 +105,7 @@ def _layer1_vecs(pq, pa, offs, n, t0, T, ACT: tl.constexpr, HAS_ACT: tl.constexp
 def _query(q, ptr, offs, n, t0, T, AGAIN: tl.constexpr):
     """The row's query q (loaded once per row), or (AGAIN) the same vector loaded again
     for this tile at ptr (``layers.tile_vec``: an L1 hit, in the layout of its use). The
-    chunk-0 path takes it again where that measured fewer sm_90 spills: in the forward's
+    untransposed path takes it again where that measured fewer sm_90 spills: in the forward's
     k q for float32 inputs and Dice, in W_p's gradient in every form but float16 without
     activation parameters (sm90_target_attention_spills.md, round 5e)."""
     if AGAIN:
@@ -169,7 +169,7 @@ def chunk_grads(
         gwkd = tl.zeros([CW, BD], tl.float32)
         gwp = tl.zeros([CW, BD], tl.float32)
         gw2 = tl.zeros([CW, BH2], tl.float32)
-    # the chunk-0 path's uses of q that load it again per tile (``_query``)
+    # the untransposed path's uses of q that load it again per tile (``_query``)
     Q_FWD: tl.constexpr = not LOWP or ACT == 4
     Q_GRAD: tl.constexpr = not (LOWP and not LOWP_BWD and ACT_LAYERS == 0)
     for b in range(pid, B, n_prog):
