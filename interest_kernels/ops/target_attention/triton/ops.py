@@ -19,7 +19,7 @@ reads a tensor value back to the host.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 
@@ -69,6 +69,18 @@ def _programs(rows: int, heads: int, device: torch.device, share: int = 1) -> in
     return _balanced(batch, cap)
 
 
+def _unit_chunks(units: Sequence[int]) -> list[int]:
+    """The first layer's units per chunk of the weight-gradient kernel: ``UNIT_CHUNK`` and
+    the rest (``MAX_UNITS`` = 128 makes two at most), or one chunk of them all."""
+    return [n for n in (min(units[0], UNIT_CHUNK), units[0] - UNIT_CHUNK) if n > 0]
+
+
+def _partial_per_unit(dim: int, units: Sequence[int], layers: int) -> int:
+    """float32 values per first-layer unit in a weight-gradient partial: W_kd's and W_p's
+    rows (D each) and, with two or more layers, W_2's column (H2)."""
+    return 2 * dim + (units[1] if layers >= 2 else 0)
+
+
 def _chunk_row_cost(width: int, dim: int, dz_cols: int, layers: int, dtype: torch.dtype,
                     flags: dict) -> int:
     """Estimated time of one key tile (``BLOCK_T`` positions; a row costs this times its
@@ -104,14 +116,13 @@ def _chunk_programs(rows: int, heads: int, device: torch.device, units: list[int
     43 of 6, but the extra weight reads and partial rows cost 1.6 MB: float16 backward
     1.56x its floor instead of 1.48x.) Sizes stay symbolic (integer arithmetic on the
     batch, which may be a SymInt)."""
-    n0 = min(units[0], UNIT_CHUNK)
-    n1 = units[0] - n0
-    p0 = _programs(rows, heads, device, share=1 if n1 == 0 else 2)
-    if n1 == 0:
+    chunks = _unit_chunks(units)
+    p0 = _programs(rows, heads, device, share=len(chunks))
+    if len(chunks) == 1:
         return p0, 0
     cost0, cost1 = (_chunk_row_cost(pad(n), dim, units[1] if layers >= 2 else n, layers,
                                     dtype, flags)
-                    for n in (n0, n1))
+                    for n in chunks)
     batch = rows // heads
     per0 = (batch + p0 - 1) // p0  # rows of chunk 0's busiest program
     per1 = torch.sym_max(1, per0 * cost0 // cost1)
@@ -232,9 +243,9 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
     dz = torch.empty(rows, seq_len, units[1] if layers >= 2 else units[0], **f32)
     m_cols = 2 * units[0] * dim + (units[1] * units[0] if layers >= 2 else 0)
     flags = _flags(keys, key_index, wpack, units, activation)
-    chunks = [n for n in (min(units[0], UNIT_CHUNK), units[0] - UNIT_CHUNK) if n > 0]
+    chunks = _unit_chunks(units)
     progs = _chunk_programs(rows, heads, dev, units, layers, dim, keys.dtype, flags)
-    per_unit = 2 * dim + (units[1] if layers >= 2 else 0)  # partial floats per unit
+    per_unit = _partial_per_unit(dim, units, layers)
     gm = torch.empty(sum(heads * p * n * per_unit for p, n in zip(progs, chunks)), **f32)
     ga = torch.empty(slots, apack.shape[1], **f32) if apack is not None else None
     if rows == 0 or seq_len == 0:
@@ -295,8 +306,9 @@ def _first_layer_totals(parts, progs, chunks, heads, groups, dim, units, layers)
     packed weight row, (G, m_cols): W_kd, W_p (H1, D), W_2 (H2, H1)."""
     blocks = {"wkd": [], "wp": [], "w2t": []}
     start = 0
+    per_unit = _partial_per_unit(dim, units, layers)
     for p, n in zip(progs, chunks):
-        size = heads * p * n * (2 * dim + (units[1] if layers >= 2 else 0))
+        size = heads * p * n * per_unit
         part = parts[start:start + size].view(heads, p, -1)
         start = start + size
         part = part.sum(dim=1) if groups > 1 else part.sum(dim=(0, 1)).unsqueeze(0)
