@@ -74,6 +74,21 @@ def mm(a, b, LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
+def mm_unchained(a, b, LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, live):
+    """``mm`` computed in a branch on ``live``, a condition true at run time that the
+    compiler cannot fold. Triton lays a dot whose result reaches another dot (a chained
+    dot) with all warps along M; with 8 warps and 64 rows both warpgroups then hold the
+    same rows, and a (64, 64) float32 tile costs 32 registers per thread instead of 16.
+    The branch's yield ends the chain that Triton follows, so the dot gets 4 x 2 warps
+    (sm90_target_attention_spills.md, round 6)."""
+    if live:
+        c = mm(a, b, LOWP, DT, PREC)
+    else:
+        c = tl.zeros([a.shape[0], b.shape[1]], tl.float32)
+    return c
+
+
+@triton.jit
 def tile_vec(ptr, offs, n, t0, T):
     """A loop-invariant (H,) vector loaded inside the tile loop of ``t0`` < T (the mask
     names t0 so that the load stays in the loop): held across the loop, a vector

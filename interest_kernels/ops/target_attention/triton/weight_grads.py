@@ -33,8 +33,8 @@ import triton
 import triton.language as tl
 
 from .layers import (act_bwd, act_fwd, add_to_vec, history_row, load_mat, load_vec, mm,
-                     store_mat, tile_act_params, tile_vec, tile_vecs, valid_positions,
-                     weight_offsets)
+                     mm_unchained, store_mat, tile_act_params, tile_vec, tile_vecs,
+                     valid_positions, weight_offsets)
 
 
 @triton.jit(do_not_specialize=["B", "T", "N", "P0"])
@@ -99,6 +99,18 @@ def _layer1_vecs(pq, pa, offs, n, t0, T, ACT: tl.constexpr, HAS_ACT: tl.constexp
         v = tile_vec(pq, offs, n, t0, T)
         a, s, b = tile_act_params(pa, offs, n, t0, T, HAS_ACT)
     return v, a, s, b
+
+
+@triton.jit
+def _chain_mm(a, b, LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
+              APART: tl.constexpr, live):
+    """A dot of the tile's chain (z1's two, da1's): ``layers.mm_unchained`` where that
+    measured fewer sm_90 spills (APART), else ``mm``."""
+    if APART:
+        c = mm_unchained(a, b, LOWP, DT, PREC, live)
+    else:
+        c = mm(a, b, LOWP, DT, PREC)
+    return c
 
 
 @triton.jit
@@ -172,6 +184,11 @@ def chunk_grads(
     # the untransposed path's uses of q that load it again per tile (``_query``)
     Q_FWD: tl.constexpr = not LOWP or ACT == 4
     Q_GRAD: tl.constexpr = not (LOWP and not LOWP_BWD and ACT_LAYERS == 0)
+    # the chain's dots laid 4 x 2 (``layers.mm_unchained``) with float32 gradient dots,
+    # but for Dice, and PReLU with 16-bit inputs (there it measured more spills)
+    APART: tl.constexpr = not LOWP_BWD and ACT != 4 and not (LOWP and ACT == 3)
+    # true (pid < n_prog), but not the caller's test, which the compiler would fold
+    live = pid <= n_prog
     for b in range(pid, B, n_prog):
         r = b * E + e
         kb = history_row(kidx_ptr, b, N, HAS_KIDX)
@@ -203,14 +220,15 @@ def chunk_grads(
                 qt, pa1, ps1, pb1 = _layer1_vecs(qt_ptr + r * H1, a_g, offs_h1, H1, t0, T, ACT,
                                                  ACT_LAYERS >= 1, LOWP_BWD)
                 if ACC_T:
-                    z1 = (mm(k, wkd, LOWP, DT, PREC)
-                          + mm(k.to(tl.float32) * q[None, :], wp_fwd, LOWP, DT, PREC)
+                    z1 = (_chain_mm(k, wkd, LOWP, DT, PREC, APART, live)
+                          + _chain_mm(k.to(tl.float32) * q[None, :], wp_fwd, LOWP, DT, PREC,
+                                      APART, live)
                           + qt[None, :])
                 else:
-                    z1 = (mm(k, tl.trans(wkd), LOWP, DT, PREC)
-                          + mm(k.to(tl.float32) * _query(q, q_ptr + r * D, offs_d, D, t0, T,
-                                                         Q_FWD)[None, :],
-                               tl.trans(wp_fwd), LOWP, DT, PREC)
+                    z1 = (_chain_mm(k, tl.trans(wkd), LOWP, DT, PREC, APART, live)
+                          + _chain_mm(k.to(tl.float32) * _query(q, q_ptr + r * D, offs_d, D,
+                                                                t0, T, Q_FWD)[None, :],
+                                      tl.trans(wp_fwd), LOWP, DT, PREC, APART, live)
                           + qt[None, :])
                 a1 = act_fwd(z1, pa1, ps1, pb1, ACT)
             if not LOWP:
@@ -219,10 +237,10 @@ def chunk_grads(
             if LAYERS >= 2:
                 if ACC_T:
                     gw2 += mm(tl.trans(dz), a1, LOWP_BWD, DT, PREC)
-                    da1 = mm(dz, w2, LOWP_BWD, DT, PREC)
+                    da1 = _chain_mm(dz, w2, LOWP_BWD, DT, PREC, APART, live)
                 else:
                     gw2 += mm(tl.trans(a1), dz, LOWP_BWD, DT, PREC)
-                    da1 = mm(dz, tl.trans(w2), LOWP_BWD, DT, PREC)
+                    da1 = _chain_mm(dz, tl.trans(w2), LOWP_BWD, DT, PREC, APART, live)
                 dz1 = act_bwd(z1, a1, da1, pa1, ps1, pb1, ACT)[0]
             else:
                 dz1 = dz
