@@ -18,7 +18,9 @@ product, so that the key tile need not stay live to the end) and of the q-term's
 ``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and nothing is recomputed.
 The tail chunk, when narrower than a key tile, holds its accumulators transposed, (D, units) and (H2,
 units), so that its gradient dots ``k^T dz1`` and ``dz2^T a1`` have M = D and H2 rather
-than its width (Hopper's warpgroup MMA wants M >= 64).
+than its width (Hopper's warpgroup MMA wants M >= 64). With float32 gradient dots the
+tile's chained dots (z1's, ``dz2 W_2^T``) go through ``layers.mm_unchained`` so that Triton
+lays them over 4 x 2 warps rather than 8 x 1 (no sm_90 spills in float32, sigmoid).
 
 Grid (programs of chunk 0 + programs of chunk 1, heads): each chunk walks all rows with
 its own program count (``ops._chunk_programs``: the narrower chunk's programs take more
