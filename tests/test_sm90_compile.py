@@ -65,7 +65,7 @@ from interest_kernels.bench import sm90, traffic
 case = traffic.target_attention_case(256, 64, 64, (80, 40), torch.float32, "sigmoid")
 kernels = sm90.compile_cases([case])
 print(json.dumps({"violations": sm90.violations(kernels),
-                  "spills": {k.kernel: [k.spill_stores, k.spill_loads] for k in kernels}}))
+                  "spills": [[k.kernel, k.spill_stores, k.spill_loads] for k in kernels]}))
 """
 
 
@@ -77,7 +77,8 @@ def _data_gradient_spills(kernels):
 def test_float32_target_attention_within_sm90_limits(tmp_path):
     """float32 sigmoid, the benchmark configuration: no kernel spills (forward, data
     gradients, weight gradients; PReLU and Dice spill more and are in the report only:
-    bench/results/sm90_target_attention_spills.md)."""
+    bench/results/sm90_target_attention_spills.md). The weight-gradient kernel's 0 B
+    rests on ``layers.mm_unchained`` steering Triton 3.9's layouts (80 B without it)."""
     reason = _ptxas_missing()
     if reason:
         pytest.skip(reason)
@@ -88,9 +89,9 @@ def test_float32_target_attention_within_sm90_limits(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not out["violations"], "\n".join(out["violations"])
-    assert set(out["spills"]) == {"attention_fwd_kernel", "attention_bwd_kernel",
-                                  "first_layer_grad_kernel"}
-    assert all(spills == [0, 0] for spills in out["spills"].values()), out["spills"]
+    assert sorted(name for name, _, _ in out["spills"]) == [
+        "attention_bwd_kernel", "attention_fwd_kernel", "first_layer_grad_kernel"]
+    assert all(st == ld == 0 for _, st, ld in out["spills"]), out["spills"]
 
 
 def test_every_family_is_reported_under_its_name(report):

@@ -66,22 +66,23 @@ def store_mat(ptr, x, offs_r, offs_c, n_r, n_c, TRANSPOSE: tl.constexpr):
 
 @triton.jit
 def mm(a, b, LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr):
-    """a @ b with float32 accumulation: 16-bit operands (dtype DT) when LOWP, else
-    float32 operands at precision PREC ("tf32" or "ieee")."""
+    """a (M, K) @ b (K, N) -> (M, N) with float32 accumulation: 16-bit operands (dtype
+    DT) when LOWP, else float32 operands at precision PREC ("tf32" or "ieee")."""
     if LOWP:
         return tl.dot(a.to(DT), b.to(DT), out_dtype=tl.float32)
     return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
 
 
 @triton.jit
-def mm_unchained(a, b, LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, live):
-    """``mm`` computed in a branch on ``live``, a condition true at run time that the
-    compiler cannot fold. Triton lays a dot whose result reaches another dot (a chained
-    dot) with all warps along M; with 8 warps and 64 rows both warpgroups then hold the
-    same rows, and a (64, 64) float32 tile costs 32 registers per thread instead of 16.
-    The branch's yield ends the chain that Triton follows, so the dot gets 4 x 2 warps
-    (sm90_target_attention_spills.md, round 6)."""
-    if live:
+def mm_unchained(a, b, LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, opaque_true):
+    """``mm`` of a (M, K) and b (K, N) into (M, N) float32, computed in a branch on
+    ``opaque_true``: a condition that must hold in every program (a false one gives
+    zeros) and that the compiler cannot fold. Triton 3.9 lays a dot whose result reaches
+    another dot (a chained dot) with all warps along M; with 8 warps and 64 rows both
+    warpgroups then hold the same rows, and a (64, 64) float32 tile costs 32 registers per
+    thread instead of 16. The branch's yield ends the chain that Triton follows, so the
+    dot gets 4 x 2 warps (sm90_target_attention_spills.md, round 6)."""
+    if opaque_true:
         c = mm(a, b, LOWP, DT, PREC)
     else:
         c = tl.zeros([a.shape[0], b.shape[1]], tl.float32)

@@ -18,9 +18,9 @@ product, so that the key tile need not stay live to the end) and of the q-term's
 ``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and nothing is recomputed.
 The tail chunk, when narrower than a key tile, holds its accumulators transposed, (D, units) and (H2,
 units), so that its gradient dots ``k^T dz1`` and ``dz2^T a1`` have M = D and H2 rather
-than its width (Hopper's warpgroup MMA wants M >= 64). With float32 gradient dots the
-tile's chained dots (z1's, ``dz2 W_2^T``) go through ``layers.mm_unchained`` so that Triton
-lays them over 4 x 2 warps rather than 8 x 1 (no sm_90 spills in float32, sigmoid).
+than its width (Hopper's warpgroup MMA wants M >= 64). The tile's chained dots (z1's two,
+``dz2 W_2^T``) go through ``layers.mm_unchained`` in the forms where that measured fewer sm_90
+spills (``APART`` in ``chunk_grads``), so that Triton lays them over 4 x 2 warps, not 8 x 1.
 
 Grid (programs of chunk 0 + programs of chunk 1, heads): each chunk walks all rows with
 its own program count (``ops._chunk_programs``: the narrower chunk's programs take more
@@ -105,11 +105,12 @@ def _layer1_vecs(pq, pa, offs, n, t0, T, ACT: tl.constexpr, HAS_ACT: tl.constexp
 
 @triton.jit
 def _chain_mm(a, b, LOWP: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr,
-              APART: tl.constexpr, live):
-    """A dot of the tile's chain (z1's two, da1's): ``layers.mm_unchained`` where that
-    measured fewer sm_90 spills (APART), else ``mm``."""
+              APART: tl.constexpr, opaque_true):
+    """A dot of the tile's chain (z1's two, ``dz2 W_2^T``), (M, K) @ (K, N) -> (M, N)
+    float32: ``layers.mm_unchained`` where that measured fewer sm_90 spills (APART), else
+    ``mm``."""
     if APART:
-        c = mm_unchained(a, b, LOWP, DT, PREC, live)
+        c = mm_unchained(a, b, LOWP, DT, PREC, opaque_true)
     else:
         c = mm(a, b, LOWP, DT, PREC)
     return c
@@ -187,10 +188,11 @@ def chunk_grads(
     Q_FWD: tl.constexpr = not LOWP or ACT == 4
     Q_GRAD: tl.constexpr = not (LOWP and not LOWP_BWD and ACT_LAYERS == 0)
     # the chain's dots laid 4 x 2 (``layers.mm_unchained``) with float32 gradient dots,
-    # but for Dice, and PReLU with 16-bit inputs (there it measured more spills)
+    # except Dice and PReLU with 16-bit inputs (there it measured more spills)
     APART: tl.constexpr = not LOWP_BWD and ACT != 4 and not (LOWP and ACT == 3)
-    # true (pid < n_prog), but not the caller's test, which the compiler would fold
-    live = pid <= n_prog
+    # true: pid < n_prog. Not written so: in chunk 0 that is the caller's pid < P0, which
+    # the compiler folds to true inside that branch, and the dots are chained again
+    opaque_true = pid <= n_prog
     for b in range(pid, B, n_prog):
         r = b * E + e
         kb = history_row(kidx_ptr, b, N, HAS_KIDX)
@@ -222,15 +224,15 @@ def chunk_grads(
                 qt, pa1, ps1, pb1 = _layer1_vecs(qt_ptr + r * H1, a_g, offs_h1, H1, t0, T, ACT,
                                                  ACT_LAYERS >= 1, LOWP_BWD)
                 if ACC_T:
-                    z1 = (_chain_mm(k, wkd, LOWP, DT, PREC, APART, live)
+                    z1 = (_chain_mm(k, wkd, LOWP, DT, PREC, APART, opaque_true)
                           + _chain_mm(k.to(tl.float32) * q[None, :], wp_fwd, LOWP, DT, PREC,
-                                      APART, live)
+                                      APART, opaque_true)
                           + qt[None, :])
                 else:
-                    z1 = (_chain_mm(k, tl.trans(wkd), LOWP, DT, PREC, APART, live)
+                    z1 = (_chain_mm(k, tl.trans(wkd), LOWP, DT, PREC, APART, opaque_true)
                           + _chain_mm(k.to(tl.float32) * _query(q, q_ptr + r * D, offs_d, D,
                                                                 t0, T, Q_FWD)[None, :],
-                                      tl.trans(wp_fwd), LOWP, DT, PREC, APART, live)
+                                      tl.trans(wp_fwd), LOWP, DT, PREC, APART, opaque_true)
                           + qt[None, :])
                 a1 = act_fwd(z1, pa1, ps1, pb1, ACT)
             if not LOWP:
@@ -239,10 +241,10 @@ def chunk_grads(
             if LAYERS >= 2:
                 if ACC_T:
                     gw2 += mm(tl.trans(dz), a1, LOWP_BWD, DT, PREC)
-                    da1 = _chain_mm(dz, w2, LOWP_BWD, DT, PREC, APART, live)
+                    da1 = _chain_mm(dz, w2, LOWP_BWD, DT, PREC, APART, opaque_true)
                 else:
                     gw2 += mm(tl.trans(a1), dz, LOWP_BWD, DT, PREC)
-                    da1 = _chain_mm(dz, tl.trans(w2), LOWP_BWD, DT, PREC, APART, live)
+                    da1 = _chain_mm(dz, tl.trans(w2), LOWP_BWD, DT, PREC, APART, opaque_true)
                 dz1 = act_bwd(z1, a1, da1, pa1, ps1, pb1, ACT)[0]
             else:
                 dz1 = dz
