@@ -17,9 +17,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ... import _extension
 from ..common import compute_dtype, valid_mask
-from ..func_transforms import TransformableOp, call, register_sliced_vmap
+from ..func_transforms import call
+from ..registration import register_extension_op
 
 FORWARD = "interest_kernels::dien_aux_loss_cpu_forward"
 BACKWARD = "interest_kernels::dien_aux_loss_cpu_backward"
@@ -72,20 +72,10 @@ def _backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     )
 
 
-def _register() -> None:
-    torch.library.register_fake(FORWARD)(_forward_fake)
-    torch.library.register_fake(BACKWARD)(_backward_fake)
-    torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
-    register_sliced_vmap(BACKWARD)
-
-
-AVAILABLE = _extension.load() and hasattr(torch.ops.interest_kernels, "dien_aux_loss_cpu_forward")
-# The forward with its autograd, for torch.func transforms.
-_FORWARD: Optional[TransformableOp] = None
-if AVAILABLE:
-    _register()
-    _FORWARD = TransformableOp(torch.ops.interest_kernels.dien_aux_loss_cpu_forward.default, _setup_context,
-                               _backward)
+# The forward with its autograd, for torch.func transforms (None without the extension).
+_FORWARD = register_extension_op(FORWARD, BACKWARD, _forward_fake, _backward_fake, _setup_context,
+                                 _backward)
+AVAILABLE = _FORWARD is not None
 
 
 def dien_aux_loss_cpu(

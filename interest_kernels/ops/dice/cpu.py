@@ -17,9 +17,9 @@ from typing import Any, Optional
 
 import torch
 
-from ... import _extension
 from ..common import compute_dtype
-from ..func_transforms import TransformableOp, call, register_sliced_vmap
+from ..func_transforms import call
+from ..registration import register_extension_op
 from .reference import update_running_stats
 
 FORWARD = "interest_kernels::dice_cpu_forward"
@@ -63,20 +63,10 @@ def _backward(ctx: Any, grad_out: torch.Tensor, *_grad_stats: Any) -> tuple[Opti
     )
 
 
-def _register() -> None:
-    torch.library.register_fake(FORWARD)(_forward_fake)
-    torch.library.register_fake(BACKWARD)(_backward_fake)
-    torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
-    register_sliced_vmap(BACKWARD)
-
-
-AVAILABLE = _extension.load() and hasattr(torch.ops.interest_kernels, "dice_cpu_forward")
-# The forward with its autograd, for torch.func transforms.
-_FORWARD: Optional[TransformableOp] = None
-if AVAILABLE:
-    _register()
-    _FORWARD = TransformableOp(torch.ops.interest_kernels.dice_cpu_forward.default, _setup_context,
-                               _backward)
+# The forward with its autograd, for torch.func transforms (None without the extension).
+_FORWARD = register_extension_op(FORWARD, BACKWARD, _forward_fake, _backward_fake, _setup_context,
+                                 _backward)
+AVAILABLE = _FORWARD is not None
 
 
 def dice_cpu(

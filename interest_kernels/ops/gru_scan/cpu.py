@@ -19,9 +19,9 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ... import _extension
 from ..common import compute_dtype
-from ..func_transforms import TransformableOp, call, register_sliced_vmap
+from ..func_transforms import call
+from ..registration import register_extension_op
 
 FORWARD = "interest_kernels::gru_scan_forward"
 BACKWARD = "interest_kernels::gru_scan_backward"
@@ -93,17 +93,10 @@ def _backward(ctx: Any, grad_states: Optional[torch.Tensor], grad_h_last: Option
     return tuple(grads[name] if wanted[name] else None for name in _GRAD_INPUTS) + (None,) * 6
 
 
-def _register() -> None:
-    torch.library.register_fake(FORWARD)(_forward_fake)
-    torch.library.register_fake(BACKWARD)(_backward_fake)
-    torch.library.register_autograd(FORWARD, _backward, setup_context=_setup_context)
-
-
-AVAILABLE = _extension.load() and hasattr(torch.ops.interest_kernels, "gru_scan_forward")
-if AVAILABLE:
-    _register()
-    _FORWARD = TransformableOp(torch.ops.interest_kernels.gru_scan_forward.default, _setup_context, _backward)
-    register_sliced_vmap(BACKWARD)
+# The forward with its autograd, for torch.func transforms (None without the extension).
+_FORWARD = register_extension_op(FORWARD, BACKWARD, _forward_fake, _backward_fake, _setup_context,
+                                 _backward)
+AVAILABLE = _FORWARD is not None
 
 
 def gru_scan_cpu(
