@@ -72,9 +72,7 @@ def _backward(ctx: Any, grad: torch.Tensor, *_: Any) -> tuple[Any, ...]:
     )
 
 
-# The forward with its autograd, for torch.func transforms (None without the extension).
-_FORWARD = register_extension_op(FORWARD, BACKWARD, _forward_fake, _backward_fake, _setup_context,
-                                 _backward)
+_FORWARD = register_extension_op(FORWARD, BACKWARD, _forward_fake, _backward_fake, _setup_context, _backward)
 AVAILABLE = _FORWARD is not None
 
 

@@ -93,9 +93,7 @@ def _backward(ctx: Any, grad_states: Optional[torch.Tensor], grad_h_last: Option
     return tuple(grads[name] if wanted[name] else None for name in _GRAD_INPUTS) + (None,) * 6
 
 
-# The forward with its autograd, for torch.func transforms (None without the extension).
-_FORWARD = register_extension_op(FORWARD, BACKWARD, _forward_fake, _backward_fake, _setup_context,
-                                 _backward)
+_FORWARD = register_extension_op(FORWARD, BACKWARD, _forward_fake, _backward_fake, _setup_context, _backward)
 AVAILABLE = _FORWARD is not None
 
 
