@@ -9,8 +9,9 @@ the forward part summed into z2 and dropped, then recomputed one chunk at a time
 chain (a (64, 128) float32 tile kept live across the layers above cost 64 registers per
 thread and spilled; the recomputation costs one dot per chunk). The gradients of
 the first layer's matrices (W_kd, W_p) and of W_2 are left to a second kernel
-(``weight_grads.py``), with the query's and the q-term's, fed the layer-2 pre-activation
-gradient dz2 that this one writes: their three float32 accumulators held across the tile
+(``weight_grads.py``), with the query's and (but for float16 inputs, whose q-term
+gradient this kernel sums: there it measured fewer sm_90 spills) the q-term's, fed the
+layer-2 pre-activation gradient dz2 that this one writes: their three float32 accumulators held across the tile
 loop took most of the registers (bench/results/sm90_target_attention_spills.md). W_3's
 gradient is a register accumulator of the program, written once, at the end, into this
 program's row of a (programs, ...) partial buffer that the caller sums (deterministic,
@@ -33,7 +34,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, act_fwd, add_to_vecs, history_row, load_mat, load_vec, mm,
+from .layers import (act_bwd, act_fwd, add_to_vec, add_to_vecs, history_row, load_mat, load_vec, mm,
                      store_mat, tile_vec, tile_vecs, valid_positions, weight_offsets)
 
 
@@ -168,7 +169,7 @@ def _z1_chunk(k, mt, qt, AGAIN: tl.constexpr, LOWP: tl.constexpr, DT: tl.constex
 
 
 @triton.jit
-def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
+def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, dqt_ptr, r,
                  offs_t, tm, offs_c, H1, t0, T, gst_g,
                  LAYERS: tl.constexpr, ACT: tl.constexpr, ACT_LAYERS: tl.constexpr,
                  STATS: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr,
@@ -178,7 +179,8 @@ def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
     layer (layer 1 is the top) from the score gradient ds or, in STATS mode, the
     statistics' gradient; dz1 is then stored for the weight-gradient kernel. Adds the
     chunk's per-unit gradients (activation parameters, and with one layer the score
-    layer's) to this program's partial rows."""
+    layer's) to this program's partial rows and, for float16 inputs, its q-term
+    gradient to the row's dqt."""
     qt, pa, ps, pb = _layer_vecs(qt_ptr, a_g, offs_c, H1, t0, T, True, ACT, ACT_LAYERS >= 1)
     z1 = _z1_chunk(k, mt, qt, True, LOWP, DT, PREC)
     if LAYERS >= 2:
@@ -199,6 +201,10 @@ def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
                              ACT_LAYERS >= 1)
         tl.store(dz_ptr + r.to(tl.int64) * T * H1 + offs_t[:, None] * H1 + offs_c[None, :],
                  dz1, mask=tm[:, None] & (offs_c[None, :] < H1))
+    if LOWP and not LOWP_BWD:
+        # float16: the q-term's gradient sum_t dz1_t here, not in the weight-gradient
+        # kernel (weight_grads.py); the first tile stores its sum, the next ones add
+        add_to_vec(dqt_ptr + r * H1, offs_c, H1, tl.sum(dz1, axis=0), t0 > 0)
     return mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
 
 
@@ -206,7 +212,7 @@ def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
 def attention_bwd_kernel(
     qt_ptr, q_ptr, k_ptr, kidx_ptr, len_ptr, mask_ptr, w_ptr, act_ptr,
     out_ptr, sc_ptr, dout_ptr, dsc_ptr, lse_ptr, gst_ptr,
-    dk_ptr, dz_ptr, gw_ptr, ga_ptr,
+    dk_ptr, dz_ptr, dqt_ptr, gw_ptr, ga_ptr,
     B, T, N, E, D, H1, H2, H3, W_ROW, A_ROW,
     LAYERS: tl.constexpr, PACK_LAYERS: tl.constexpr, ACT: tl.constexpr,
     ACT_LAYERS: tl.constexpr, SOFTMAX: tl.constexpr, PER_HEAD: tl.constexpr,
@@ -222,8 +228,9 @@ def attention_bwd_kernel(
     else like keys), dz (R, T, H2) fp32 = dz2 (dz1 (R, T, H1) if LAYERS == 1) for
     ``weight_grads.py``, and this program's rows of gw (E*P, W_ROW) and ga (E*P, A_ROW)
     fp32: the layers it ran (and in attention mode the score layer) except W_kd, W_p
-    and W_2, which the second kernel writes, as dq and dqt. The first layer runs in two
-    chunks of units: CH1 and the rest, padded to CH1B (0: none)."""
+    and W_2, which the second kernel writes, as dq and (but for float16 inputs, whose dqt
+    (R, H1) fp32 this one writes) dqt. The first layer runs in two chunks of units: CH1
+    and the rest, padded to CH1B (0: none)."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_prog = tl.num_programs(0)
@@ -428,12 +435,12 @@ def attention_bwd_kernel(
                 da1_0 = mm(dz2, w2_0, LOWP_BWD, DT, PREC)
                 if CH1B > 0:
                     da1_1 = mm(dz2, w2_1, LOWP_BWD, DT, PREC)
-            dk = _chunk_grads(k, mt0, da1_0, ds, qt_r, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, r,
+            dk = _chunk_grads(k, mt0, da1_0, ds, qt_r, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, dqt_ptr, r,
                               offs_t, tm, offs_c0, H1, t0, T, gst_g, LAYERS, ACT, ACT_LAYERS,
                               STATS, LOWP, LOWP_BWD, DT, PREC)
             if CH1B > 0:
                 dk += _chunk_grads(k, mt1, da1_1, ds, qt_r, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr,
-                                   r, offs_t, tm, offs_c1, H1, t0, T, gst_g, LAYERS, ACT,
+                                   dqt_ptr, r, offs_t, tm, offs_c1, H1, t0, T, gst_g, LAYERS, ACT,
                                    ACT_LAYERS, STATS, LOWP, LOWP_BWD, DT, PREC)
             if not STATS:  # the attention's own term (dout reloaded: it is not held
                 # through the chain); a padded key gets a zero gradient

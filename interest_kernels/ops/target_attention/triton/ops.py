@@ -261,7 +261,7 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
             qterm, query, keys, _or(key_index, dummy), _or(lengths, dummy),
             mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
             _or(out, dummy), _or(scores, dummy), _or(dout, dummy), _or(dscores, dummy),
-            _or(lse, dummy), _or(gstats, dummy), dk, dz, gw, _or(ga, dummy),
+            _or(lse, dummy), _or(gstats, dummy), dk, dz, dqt, gw, _or(ga, dummy),
             *_shape_args(query, keys, wpack, apack, units, heads),
             LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers, SOFTMAX=softmax,
             HAS_DSC=dscores is not None, STATS=stats, DK_PER_ROW=per_row,

@@ -14,8 +14,8 @@ whose weights would be read again for every row), ``a1 = act(z1)``, ``dz1 = act'
 (dz2 W_2)``, and accumulates ``W_2``'s gradient ``dz2^T a1`` and ``M_r = W_kd + W_p
 diag(q)``'s ``dz1^T k``, split into W_kd's and W_p's (times q); per row, its chunk's
 part of q's gradient ``sum_t k_t (dz1 W_p)_t = sum_h W_p * (dz1^T k)`` (from the same
-product, so that the key tile need not stay live to the end) and of the q-term's,
-``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and nothing is recomputed.
+product, so that the key tile need not stay live to the end) and (but for float16
+inputs: the data-gradient kernel sums it) of the q-term's, ``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and nothing is recomputed.
 The tail chunk, when narrower than a key tile, holds its accumulators transposed, (D, units) and (H2,
 units), so that its gradient dots ``k^T dz1`` and ``dz2^T a1`` have M = D and H2 rather
 than its width (Hopper's warpgroup MMA wants M >= 64). The tile's chained dots (z1's two,
@@ -56,8 +56,8 @@ def first_layer_grad_kernel(
     to CH1B. Program p of chunk c (p counted within the chunk) writes its partial of the
     chunk's gradients, ``[W_kd rows (n_c, D), W_p rows (n_c, D), W_2^T rows (n_c, H2)]``
     (m_c = n_c (2 D + H2) floats, no W_2 part with one layer), to gw fp32 at
-    ``(e P_c + p) m_c``, after E P0 m_0 for chunk 1; dq[c] (chunks, R, D) fp32 and the
-    chunk's columns of dqt (R, H1) fp32 for its rows."""
+    ``(e P_c + p) m_c``, after E P0 m_0 for chunk 1; dq[c] (chunks, R, D) fp32 and (but
+    for float16 inputs) the chunk's columns of dqt (R, H1) fp32 for its rows."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     g = e if PER_HEAD else 0
@@ -258,8 +258,11 @@ def chunk_grads(
                 gwkd += gm
                 gwp += gm * _query(q, q_ptr + r * D, offs_d, D, t0, T, Q_GRAD)[None, :]
                 dq += tl.sum(wp * gm, axis=0)
-            # the first tile stores its sum, the next ones add theirs (nothing to zero)
-            add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
+            if not (LOWP and not LOWP_BWD):
+                # (float16 inputs: summed by the data-gradient kernel, where that measured
+                # fewer sm_90 spills: sm90_target_attention_spills.md, round 6)
+                # the first tile stores its sum, the next ones add theirs (nothing to zero)
+                add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
         tl.store(dq_ptr + (c * B * E + r).to(tl.int64) * D + offs_d, dq, mask=dm)
     # A zero the compiler cannot tell (pid < n_prog) in the offsets: otherwise they are the
     # weight loads' offsets above, kept (spilled) across the loops to be reused here.
