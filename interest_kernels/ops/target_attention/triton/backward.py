@@ -9,10 +9,11 @@ the forward part summed into z2 and dropped, then recomputed one chunk at a time
 chain (a (64, 128) float32 tile kept live across the layers above cost 64 registers per
 thread and spilled; the recomputation costs one dot per chunk). The gradients of
 the first layer's matrices (W_kd, W_p) and of W_2 are left to a second kernel
-(``weight_grads.py``), with the query's and (but for float16 inputs, whose q-term
-gradient this kernel sums: there it measured fewer sm_90 spills) the q-term's, fed the
-layer-2 pre-activation gradient dz2 that this one writes: their three float32 accumulators held across the tile
-loop took most of the registers (bench/results/sm90_target_attention_spills.md). W_3's
+(``weight_grads.py``), with the query's and the q-term's (for float16 inputs this
+kernel sums the q-term's instead: fewer sm_90 spills, ``ops._launch_bwd``), fed the
+layer-2 pre-activation gradient dz2 that this one writes: their three float32
+accumulators held across the tile loop took most of the registers
+(bench/results/sm90_target_attention_spills.md). W_3's
 gradient is a register accumulator of the program, written once, at the end, into this
 program's row of a (programs, ...) partial buffer that the caller sums (deterministic,
 no atomics); the per-unit ones (biases, score layer, activation parameters) are summed
@@ -34,8 +35,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .layers import (act_bwd, act_fwd, add_to_vec, add_to_vecs, history_row, load_mat, load_vec, mm,
-                     store_mat, tile_vec, tile_vecs, valid_positions, weight_offsets)
+from .layers import (act_bwd, act_fwd, add_to_vec, add_to_vecs, history_row, load_mat,
+                     load_vec, mm, store_mat, tile_vec, tile_vecs, valid_positions,
+                     weight_offsets)
 
 
 @triton.jit
@@ -173,14 +175,14 @@ def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, dqt
                  offs_t, tm, offs_c, H1, t0, T, gst_g,
                  LAYERS: tl.constexpr, ACT: tl.constexpr, ACT_LAYERS: tl.constexpr,
                  STATS: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr,
-                 DT: tl.constexpr, PREC: tl.constexpr):
+                 DT: tl.constexpr, PREC: tl.constexpr, SUM_DQT: tl.constexpr):
     """The key gradient's share dz1 M_r of a chunk of first-layer units, z1 recomputed:
     with two or more layers from the chunk's upstream gradient da1 = dz2 W_2; with one
     layer (layer 1 is the top) from the score gradient ds or, in STATS mode, the
     statistics' gradient; dz1 is then stored for the weight-gradient kernel. Adds the
     chunk's per-unit gradients (activation parameters, and with one layer the score
-    layer's) to this program's partial rows and, for float16 inputs, its q-term
-    gradient to the row's dqt."""
+    layer's) to this program's partial rows and, if SUM_DQT, its q-term gradient
+    ``sum_t dz1_t`` to the row's dqt."""
     qt, pa, ps, pb = _layer_vecs(qt_ptr, a_g, offs_c, H1, t0, T, True, ACT, ACT_LAYERS >= 1)
     z1 = _z1_chunk(k, mt, qt, True, LOWP, DT, PREC)
     if LAYERS >= 2:
@@ -201,9 +203,7 @@ def _chunk_grads(k, mt, da1, ds, qt_ptr, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, dqt
                              ACT_LAYERS >= 1)
         tl.store(dz_ptr + r.to(tl.int64) * T * H1 + offs_t[:, None] * H1 + offs_c[None, :],
                  dz1, mask=tm[:, None] & (offs_c[None, :] < H1))
-    if LOWP and not LOWP_BWD:
-        # float16: the q-term's gradient sum_t dz1_t here, not in the weight-gradient
-        # kernel (weight_grads.py); the first tile stores its sum, the next ones add
+    if SUM_DQT:  # the first tile stores its sum, the next ones add theirs
         add_to_vec(dqt_ptr + r * H1, offs_c, H1, tl.sum(dz1, axis=0), t0 > 0)
     return mm(dz1, tl.trans(mt), LOWP_BWD, DT, PREC)
 
@@ -220,7 +220,7 @@ def attention_bwd_kernel(
     HAS_DSC: tl.constexpr, STATS: tl.constexpr, DK_PER_ROW: tl.constexpr,
     BLOCK_T: tl.constexpr, BD: tl.constexpr, BH1: tl.constexpr, CH1: tl.constexpr,
     CH1B: tl.constexpr, BH2: tl.constexpr, BH3: tl.constexpr, LOWP: tl.constexpr,
-    LOWP_BWD: tl.constexpr, PREC: tl.constexpr,
+    LOWP_BWD: tl.constexpr, PREC: tl.constexpr, SUM_DQT: tl.constexpr,
 ):
     """Inputs as the forward kernel's, plus its out (R, D) and scores (R, T), the upstream
     dout (R, D) and dscores (R, T), lse (R,), or in STATS mode gst (G, 2, H_LAYERS).
@@ -228,9 +228,9 @@ def attention_bwd_kernel(
     else like keys), dz (R, T, H2) fp32 = dz2 (dz1 (R, T, H1) if LAYERS == 1) for
     ``weight_grads.py``, and this program's rows of gw (E*P, W_ROW) and ga (E*P, A_ROW)
     fp32: the layers it ran (and in attention mode the score layer) except W_kd, W_p
-    and W_2, which the second kernel writes, as dq and (but for float16 inputs, whose dqt
-    (R, H1) fp32 this one writes) dqt. The first layer runs in two chunks of units: CH1
-    and the rest, padded to CH1B (0: none)."""
+    and W_2, which the second kernel writes, as dq and, unless SUM_DQT (then this kernel
+    writes dqt (R, H1) fp32), dqt. The first layer runs in two chunks of units: CH1 and
+    the rest, padded to CH1B (0: none)."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     n_prog = tl.num_programs(0)
@@ -435,13 +435,13 @@ def attention_bwd_kernel(
                 da1_0 = mm(dz2, w2_0, LOWP_BWD, DT, PREC)
                 if CH1B > 0:
                     da1_1 = mm(dz2, w2_1, LOWP_BWD, DT, PREC)
-            dk = _chunk_grads(k, mt0, da1_0, ds, qt_r, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr, dqt_ptr, r,
-                              offs_t, tm, offs_c0, H1, t0, T, gst_g, LAYERS, ACT, ACT_LAYERS,
-                              STATS, LOWP, LOWP_BWD, DT, PREC)
+            dk = _chunk_grads(k, mt0, da1_0, ds, qt_r, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr,
+                              dqt_ptr, r, offs_t, tm, offs_c0, H1, t0, T, gst_g, LAYERS, ACT,
+                              ACT_LAYERS, STATS, LOWP, LOWP_BWD, DT, PREC, SUM_DQT)
             if CH1B > 0:
                 dk += _chunk_grads(k, mt1, da1_1, ds, qt_r, w_g, a_g, o_wo, gw_s, ga_s, dz_ptr,
-                                   dqt_ptr, r, offs_t, tm, offs_c1, H1, t0, T, gst_g, LAYERS, ACT,
-                                   ACT_LAYERS, STATS, LOWP, LOWP_BWD, DT, PREC)
+                                   dqt_ptr, r, offs_t, tm, offs_c1, H1, t0, T, gst_g, LAYERS,
+                                   ACT, ACT_LAYERS, STATS, LOWP, LOWP_BWD, DT, PREC, SUM_DQT)
             if not STATS:  # the attention's own term (dout reloaded: it is not held
                 # through the chain); a padded key gets a zero gradient
                 dout = tile_vec(dout_ptr + r * D, offs_d, D, t0, T)

@@ -255,6 +255,12 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
                 t.zero_()
     else:
         dummy = qterm.new_empty(1)  # stands in for absent inputs; never read
+        # The q-term's gradient sum_t dz1 is summed by the weight-gradient kernel, but for
+        # float16 inputs (16-bit inputs, float32 gradient dots) by the data-gradient
+        # kernel: there its weight-gradient kernel computed the tile's chain a second time
+        # in another layout for that sum alone and spilled (sm90_target_attention_spills.md,
+        # round 6b); for float32 and bfloat16 the move measured more spills.
+        dqt_in_data_grad = flags["LOWP"] and not flags["LOWP_BWD"]
         flags["CH1"] = min(flags["BH1"], UNIT_CHUNK)
         flags["CH1B"] = pad(units[0] - flags["CH1"]) if units[0] > flags["CH1"] else 0
         wrap_triton(attention_bwd_kernel)[(n_prog, heads)](
@@ -265,7 +271,7 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
             *_shape_args(query, keys, wpack, apack, units, heads),
             LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers, SOFTMAX=softmax,
             HAS_DSC=dscores is not None, STATS=stats, DK_PER_ROW=per_row,
-            HAS_LEN=lengths is not None, HAS_MASK=mask is not None,
+            HAS_LEN=lengths is not None, HAS_MASK=mask is not None, SUM_DQT=dqt_in_data_grad,
             **dict(flags, num_warps=DATA_GRAD_WARPS),
         )
         flags.pop("BH1")
@@ -276,7 +282,8 @@ def _launch_bwd(qterm, query, keys, key_index, lengths, mask, wpack, apack, unit
             mask.view(torch.uint8) if mask is not None else dummy, wpack, _or(apack, dummy),
             dz, dq, dqt, gm, *_shape_args(query, keys, wpack, apack, units, heads), progs[0],
             LAYERS=layers, PACK_LAYERS=len(units), ACT_LAYERS=act_layers,
-            HAS_LEN=lengths is not None, HAS_MASK=mask is not None, STATS=stats, **flags,
+            HAS_LEN=lengths is not None, HAS_MASK=mask is not None, STATS=stats,
+            SUM_DQT=not dqt_in_data_grad, **flags,
         )
         dq = dq.sum(dim=0)
     if per_row:

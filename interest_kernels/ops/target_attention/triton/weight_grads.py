@@ -14,8 +14,10 @@ whose weights would be read again for every row), ``a1 = act(z1)``, ``dz1 = act'
 (dz2 W_2)``, and accumulates ``W_2``'s gradient ``dz2^T a1`` and ``M_r = W_kd + W_p
 diag(q)``'s ``dz1^T k``, split into W_kd's and W_p's (times q); per row, its chunk's
 part of q's gradient ``sum_t k_t (dz1 W_p)_t = sum_h W_p * (dz1^T k)`` (from the same
-product, so that the key tile need not stay live to the end) and (but for float16
-inputs: the data-gradient kernel sums it) of the q-term's, ``sum_t dz1_t``. With one layer, dz (R, T, H1) is dz1 itself and nothing is recomputed.
+product, so that the key tile need not stay live to the end) and of the q-term's,
+``sum_t dz1_t`` (for float16 inputs the data-gradient kernel sums it instead:
+``ops._launch_bwd``). With one layer, dz (R, T, H1) is dz1 itself and nothing is
+recomputed.
 The tail chunk, when narrower than a key tile, holds its accumulators transposed, (D, units) and (H2,
 units), so that its gradient dots ``k^T dz1`` and ``dz2^T a1`` have M = D and H2 rather
 than its width (Hopper's warpgroup MMA wants M >= 64). The tile's chained dots (z1's two,
@@ -49,6 +51,7 @@ def first_layer_grad_kernel(
     HAS_LEN: tl.constexpr, HAS_MASK: tl.constexpr, STATS: tl.constexpr,
     BLOCK_T: tl.constexpr, BD: tl.constexpr, CH1: tl.constexpr, CH1B: tl.constexpr,
     BH2: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr, PREC: tl.constexpr,
+    SUM_DQT: tl.constexpr,
 ):
     """Inputs as the backward kernel's, plus dz (R, T, H2) fp32 (dz1 (R, T, H1) when
     LAYERS == 1). Grid (P0 + P1, E): programs [0, P0) take the units [0, n_0), n_0 =
@@ -56,8 +59,8 @@ def first_layer_grad_kernel(
     to CH1B. Program p of chunk c (p counted within the chunk) writes its partial of the
     chunk's gradients, ``[W_kd rows (n_c, D), W_p rows (n_c, D), W_2^T rows (n_c, H2)]``
     (m_c = n_c (2 D + H2) floats, no W_2 part with one layer), to gw fp32 at
-    ``(e P_c + p) m_c``, after E P0 m_0 for chunk 1; dq[c] (chunks, R, D) fp32 and (but
-    for float16 inputs) the chunk's columns of dqt (R, H1) fp32 for its rows."""
+    ``(e P_c + p) m_c``, after E P0 m_0 for chunk 1; dq[c] (chunks, R, D) fp32 and, if
+    SUM_DQT, the chunk's columns of dqt (R, H1) fp32 for its rows."""
     pid = tl.program_id(0)
     e = tl.program_id(1)
     g = e if PER_HEAD else 0
@@ -72,7 +75,7 @@ def first_layer_grad_kernel(
                     dq_ptr, dqt_ptr, gw_ptr + (e * P0 + pid).to(tl.int64) * n0 * row_w,
                     0, 0, pid, P0, e, n0, B, T, N, E, D, H1, H2, H3, LAYERS, PACK_LAYERS, ACT,
                     ACT_LAYERS, HAS_KIDX, HAS_LEN, HAS_MASK, STATS, BLOCK_T, BD, CH1, BH2,
-                    LOWP, LOWP_BWD, PREC, False)
+                    LOWP, LOWP_BWD, PREC, SUM_DQT, False)
     elif CH1B > 0:
         p1 = tl.num_programs(0) - P0
         gw_1 = gw_ptr + (E * P0).to(tl.int64) * n0 * row_w
@@ -81,7 +84,7 @@ def first_layer_grad_kernel(
                     gw_1 + (e * p1 + pid - P0).to(tl.int64) * (H1 - CH1) * row_w,
                     1, CH1, pid - P0, p1, e, H1 - CH1, B, T, N, E, D, H1, H2, H3, LAYERS,
                     PACK_LAYERS, ACT, ACT_LAYERS, HAS_KIDX, HAS_LEN, HAS_MASK, STATS, BLOCK_T,
-                    BD, CH1B, BH2, LOWP, LOWP_BWD, PREC, CH1B < BLOCK_T)
+                    BD, CH1B, BH2, LOWP, LOWP_BWD, PREC, SUM_DQT, CH1B < BLOCK_T)
 
 
 @triton.jit
@@ -136,7 +139,7 @@ def chunk_grads(
     ACT_LAYERS: tl.constexpr, HAS_KIDX: tl.constexpr, HAS_LEN: tl.constexpr,
     HAS_MASK: tl.constexpr, STATS: tl.constexpr, BLOCK_T: tl.constexpr, BD: tl.constexpr,
     CW: tl.constexpr, BH2: tl.constexpr, LOWP: tl.constexpr, LOWP_BWD: tl.constexpr,
-    PREC: tl.constexpr, ACC_T: tl.constexpr,
+    PREC: tl.constexpr, SUM_DQT: tl.constexpr, ACC_T: tl.constexpr,
 ):
     """Program ``pid`` of the ``n_prog`` of unit chunk c (units [u0, u0 + n_c), padded
     to CW) of head e: the rows b = pid, pid + n_prog, ... and its partial at gw_s.
@@ -204,7 +207,8 @@ def chunk_grads(
             q = tl.zeros([BD], tl.float32)
         dq = tl.zeros([BD], tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            # the previous tile's in-place dqt sums are visible to every thread from here on
+            # the previous tile's in-place dqt sums (SUM_DQT) are visible to every thread
+            # from here on
             tl.debug_barrier()
             offs_t = t0 + offs_bt
             tm = offs_t < T
@@ -258,10 +262,7 @@ def chunk_grads(
                 gwkd += gm
                 gwp += gm * _query(q, q_ptr + r * D, offs_d, D, t0, T, Q_GRAD)[None, :]
                 dq += tl.sum(wp * gm, axis=0)
-            if not (LOWP and not LOWP_BWD):
-                # (float16 inputs: summed by the data-gradient kernel, where that measured
-                # fewer sm_90 spills: sm90_target_attention_spills.md, round 6)
-                # the first tile stores its sum, the next ones add theirs (nothing to zero)
+            if SUM_DQT:  # the first tile stores its sum, the next ones add theirs
                 add_to_vec(dqt_ptr + r * H1, offs_h1, H1, tl.sum(dz1, axis=0), t0 > 0)
         tl.store(dq_ptr + (c * B * E + r).to(tl.int64) * D + offs_d, dq, mask=dm)
     # A zero the compiler cannot tell (pid < n_prog) in the offsets: otherwise they are the
