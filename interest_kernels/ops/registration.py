@@ -24,11 +24,11 @@ def register_extension_op(
     ``func_transforms.call``; None when the extension, or this operator in it, is absent
     (nothing is registered then)."""
     namespace, name = forward.split("::")
-    if not (_extension.load() and hasattr(getattr(torch.ops, namespace), name)):
+    op = getattr(getattr(torch.ops, namespace), name, None) if _extension.load() else None
+    if op is None:
         return None
     torch.library.register_fake(forward)(forward_fake)
     torch.library.register_fake(backward)(backward_fake)
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
     register_sliced_vmap(backward)
-    return TransformableOp(getattr(getattr(torch.ops, namespace), name).default, setup_context,
-                           backward_fn)
+    return TransformableOp(op.default, setup_context, backward_fn)

@@ -6,8 +6,8 @@ Kept out of the data-gradient kernel (``backward.py``) because there the three (
 / (H1, H2) float32 accumulators held across the tile loop took most of the registers
 and spilled on sm_90 (bench/results/sm90_target_attention_spills.md). Here a program
 holds them for one chunk of first-layer units: the first ``UNIT_CHUNK`` (CH1) units,
-or the rest (``MAX_UNITS`` = 128: at most 2 chunks), padded to its own width CH1B (80 units:
-64 and 16, not 64 and 64 of which 48 masked). The first layer's units are independent
+or the rest (``MAX_UNITS`` = 128: at most 2 chunks), padded to its own width CH1B (80
+units: 64 and 16, not 64 and 64 of which 48 masked). The first layer's units are independent
 given dz2, so a chunk recomputes only its own units, ``z1 = k W_kd^T + (k q) W_p^T +
 qt`` with its chunk of W_kd and W_p on chip for the whole program (no per-row M_r,
 whose weights would be read again for every row), ``a1 = act(z1)``, ``dz1 = act'(z1)
@@ -17,12 +17,12 @@ part of q's gradient ``sum_t k_t (dz1 W_p)_t = sum_h W_p * (dz1^T k)`` (from the
 product, so that the key tile need not stay live to the end) and of the q-term's,
 ``sum_t dz1_t`` (for float16 inputs the data-gradient kernel sums it instead:
 ``ops._launch_bwd``). With one layer, dz (R, T, H1) is dz1 itself and nothing is
-recomputed.
-The tail chunk, when narrower than a key tile, holds its accumulators transposed, (D, units) and (H2,
-units), so that its gradient dots ``k^T dz1`` and ``dz2^T a1`` have M = D and H2 rather
-than its width (Hopper's warpgroup MMA wants M >= 64). The tile's chained dots (z1's two,
-``dz2 W_2^T``) go through ``layers.mm_unchained`` in the forms where that measured fewer sm_90
-spills (``APART`` in ``chunk_grads``), so that Triton lays them over 4 x 2 warps, not 8 x 1.
+recomputed. The tail chunk, when narrower than a key tile, holds its accumulators
+transposed, (D, units) and (H2, units), so that its gradient dots ``k^T dz1`` and
+``dz2^T a1`` have M = D and H2 rather than its width (Hopper's warpgroup MMA wants
+M >= 64). The tile's chained dots (z1's two, ``dz2 W_2^T``) go through
+``layers.mm_unchained`` in the forms where that measured fewer sm_90 spills (``APART`` in
+``chunk_grads``), so that Triton lays them over 4 x 2 warps, not 8 x 1.
 
 Grid (programs of chunk 0 + programs of chunk 1, heads): each chunk walks all rows with
 its own program count (``ops._chunk_programs``: the narrower chunk's programs take more
@@ -207,9 +207,8 @@ def chunk_grads(
             q = tl.zeros([BD], tl.float32)
         dq = tl.zeros([BD], tl.float32)
         for t0 in range(0, T, BLOCK_T):
-            # the previous tile's in-place dqt sums (SUM_DQT) are visible to every thread
-            # from here on
-            tl.debug_barrier()
+            if SUM_DQT:  # the previous tile's in-place dqt sums are visible from here on
+                tl.debug_barrier()
             offs_t = t0 + offs_bt
             tm = offs_t < T
             if STATS:
